@@ -1,0 +1,202 @@
+"""The main job: float model, uniform baselines and the method, then the table.
+
+`run` (train.py) trains what is missing and resumes what was interrupted:
+  WORKDIR/fp32        the float model (or `config.init_checkpoint`)
+  WORKDIR/uniform<B>  uniform B-bit QAT fine-tuned from it (`config.baselines`)
+  WORKDIR/<method>    the method under study (`config.mode`), same steps
+and then `report` (also eval.py) evaluates every run on the test split, adds
+the post-training-quantized uniform figures, exports the method's integer
+allocation and packed weights, prints one table and writes report.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from baq import metrics as M
+from baq import regularizers
+from baq.checkpoint import restore_params
+from baq.data import datasets
+from baq.evaluate import evaluate_split, predict_logits
+from baq.models import MODELS, build_model
+from baq.modes import MODES, get_mode
+from baq.quant import export, units as U
+from baq.trainer import target_bits, train
+
+FLOAT = "fp32"
+
+
+def method_name(config: ml_collections.ConfigDict) -> str:
+  if config.mode == "qat":
+    return f"qat{int(config.qat_bits)}"
+  return FLOAT if config.mode == "float" else config.mode
+
+
+def baseline_bits(config: ml_collections.ConfigDict) -> list[int]:
+  """Bit-widths of `config.baselines` ("uniform8,uniform4" -> [8, 4])."""
+  out = []
+  for name in filter(None, (s.strip() for s in config.baselines.split(","))):
+    if not name.startswith("uniform") or not name[7:].isdigit():
+      raise ValueError(f"Unknown baseline {name!r}. Valid: uniform<B>, e.g. uniform8,uniform4.")
+    out.append(int(name[7:]))
+  return out
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Refuses a config that cannot run, before anything is trained."""
+  MODES.get(config.mode)
+  MODELS.get(config.model.name)
+  datasets.DATASETS.get(config.dataset.name)
+  for name, entry in config.penalties.to_dict().items():
+    regularizers.REGULARIZERS.get(dict(entry).get("kind", name))
+  baseline_bits(config)
+  if config.mode == "baq" and config.quant.target_bytes is None:
+    try:
+      U.check_budget(float(config.quant.target_bits), config.quant.min_bits,
+                     config.quant.max_bits)
+    except ValueError as e:
+      raise ValueError(f"Impossible budget target_bits={config.quant.target_bits}: {e}") from None
+  get_mode(config, config.mode)  # builds the QuantSpec, which checks its bounds
+
+
+def load_data(config: ml_collections.ConfigDict) -> dict:
+  d = config.dataset
+  kw = dict(data_dir=d.data_dir, **d.kwargs.to_dict())
+  return {"train": datasets.load(d.name, d.train_split, **kw),
+          "validation": datasets.load(d.name, d.val_split, **kw),
+          "test": datasets.load(d.name, d.test_split, **kw)}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) every run of the experiment, then reports.
+
+  Returns:
+    The report dict written to WORKDIR/report.json.
+  """
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json(indent=1))
+  data = load_data(config)
+  fp_dir = config.init_checkpoint or os.path.join(workdir, FLOAT)
+  if not config.init_checkpoint:
+    train(config, fp_dir, mode="float", data=data, steps=config.float_steps,
+          lr=config.optim.lr, use_penalties=False, name=FLOAT)
+  if config.mode != "float":
+    float_params = restore_params(fp_dir)
+    for b in baseline_bits(config):
+      train(config, os.path.join(workdir, f"uniform{b}"), mode="qat", bits=b, data=data,
+            steps=config.steps, lr=config.optim.finetune_lr, init_params=float_params,
+            use_penalties=False, name=f"uniform{b}")
+    train(config, os.path.join(workdir, method_name(config)), mode=config.mode, data=data,
+          steps=config.steps, lr=config.optim.finetune_lr, init_params=float_params,
+          name=method_name(config))
+  return report(config, workdir, data)
+
+
+def _quantized_entry(config, model, params, split, layers) -> dict:
+  m = evaluate_split(model, params, split, config.eval_batch_size, config.dataset.positive_class)
+  avg = float(U.average_bits(params, layers))
+  m.update(avg_bits=avg, size_bytes=float(U.model_bytes(params, layers, avg_bits=avg)))
+  return m
+
+
+def report(config: ml_collections.ConfigDict, workdir: str, data: Optional[dict] = None) -> dict:
+  """Evaluates every finished run in `workdir` and writes the report and export.
+
+  Returns:
+    {"methods": {name: metrics}, "dataset": ..., "split": ...}.
+  """
+  data = data or load_data(config)
+  test = data["test"]
+  fp_dir = config.init_checkpoint or os.path.join(workdir, FLOAT)
+  float_params = restore_params(fp_dir)
+  fmodel = build_model(config.model.name, test.num_classes, None, **config.model.kwargs.to_dict())
+  methods = {}
+  fm = evaluate_split(fmodel, float_params, test, config.eval_batch_size,
+                      config.dataset.positive_class)
+  fm.update(avg_bits=32.0, size_bytes=float(U.model_bytes(float_params, [], avg_bits=0.0)))
+  methods[FLOAT] = fm
+  for b in baseline_bits(config) if config.mode != "float" else []:
+    spec = get_mode(config, "qat", b)
+    model = build_model(config.model.name, test.num_classes,
+                        spec.quantizer.replace(training=False), **config.model.kwargs.to_dict())
+    ptq = _init_quantized(model, test, float_params)
+    layers = U.find_units(ptq)
+    methods[f"uniform{b}"] = _quantized_entry(
+        config, model, restore_params(os.path.join(workdir, f"uniform{b}")), test, layers)
+    methods[f"uniform{b}_ptq"] = _quantized_entry(config, model, ptq, test, layers)
+  if config.mode != "float":
+    name = method_name(config)
+    methods[name] = _export_method(config, workdir, name, test, fmodel)
+  out = {"methods": methods, "dataset": config.dataset.name, "split": config.dataset.test_split,
+         "group_names": list(test.group_names), "seed": config.seed,
+         "note": "fp32: float; uniformB: B-bit QAT fine-tuned from fp32; uniformB_ptq: "
+                 "B-bit round-to-nearest of fp32, no training; " + name_note(config)}
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  print(M.format_table(methods, test.group_names), flush=True)
+  print(f"report: {os.path.join(workdir, 'report.json')}", flush=True)
+  return out
+
+
+def name_note(config) -> str:
+  return f"{method_name(config)}: config.mode={config.mode} fine-tuned from fp32."
+
+
+def _init_quantized(model, split, float_params) -> Any:
+  from baq.trainer import merge_params  # pylint: disable=import-outside-toplevel
+  sample = jnp.zeros((1,) + split.images.shape[1:], jnp.float32)
+  init = model.init({"params": jax.random.key(0), "quant": jax.random.key(0)}, sample)["params"]
+  return merge_params(init, float_params)
+
+
+def _export_method(config, workdir: str, name: str, test, fmodel) -> dict:
+  """Deploys the method's run at integer bits, exports it and evaluates it."""
+  run_dir = os.path.join(workdir, name)
+  spec = get_mode(config, config.mode)
+  model = build_model(config.model.name, test.num_classes,
+                      spec.quantizer.replace(training=False), **config.model.kwargs.to_dict())
+  params = restore_params(run_dir)
+  layers = U.find_units(params)
+  target = target_bits(config, params, layers) if spec.uses_budget else \
+      float(U.average_bits(params, layers))
+  _, deployed = export.deploy(params, layers, target, config.quant.min_bits,
+                              config.quant.max_bits)
+  record = export.allocation_record(params, deployed, layers, target)
+  export.write_allocation(workdir, record)
+  export.plot_allocation(os.path.join(workdir, "bit_allocation.png"), record)
+  sample = jnp.asarray(test.images[:1], jnp.float32)
+  captured = export.capture_codes(model, deployed, sample)
+  code_bytes = export.save_packed(os.path.join(workdir, "packed_weights.npz"), captured,
+                                  config.quant.symmetric)
+  # The packed file must reproduce the evaluated model; check it on test images.
+  kernels = export.unpack_kernels(os.path.join(workdir, "packed_weights.npz"))
+  fq_logits = predict_logits(model, deployed, test, config.eval_batch_size)
+  dq_logits = predict_logits(fmodel, export.dequantized_params(deployed, kernels), test,
+                             config.eval_batch_size)
+  m = _quantized_entry(config, model, deployed, test, layers)
+  m.update(avg_bits_continuous=record["avg_bits_continuous"], target_bits=target,
+           packed_code_bytes=code_bytes,
+           export_max_abs_logit_diff=float(np.max(np.abs(fq_logits - dq_logits))))
+  return m
+
+
+def evaluate_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> dict:
+  """eval.py's entry point: `report` with the config the workdir was trained with."""
+  if config is None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} not found: is {workdir} a train.py workdir? "
+                              "Pass --config to evaluate with an explicit config.")
+    with open(path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  validate(config)
+  return report(config, workdir)

@@ -1,0 +1,43 @@
+"""A small convolutional classifier, the default model for the embedded data.
+
+Like every baq model it takes an optional `Quantizer`; with None it is the
+float baseline, and with a quantizer every Conv/Dense gets fake quantization
+injected without a line of quantization code here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from baq.quant.inject import Conv, Dense, Quantizer
+
+
+class SmallCNN(nn.Module):
+  """Conv(3x3) blocks with max-pooling, global average pooling and an MLP head.
+
+  Attributes:
+    num_classes: number of output logits.
+    widths: channels of the conv blocks; every block but the last is pooled.
+    hidden: width of the hidden dense layer (0 for none).
+    quant: quantization factory, or None for the float model.
+  """
+
+  num_classes: int
+  widths: Sequence[int] = (16, 32, 64)
+  hidden: int = 64
+  quant: Optional[Quantizer] = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    conv, dense = Conv(self.quant), Dense(self.quant)
+    for i, w in enumerate(self.widths):
+      x = nn.relu(conv(w, (3, 3))(x))
+      if i < len(self.widths) - 1:
+        x = nn.max_pool(x, (2, 2), (2, 2))
+    x = jnp.mean(x, axis=(1, 2))
+    if self.hidden:
+      x = nn.relu(dense(self.hidden)(x))
+    return dense(self.num_classes, name="head")(x)

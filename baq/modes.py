@@ -1,0 +1,74 @@
+"""Training modes: how a config turns into a quantizer and trainable leaves.
+
+  float  no quantizer; the full-precision baseline.
+  qat    uniform fake-quant QAT at `config.qat_bits` (bit-widths frozen).
+  baq    Bit-Aware Quantization: weights and per-unit fractional bit-widths
+         trained jointly under the bit budget and the penalties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import ml_collections
+
+from baq.quant.inject import Quantizer, QuantSpec
+from baq.registry import Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeSpec:
+  """What a mode trains.
+
+  Attributes:
+    quantizer: the injected quantization factory (None: float model).
+    train_bits: whether the bit-width leaves are trained.
+    uses_budget: whether the bit budget (and `bitrate`-style penalties) apply.
+  """
+
+  quantizer: Optional[Quantizer]
+  train_bits: bool
+  uses_budget: bool
+
+
+MODES: Registry[Callable[..., ModeSpec]] = Registry("mode")
+
+
+def quant_rules(qc: ml_collections.ConfigDict, **overrides) -> tuple:
+  """Rules of `config.quant`: `float_layers` stay float, the rest get one spec."""
+  fields = {f.name for f in dataclasses.fields(QuantSpec)}
+  kw = {k: v for k, v in qc.to_dict().items() if k in fields}
+  kw.update(overrides)
+  spec = QuantSpec(**kw)
+  rules = ((qc.float_layers, None),) if qc.float_layers else ()
+  return rules + ((".*", spec),)
+
+
+@MODES.register("float")
+def _float(config: ml_collections.ConfigDict, bits: Optional[float] = None) -> ModeSpec:
+  del config, bits
+  return ModeSpec(None, train_bits=False, uses_budget=False)
+
+
+@MODES.register("qat")
+def _qat(config: ml_collections.ConfigDict, bits: Optional[float] = None) -> ModeSpec:
+  b = float(config.qat_bits if bits is None else bits)
+  rules = quant_rules(config.quant, init_bits=b, parametrization="fixed",
+                      min_bits=min(b, config.quant.min_bits),
+                      max_bits=max(b, config.quant.max_bits))
+  return ModeSpec(Quantizer(rules), train_bits=False, uses_budget=False)
+
+
+@MODES.register("baq")
+def _baq(config: ml_collections.ConfigDict, bits: Optional[float] = None) -> ModeSpec:
+  del bits
+  if config.quant.parametrization == "fixed":
+    raise ValueError("mode=baq trains bit-widths: use parametrization fracbits or diffq.")
+  return ModeSpec(Quantizer(quant_rules(config.quant)), train_bits=True, uses_budget=True)
+
+
+def get_mode(config: ml_collections.ConfigDict, name: str,
+             bits: Optional[float] = None) -> ModeSpec:
+  """The ModeSpec of mode `name` (unknown names list the valid ones)."""
+  return MODES.get(name)(config, bits)

@@ -1,0 +1,252 @@
+"""Uniform fake quantization: pure functions of arrays.
+
+One quantizer serves weights and activations. A tensor `x` is mapped to
+integer codes `q = clip(round(x / scale) + zero_point, qmin, qmax)` and back
+to `(q - zero_point) * scale`. Gradients pass with the straight-through
+estimator, written as `x + stop_gradient(q - x)` on the rounding only, so that
+a *learned* scale still receives the LSQ gradient and values clipped away get
+none.
+
+The scale is chosen by one of:
+  * `absmax`: the largest magnitude (per tensor or per channel);
+  * `percentile`: a high percentile of the magnitude, which clips outliers;
+  * `learned`: a trainable range `r` (passed in), giving `scale = r / qmax`;
+    because the range, not the step, is learned, it stays meaningful when the
+    bit-width changes during BAQ training.
+Calibration statistics (`absmax`, `percentile`) are treated as constants for
+the gradient, as is usual for weight quantizers.
+
+Bit-widths are arrays broadcastable to the scale (one per tensor or one per
+channel) and may be non-integer for the DiffQ-style noise parametrization;
+the rounding quantizer itself is only ever called with integer values.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+SCALE_METHODS = ("absmax", "percentile", "learned")
+_EPS = 1e-8
+
+
+def round_ste(x: jax.Array) -> jax.Array:
+  """Rounds `x` with an identity gradient (straight-through estimator)."""
+  return x + jax.lax.stop_gradient(jnp.round(x) - x)
+
+
+def code_range(bits: jax.Array, symmetric: bool) -> tuple[jax.Array, jax.Array]:
+  """Integer code range for `bits` (restricted-range symmetric, or unsigned).
+
+  Args:
+    bits: bit-widths (float or int array; integer values expected).
+    symmetric: signed restricted range [-(2^(b-1)-1), 2^(b-1)-1] if True,
+      else unsigned [0, 2^b - 1].
+
+  Returns:
+    (qmin, qmax) as float arrays shaped like `bits`.
+  """
+  bits = jnp.asarray(bits, jnp.float32)
+  if symmetric:
+    qmax = 2.0 ** (bits - 1.0) - 1.0
+    return -qmax, qmax
+  return jnp.zeros_like(bits), 2.0**bits - 1.0
+
+
+def reduce_axes(ndim: int, channel_axis: Optional[int]) -> tuple[int, ...]:
+  """Axes to reduce over for per-tensor (None) or per-channel statistics."""
+  if channel_axis is None:
+    return tuple(range(ndim))
+  channel_axis = channel_axis % ndim
+  return tuple(a for a in range(ndim) if a != channel_axis)
+
+
+def channel_view(v: jax.Array, ndim: int, channel_axis: Optional[int]) -> jax.Array:
+  """Reshapes a per-channel vector (or a scalar) to broadcast against x."""
+  v = jnp.asarray(v)
+  if v.ndim == 0 or channel_axis is None:
+    return jnp.reshape(v, (1,) * ndim) if v.size == 1 else v
+  shape = [1] * ndim
+  shape[channel_axis % ndim] = v.shape[0]
+  return jnp.reshape(v, shape)
+
+
+def range_stats(
+    x: jax.Array,
+    *,
+    symmetric: bool,
+    channel_axis: Optional[int],
+    method: str = "absmax",
+    percentile: float = 99.9,
+    learned_range: Optional[jax.Array] = None,
+) -> tuple[jax.Array, jax.Array]:
+  """The real interval [lo, hi] that the quantizer maps onto its codes.
+
+  Args:
+    x: tensor to quantize.
+    symmetric: if True the interval is [-r, r].
+    channel_axis: None for per-tensor, else the axis with one range each.
+    method: one of SCALE_METHODS.
+    percentile: used by `percentile`.
+    learned_range: positive range `r` (scalar or per channel) for `learned`.
+
+  Returns:
+    (lo, hi), each broadcastable against x.
+  """
+  axes = reduce_axes(x.ndim, channel_axis)
+  if method == "learned":
+    if learned_range is None:
+      raise ValueError("scale method 'learned' needs a learned_range.")
+    r = channel_view(jnp.abs(learned_range) + _EPS, x.ndim, channel_axis)
+    return (-r, r) if symmetric else (jnp.zeros_like(r), r)
+  xs = jax.lax.stop_gradient(x)
+  if method == "absmax":
+    hi, lo = jnp.max(xs, axes, keepdims=True), jnp.min(xs, axes, keepdims=True)
+  elif method == "percentile":
+    hi = jnp.percentile(xs, percentile, axis=axes, keepdims=True)
+    lo = jnp.percentile(xs, 100.0 - percentile, axis=axes, keepdims=True)
+  else:
+    raise ValueError(
+        f"Unknown scale method {method!r}. Valid: {', '.join(SCALE_METHODS)}."
+    )
+  if symmetric:
+    r = jnp.maximum(jnp.abs(hi), jnp.abs(lo))
+    return -r, r
+  # The interval always contains zero so that zero is exactly representable.
+  return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+
+
+def scale_and_zero_point(
+    lo: jax.Array, hi: jax.Array, bits: jax.Array, symmetric: bool
+) -> tuple[jax.Array, jax.Array]:
+  """Step size and (integer-valued) zero point for an interval and bit-width."""
+  qmin, qmax = code_range(bits, symmetric)
+  if symmetric:
+    return jnp.maximum(hi, _EPS) / qmax, jnp.zeros_like(hi)
+  scale = jnp.maximum(hi - lo, _EPS) / (qmax - qmin)
+  zero_point = jax.lax.stop_gradient(jnp.round(-lo / scale))
+  return scale, zero_point
+
+
+def quantize_codes(
+    x: jax.Array, scale: jax.Array, zero_point: jax.Array, bits: jax.Array,
+    symmetric: bool,
+) -> jax.Array:
+  """Integer codes (as floats) of x; the rounding carries a straight-through gradient."""
+  qmin, qmax = code_range(bits, symmetric)
+  v = x / scale + zero_point
+  codes = jax.lax.stop_gradient(jnp.clip(jnp.round(v), qmin, qmax))
+  # Straight-through wherever rounding (not clipping) decides the code; the
+  # half-step margin keeps the absmax element's gradient despite float error.
+  inside = (v >= qmin - 0.5) & (v <= qmax + 0.5)
+  return jnp.where(inside, v + jax.lax.stop_gradient(codes - v), codes)
+
+
+def dequantize(codes: jax.Array, scale: jax.Array, zero_point: jax.Array) -> jax.Array:
+  """Real values represented by integer codes."""
+  return (codes - zero_point) * scale
+
+
+def _quant_in_range(x, lo, hi, bits, symmetric):
+  scale, zp = scale_and_zero_point(lo, hi, bits, symmetric)
+  return dequantize(quantize_codes(x, scale, zp, bits, symmetric), scale, zp)
+
+
+def fake_quant(
+    x: jax.Array,
+    bits: jax.Array,
+    *,
+    symmetric: bool = True,
+    channel_axis: Optional[int] = None,
+    method: str = "absmax",
+    percentile: float = 99.9,
+    learned_range: Optional[jax.Array] = None,
+) -> jax.Array:
+  """Quantizes and dequantizes x at integer `bits` (straight-through gradient).
+
+  Args:
+    x: tensor to quantize.
+    bits: integer-valued bit-widths, a scalar or one per channel.
+    symmetric: signed symmetric codes, or unsigned codes with a zero point.
+    channel_axis: None for per-tensor scales, else the per-channel axis.
+    method: scale choice, one of SCALE_METHODS.
+    percentile: percentile for the `percentile` method.
+    learned_range: trainable range for the `learned` method.
+
+  Returns:
+    The fake-quantized tensor, same shape and dtype as x.
+  """
+  lo, hi = range_stats(
+      x, symmetric=symmetric, channel_axis=channel_axis, method=method,
+      percentile=percentile, learned_range=learned_range)
+  b = channel_view(bits, x.ndim, channel_axis)
+  return _quant_in_range(x, lo, hi, b, symmetric).astype(x.dtype)
+
+
+def noise_quant(
+    x: jax.Array,
+    bits: jax.Array,
+    key: jax.Array,
+    *,
+    symmetric: bool = True,
+    channel_axis: Optional[int] = None,
+    method: str = "absmax",
+    percentile: float = 99.9,
+    learned_range: Optional[jax.Array] = None,
+) -> jax.Array:
+  """DiffQ-style pseudo-quantization noise at (fractional) `bits`.
+
+  Adds uniform noise of one quantization step, `step(b) * U(-1/2, 1/2)`, in
+  place of rounding. The step depends smoothly on b, so the task loss gives
+  every bit-width a gradient; at evaluation the true rounding quantizer at
+  integer bits replaces it.
+  """
+  lo, hi = range_stats(
+      x, symmetric=symmetric, channel_axis=channel_axis, method=method,
+      percentile=percentile, learned_range=learned_range)
+  b = channel_view(bits, x.ndim, channel_axis)
+  qmin, qmax = code_range(b, symmetric)
+  step = (hi - lo) / (qmax - qmin)
+  u = jax.random.uniform(key, x.shape, x.dtype, -0.5, 0.5)
+  y = x + step * u
+  if method != "absmax":
+    y = jnp.clip(y, lo, hi)
+  return y.astype(x.dtype)
+
+
+def fracbits_quant(
+    x: jax.Array,
+    bits: jax.Array,
+    *,
+    symmetric: bool = True,
+    channel_axis: Optional[int] = None,
+    method: str = "absmax",
+    percentile: float = 99.9,
+    learned_range: Optional[jax.Array] = None,
+) -> jax.Array:
+  """FracBits-style interpolation between the quantizers at floor(b) and floor(b)+1.
+
+  `Q(x; b) = (1 - f) Q(x; floor b) + f Q(x; floor b + 1)` with f = b - floor b.
+  Its derivative in b is `Q(x; floor b + 1) - Q(x; floor b)`, non-zero even at
+  integer b (where f = 0); interpolating between floor and *ceil* instead
+  would silently cut the bit gradient at every integer. Arguments as in
+  `fake_quant`; the range statistics are computed once for both quantizers.
+  """
+  lo, hi = range_stats(
+      x, symmetric=symmetric, channel_axis=channel_axis, method=method,
+      percentile=percentile, learned_range=learned_range)
+  b = channel_view(bits, x.ndim, channel_axis)
+  b_lo = jax.lax.stop_gradient(jnp.floor(b))
+  q_lo = _quant_in_range(x, lo, hi, b_lo, symmetric)
+  q_hi = _quant_in_range(x, lo, hi, b_lo + 1.0, symmetric)
+  return (q_lo + (b - b_lo) * (q_hi - q_lo)).astype(x.dtype)
+
+
+def per_unit_numel(shape: Sequence[int], channel_axis: Optional[int]) -> int:
+  """Number of elements that share one bit-width."""
+  n = 1
+  for s in shape:
+    n *= s
+  return n if channel_axis is None else n // shape[channel_axis % len(shape)]

@@ -1,0 +1,207 @@
+"""Quantization injected into Flax layers through `dot_general_cls` hooks.
+
+A model never contains quantization code of its own. It takes a `Quantizer`
+(or None for the float baseline) and builds its layers with `Dense(quant)` /
+`Conv(quant)`, which pass `dot_general_cls` / `conv_general_dilated_cls` to
+Flax's own `nn.Dense` / `nn.Conv`. The injected op is a small module that
+owns the layer's bit-width parameter(s) (leaf name `bits`, one per layer or
+one per output channel) and fake-quantizes the kernel (and optionally the
+activations) before calling the real `lax` op.
+
+Which layers are quantized, and how, is decided by `rules`: (regex, spec)
+pairs matched with `re.fullmatch` against the layer's module path ("Conv_0",
+"block1/Dense_0"); the first match wins and a spec of None keeps that layer in
+float. Layers that match no rule stay in float as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from baq.quant import fake_quant as fq
+
+PARAMETRIZATIONS = ("fracbits", "diffq", "fixed")
+GRANULARITIES = ("layer", "channel")
+BITS_LEAF = "bits"
+RANGE_LEAF = "log_range"
+EXPORT_COLLECTION = "quant_export"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """How one layer is quantized.
+
+  Attributes:
+    init_bits: initial bit-width of the layer's unit(s).
+    min_bits: lower bound of the trainable bit-width.
+    max_bits: upper bound of the trainable bit-width.
+    granularity: "layer" (one bit-width, one scale) or "channel" (one
+      bit-width and one scale per output channel).
+    parametrization: "fracbits" (interpolate floor/floor+1 quantizers),
+      "diffq" (pseudo-quantization noise in training), or "fixed" (round the
+      bit-width; used for uniform QAT and deployment).
+    symmetric: signed symmetric codes, else unsigned with a zero point.
+    scale_method: "absmax", "percentile" or "learned" (see fake_quant).
+    percentile: for the percentile scale method.
+    act_bits: if set, activations entering the layer are fake-quantized
+      per example at this integer bit-width (dynamic absmax range).
+  """
+
+  init_bits: float = 8.0
+  min_bits: float = 2.0
+  max_bits: float = 8.0
+  granularity: str = "channel"
+  parametrization: str = "fracbits"
+  symmetric: bool = True
+  scale_method: str = "absmax"
+  percentile: float = 99.9
+  act_bits: Optional[int] = None
+
+  def __post_init__(self):
+    for field, valid in (("parametrization", PARAMETRIZATIONS),
+                         ("granularity", GRANULARITIES),
+                         ("scale_method", fq.SCALE_METHODS)):
+      if getattr(self, field) not in valid:
+        raise ValueError(
+            f"Unknown {field} {getattr(self, field)!r}. Valid: {', '.join(valid)}.")
+    lowest = 2.0 if self.symmetric else 1.0
+    if not lowest <= self.min_bits <= self.max_bits:
+      raise ValueError(
+          f"Need {lowest} <= min_bits <= max_bits, got min_bits={self.min_bits}, "
+          f"max_bits={self.max_bits} (symmetric={self.symmetric}).")
+    if not self.min_bits <= self.init_bits <= self.max_bits:
+      raise ValueError(
+          f"init_bits={self.init_bits} is outside [min_bits, max_bits] = "
+          f"[{self.min_bits}, {self.max_bits}].")
+
+  @property
+  def channel_axis(self) -> Optional[int]:
+    # Flax kernels keep output features last (Dense: (in, out); Conv: HWIO).
+    return -1 if self.granularity == "channel" else None
+
+  def quant_kwargs(self, learned_range=None) -> dict[str, Any]:
+    return dict(symmetric=self.symmetric, channel_axis=self.channel_axis,
+                method=self.scale_method, percentile=self.percentile,
+                learned_range=learned_range)
+
+
+Rules = Sequence[tuple[str, Optional[QuantSpec]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantizer:
+  """The quantization factory handed to a model.
+
+  Attributes:
+    rules: (regex, QuantSpec | None) pairs; first full match on the layer path
+      wins; unmatched layers stay float.
+    training: training behaviour (fractional bits / noise) if True; if False
+      every layer rounds its bit-width to an integer, as deployed.
+    capture: if True, each quantized layer sows its integer codes, scale and
+      zero point into the `quant_export` collection (for export).
+  """
+
+  rules: tuple[tuple[str, Optional[QuantSpec]], ...]
+  training: bool = True
+  capture: bool = False
+
+  def spec_for(self, path: str) -> Optional[QuantSpec]:
+    for pattern, spec in self.rules:
+      if re.fullmatch(pattern, path):
+        return spec
+    return None
+
+  def replace(self, **kwargs) -> "Quantizer":
+    return dataclasses.replace(self, **kwargs)
+
+
+def _layer_path(module: nn.Module) -> str:
+  # The op module sits directly under the layer that owns the kernel.
+  return "/".join(module.path[:-1])
+
+
+class _QuantOp(nn.Module):
+  """Fake-quantizes (lhs, rhs) then applies `_op`; owns the `bits` leaf."""
+
+  quantizer: Quantizer
+
+  def _op(self, lhs, rhs, *args, **kwargs):
+    raise NotImplementedError
+
+  @nn.compact
+  def __call__(self, lhs, rhs, *args, **kwargs):
+    spec = self.quantizer.spec_for(_layer_path(self))
+    if spec is None:
+      return self._op(lhs, rhs, *args, **kwargs)
+    units = () if spec.channel_axis is None else (rhs.shape[-1],)
+    bits = self.param(BITS_LEAF, nn.initializers.constant(spec.init_bits),
+                      units, jnp.float32)
+    learned_range = None
+    if spec.scale_method == "learned":
+      init_range = jnp.log(jnp.max(jnp.abs(rhs), fq.reduce_axes(rhs.ndim, spec.channel_axis)))
+      learned_range = jnp.exp(self.param(RANGE_LEAF, lambda *_: init_range))
+    kw = spec.quant_kwargs(learned_range)
+    if not self.quantizer.training or spec.parametrization == "fixed":
+      int_bits = jax.lax.stop_gradient(jnp.round(bits))
+      rhs_q = fq.fake_quant(rhs, int_bits, **kw)
+      if self.quantizer.capture:
+        self._sow_codes(rhs, int_bits, kw)
+    elif spec.parametrization == "fracbits":
+      rhs_q = fq.fracbits_quant(rhs, bits, **kw)
+    else:
+      rhs_q = fq.noise_quant(rhs, bits, self.make_rng("quant"), **kw)
+    if spec.act_bits is not None:
+      # Dynamic per-example range: each example's codes are independent of the
+      # rest of the batch, so deployment can reproduce them.
+      lhs = fq.fake_quant(lhs, jnp.float32(spec.act_bits), symmetric=spec.symmetric,
+                          channel_axis=0, method="absmax")
+    return self._op(lhs, rhs_q, *args, **kwargs)
+
+  def _sow_codes(self, rhs, int_bits, kw):
+    lo, hi = fq.range_stats(rhs, **{k: v for k, v in kw.items()})
+    b = fq.channel_view(int_bits, rhs.ndim, kw["channel_axis"])
+    scale, zp = fq.scale_and_zero_point(lo, hi, b, kw["symmetric"])
+    codes = fq.quantize_codes(rhs, scale, zp, b, kw["symmetric"])
+    self.sow(EXPORT_COLLECTION, "weight",
+             dict(codes=codes, scale=scale, zero_point=zp, bits=int_bits),
+             reduce_fn=lambda _, new: new)
+
+
+class QuantDotGeneral(_QuantOp):
+
+  def _op(self, lhs, rhs, *args, **kwargs):
+    return jax.lax.dot_general(lhs, rhs, *args, **kwargs)
+
+
+class QuantConv(_QuantOp):
+
+  def _op(self, lhs, rhs, *args, **kwargs):
+    return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+
+
+def Dense(quantizer: Optional[Quantizer]):  # pylint: disable=invalid-name
+  """`nn.Dense`, with quantization injected when a quantizer is given."""
+  if quantizer is None:
+    return nn.Dense
+  return functools.partial(
+      nn.Dense, dot_general_cls=functools.partial(QuantDotGeneral, quantizer))
+
+
+def Conv(quantizer: Optional[Quantizer]):  # pylint: disable=invalid-name
+  """`nn.Conv`, with quantization injected when a quantizer is given."""
+  if quantizer is None:
+    return nn.Conv
+  return functools.partial(
+      nn.Conv, conv_general_dilated_cls=functools.partial(QuantConv, quantizer))
+
+
+def is_bits_path(path: tuple[str, ...]) -> bool:
+  """True for the key path of a bit-width leaf."""
+  return bool(path) and path[-1] == BITS_LEAF

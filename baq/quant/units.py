@@ -1,0 +1,186 @@
+"""Bit units: what the bit-width leaves govern, their cost, and the budget.
+
+A *unit* is one bit-width: a whole layer, or one output channel of a layer.
+Its cost is the number of weights it governs (`numel`). The average bit-width
+is weighted by that count, so a 4.0-bit budget means the quantized weights
+take exactly as much memory as a uniform 4-bit model's.
+
+Training keeps bit-widths continuous; deployment needs integers. `project`
+turns continuous bit-widths into integers that meet the budget *after*
+rounding, which a soft penalty alone cannot promise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import flax.traverse_util as tu
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from baq.quant.inject import BITS_LEAF
+
+Params = Mapping[str, Any]
+SCALE_BYTES = 4  # one float32 scale per unit (zero points fold into it)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerUnits:
+  """The bit-width leaf of one layer and the kernel it governs.
+
+  Attributes:
+    name: the layer's module path, "/"-joined.
+    bits_path: key path of the `bits` leaf.
+    kernel_path: key path of the kernel.
+    count: number of units (1 for a layer, channels for per-channel).
+    numel: weights per unit.
+  """
+
+  name: str
+  bits_path: tuple[str, ...]
+  kernel_path: tuple[str, ...]
+  count: int
+  numel: int
+
+
+def find_units(params: Params) -> list[LayerUnits]:
+  """Every quantized layer of a parameter tree, in a stable (sorted) order."""
+  flat = tu.flatten_dict(dict(params))
+  layers = []
+  for path in sorted(flat):
+    if path[-1] != BITS_LEAF:
+      continue
+    layer = path[:-2]
+    kernel_path = layer + ("kernel",)
+    if kernel_path not in flat:
+      raise ValueError(f"Bit-width leaf {'/'.join(path)} has no kernel beside it.")
+    count = int(np.size(flat[path]))
+    layers.append(LayerUnits("/".join(layer), path, kernel_path, count,
+                             int(np.size(flat[kernel_path])) // count))
+  return layers
+
+
+def unit_numels(layers: list[LayerUnits]) -> np.ndarray:
+  """Weights per unit, for all units concatenated in `find_units` order."""
+  return np.concatenate([np.full(l.count, l.numel, np.int64) for l in layers]) \
+      if layers else np.zeros((0,), np.int64)
+
+
+def unit_names(layers: list[LayerUnits]) -> list[str]:
+  """One name per unit: the layer path, with `[c]` for channel units."""
+  names = []
+  for l in layers:
+    names += [l.name] if l.count == 1 else [f"{l.name}[{c}]" for c in range(l.count)]
+  return names
+
+
+def gather_bits(params: Params, layers: list[LayerUnits]) -> jax.Array:
+  """All units' bit-widths as one vector (differentiable)."""
+  if not layers:
+    return jnp.zeros((0,), jnp.float32)
+  flat = tu.flatten_dict(dict(params))
+  return jnp.concatenate([jnp.reshape(flat[l.bits_path], (-1,)) for l in layers])
+
+
+def scatter_bits(params: Params, layers: list[LayerUnits], bits) -> dict:
+  """A copy of `params` whose bit-width leaves hold the vector `bits`."""
+  flat = dict(tu.flatten_dict(dict(params)))
+  offset = 0
+  for l in layers:
+    old = flat[l.bits_path]
+    flat[l.bits_path] = jnp.reshape(
+        jnp.asarray(bits[offset:offset + l.count], jnp.float32), jnp.shape(old))
+    offset += l.count
+  return tu.unflatten_dict(flat)
+
+
+def average_bits(params: Params, layers: list[LayerUnits]) -> jax.Array:
+  """Weight-count-weighted mean bit-width of the quantized weights."""
+  if not layers:
+    return jnp.float32(32.0)
+  numel = jnp.asarray(unit_numels(layers), jnp.float32)
+  return jnp.sum(numel * gather_bits(params, layers)) / jnp.sum(numel)
+
+
+def model_bytes(params: Params, layers: list[LayerUnits], avg_bits=None) -> Any:
+  """Deployed size in bytes: quantized kernels at their bit-widths, one
+  float32 scale per unit, everything else (biases, norms, float layers) float32.
+  """
+  flat = tu.flatten_dict(dict(params))
+  quantized = {l.kernel_path for l in layers} | {l.bits_path for l in layers}
+  float_numel = sum(int(np.size(v)) for p, v in flat.items()
+                    if p not in quantized and p[-1] != "log_range")
+  q_numel = int(unit_numels(layers).sum())
+  n_units = sum(l.count for l in layers)
+  if avg_bits is None:
+    avg_bits = average_bits(params, layers) if layers else 0.0
+  return 4 * float_numel + SCALE_BYTES * n_units + q_numel * avg_bits / 8.0
+
+
+def bits_for_bytes(params: Params, layers: list[LayerUnits], target_bytes: float) -> float:
+  """The average bit-width at which `model_bytes` equals `target_bytes`."""
+  fixed = model_bytes(params, layers, avg_bits=0.0)
+  q_numel = int(unit_numels(layers).sum())
+  if q_numel == 0:
+    raise ValueError("The model has no quantized weights; a size budget is meaningless.")
+  return float((target_bytes - fixed) * 8.0 / q_numel)
+
+
+def check_budget(target_bits: float, min_bits: float, max_bits: float) -> None:
+  """Refuses an average-bit target no allocation in [min_bits, max_bits] meets."""
+  if target_bits < min_bits:
+    raise ValueError(
+        f"Target of {target_bits:.3f} average bits is below min_bits={min_bits}: "
+        "no allocation can meet it. Lower min_bits or raise the target.")
+  if target_bits > max_bits:
+    raise ValueError(
+        f"Target of {target_bits:.3f} average bits is above max_bits={max_bits}: "
+        "the bound can never be reached. Raise max_bits or lower the target.")
+
+
+def project(bits, numel, target_bits: float, min_bits: int, max_bits: int) -> np.ndarray:
+  """Integer bit-widths closest to `bits` whose weighted mean is <= target.
+
+  Minimises sum_u numel_u (B_u - b_u)^2 over integers B_u in [min, max] under
+  sum_u numel_u B_u <= target * sum_u numel_u. The Lagrangian solution is
+  B_u = round(b_u - mu) for the smallest shift mu >= 0 that meets the budget
+  (found by bisection); units are then raised one bit at a time, largest
+  remaining shortfall first, while the budget allows.
+
+  Args:
+    bits: continuous bit-widths, one per unit.
+    numel: weights per unit.
+    target_bits: the weighted-average budget.
+    min_bits: lowest allowed integer bit-width.
+    max_bits: highest allowed integer bit-width.
+
+  Returns:
+    int64 array of bit-widths meeting the budget exactly (mean <= target).
+
+  Raises:
+    ValueError: the budget is infeasible (target below min_bits).
+  """
+  check_budget(target_bits, min_bits, max(max_bits, target_bits))
+  b = np.clip(np.asarray(bits, np.float64), min_bits, max_bits)
+  w = np.asarray(numel, np.float64)
+  cap = target_bits * w.sum() + 1e-9 * w.sum()
+
+  def alloc(mu):
+    return np.clip(np.round(b - mu), min_bits, max_bits)
+
+  lo, hi = 0.0, float(max_bits - min_bits) + 1.0
+  if (w * alloc(lo)).sum() > cap:
+    for _ in range(60):
+      mid = 0.5 * (lo + hi)
+      lo, hi = ((lo, mid) if (w * alloc(mid)).sum() <= cap else (mid, hi))
+    lo = hi
+  out = alloc(lo)
+  # Spend what is left one bit at a time on the unit furthest below its
+  # continuous value (the largest decrease of the squared distance per bit).
+  while True:
+    room = (out < max_bits) & (b > out) & (w <= cap - (w * out).sum())
+    if not room.any():
+      return out.astype(np.int64)
+    out[np.argmax(np.where(room, b - out, -np.inf))] += 1

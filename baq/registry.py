@@ -1,0 +1,55 @@
+"""A tiny named registry, shared by every pluggable piece of baq.
+
+Models, datasets, regularizers and training modes are each one decorated
+function or class in a `Registry`. Looking up an unknown name raises a
+`KeyError` that lists the valid names, so a typo in a config never fails
+silently or deep inside a trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+  """Maps names to objects; `get` on an unknown name lists the valid ones."""
+
+  def __init__(self, kind: str):
+    self.kind = kind
+    self._items: Dict[str, T] = {}
+
+  def register(self, name: str) -> Callable[[T], T]:
+    """Decorator that registers `obj` under `name` and returns it unchanged."""
+
+    def wrap(obj: T) -> T:
+      if name in self._items:
+        raise ValueError(f"{self.kind} {name!r} is already registered.")
+      self._items[name] = obj
+      return obj
+
+    return wrap
+
+  def get(self, name: str) -> T:
+    """Returns the object registered under `name`.
+
+    Raises:
+      KeyError: `name` is unknown; the message lists the valid names.
+    """
+    try:
+      return self._items[name]
+    except KeyError:
+      valid = ", ".join(sorted(self._items)) or "(none registered)"
+      raise KeyError(
+          f"Unknown {self.kind} {name!r}. Valid {self.kind} names: {valid}."
+      ) from None
+
+  def names(self) -> list[str]:
+    return sorted(self._items)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._items
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(sorted(self._items))

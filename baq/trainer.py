@@ -1,0 +1,281 @@
+"""The trainer: one run of one mode (float, uniform QAT or BAQ) in a workdir.
+
+Sections: model and quantizer, parameters, optimizer, penalties, the update
+step, sharding, checkpoint, loop. The train state is a plain dict; the batch
+of step s is a pure function of (seed, s), so a run restored at step s
+continues exactly as an uninterrupted run would. The loss is checked for
+non-finite values before every checkpoint and log line: a bad step stops the
+run with a message and the last good checkpoint stays as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from typing import Any, Optional
+
+import flax.traverse_util as tu
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from baq import losses, regularizers
+from baq.checkpoint import Checkpointer
+from baq.data.pipeline import Batcher
+from baq.evaluate import evaluate_split
+from baq.models import build_model
+from baq.modes import get_mode
+from baq.quant import units as U
+from baq.quant.inject import BITS_LEAF, RANGE_LEAF
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What a finished run hands back.
+
+  Attributes:
+    params: final parameters (continuous bit-widths for BAQ).
+    model: the training-mode model.
+    mode: the ModeSpec used.
+    workdir: the run's directory.
+  """
+
+  params: Any
+  model: Any
+  mode: Any
+  workdir: str
+
+
+def merge_params(init: dict, source: dict) -> dict:
+  """`init` with every leaf that `source` has at the same path and shape.
+
+  Used to start a quantized model (which has extra bit-width leaves) from a
+  float checkpoint.
+  """
+  flat_init = tu.flatten_dict(dict(init))
+  flat_src = tu.flatten_dict(dict(source))
+  missing = [k for k in flat_init if k not in flat_src and k[-1] not in (BITS_LEAF, RANGE_LEAF)]
+  if missing:
+    raise ValueError(f"Checkpoint to start from lacks {['/'.join(k) for k in missing][:4]}.")
+  for k, v in flat_src.items():
+    if k in flat_init and np.shape(v) == np.shape(flat_init[k]):
+      flat_init[k] = jnp.asarray(v)
+  return tu.unflatten_dict(flat_init)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any, *, lr: float,
+                   steps: int, train_bits: bool) -> optax.GradientTransformation:
+  """AdamW with warmup-cosine for weights; plain Adam (or frozen) for bit-widths.
+
+  Bit-width leaves are found by name, so any model gets the right optimizer.
+  """
+  o = config.optim
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, lr, min(o.warmup_steps, max(steps // 10, 1)), max(steps, 2))
+  weights = optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                        optax.adamw(schedule, weight_decay=o.weight_decay))
+  bits = optax.adam(o.bits_lr) if train_bits else optax.set_to_zero()
+  labels = tu.path_aware_map(
+      lambda path, _: "bits" if path[-1] == BITS_LEAF else "weights", params)
+  return optax.multi_transform({"weights": weights, "bits": bits}, labels)
+
+
+def build_penalties(config: ml_collections.ConfigDict, uses_budget: bool) -> dict:
+  """name -> (Regularizer, weight) from `config.penalties`."""
+  out = {}
+  for name, entry in sorted(config.penalties.to_dict().items()):
+    entry = dict(entry)
+    weight = float(entry.pop("weight", 1.0))
+    reg = regularizers.build(entry.pop("kind", name), **entry)
+    if reg.needs_bits and not uses_budget:
+      continue
+    out[name] = (reg, weight)
+  return out
+
+
+def _clip_bits(params, lo: float, hi: float):
+  return tu.path_aware_map(
+      lambda path, v: jnp.clip(v, lo, hi) if path[-1] == BITS_LEAF else v, params)
+
+
+def make_train_step(model, tx, penalties: dict, layers, *, num_groups: int,
+                    target_bits: float, bit_bounds: tuple[float, float]):
+  """The jittable update step: state, batch -> state, metrics."""
+
+  def loss_fn(params, batch, key, pen_state, step):
+    logits = model.apply({"params": params}, batch["image"], rngs={"quant": key})
+    per_ex = losses.cross_entropy(logits, batch["label"])
+    gl = losses.group_stats(per_ex, batch["group"], num_groups)
+    task = jnp.mean(per_ex)
+    avg_bits = U.average_bits(params, layers)
+    ctx = regularizers.PenaltyContext(
+        gl.mean, gl.count, gl.present, per_ex, logits, batch["label"], batch["group"],
+        avg_bits, jnp.float32(target_bits), step)
+    total, new_state, metrics = task, {}, {"task_loss": task, "avg_bits": avg_bits}
+    for name, (reg, weight) in penalties.items():
+      value, new_state[name], m = reg.apply(ctx, pen_state[name])
+      total = total + weight * value
+      metrics[f"penalty/{name}"] = value
+      metrics.update({f"{name}/{k}": v for k, v in m.items()})
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    metrics["loss"] = total
+    metrics["group_correct"] = jax.ops.segment_sum(correct, batch["group"], num_groups)
+    metrics["group_count"] = gl.count
+    return total, (new_state, metrics)
+
+  def step_fn(state, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    grads, (pen_state, metrics) = jax.grad(loss_fn, has_aux=True)(
+        state["params"], batch, key, state["penalty_state"], state["step"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = _clip_bits(optax.apply_updates(state["params"], updates), *bit_bounds)
+    new = dict(state, params=params, opt_state=opt_state, penalty_state=pen_state,
+               step=state["step"] + 1, data_position=state["step"] + 1)
+    return new, metrics
+
+  return step_fn
+
+
+class MetricWriter:
+  """Metrics as JSON lines in WORKDIR/metrics.jsonl plus a readable line."""
+
+  def __init__(self, workdir: str, name: str):
+    self.path, self.name = os.path.join(workdir, "metrics.jsonl"), name
+
+  def write(self, step: int, metrics: dict) -> None:
+    metrics = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist())
+               for k, v in metrics.items()}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(dict(step=step, **metrics)) + "\n")
+    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    print(f"[{self.name}] step {step:5d} {shown}", flush=True)
+
+
+def _summarise(history: list[dict]) -> dict:
+  stacked = jax.device_get(history)
+  out = {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]
+         if np.ndim(stacked[0][k]) == 0}
+  correct = np.sum([h["group_correct"] for h in stacked], 0)
+  count = np.sum([h["group_count"] for h in stacked], 0)
+  acc = np.where(count > 0, correct / np.maximum(count, 1), np.nan)
+  out["train_worst_group_acc"] = float(np.nanmin(acc))
+  out["train_acc"] = float(correct.sum() / count.sum())
+  return out
+
+
+def _check_finite(history: list[dict], workdir: str, last_saved: Optional[int]) -> None:
+  bad = [i for i, h in enumerate(jax.device_get([h["loss"] for h in history]))
+         if not np.isfinite(h)]
+  if bad:
+    raise FloatingPointError(
+        f"Non-finite loss in run {workdir} ({len(bad)} of the last {len(history)} "
+        f"steps). Stopped; the last good checkpoint (step {last_saved}) is intact. "
+        "Lower the learning rate or a penalty weight and resume.")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: dict,
+          steps: int, lr: float, bits: Optional[float] = None,
+          init_params: Optional[dict] = None, use_penalties: bool = True,
+          name: Optional[str] = None) -> RunResult:
+  """Trains one mode in `workdir`, resuming from its latest checkpoint.
+
+  Args:
+    config: the experiment config.
+    workdir: this run's directory (checkpoints, metrics.jsonl).
+    mode: "float", "qat" or "baq" (see baq.modes).
+    data: dict with "train" and "validation" `Split`s.
+    steps: total training steps.
+    lr: peak learning rate of the weights.
+    bits: bit-width of mode "qat".
+    init_params: parameters to start from (e.g. the float model's).
+    use_penalties: add `config.penalties` to the loss.
+    name: label for progress lines.
+
+  Returns:
+    A RunResult with the final parameters.
+  """
+  name = name or mode
+  spec = get_mode(config, mode, bits)
+  train_split = data["train"]
+  model = build_model(config.model.name, train_split.num_classes, spec.quantizer,
+                      **config.model.kwargs.to_dict())
+  sample = jnp.zeros((1,) + train_split.images.shape[1:], jnp.float32)
+  init_key, rng = jax.random.split(jax.random.key(config.seed))
+  params = model.init({"params": init_key, "quant": init_key}, sample)["params"]
+  if init_params is not None:
+    params = merge_params(params, init_params)
+  layers = U.find_units(params)
+  target = target_bits(config, params, layers) if spec.uses_budget else float("nan")
+
+  tx = make_optimizer(config, params, lr=lr, steps=steps, train_bits=spec.train_bits)
+  penalties = build_penalties(config, spec.uses_budget) if use_penalties else {}
+  state = dict(step=jnp.int32(0), data_position=jnp.int32(0), params=params,
+               opt_state=tx.init(params), rng=jax.random.key_data(rng),
+               penalty_state={n: r.init(train_split.num_groups) for n, (r, _) in penalties.items()})
+
+  ckpt = Checkpointer(workdir, jax.eval_shape(lambda: state))
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore()
+    print(f"[{name}] resumed from step {int(state['step'])} in {workdir}", flush=True)
+  bounds = (config.quant.min_bits, config.quant.max_bits)
+  step_fn = jax.jit(make_train_step(model, tx, penalties, layers,
+                                    num_groups=train_split.num_groups,
+                                    target_bits=target, bit_bounds=bounds),
+                    donate_argnums=0)
+  batcher = Batcher(train_split, config.batch_size, seed=config.seed,
+                    sampling=config.dataset.sampling, flip=config.dataset.flip)
+  writer, history = MetricWriter(workdir, name), []
+  eval_model = model.clone(quant=spec.quantizer.replace(training=False)) \
+      if spec.quantizer else model
+  last_saved, t0 = ckpt.latest_step(), time.time()
+  step = int(state["step"])
+  try:
+    while step < steps:
+      state, metrics = step_fn(state, batcher.batch(step))
+      history.append(metrics)
+      step += 1
+      log_now = step % config.log_every == 0 or step == steps
+      save_now = step % config.checkpoint_every == 0 or step == steps
+      if log_now or save_now:
+        _check_finite(history, workdir, last_saved)
+      if log_now:
+        summary = _summarise(history)
+        summary["steps_per_s"] = len(history) / max(time.time() - t0, 1e-9)
+        if step % config.eval_every == 0 or step == steps:
+          val = evaluate_split(eval_model, state["params"], data["validation"],
+                               config.eval_batch_size)
+          summary.update(val_acc=val["accuracy"], val_worst_group_acc=val["worst_group_accuracy"])
+        writer.write(step, summary)
+        history, t0 = [], time.time()
+      if save_now:
+        ckpt.save(step, state)
+        last_saved = step
+  finally:
+    ckpt.close()
+  return RunResult(state["params"], model, spec, workdir)
+
+
+def target_bits(config: ml_collections.ConfigDict, params: Any, layers) -> float:
+  """The average-bit budget, from `target_bits` or a `target_bytes` size budget.
+
+  Raises:
+    ValueError: the budget lies outside [min_bits, max_bits].
+  """
+  q = config.quant
+  if q.target_bytes is not None:
+    t = U.bits_for_bytes(params, layers, q.target_bytes)
+    where = f"target_bytes={q.target_bytes} (= {t:.3f} average bits)"
+  elif q.target_bits is not None:
+    t, where = float(q.target_bits), f"target_bits={q.target_bits}"
+  else:
+    raise ValueError("mode=baq needs a budget: set quant.target_bits or quant.target_bytes.")
+  try:
+    U.check_budget(t, q.min_bits, q.max_bits)
+  except ValueError as e:
+    raise ValueError(f"Impossible budget {where}: {e}") from None
+  return t

@@ -1,0 +1,90 @@
+r"""Default: BAQ at 4.0 average bits on the embedded SYNTHETIC dermatology data.
+
+The main job. Trains a float SmallCNN, then fine-tunes from it, for the same
+number of steps each, uniform 8-bit and 4-bit QAT baselines and BAQ (weights
+and per-channel bit-widths jointly, under a 4.0-bit budget and a worst-group
+CVaR penalty), evaluates all of them (with the post-training-quantized
+figures beside the fine-tuned ones), prints the table and writes
+WORKDIR/report.json, WORKDIR/bit_allocation.json and the packed weights.
+
+  python train.py --config=configs/default.py --workdir=/tmp/baq_default
+
+Any field can be overridden, e.g. `--config.quant.target_bits=5.0`
+`--config.penalties.cvar.weight=2.0 --config.seed=1`.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  """Returns the default config; `arg="runlocal"` shrinks it for a smoke run."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Data: a registered dataset (baq.data.DATASETS) and its options.
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "synthetic_derm"
+  c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: ~/tensorflow_datasets
+  c.dataset.kwargs = ml_collections.ConfigDict(dict(image_size=32))  # builder options
+  c.dataset.train_split = "train"
+  c.dataset.val_split = "validation"
+  c.dataset.test_split = "test"
+  c.dataset.positive_class = 1  # malignant: the positive decision for DP/EOpp/EOdds
+  c.dataset.sampling = "uniform"  # or "group_balanced"
+  c.dataset.flip = True  # random horizontal flips in training
+
+  # Model: a registered model (baq.models.MODELS) and its options.
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "small_cnn"
+  c.model.kwargs = ml_collections.ConfigDict(dict(widths=(16, 32, 64), hidden=64))
+
+  # What to train. `mode` is the method under study (float | qat | baq);
+  # `baselines` are trained too, fine-tuned from the same float model, and
+  # compared in the report.
+  c.mode = "baq"
+  c.qat_bits = 4  # bit-width of mode=qat
+  c.baselines = "uniform8,uniform4"  # comma-separated uniform<B> names; "" for none
+  c.init_checkpoint = ""  # a float run's workdir to fine-tune from; "" trains one in WORKDIR/fp32
+
+  c.batch_size = 128
+  c.float_steps = 2400  # steps of the float model
+  c.steps = 800  # fine-tuning steps of every quantized model (BAQ and baselines)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-3  # peak learning rate of the float model (cosine decay)
+  c.optim.finetune_lr = 5e-4  # peak learning rate when fine-tuning quantized models
+  c.optim.warmup_steps = 100
+  c.optim.weight_decay = 1e-4
+  c.optim.bits_lr = 0.05  # Adam learning rate of the bit-widths (bits/step scale)
+  c.optim.grad_clip = 1.0
+
+  # Quantization of every Conv/Dense (per output channel, weights only).
+  c.quant = ml_collections.ConfigDict()
+  c.quant.parametrization = "fracbits"  # fracbits | diffq
+  c.quant.granularity = "channel"  # layer | channel: one bit-width (and scale) per unit
+  c.quant.scale_method = "absmax"  # absmax | percentile | learned
+  c.quant.symmetric = True
+  c.quant.min_bits = 2
+  c.quant.max_bits = 8
+  c.quant.init_bits = 6.0  # BAQ's starting bit-width
+  c.quant.target_bits = 4.0  # average-bit budget (weighted by weight count)
+  c.quant.target_bytes = ml_collections.FieldReference(None, field_type=float)  # or a size budget
+  c.quant.act_bits = ml_collections.FieldReference(None, field_type=int)  # activation bits, None: float
+  c.quant.float_layers = ""  # regex of layer paths kept in float, e.g. "head"
+
+  # Penalties of the main mode: name -> {weight, hyper-parameters}; names
+  # from baq.regularizers.REGULARIZERS. `bitrate` enforces the budget.
+  c.penalties = ml_collections.ConfigDict()
+  c.penalties.bitrate = ml_collections.ConfigDict(dict(weight=1.0, dual_lr=0.02, rho=1.0))
+  c.penalties.cvar = ml_collections.ConfigDict(dict(weight=1.0, alpha=0.34))
+
+  c.log_every = 100
+  c.eval_every = 400  # validation worst-group accuracy during training
+  c.checkpoint_every = 400
+  c.eval_batch_size = 500
+
+  if arg == "runlocal":
+    c.float_steps, c.steps = 60, 40
+    c.log_every = c.eval_every = c.checkpoint_every = 20
+    c.dataset.kwargs.update(dict(num_train=512, num_validation=128, num_test=256))
+  return c

@@ -1,0 +1,27 @@
+"""Evaluates a trained baq experiment: flags in, one library call.
+
+  python eval.py --workdir=/tmp/baq_default
+
+Reads WORKDIR/config.json (or --config with overrides), evaluates every run
+in the workdir on the test split, re-exports the method's allocation and
+packed weights, prints the table and writes WORKDIR/report.json.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from baq import experiment
+
+config_flags.DEFINE_config_file("config", None, "Config file; default: WORKDIR/config.json.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory of a train.py run.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  del argv
+  experiment.evaluate_workdir(flags.FLAGS.workdir, flags.FLAGS.config)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,25 @@
+"""baq: fairness-aware differentiable bit allocation in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="baq",
+    version="0.1.0",
+    description="Fairness-aware differentiable mixed-precision bit allocation (JAX/Flax).",
+    packages=find_packages(include=["baq", "baq.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7,<0.11",
+        "flax>=0.11,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "tensorflow-datasets>=4.9.6,<4.10",
+        "array_record>=0.7,<0.9",
+        "chex>=0.1.88,<0.2",
+        "ml-collections>=1.0,<1.2",
+        "absl-py>=2.1,<3",
+        "numpy>=1.26,<3",
+        "matplotlib>=3.8,<4",
+    ],
+    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"]},
+)

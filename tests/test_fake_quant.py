@@ -1,0 +1,101 @@
+"""Fake quantization as mathematics: grids, error bounds, gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from baq.quant import fake_quant as fq
+
+
+def _x(shape=(6, 5, 8), seed=0):
+  return jax.random.normal(jax.random.key(seed), shape) * jnp.arange(1, shape[-1] + 1)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("channel_axis", [None, -1])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_values_on_grid_and_error_bounded(symmetric, channel_axis, bits):
+  x = _x()
+  y = fq.fake_quant(x, jnp.float32(bits), symmetric=symmetric, channel_axis=channel_axis)
+  lo, hi = fq.range_stats(x, symmetric=symmetric, channel_axis=channel_axis)
+  scale, zp = fq.scale_and_zero_point(lo, hi, jnp.float32(bits), symmetric)
+  codes = y / scale + zp
+  np.testing.assert_allclose(codes, jnp.round(codes), atol=1e-3)
+  assert float(jnp.max(jnp.abs(y - x) - scale / 2)) <= 1e-5  # absmax never clips
+  n_levels = 2**bits - (1 if symmetric else 0)
+  cols = [np.unique(np.round(np.asarray(codes[..., c]))) for c in range(x.shape[-1])]
+  assert max(len(c) for c in cols) <= n_levels
+
+
+def test_asymmetric_represents_zero_exactly():
+  x = jnp.concatenate([jnp.zeros((1,)), jax.random.uniform(jax.random.key(1), (50,)) + 0.3])
+  y = fq.fake_quant(x, jnp.float32(3), symmetric=False)
+  assert float(y[0]) == 0.0
+
+
+def test_per_channel_beats_per_tensor_on_scaled_channels():
+  x = _x()
+  e_t = jnp.mean((fq.fake_quant(x, 4.0, channel_axis=None) - x) ** 2)
+  e_c = jnp.mean((fq.fake_quant(x, 4.0, channel_axis=-1) - x) ** 2)
+  assert float(e_c) < float(e_t)
+
+
+def test_percentile_clips_outliers():
+  x = jnp.concatenate([jax.random.normal(jax.random.key(2), (999,)), jnp.array([100.0])])
+  y = fq.fake_quant(x, 4.0, method="percentile", percentile=99.0)
+  assert float(jnp.max(y)) < 10.0
+
+
+def test_ste_gradient_is_identity_inside_range():
+  x = _x()
+  g = jax.grad(lambda x: jnp.sum(fq.fake_quant(x, 3.0, channel_axis=-1)))(x)
+  np.testing.assert_allclose(g, 1.0)
+
+
+def test_learned_range_gets_lsq_gradient():
+  x = _x()
+  r = jnp.full((x.shape[-1],), 2.0)
+  g = jax.grad(lambda r: jnp.sum((fq.fake_quant(x, 3.0, channel_axis=-1, method="learned",
+                                                learned_range=r) - x) ** 2))(r)
+  assert np.all(np.abs(np.asarray(g)) > 0)
+
+
+def test_fracbits_interpolates_and_matches_integers():
+  x = _x()
+  for b in (2.0, 3.0, 5.0):
+    np.testing.assert_allclose(fq.fracbits_quant(x, jnp.float32(b)), fq.fake_quant(x, b),
+                               atol=1e-6)
+  mid = fq.fracbits_quant(x, jnp.float32(3.25))
+  q3, q4 = fq.fake_quant(x, 3.0), fq.fake_quant(x, 4.0)
+  np.testing.assert_allclose(mid, 0.75 * q3 + 0.25 * q4, atol=1e-6)
+
+
+@pytest.mark.parametrize("b", [3.0, 3.6, 8.0])
+def test_fracbits_bit_gradient_is_quantizer_difference(b):
+  """d/db Q(x; b) = Q(x; floor b + 1) - Q(x; floor b), non-zero at integers too."""
+  x = _x()
+  w = jax.random.normal(jax.random.key(3), x.shape)
+  bits = jnp.full((x.shape[-1],), b)
+  g = jax.grad(lambda bits: jnp.sum(w * fq.fracbits_quant(x, bits, channel_axis=-1)))(bits)
+  lo = np.floor(b)
+  want = jnp.sum(w * (fq.fake_quant(x, lo + 1, channel_axis=-1)
+                      - fq.fake_quant(x, lo, channel_axis=-1)), axis=(0, 1))
+  np.testing.assert_allclose(g, want, rtol=1e-4, atol=2e-5)
+  assert np.all(np.abs(np.asarray(g)) > 0)
+
+
+def test_diffq_noise_is_one_step_and_differentiable_in_bits():
+  x = _x()
+  bits = jnp.full((x.shape[-1],), 3.3)
+  y = fq.noise_quant(x, bits, jax.random.key(4), channel_axis=-1)
+  lo, hi = fq.range_stats(x, symmetric=True, channel_axis=-1)
+  step = (hi - lo) / (2 * (2.0**2.3 - 1))
+  assert float(jnp.max(jnp.abs(y - x) - step / 2)) <= 1e-5
+  g = jax.grad(lambda b: jnp.sum(fq.noise_quant(x, b, jax.random.key(4), channel_axis=-1) ** 2))(bits)
+  assert np.all(np.abs(np.asarray(g)) > 0)
+
+
+def test_unknown_scale_method_lists_valid():
+  with pytest.raises(ValueError, match="absmax, percentile, learned"):
+    fq.fake_quant(_x(), 4.0, method="minmax")

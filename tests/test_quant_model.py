@@ -1,0 +1,145 @@
+"""Quantization injected into a model: rules, bit gradients, budget, export."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from baq.models import build_model
+from baq.quant import export, units as U
+from baq.quant.inject import Quantizer, QuantSpec
+from baq import losses
+
+
+def _setup(parametrization="fracbits", granularity="channel", init_bits=4.5, rules=None):
+  spec = QuantSpec(init_bits=init_bits, parametrization=parametrization,
+                   granularity=granularity)
+  q = Quantizer(rules or ((".*", spec),))
+  model = build_model("small_cnn", 3, q, widths=(8, 16), hidden=16)
+  x = jax.random.normal(jax.random.key(0), (32, 12, 12, 3))
+  y = jax.random.randint(jax.random.key(1), (32,), 0, 3)
+  params = model.init({"params": jax.random.key(2), "quant": jax.random.key(3)}, x)["params"]
+  return model, params, x, y
+
+
+@pytest.mark.parametrize("parametrization", ["fracbits", "diffq"])
+@pytest.mark.parametrize("granularity", ["channel", "layer"])
+@pytest.mark.parametrize("init_bits", [4.0, 4.5])
+def test_task_loss_alone_gives_every_bit_a_gradient(parametrization, granularity, init_bits):
+  """The public FairQuant code cuts this gradient; baq must not."""
+  model, params, x, y = _setup(parametrization, granularity, init_bits)
+  layers = U.find_units(params)
+
+  def task_loss(p):
+    logits = model.apply({"params": p}, x, rngs={"quant": jax.random.key(5)})
+    return jnp.mean(losses.cross_entropy(logits, y))
+
+  grads = jax.grad(task_loss)(params)
+  g = np.asarray(U.gather_bits(grads, layers))
+  # A unit whose weights get no gradient at all (a dead ReLU channel) cannot
+  # move the loss; every other unit's bit-width must get a gradient.
+  flat = dict(jax.tree_util.tree_flatten_with_path(grads)[0])
+  flat = {tuple(k.key for k in p): v for p, v in flat.items()}
+  alive = np.concatenate([np.abs(np.asarray(flat[l.kernel_path])).reshape(-1, l.count).sum(0) > 0
+                          for l in layers])
+  assert g.shape[0] == alive.shape[0] > 3 and alive.mean() > 0.8
+  assert np.all(np.abs(g[alive]) > 0), f"zero bit gradients at {np.nonzero(g[alive] == 0)}"
+
+
+def test_rules_first_match_wins_and_none_keeps_float():
+  rules = (("head", None), ("Conv_0", QuantSpec(granularity="layer", init_bits=8)),
+           (".*", QuantSpec(init_bits=3)))
+  model, params, x, _ = _setup(rules=rules)
+  layers = {l.name: l for l in U.find_units(params)}
+  assert set(layers) == {"Conv_0", "Conv_1", "Dense_0"}
+  assert layers["Conv_0"].count == 1 and layers["Conv_1"].count == 16
+  flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  assert not any("head" in jax.tree_util.keystr(k) and "bits" in jax.tree_util.keystr(k)
+                 for k in flat)
+
+
+def test_no_quantizer_is_the_float_model():
+  model, params, x, _ = _setup(init_bits=8)
+  fmodel = build_model("small_cnn", 3, None, widths=(8, 16), hidden=16)
+  fparams = export.dequantized_params(params, {})
+  f = fmodel.apply({"params": fparams}, x)
+  q = model.clone(quant=model.quant.replace(training=False)).apply({"params": params}, x)
+  assert float(jnp.max(jnp.abs(f - q))) > 0  # 8-bit differs from float...
+  np.testing.assert_allclose(f, q, atol=0.05)  # ...but only slightly
+
+
+def test_average_bits_and_size_are_weighted_by_weight_count():
+  model, params, _, _ = _setup(init_bits=4.0)
+  layers = U.find_units(params)
+  numel = U.unit_numels(layers)
+  bits = np.arange(len(numel)) % 5 + 2.0
+  p2 = U.scatter_bits(params, layers, bits)
+  np.testing.assert_allclose(U.average_bits(p2, layers), (numel * bits).sum() / numel.sum(),
+                             rtol=1e-6)
+  size4 = U.model_bytes(params, layers)
+  size8 = U.model_bytes(U.scatter_bits(params, layers, np.full(len(numel), 8.0)), layers)
+  np.testing.assert_allclose(size8 - size4, numel.sum() * 4 / 8, rtol=1e-6)
+  t = U.bits_for_bytes(params, layers, float(size4))
+  np.testing.assert_allclose(t, 4.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_projection_meets_budget_after_rounding(seed):
+  rng = np.random.default_rng(seed)
+  n = rng.integers(1, 60)
+  numel = rng.integers(1, 5000, n)
+  cont = rng.uniform(1.5, 8.5, n)
+  target = rng.uniform(2.0, 8.0)
+  ints = U.project(cont, numel, target, 2, 8)
+  avg = (numel * ints).sum() / numel.sum()
+  assert avg <= target + 1e-9
+  assert ints.min() >= 2 and ints.max() <= 8
+  assert np.all(ints == np.round(ints))
+  # Tight: no single unit could be raised a bit without breaking the budget,
+  # unless it is at max_bits or already at or above its continuous value.
+  slack = target * numel.sum() - (numel * ints).sum()
+  room = (ints < 8) & (ints < cont)
+  assert not np.any(numel[room] <= slack)
+
+
+def test_projection_keeps_a_feasible_allocation():
+  cont = np.array([2.0, 3.0, 8.0])
+  np.testing.assert_array_equal(U.project(cont, np.array([10, 10, 10]), 6.0, 2, 8), [2, 3, 8])
+
+
+def test_impossible_budget_names_the_bound():
+  with pytest.raises(ValueError, match="below min_bits"):
+    U.project(np.array([4.0]), np.array([1]), 1.5, 2, 8)
+  with pytest.raises(ValueError, match="above max_bits"):
+    U.check_budget(9.0, 2, 8)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_pack_unpack_round_trip(symmetric):
+  rng = np.random.default_rng(0)
+  bits = rng.integers(2, 9, 7)
+  lo = -(2 ** (bits - 1) - 1) if symmetric else np.zeros_like(bits)
+  hi = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
+  codes = rng.integers(lo, hi + 1, (3, 5, 7))
+  packed = export.pack(codes.astype(np.float32), bits, symmetric)
+  np.testing.assert_array_equal(export.unpack(packed, symmetric), codes)
+  data_bytes = sum(v.nbytes for k, v in packed.items() if k.endswith("_data"))
+  assert data_bytes <= int(np.ceil((15 * bits).sum() / 8)) + 8
+
+
+@pytest.mark.parametrize("granularity", ["channel", "layer"])
+def test_exported_integer_weights_reproduce_fake_quant_logits(tmp_path, granularity):
+  model, params, x, _ = _setup(granularity=granularity, init_bits=4.7)
+  layers = U.find_units(params)
+  ints, deployed = export.deploy(params, layers, 4.0, 2, 8)
+  assert (U.unit_numels(layers) * ints).sum() / U.unit_numels(layers).sum() <= 4.0
+  eval_model = model.clone(quant=model.quant.replace(training=False))
+  want = eval_model.apply({"params": deployed}, x)
+  captured = export.capture_codes(model, deployed, x[:1])
+  path = str(tmp_path / "w.npz")
+  export.save_packed(path, captured, symmetric=True)
+  fmodel = build_model("small_cnn", 3, None, widths=(8, 16), hidden=16)
+  got = fmodel.apply({"params": export.dequantized_params(deployed, export.unpack_kernels(path))}, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  rec = export.allocation_record(params, deployed, layers, 4.0)
+  assert rec["avg_bits"] <= 4.0 and len(rec["units"]) == len(ints)
