@@ -144,7 +144,8 @@ def group_dro(step_size: float = 0.01) -> Regularizer:
 
   The state q is a distribution over groups, updated q_g <- q_g exp(eta L_g)
   for groups present in the batch and renormalised; the penalty is
-  sum_g q_g L_g with q held constant for the gradient.
+  sum_g q_g L_g over the groups present (q renormalised over them), with q
+  held constant for the gradient.
   """
 
   def init(num_groups):
@@ -154,7 +155,10 @@ def group_dro(step_size: float = 0.01) -> Regularizer:
     loss = jax.lax.stop_gradient(ctx.group_loss)
     q_new = q * jnp.exp(step_size * jnp.where(ctx.present, loss, 0.0))
     q_new = q_new / jnp.sum(q_new)
-    value = jnp.sum(q_new * ctx.group_loss)
+    # Absent groups keep their weight for later batches but take no part now.
+    qp = jnp.where(ctx.present, q_new, 0.0)
+    value = jnp.sum(qp * jnp.where(ctx.present, ctx.group_loss, 0.0)) / jnp.maximum(
+        jnp.sum(qp), 1e-12)
     return value, q_new, {"max_weight": jnp.max(q_new)}
 
   return Regularizer(init, apply)

@@ -64,7 +64,7 @@ def merge_params(init: dict, source: dict) -> dict:
     raise ValueError(f"Checkpoint to start from lacks {['/'.join(k) for k in missing][:4]}.")
   for k, v in flat_src.items():
     if k in flat_init and np.shape(v) == np.shape(flat_init[k]):
-      flat_init[k] = jnp.asarray(v)
+      flat_init[k] = jnp.array(v)  # a copy: the new run donates its buffers
   return tu.unflatten_dict(flat_init)
 
 

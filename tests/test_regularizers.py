@@ -1,0 +1,79 @@
+"""Group losses, the regularizer registry, and each penalty's mathematics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from baq import losses, regularizers as R
+
+
+def _ctx(group_loss, present=None, avg_bits=5.0, target=4.0):
+  gl = jnp.asarray(group_loss, jnp.float32)
+  present = jnp.ones(gl.shape, bool) if present is None else jnp.asarray(present)
+  z = jnp.zeros((4,))
+  return R.PenaltyContext(gl, present.astype(jnp.float32), present, z, jnp.zeros((4, 3)),
+                          z.astype(int), z.astype(int), jnp.float32(avg_bits),
+                          jnp.float32(target), jnp.int32(0))
+
+
+def test_group_stats_segment_means_and_missing_groups():
+  vals = jnp.array([1.0, 3.0, 5.0, 7.0])
+  groups = jnp.array([0, 0, 2, 2])
+  s = losses.group_stats(vals, groups, 4)
+  np.testing.assert_allclose(s.mean, [2.0, 0.0, 6.0, 0.0])
+  np.testing.assert_array_equal(s.present, [True, False, True, False])
+  s = losses.group_stats(vals, groups, 4, weights=jnp.array([1.0, 0.0, 1.0, 1.0]))
+  np.testing.assert_allclose(s.mean, [1.0, 0.0, 6.0, 0.0])
+
+
+@pytest.mark.parametrize("name", ["smooth_max", "cvar", "gap", "variance", "group_dro"])
+def test_penalties_are_finite_and_ignore_absent_groups(name):
+  reg = R.build(name)
+  state = reg.init(4)
+  v, _, _ = reg.apply(_ctx([1.0, 99.0, 3.0, 0.0], present=[True, False, True, False]), state)
+  v2, _, _ = reg.apply(_ctx([1.0, 0.0, 3.0, 0.0], present=[True, False, True, False]), state)
+  assert np.isfinite(float(v)) and float(v) == pytest.approx(float(v2))
+  g = jax.grad(lambda gl: reg.apply(_ctx(gl), state)[0])(jnp.array([1.0, 2.0, 4.0, 3.0]))
+  assert float(jnp.abs(g).sum()) > 0 and np.all(np.isfinite(np.asarray(g)))
+
+
+def test_penalty_values():
+  l = [1.0, 2.0, 4.0, 3.0]
+  val = lambda name, **kw: float(R.build(name, **kw).apply(_ctx(l), R.build(name, **kw).init(4))[0])
+  assert val("gap") == pytest.approx(3.0)
+  assert val("variance") == pytest.approx(np.var(l))
+  assert val("cvar", alpha=0.5) == pytest.approx(3.5)
+  assert val("cvar", alpha=0.25) == pytest.approx(4.0)
+  assert val("cvar", alpha=0.375) == pytest.approx((4.0 + 0.5 * 3.0) / 1.5)
+  assert val("cvar", alpha=1.0) == pytest.approx(2.5)
+  assert 2.5 <= val("smooth_max", temperature=1.0) <= 4.0
+  assert val("smooth_max", temperature=0.01) == pytest.approx(4.0, abs=0.02)
+
+
+def test_group_dro_weights_move_to_the_worst_group():
+  reg = R.build("group_dro", step_size=0.5)
+  q = reg.init(4)
+  for _ in range(20):
+    _, q, _ = reg.apply(_ctx([1.0, 2.0, 4.0, 3.0]), q)
+  assert int(jnp.argmax(q)) == 2 and float(jnp.sum(q)) == pytest.approx(1.0)
+
+
+def test_bitrate_dual_ascent_raises_multiplier_while_over_budget():
+  reg = R.build("bitrate", dual_lr=0.1, rho=0.0)
+  lam = reg.init(4)
+  for _ in range(5):
+    _, lam, m = reg.apply(_ctx([1.0] * 4, avg_bits=5.0, target=4.0), lam)
+  assert float(lam) == pytest.approx(0.5)
+  g = jax.grad(lambda b: reg.apply(_ctx([1.0] * 4, avg_bits=b), lam)[0])(5.0)
+  assert float(g) == pytest.approx(0.5)
+  for _ in range(10):
+    _, lam, _ = reg.apply(_ctx([1.0] * 4, avg_bits=3.0, target=4.0), lam)
+  assert float(lam) == 0.0
+
+
+def test_unknown_regularizer_lists_valid_names():
+  with pytest.raises(KeyError, match="bitrate, cvar, gap, group_dro, smooth_max, variance"):
+    R.build("worst_group")
+  with pytest.raises(TypeError, match="cvar"):
+    R.build("cvar", temperature=3.0)

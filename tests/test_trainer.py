@@ -1,0 +1,109 @@
+"""The real trainer on a tiny config: resume, non-finite stop, refusals, budget."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from baq import experiment, trainer
+from baq.checkpoint import restore_params
+from baq.data import pipeline
+from configs import tiny
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def data(data_dir):
+  return experiment.load_data(_config(data_dir))
+
+
+def _config(data_dir, **overrides):
+  c = tiny.get_config()
+  c.dataset.data_dir = data_dir
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def _leaves(params):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(params)]
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, data_dir, data, monkeypatch):
+  config = _config(data_dir, checkpoint_every=3)
+  full = trainer.train(config, str(tmp_path / "a"), mode="baq", data=data, steps=8, lr=1e-3)
+
+  original = pipeline.Batcher.batch
+
+  def interrupt(self, step):
+    if step == 5:
+      raise KeyboardInterrupt
+    return original(self, step)
+
+  monkeypatch.setattr(pipeline.Batcher, "batch", interrupt)
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train(config, str(tmp_path / "b"), mode="baq", data=data, steps=8, lr=1e-3)
+  monkeypatch.setattr(pipeline.Batcher, "batch", original)
+  resumed = trainer.train(config, str(tmp_path / "b"), mode="baq", data=data, steps=8, lr=1e-3)
+  for x, y in zip(_leaves(full.params), _leaves(resumed.params)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  lines = open(tmp_path / "b" / "metrics.jsonl").read().splitlines()
+  assert any('"step": 8' in l for l in lines)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, data,
+                                                              monkeypatch):
+  config = _config(data_dir)
+  original = pipeline.Batcher.batch
+
+  def poisoned(self, step):
+    b = original(self, step)
+    if step >= 5:
+      b["image"] = b["image"] * np.nan
+    return b
+
+  monkeypatch.setattr(pipeline.Batcher, "batch", poisoned)
+  with pytest.raises(FloatingPointError, match="last good checkpoint \\(step 4\\)"):
+    trainer.train(config, str(tmp_path), mode="float", data=data, steps=12, lr=1e-3)
+  params = restore_params(str(tmp_path))
+  assert all(np.all(np.isfinite(x)) for x in _leaves(params))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path, data_dir, data):
+  trainer.train(_config(data_dir), str(tmp_path), mode="float", data=data, steps=4, lr=1e-3)
+  other = _config(data_dir)
+  other.model.kwargs.widths = (4, 16)
+  with pytest.raises(ValueError, match="incompatible run"):
+    trainer.train(other, str(tmp_path), mode="float", data=data, steps=4, lr=1e-3)
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"mode": "bq"}, "Unknown mode 'bq'. Valid mode names: baq, float, qat"),
+    ({"model.name": "resnet"}, "Valid model names: small_cnn"),
+    ({"dataset.name": "isic"}, "Valid dataset names: .*synthetic_derm"),
+    ({"quant.target_bits": 1.5}, "below min_bits=2"),
+    ({"quant.target_bits": 9.0}, "above max_bits=8"),
+    ({"baselines": "uniform8,int4"}, "Unknown baseline 'int4'"),
+])
+def test_bad_config_is_refused_before_training(tmp_path, data_dir, override, match):
+  config = _config(data_dir, **override)
+  with pytest.raises((KeyError, ValueError), match=match):
+    experiment.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "fp32")
+
+
+def test_unknown_penalty_is_refused(tmp_path, data_dir):
+  config = _config(data_dir)
+  config.penalties.worst = dict(weight=1.0)
+  with pytest.raises(KeyError, match="Valid regularizer names: bitrate, cvar"):
+    experiment.run(config, str(tmp_path))
