@@ -189,6 +189,15 @@ def _export_method(config, workdir: str, name: str, test, fmodel) -> dict:
   return m
 
 
+def _tuples(tree):
+  """JSON lists back to the tuples a config holds (hashable model options)."""
+  if isinstance(tree, dict):
+    return {k: _tuples(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return tuple(_tuples(v) for v in tree)
+  return tree
+
+
 def evaluate_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> dict:
   """eval.py's entry point: `report` with the config the workdir was trained with."""
   if config is None:
@@ -197,6 +206,6 @@ def evaluate_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] =
       raise FileNotFoundError(f"{path} not found: is {workdir} a train.py workdir? "
                               "Pass --config to evaluate with an explicit config.")
     with open(path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+      config = ml_collections.ConfigDict(_tuples(json.load(f)))
   validate(config)
   return report(config, workdir)

@@ -1,0 +1,19 @@
+"""Data for baq: datasets, the SYNTHETIC dermatology-like set, batching.
+
+  * `load(name, split)` returns an in-memory `Split` of a dataset registered
+    in `DATASETS` (e.g. 'synthetic_derm').
+  * `counterfactual_pairs` renders the same synthetic lesions on chosen skin
+    types.
+  * `Batcher` and `eval_batches` turn a `Split` into deterministic batches.
+  * `synthetic` renders the synthetic set in numpy; `synthetic_builder` (not
+    imported here, it imports tensorflow-datasets) writes it with tfds.
+"""
+
+from baq.data import synthetic
+from baq.data.datasets import DATASETS, Split, counterfactual_pairs, load
+from baq.data.pipeline import Batcher, eval_batches, normalize
+
+__all__ = [
+    "DATASETS", "Batcher", "Split", "counterfactual_pairs", "eval_batches",
+    "load", "normalize", "synthetic",
+]
