@@ -20,6 +20,8 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    experiment.quiet_logging()
   experiment.evaluate_workdir(flags.FLAGS.workdir, flags.FLAGS.config)
 
 

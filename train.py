@@ -18,6 +18,8 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    experiment.quiet_logging()
   experiment.run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

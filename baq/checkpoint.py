@@ -99,6 +99,6 @@ def restore_params(workdir: str) -> Any:
       if os.path.isdir(ckpt_dir) else None
   if mgr is None or mgr.latest_step() is None:
     raise FileNotFoundError(f"No checkpoint to start from in {workdir}.")
-  state = mgr.restore(mgr.latest_step())
+  state = mgr.restore(mgr.latest_step(), args=ocp.args.StandardRestore())
   mgr.close()
   return state["params"]

@@ -33,6 +33,21 @@ from baq.trainer import target_bits, train
 FLOAT = "fp32"
 
 
+def quiet_logging() -> None:
+  """Keeps the console to baq's progress lines: libraries log warnings only.
+
+  Called by train.py and eval.py unless --verbosity is given; tfds's progress
+  bars go too.
+  """
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  logging.set_verbosity(logging.WARNING)
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    tfds.disable_progress_bar()
+  except ImportError:
+    pass
+
+
 def method_name(config: ml_collections.ConfigDict) -> str:
   if config.mode == "qat":
     return f"qat{int(config.qat_bits)}"

@@ -39,6 +39,10 @@ def quant_rules(qc: ml_collections.ConfigDict, **overrides) -> tuple:
   """Rules of `config.quant`: `float_layers` stay float, the rest get one spec."""
   fields = {f.name for f in dataclasses.fields(QuantSpec)}
   kw = {k: v for k, v in qc.to_dict().items() if k in fields}
+  if kw.get("init_bits") is None:
+    # "Start at the budget": the trainer sets the bits once the budget is
+    # known (a size budget needs the parameter counts); any valid value here.
+    kw["init_bits"] = qc.max_bits
   kw.update(overrides)
   spec = QuantSpec(**kw)
   rules = ((qc.float_layers, None),) if qc.float_layers else ()

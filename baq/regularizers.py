@@ -188,14 +188,20 @@ def variance() -> Regularizer:
 
 @register("bitrate")
 def bitrate(dual_lr: float = 0.05, rho: float = 1.0, init_multiplier: float = 0.0,
-            max_multiplier: Optional[float] = None) -> Regularizer:
+            max_multiplier: Optional[float] = None, equality: bool = False
+            ) -> Regularizer:
   """Average-bit budget as an augmented-Lagrangian constraint with dual ascent.
 
-  value = lam * (B - T) + rho/2 * max(0, B - T)^2 for mean bit-width B and
-  target T. The multiplier lam >= 0 (the state) rises by dual_lr * (B - T)
-  every step the budget is exceeded and falls when it is met, so the
-  constraint is enforced rather than traded off. The exported allocation is
-  still projected onto the budget after rounding (`units.project`).
+  Inequality form (B <= T, the default): value = lam * (B - T) +
+  rho/2 * max(0, B - T)^2 for mean bit-width B and target T; the multiplier
+  lam >= 0 (the state) rises by dual_lr * (B - T) every step the budget is
+  exceeded and falls when it is met, so the constraint is enforced rather
+  than traded off. Equality form (B = T, `equality=True`): lam is free in
+  sign and the quadratic acts on both sides, so bits that the task does not
+  claim are pushed back up to spend the whole budget; the run then learns
+  *where* the bits go, not how few it can get away with. Either way the
+  exported allocation is projected onto the budget after rounding
+  (`units.project`).
   """
 
   def init(num_groups):
@@ -204,10 +210,13 @@ def bitrate(dual_lr: float = 0.05, rho: float = 1.0, init_multiplier: float = 0.
 
   def apply(ctx, lam):
     excess = ctx.avg_bits - ctx.target_bits
-    value = lam * excess + 0.5 * rho * jnp.maximum(excess, 0.0) ** 2
-    new = jnp.maximum(lam + dual_lr * jax.lax.stop_gradient(excess), 0.0)
+    over = excess if equality else jnp.maximum(excess, 0.0)
+    value = lam * excess + 0.5 * rho * over ** 2
+    new = lam + dual_lr * jax.lax.stop_gradient(excess)
+    if not equality:
+      new = jnp.maximum(new, 0.0)
     if max_multiplier is not None:
-      new = jnp.minimum(new, max_multiplier)
+      new = jnp.clip(new, -max_multiplier, max_multiplier)
     return value, new, {"multiplier": new, "excess_bits": excess}
 
   return Regularizer(init, apply, needs_bits=True)

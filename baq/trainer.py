@@ -103,9 +103,21 @@ def _clip_bits(params, lo: float, hi: float):
       lambda path, v: jnp.clip(v, lo, hi) if path[-1] == BITS_LEAF else v, params)
 
 
+def _keep_bits(params, old):
+  flat, flat_old = tu.flatten_dict(dict(params)), tu.flatten_dict(dict(old))
+  return tu.unflatten_dict({k: flat_old[k] if k[-1] == BITS_LEAF else v
+                            for k, v in flat.items()})
+
+
 def make_train_step(model, tx, penalties: dict, layers, *, num_groups: int,
-                    target_bits: float, bit_bounds: tuple[float, float]):
-  """The jittable update step: state, batch -> state, metrics."""
+                    target_bits: float, bit_bounds: tuple[float, float],
+                    freeze_bits: bool = False):
+  """The jittable update step: state, batch -> state, metrics.
+
+  With `freeze_bits` the bit-width leaves keep their values whatever the
+  optimizer (whose moments may still move them) says: the final phase of a
+  BAQ run trains weights at a fixed integer allocation.
+  """
 
   def loss_fn(params, batch, key, pen_state, step):
     logits = model.apply({"params": params}, batch["image"], rngs={"quant": key})
@@ -134,11 +146,29 @@ def make_train_step(model, tx, penalties: dict, layers, *, num_groups: int,
         state["params"], batch, key, state["penalty_state"], state["step"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = _clip_bits(optax.apply_updates(state["params"], updates), *bit_bounds)
+    if freeze_bits:
+      params = _keep_bits(params, state["params"])
     new = dict(state, params=params, opt_state=opt_state, penalty_state=pen_state,
                step=state["step"] + 1, data_position=state["step"] + 1)
     return new, metrics
 
   return step_fn
+
+
+# Progress-line order and short names; metrics.jsonl keeps the full names.
+_FIRST = ("loss", "task_loss")
+_LAST = ("avg_bits", "train_acc", "train_worst_group_acc", "val_acc",
+         "val_worst_group_acc", "steps_per_s")
+_SHORT = {"train_worst_group_acc": "train_worst", "val_worst_group_acc": "val_worst",
+          "task_loss": "task", "steps_per_s": "it/s"}
+
+
+def _order(key: str) -> tuple[int, int, str]:
+  if key in _FIRST:
+    return 0, _FIRST.index(key), key
+  if key in _LAST:
+    return 2, _LAST.index(key), key
+  return 1, 0, key
 
 
 class MetricWriter:
@@ -152,7 +182,8 @@ class MetricWriter:
                for k, v in metrics.items()}
     with open(self.path, "a") as f:
       f.write(json.dumps(dict(step=step, **metrics)) + "\n")
-    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    shown = " ".join(f"{_SHORT.get(k, k)}={v:.4g}" for k, v in sorted(
+        metrics.items(), key=lambda kv: _order(kv[0])) if isinstance(v, float))
     print(f"[{self.name}] step {step:5d} {shown}", flush=True)
 
 
@@ -211,6 +242,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
     params = merge_params(params, init_params)
   layers = U.find_units(params)
   target = target_bits(config, params, layers) if spec.uses_budget else float("nan")
+  if spec.train_bits and config.quant.init_bits is None:
+    params = U.scatter_bits(params, layers, np.full(len(U.unit_numels(layers)), target))
 
   tx = make_optimizer(config, params, lr=lr, steps=steps, train_bits=spec.train_bits)
   penalties = build_penalties(config, spec.uses_budget) if use_penalties else {}
@@ -223,19 +256,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
     state = ckpt.restore()
     print(f"[{name}] resumed from step {int(state['step'])} in {workdir}", flush=True)
   bounds = (config.quant.min_bits, config.quant.max_bits)
-  step_fn = jax.jit(make_train_step(model, tx, penalties, layers,
-                                    num_groups=train_split.num_groups,
-                                    target_bits=target, bit_bounds=bounds),
-                    donate_argnums=0)
+  step_kw = dict(num_groups=train_split.num_groups, target_bits=target, bit_bounds=bounds)
+  search_step = jax.jit(make_train_step(model, tx, penalties, layers, **step_kw),
+                        donate_argnums=0)
+  eval_model = model.clone(quant=spec.quantizer.replace(training=False)) \
+      if spec.quantizer else model
+  final_at = finalize_step(config, spec, steps)
+  final_step = jax.jit(make_train_step(eval_model, tx, penalties, layers, freeze_bits=True,
+                                       **step_kw), donate_argnums=0)
   batcher = Batcher(train_split, config.batch_size, seed=config.seed,
                     sampling=config.dataset.sampling, flip=config.dataset.flip)
   writer, history = MetricWriter(workdir, name), []
-  eval_model = model.clone(quant=spec.quantizer.replace(training=False)) \
-      if spec.quantizer else model
   last_saved, t0 = ckpt.latest_step(), time.time()
   step = int(state["step"])
   try:
     while step < steps:
+      if step == final_at:
+        state = _finalize(state, layers, target, config, name)
+      step_fn = final_step if step >= final_at else search_step
       state, metrics = step_fn(state, batcher.batch(step))
       history.append(metrics)
       step += 1
@@ -258,6 +296,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
   finally:
     ckpt.close()
   return RunResult(state["params"], model, spec, workdir)
+
+
+def finalize_step(config: ml_collections.ConfigDict, spec, steps: int) -> float:
+  """The step from which a bit-training run trains at its integer allocation.
+
+  The last `config.quant.finalize_fraction` of the steps train the weights
+  with the bit-widths projected onto the budget at integer values and frozen,
+  with the quantizer that evaluation and export use; inf when no bits train.
+  """
+  frac = config.quant.get("finalize_fraction", 0.0) or 0.0
+  if not spec.train_bits or frac <= 0:
+    return float("inf")
+  return steps - max(1, int(round(frac * steps)))
+
+
+def _finalize(state: dict, layers, target: float, config, name: str) -> dict:
+  """Projects the bit-widths onto the budget at integers (host side, once)."""
+  from baq.quant.export import deploy  # pylint: disable=import-outside-toplevel
+  params = jax.device_get(state["params"])
+  ints, params = deploy(params, layers, target, config.quant.min_bits, config.quant.max_bits)
+  avg = float(np.sum(ints * U.unit_numels(layers)) / np.sum(U.unit_numels(layers)))
+  print(f"[{name}] step {int(state['step']):5d} bit-widths projected to integers: "
+        f"avg_bits={avg:.4g} (target {target:.4g}); training the weights at them", flush=True)
+  return dict(state, params=jax.tree.map(jnp.asarray, params))
 
 
 def target_bits(config: ml_collections.ConfigDict, params: Any, layers) -> float:

@@ -47,8 +47,8 @@ def get_config(arg=None):
   c.init_checkpoint = ""  # a float run's workdir to fine-tune from; "" trains one in WORKDIR/fp32
 
   c.batch_size = 128
-  c.float_steps = 2400  # steps of the float model
-  c.steps = 800  # fine-tuning steps of every quantized model (BAQ and baselines)
+  c.float_steps = 1200  # steps of the float model
+  c.steps = 400  # fine-tuning steps of every quantized model (BAQ and baselines)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-3  # peak learning rate of the float model (cosine decay)
@@ -60,13 +60,24 @@ def get_config(arg=None):
 
   # Quantization of every Conv/Dense (per output channel, weights only).
   c.quant = ml_collections.ConfigDict()
-  c.quant.parametrization = "fracbits"  # fracbits | diffq
-  c.quant.granularity = "channel"  # layer | channel: one bit-width (and scale) per unit
+  # diffq: pseudo-quantization noise whose scale follows the bit-width. Its
+  # bit gradient keeps a curvature signal while the weights co-adapt, where
+  # fracbits' first-order signal fades as the weights settle (both work).
+  c.quant.parametrization = "diffq"  # diffq | fracbits
+  # One bit-width and one scale per layer, as FairQuant allocates; "channel"
+  # gives every output channel its own (then 4-bit QAT is nearly lossless
+  # for this small model, and there is little left to allocate).
+  c.quant.granularity = "layer"  # layer | channel
   c.quant.scale_method = "absmax"  # absmax | percentile | learned
   c.quant.symmetric = True
   c.quant.min_bits = 2
   c.quant.max_bits = 8
-  c.quant.init_bits = 6.0  # BAQ's starting bit-width
+  # BAQ's starting bit-width; None starts every unit at the budget.
+  c.quant.init_bits = ml_collections.FieldReference(None, field_type=float)
+  # The last fraction of BAQ's steps trains the weights at the integer
+  # allocation (bits projected onto the budget, then frozen), with the
+  # quantizer that evaluation and export use.
+  c.quant.finalize_fraction = 0.25
   c.quant.target_bits = 4.0  # average-bit budget (weighted by weight count)
   c.quant.target_bytes = ml_collections.FieldReference(None, field_type=float)  # or a size budget
   c.quant.act_bits = ml_collections.FieldReference(None, field_type=int)  # activation bits, None: float
@@ -75,12 +86,13 @@ def get_config(arg=None):
   # Penalties of the main mode: name -> {weight, hyper-parameters}; names
   # from baq.regularizers.REGULARIZERS. `bitrate` enforces the budget.
   c.penalties = ml_collections.ConfigDict()
-  c.penalties.bitrate = ml_collections.ConfigDict(dict(weight=1.0, dual_lr=0.02, rho=1.0))
+  c.penalties.bitrate = ml_collections.ConfigDict(dict(
+      weight=1.0, dual_lr=0.02, rho=1.0, equality=True))
   c.penalties.cvar = ml_collections.ConfigDict(dict(weight=1.0, alpha=0.34))
 
   c.log_every = 100
   c.eval_every = 400  # validation worst-group accuracy during training
-  c.checkpoint_every = 400
+  c.checkpoint_every = 200
   c.eval_batch_size = 500
 
   if arg == "runlocal":
