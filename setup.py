@@ -9,10 +9,10 @@ setup(
     packages=find_packages(include=["baq", "baq.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.7,<0.11",
-        "flax>=0.11,<0.13",
+        "jax>=0.10,<0.11",
+        "flax>=0.12,<0.13",
         "optax>=0.2.4,<0.3",
-        "orbax-checkpoint>=0.11,<0.13",
+        "orbax-checkpoint>=0.12,<0.13",
         "tensorflow-datasets>=4.9.6,<4.10",
         "array_record>=0.7,<0.9",
         "chex>=0.1.88,<0.2",

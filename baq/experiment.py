@@ -11,6 +11,7 @@ allocation and packed weights, prints one table and writes report.json.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import Any, Optional
@@ -64,8 +65,24 @@ def baseline_bits(config: ml_collections.ConfigDict) -> list[int]:
   return out
 
 
+def import_extensions(config: ml_collections.ConfigDict) -> None:
+  """Imports `config.imports` (comma-separated modules) for their registrations.
+
+  A researcher's own regularizers, models, modes or datasets live in their
+  own module, registered with the decorators of baq's registries; naming the
+  module here makes them selectable by name, with no change to baq.
+  """
+  for name in filter(None, (s.strip() for s in config.get("imports", "").split(","))):
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise ImportError(f"config.imports names {name!r}, which cannot be imported: {e}. "
+                        "Is its directory on PYTHONPATH?") from e
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Refuses a config that cannot run, before anything is trained."""
+  import_extensions(config)
   MODES.get(config.mode)
   MODELS.get(config.model.name)
   datasets.DATASETS.get(config.dataset.name)

@@ -20,6 +20,9 @@ def get_config(arg=None):
   """Returns the default config; `arg="runlocal"` shrinks it for a smoke run."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Comma-separated modules imported first, for their registrations (your own
+  # regularizers, models, datasets), e.g. "my_penalties".
+  c.imports = ""
 
   # Data: a registered dataset (baq.data.DATASETS) and its options.
   c.dataset = ml_collections.ConfigDict()

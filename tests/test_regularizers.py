@@ -72,6 +72,18 @@ def test_bitrate_dual_ascent_raises_multiplier_while_over_budget():
   assert float(lam) == 0.0
 
 
+def test_bitrate_equality_form_pushes_unused_bits_back_up():
+  reg = R.build("bitrate", dual_lr=0.1, rho=2.0, equality=True)
+  lam = reg.init(4)
+  for _ in range(5):
+    _, lam, m = reg.apply(_ctx([1.0] * 4, avg_bits=3.0, target=4.0), lam)
+  assert float(lam) == pytest.approx(-0.5)  # Free in sign: under budget.
+  g = jax.grad(lambda b: reg.apply(_ctx([1.0] * 4, avg_bits=b, target=4.0), lam)[0])(3.0)
+  assert float(g) == pytest.approx(-0.5 + 2.0 * -1.0)  # Descent raises the bits.
+  ineq = R.build("bitrate", dual_lr=0.1, rho=2.0)
+  assert float(ineq.apply(_ctx([1.0] * 4, avg_bits=3.0, target=4.0), ineq.init(4))[0]) == 0.0
+
+
 def test_unknown_regularizer_lists_valid_names():
   with pytest.raises(KeyError, match="bitrate, cvar, gap, group_dro, smooth_max, variance"):
     R.build("worst_group")

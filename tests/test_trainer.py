@@ -9,6 +9,8 @@ import pytest
 from baq import experiment, trainer
 from baq.checkpoint import restore_params
 from baq.data import pipeline
+from baq.modes import get_mode
+from baq.quant import units as U
 from configs import tiny
 
 
@@ -107,3 +109,18 @@ def test_unknown_penalty_is_refused(tmp_path, data_dir):
   config.penalties.worst = dict(weight=1.0)
   with pytest.raises(KeyError, match="Valid regularizer names: bitrate, cvar"):
     experiment.run(config, str(tmp_path))
+
+
+def test_baq_ends_at_a_frozen_integer_allocation_within_budget(tmp_path, data_dir, data,
+                                                              capsys):
+  config = _config(data_dir, **{"quant.target_bits": 3.5})
+  assert trainer.finalize_step(config, get_mode(config, "baq"), 8) == 6
+  run = trainer.train(config, str(tmp_path), mode="baq", data=data, steps=8, lr=1e-3)
+  assert "step     6 bit-widths projected to integers" in capsys.readouterr().out
+  layers = U.find_units(run.params)
+  bits, numel = np.asarray(U.gather_bits(run.params, layers)), U.unit_numels(layers)
+  np.testing.assert_array_equal(bits, np.round(bits))
+  assert np.sum(bits * numel) / np.sum(numel) <= 3.5 + 1e-9
+  assert bits.min() >= 2 and bits.max() <= 8
+  # Uniform QAT never trains bits, so it never projects.
+  assert trainer.finalize_step(config, get_mode(config, "qat", 4), 8) == float("inf")

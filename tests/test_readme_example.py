@@ -1,0 +1,70 @@
+"""The README's regularizer example, taken out of the README and run."""
+
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from baq import experiment, regularizers, trainer
+from configs import tiny
+from conftest import ROOT
+
+MARKER = "<!-- regularizer-example -->"
+
+
+@pytest.fixture(scope="module")
+def example_module(tmp_path_factory):
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  block = re.search(r"```python\n(.*?)```", readme[readme.index(MARKER):], re.S).group(1)
+  path = tmp_path_factory.mktemp("user")
+  (path / "my_penalties.py").write_text(block)
+  sys.path.insert(0, str(path))
+  yield "my_penalties"
+  sys.path.remove(str(path))
+
+
+def _ctx(group_loss, present):
+  g = jnp.asarray(group_loss, jnp.float32)
+  return regularizers.PenaltyContext(
+      g, jnp.ones_like(g), jnp.asarray(present), g, jnp.zeros((4, 3)), jnp.zeros(4, jnp.int32),
+      jnp.zeros(4, jnp.int32), jnp.float32(4.0), jnp.float32(4.0), jnp.int32(0))
+
+
+def test_example_registers_and_penalises_the_running_worst_group(example_module):
+  config = tiny.get_config()
+  config.imports = example_module
+  experiment.import_extensions(config)
+  reg = regularizers.build("ema_worst", decay=0.5)
+  state = reg.init(3)
+  value, state, m = reg.apply(_ctx([1.0, 3.0, 2.0], [True, True, True]), state)
+  assert float(value) == 3.0 and float(m["worst_ema"]) == 3.0
+  # Group 1 is absent now: its running loss is kept; the worst present group
+  # by running loss is group 2 (EMA 0.5 * 2 + 0.5 * 2.5).
+  value, state, _ = reg.apply(_ctx([1.0, 0.0, 2.5], [True, False, True]), state)
+  assert float(value) == 2.5
+  np.testing.assert_allclose(state, [1.0, 3.0, 2.25])
+  grad = jax.grad(lambda g: reg.apply(_ctx(g, [True] * 3), state)[0])(jnp.array([1., 2., 3.]))
+  np.testing.assert_array_equal(grad, [0.0, 0.0, 1.0])
+
+
+def test_example_trains_from_a_config(example_module, tmp_path):
+  config = tiny.get_config()
+  config.dataset.data_dir = str(tmp_path / "tfds")
+  config.imports = example_module
+  config.penalties.ema_worst = dict(weight=0.5, decay=0.95)
+  experiment.validate(config)
+  data = experiment.load_data(config)
+  trainer.train(config, str(tmp_path / "run"), mode="baq", data=data, steps=4, lr=1e-3)
+  log = open(tmp_path / "run" / "metrics.jsonl").read()
+  assert '"penalty/ema_worst"' in log and '"ema_worst/worst_ema"' in log
+
+
+def test_unimportable_extension_is_named(tmp_path):
+  config = tiny.get_config()
+  config.imports = "no_such_module_xyz"
+  with pytest.raises(ImportError, match="no_such_module_xyz"):
+    experiment.validate(config)
