@@ -167,7 +167,7 @@ def report(config: ml_collections.ConfigDict, workdir: str, data: Optional[dict]
     methods[f"uniform{b}_ptq"] = _quantized_entry(config, model, ptq, test, layers)
   if config.mode != "float":
     name = method_name(config)
-    methods[name] = _export_method(config, workdir, name, test, fmodel)
+    methods[name] = _export_method(config, workdir, name, test)
   out = {"methods": methods, "dataset": config.dataset.name, "split": config.dataset.test_split,
          "group_names": list(test.group_names), "seed": config.seed,
          "note": "fp32: float; uniformB: B-bit QAT fine-tuned from fp32; uniformB_ptq: "
@@ -190,7 +190,7 @@ def _init_quantized(model, split, float_params) -> Any:
   return merge_params(init, float_params)
 
 
-def _export_method(config, workdir: str, name: str, test, fmodel) -> dict:
+def _export_method(config, workdir: str, name: str, test) -> dict:
   """Deploys the method's run at integer bits, exports it and evaluates it."""
   run_dir = os.path.join(workdir, name)
   spec = get_mode(config, config.mode)
@@ -212,7 +212,8 @@ def _export_method(config, workdir: str, name: str, test, fmodel) -> dict:
   # The packed file must reproduce the evaluated model; check it on test images.
   kernels = export.unpack_kernels(os.path.join(workdir, "packed_weights.npz"))
   fq_logits = predict_logits(model, deployed, test, config.eval_batch_size)
-  dq_logits = predict_logits(fmodel, export.dequantized_params(deployed, kernels), test,
+  dq_logits = predict_logits(export.reference_model(model),
+                             export.dequantized_params(deployed, kernels), test,
                              config.eval_batch_size)
   m = _quantized_entry(config, model, deployed, test, layers)
   m.update(avg_bits_continuous=record["avg_bits_continuous"], target_bits=target,

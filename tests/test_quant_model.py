@@ -11,9 +11,10 @@ from baq.quant.inject import Quantizer, QuantSpec
 from baq import losses
 
 
-def _setup(parametrization="fracbits", granularity="channel", init_bits=4.5, rules=None):
+def _setup(parametrization="fracbits", granularity="channel", init_bits=4.5, rules=None,
+           act_bits=None):
   spec = QuantSpec(init_bits=init_bits, parametrization=parametrization,
-                   granularity=granularity)
+                   granularity=granularity, act_bits=act_bits)
   q = Quantizer(rules or ((".*", spec),))
   model = build_model("small_cnn", 3, q, widths=(8, 16), hidden=16)
   x = jax.random.normal(jax.random.key(0), (32, 12, 12, 3))
@@ -127,9 +128,10 @@ def test_pack_unpack_round_trip(symmetric):
   assert data_bytes <= int(np.ceil((15 * bits).sum() / 8)) + 8
 
 
-@pytest.mark.parametrize("granularity", ["channel", "layer"])
-def test_exported_integer_weights_reproduce_fake_quant_logits(tmp_path, granularity):
-  model, params, x, _ = _setup(granularity=granularity, init_bits=4.7)
+@pytest.mark.parametrize("granularity,act_bits", [("channel", None), ("layer", None),
+                                                  ("channel", 4)])
+def test_exported_integer_weights_reproduce_fake_quant_logits(tmp_path, granularity, act_bits):
+  model, params, x, _ = _setup(granularity=granularity, init_bits=4.7, act_bits=act_bits)
   layers = U.find_units(params)
   ints, deployed = export.deploy(params, layers, 4.0, 2, 8)
   assert (U.unit_numels(layers) * ints).sum() / U.unit_numels(layers).sum() <= 4.0
@@ -138,8 +140,13 @@ def test_exported_integer_weights_reproduce_fake_quant_logits(tmp_path, granular
   captured = export.capture_codes(model, deployed, x[:1])
   path = str(tmp_path / "w.npz")
   export.save_packed(path, captured, symmetric=True)
-  fmodel = build_model("small_cnn", 3, None, widths=(8, 16), hidden=16)
-  got = fmodel.apply({"params": export.dequantized_params(deployed, export.unpack_kernels(path))}, x)
+  dq = export.dequantized_params(deployed, export.unpack_kernels(path))
+  got = export.reference_model(model).apply({"params": dq}, x)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  fmodel = build_model("small_cnn", 3, None, widths=(8, 16), hidden=16)
+  if act_bits is None:  # Weight-only: the plain float model runs the export.
+    np.testing.assert_allclose(fmodel.apply({"params": dq}, x), want, rtol=1e-5, atol=1e-5)
+  else:  # Activations really are quantized.
+    assert np.max(np.abs(fmodel.apply({"params": dq}, x) - want)) > 1e-3
   rec = export.allocation_record(params, deployed, layers, 4.0)
   assert rec["avg_bits"] <= 4.0 and len(rec["units"]) == len(ints)

@@ -35,6 +35,12 @@ def deploy(params: Any, layers: list[U.LayerUnits], target_bits: float,
   return ints, U.scatter_bits(params, layers, ints)
 
 
+def reference_model(model):
+  """The model that runs exported weights: `dequantized_params` go in as
+  they are, activations are quantized as the deployed model does."""
+  return model.clone(quant=model.quant.replace(training=False, weights=False))
+
+
 def capture_codes(model, params: Any, sample: jax.Array) -> dict[str, dict]:
   """Layer name -> {codes, scale, zero_point, bits} of a deployed model.
 

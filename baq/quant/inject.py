@@ -106,11 +106,15 @@ class Quantizer:
       every layer rounds its bit-width to an integer, as deployed.
     capture: if True, each quantized layer sows its integer codes, scale and
       zero point into the `quant_export` collection (for export).
+    weights: if False, kernels pass through unquantized (and no `bits` leaf
+      exists) while activations are still quantized: the model that runs
+      exported, already-dequantized weights as deployment does.
   """
 
   rules: tuple[tuple[str, Optional[QuantSpec]], ...]
   training: bool = True
   capture: bool = False
+  weights: bool = True
 
   def spec_for(self, path: str) -> Optional[QuantSpec]:
     for pattern, spec in self.rules:
@@ -140,6 +144,13 @@ class _QuantOp(nn.Module):
     spec = self.quantizer.spec_for(_layer_path(self))
     if spec is None:
       return self._op(lhs, rhs, *args, **kwargs)
+    if spec.act_bits is not None:
+      # Dynamic per-example range: each example's codes are independent of the
+      # rest of the batch, so deployment can reproduce them.
+      lhs = fq.fake_quant(lhs, jnp.float32(spec.act_bits), symmetric=spec.symmetric,
+                          channel_axis=0, method="absmax")
+    if not self.quantizer.weights:
+      return self._op(lhs, rhs, *args, **kwargs)
     units = () if spec.channel_axis is None else (rhs.shape[-1],)
     bits = self.param(BITS_LEAF, nn.initializers.constant(spec.init_bits),
                       units, jnp.float32)
@@ -157,11 +168,6 @@ class _QuantOp(nn.Module):
       rhs_q = fq.fracbits_quant(rhs, bits, **kw)
     else:
       rhs_q = fq.noise_quant(rhs, bits, self.make_rng("quant"), **kw)
-    if spec.act_bits is not None:
-      # Dynamic per-example range: each example's codes are independent of the
-      # rest of the batch, so deployment can reproduce them.
-      lhs = fq.fake_quant(lhs, jnp.float32(spec.act_bits), symmetric=spec.symmetric,
-                          channel_axis=0, method="absmax")
     return self._op(lhs, rhs_q, *args, **kwargs)
 
   def _sow_codes(self, rhs, int_bits, kw):
