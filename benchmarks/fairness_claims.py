@@ -14,6 +14,7 @@ comparisons the BAQ issue asks for, seed by seed. Config overrides go through
 
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,7 +38,9 @@ def run_seed(seed: int) -> dict:
   config = FLAGS.config.copy_and_resolve_references()
   config.seed = seed
   main_dir = os.path.join(FLAGS.root, f"seed{seed}")
+  t = time.time()
   methods = dict(experiment.run(config, main_dir)["methods"])
+  print(f"seed {seed}: main job took {time.time() - t:.0f} s (including resumed parts)")
   for bits in map(float, FLAGS.extra_bits):
     extra = config.copy_and_resolve_references()
     extra.quant.target_bits = bits

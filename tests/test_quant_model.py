@@ -101,11 +101,21 @@ def test_projection_meets_budget_after_rounding(seed):
   slack = target * numel.sum() - (numel * ints).sum()
   room = (ints < 8) & (ints < cont)
   assert not np.any(numel[room] <= slack)
+  # Spending: same guarantees, and no unit below max_bits could take a bit.
+  spent = U.project(cont, numel, target, 2, 8, spend=True)
+  avg_spent = (numel * spent).sum() / numel.sum()
+  assert avg <= avg_spent <= target + 1e-9 and spent.min() >= 2 and spent.max() <= 8
+  slack = target * numel.sum() - (numel * spent).sum()
+  assert not np.any(numel[spent < 8] <= slack)
 
 
 def test_projection_keeps_a_feasible_allocation():
   cont = np.array([2.0, 3.0, 8.0])
   np.testing.assert_array_equal(U.project(cont, np.array([10, 10, 10]), 6.0, 2, 8), [2, 3, 8])
+  # Spending the remaining 5 bits per unit-weight goes where the learned
+  # values are least exceeded: alternately to the two low units.
+  np.testing.assert_array_equal(
+      U.project(cont, np.array([10, 10, 10]), 6.0, 2, 8, spend=True), [5, 5, 8])
 
 
 def test_impossible_budget_names_the_bound():

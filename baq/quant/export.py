@@ -29,9 +29,14 @@ from baq.quant.inject import BITS_LEAF, EXPORT_COLLECTION, RANGE_LEAF
 
 def deploy(params: Any, layers: list[U.LayerUnits], target_bits: float,
            min_bits: int, max_bits: int) -> tuple[np.ndarray, Any]:
-  """Integer bit-widths meeting the budget, and params that hold them."""
+  """Integer bit-widths meeting the budget, and params that hold them.
+
+  The continuous bits are projected onto the budget (`units.project`) and
+  what rounding leaves of it is spent as well.
+  """
   cont = np.asarray(U.gather_bits(params, layers))
-  ints = U.project(cont, U.unit_numels(layers), target_bits, min_bits, max_bits)
+  ints = U.project(cont, U.unit_numels(layers), target_bits, min_bits, max_bits,
+                   spend=True)
   return ints, U.scatter_bits(params, layers, ints)
 
 

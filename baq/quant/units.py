@@ -140,7 +140,8 @@ def check_budget(target_bits: float, min_bits: float, max_bits: float) -> None:
         "the bound can never be reached. Raise max_bits or lower the target.")
 
 
-def project(bits, numel, target_bits: float, min_bits: int, max_bits: int) -> np.ndarray:
+def project(bits, numel, target_bits: float, min_bits: int, max_bits: int,
+            spend: bool = False) -> np.ndarray:
   """Integer bit-widths closest to `bits` whose weighted mean is <= target.
 
   Minimises sum_u numel_u (B_u - b_u)^2 over integers B_u in [min, max] under
@@ -148,6 +149,12 @@ def project(bits, numel, target_bits: float, min_bits: int, max_bits: int) -> np
   B_u = round(b_u - mu) for the smallest shift mu >= 0 that meets the budget
   (found by bisection); units are then raised one bit at a time, largest
   remaining shortfall first, while the budget allows.
+
+  With `spend`, what rounding leaves of the budget is spent too: a bit more
+  never hurts a quantized model, and with few large units (per-layer bits)
+  rounding can leave a sizeable share unused. Units are raised beyond their
+  continuous value one bit at a time, the one whose squared distance grows
+  least per budget bit first (smallest B_u - b_u), while any fits.
 
   Args:
     bits: continuous bit-widths, one per unit.
@@ -157,7 +164,8 @@ def project(bits, numel, target_bits: float, min_bits: int, max_bits: int) -> np
     max_bits: highest allowed integer bit-width.
 
   Returns:
-    int64 array of bit-widths meeting the budget exactly (mean <= target).
+    int64 array of bit-widths meeting the budget exactly (mean <= target);
+    with `spend`, no unit below max_bits could take one more bit.
 
   Raises:
     ValueError: the budget is infeasible (target below min_bits).
@@ -182,5 +190,11 @@ def project(bits, numel, target_bits: float, min_bits: int, max_bits: int) -> np
   while True:
     room = (out < max_bits) & (b > out) & (w <= cap - (w * out).sum())
     if not room.any():
-      return out.astype(np.int64)
+      break
     out[np.argmax(np.where(room, b - out, -np.inf))] += 1
+  while spend:
+    room = (out < max_bits) & (w <= cap - (w * out).sum())
+    if not room.any():
+      break
+    out[np.argmin(np.where(room, out - b, np.inf))] += 1
+  return out.astype(np.int64)
