@@ -29,7 +29,7 @@ from baq.evaluate import evaluate_split, predict_logits
 from baq.models import MODELS, build_model
 from baq.modes import MODES, get_mode
 from baq.quant import export, units as U
-from baq.trainer import target_bits, train
+from baq.trainer import searched_params, target_bits, train
 
 FLOAT = "fp32"
 
@@ -202,7 +202,8 @@ def _export_method(config, workdir: str, name: str, test) -> dict:
       float(U.average_bits(params, layers))
   _, deployed = export.deploy(params, layers, target, config.quant.min_bits,
                               config.quant.max_bits)
-  record = export.allocation_record(params, deployed, layers, target)
+  record = export.allocation_record(searched_params(run_dir, params, layers), deployed,
+                                    layers, target)
   export.write_allocation(workdir, record)
   export.plot_allocation(os.path.join(workdir, "bit_allocation.png"), record)
   sample = jnp.asarray(test.images[:1], jnp.float32)

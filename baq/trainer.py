@@ -33,6 +33,8 @@ from baq.modes import get_mode
 from baq.quant import units as U
 from baq.quant.inject import BITS_LEAF, RANGE_LEAF
 
+SEARCHED_BITS_FILE = "searched_bits.json"
+
 
 @dataclasses.dataclass
 class RunResult:
@@ -272,7 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
   try:
     while step < steps:
       if step == final_at:
-        state = _finalize(state, layers, target, config, name)
+        state = _finalize(state, layers, target, config, name, workdir)
       step_fn = final_step if step >= final_at else search_step
       state, metrics = step_fn(state, batcher.batch(step))
       history.append(metrics)
@@ -311,15 +313,34 @@ def finalize_step(config: ml_collections.ConfigDict, spec, steps: int) -> float:
   return steps - max(1, int(round(frac * steps)))
 
 
-def _finalize(state: dict, layers, target: float, config, name: str) -> dict:
-  """Projects the bit-widths onto the budget at integers (host side, once)."""
+def _finalize(state: dict, layers, target: float, config, name: str, workdir: str) -> dict:
+  """Projects the bit-widths onto the budget at integers (host side, once).
+
+  The searched continuous bit-widths are kept in WORKDIR/searched_bits.json
+  (the train state holds the integers from here on).
+  """
   from baq.quant.export import deploy  # pylint: disable=import-outside-toplevel
   params = jax.device_get(state["params"])
+  cont = np.asarray(U.gather_bits(params, layers), np.float64)
+  with open(os.path.join(workdir, SEARCHED_BITS_FILE), "w") as f:
+    json.dump(dict(step=int(state["step"]), units=U.unit_names(layers), bits=cont.tolist()), f)
   ints, params = deploy(params, layers, target, config.quant.min_bits, config.quant.max_bits)
   avg = float(np.sum(ints * U.unit_numels(layers)) / np.sum(U.unit_numels(layers)))
   print(f"[{name}] step {int(state['step']):5d} bit-widths projected to integers: "
         f"avg_bits={avg:.4g} (target {target:.4g}); training the weights at them", flush=True)
   return dict(state, params=jax.tree.map(jnp.asarray, params))
+
+
+def searched_params(workdir: str, params: Any, layers) -> Any:
+  """`params` with the continuous bit-widths the run searched, if it saved them."""
+  path = os.path.join(workdir, SEARCHED_BITS_FILE)
+  if not os.path.exists(path):
+    return params
+  with open(path) as f:
+    saved = json.load(f)
+  if saved["units"] != U.unit_names(layers):
+    raise ValueError(f"{path} does not match this model's bit-width units.")
+  return U.scatter_bits(params, layers, np.asarray(saved["bits"]))
 
 
 def target_bits(config: ml_collections.ConfigDict, params: Any, layers) -> float:

@@ -122,5 +122,10 @@ def test_baq_ends_at_a_frozen_integer_allocation_within_budget(tmp_path, data_di
   np.testing.assert_array_equal(bits, np.round(bits))
   assert np.sum(bits * numel) / np.sum(numel) <= 3.5 + 1e-9
   assert bits.min() >= 2 and bits.max() <= 8
+  # The searched continuous bits are kept beside the checkpoints for export.
+  searched = trainer.searched_params(str(tmp_path), run.params, layers)
+  cont = np.asarray(U.gather_bits(searched, layers))
+  assert not np.array_equal(cont, np.round(cont))
+  assert abs(np.sum(cont * numel) / np.sum(numel) - 3.5) < 0.5
   # Uniform QAT never trains bits, so it never projects.
   assert trainer.finalize_step(config, get_mode(config, "qat", 4), 8) == float("inf")
