@@ -1,0 +1,219 @@
+"""Group curvature: Hessian-vector products, Hutchinson traces, top eigenvalues.
+
+Pure functions of a *group-loss function* `group_loss(params) -> [G]` (each
+group's mean loss on one batch; see `group_loss_fn`), parameters and vectors
+shaped like the parameters. Every group is handled at once:
+
+  * `group_hvp`: H_g v for all g from one forward-over-reverse pass
+    (`jax.jvp` of `jax.jacrev`): G reverse passes vmapped, one tangent.
+  * `hutchinson`: per-unit Hessian traces and diagonals per group from
+    Rademacher probes z, since E[z_u (H z)_u] = H_uu elementwise, so one HVP
+    per probe gives every unit's trace (sum over the unit's entries) and
+    diagonal at once. Probes are vmapped `probe_chunk` at a time (lax.map
+    over chunks), which bounds memory at chunk x G x params.
+  * `top_eigenvalues`: power iteration per group, vmapped over groups; it
+    stops when every group's Rayleigh quotient changed by at most
+    `tol * |lambda|` between iterations, or after `max_iters`.
+
+A unit is a leaf ("layer") or, for leaves with an output-channel axis (the
+last one, as Flax kernels keep it), each output channel ("channel").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from baq import losses
+
+Params = Any
+GroupLossFn = Callable[[Params], jax.Array]
+
+
+def group_loss_fn(apply_fn: Callable, batch: dict, num_groups: int) -> GroupLossFn:
+  """params -> [G] mean cross-entropy per group on `batch`.
+
+  Args:
+    apply_fn: (params, images) -> logits.
+    batch: dict with `image`, `label`, `group` and optionally `mask`.
+    num_groups: G.
+
+  Returns:
+    The group-loss function (absent groups give 0 and zero curvature).
+  """
+
+  def fn(params):
+    per_ex = losses.cross_entropy(apply_fn(params, batch["image"]), batch["label"])
+    return losses.group_stats(per_ex, batch["group"], num_groups, batch.get("mask")).mean
+
+  return fn
+
+
+def hvp(loss: Callable[[Params], jax.Array], params: Params, v: Params) -> Params:
+  """H v of a scalar loss, forward-over-reverse (`jax.jvp` of `jax.grad`)."""
+  return jax.jvp(jax.grad(loss), (params,), (v,))[1]
+
+
+def group_hvp(group_loss: GroupLossFn, params: Params, v: Params) -> Params:
+  """H_g v for every group g at once; each leaf gains a leading [G] axis."""
+  return jax.jvp(jax.jacrev(group_loss), (params,), (v,))[1]
+
+
+def _typed(key: jax.Array) -> jax.Array:
+  """A typed PRNG key from either a typed or a raw uint32 key."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  return jax.random.wrap_key_data(key)
+
+
+def _rademacher(key: jax.Array, params: Params) -> Params:
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(tree, [
+      jax.random.rademacher(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def unit_sum(x: jax.Array, per_channel: bool, lead: int = 0) -> jax.Array:
+  """Sums a leaf over each unit: all entries, or all but the last axis.
+
+  Args:
+    x: an array with `lead` leading batch axes before the leaf's own.
+    per_channel: one unit per entry of the last axis (if the leaf has >1 dim).
+    lead: number of leading axes to keep.
+
+  Returns:
+    [*lead] for a layer unit, [*lead, C] per channel.
+  """
+  own = x.ndim - lead
+  if per_channel and own > 1:
+    return jnp.sum(x, axis=tuple(range(lead, x.ndim - 1)))
+  return jnp.sum(x, axis=tuple(range(lead, x.ndim)))
+
+
+class HutchinsonEstimate(NamedTuple):
+  """Per-group Hutchinson estimates.
+
+  Attributes:
+    trace: pytree like params; each leaf [G] (layer) or [G, C] (per channel):
+      the trace of the unit's diagonal Hessian block per group.
+    diagonal: pytree like params, leaves [G, *leaf shape]: diag(H_g).
+    trace_stderr: like `trace`, the standard error over probes.
+  """
+
+  trace: Params
+  diagonal: Params
+  trace_stderr: Params
+
+
+def hutchinson(group_loss: GroupLossFn, params: Params, key: jax.Array, *,
+               num_probes: int = 64, probe_chunk: int = 8,
+               per_channel: bool = True) -> HutchinsonEstimate:
+  """Hutchinson estimates of per-unit traces and diagonals, every group at once.
+
+  Args:
+    group_loss: params -> [G] group losses.
+    params: the point at which the Hessians are taken.
+    key: PRNG key of the Rademacher probes.
+    num_probes: number of probes (a multiple of `probe_chunk`).
+    probe_chunk: probes vmapped together; lowers peak memory when smaller.
+    per_channel: units are output channels (else whole leaves).
+
+  Returns:
+    A HutchinsonEstimate.
+  """
+  if num_probes % probe_chunk:
+    raise ValueError(f"num_probes={num_probes} must be a multiple of "
+                     f"probe_chunk={probe_chunk}.")
+  keys = jax.random.split(_typed(key), num_probes).reshape(
+      num_probes // probe_chunk, probe_chunk)
+
+  def one(k):
+    z = _rademacher(k, params)
+    hz = group_hvp(group_loss, params, z)
+    return jax.tree.map(lambda a, b: a[None] * b, z, hz)  # [G, *shape] z*Hz
+
+  def chunk(ks):
+    return jax.vmap(one)(ks)  # leaves [chunk, G, *shape]
+
+  samples = jax.lax.map(chunk, keys)  # [n_chunks, chunk, G, *shape]
+  samples = jax.tree.map(lambda s: s.reshape((num_probes,) + s.shape[2:]), samples)
+  diagonal = jax.tree.map(lambda s: jnp.mean(s, 0), samples)
+  per_probe = jax.tree.map(lambda s: unit_sum(s, per_channel, lead=2), samples)
+  trace = jax.tree.map(lambda t: jnp.mean(t, 0), per_probe)
+  stderr = jax.tree.map(lambda t: jnp.std(t, 0) / jnp.sqrt(num_probes), per_probe)
+  return HutchinsonEstimate(trace, diagonal, stderr)
+
+
+def _tree_dot(a: Params, b: Params) -> jax.Array:
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _normalise(v: Params) -> Params:
+  norm = jnp.sqrt(_tree_dot(v, v))
+  return jax.tree.map(lambda x: x / jnp.maximum(norm, 1e-30), v)
+
+
+class EigenResult(NamedTuple):
+  """Top Hessian eigenvalue per group by power iteration.
+
+  Attributes:
+    eigenvalue: [G] Rayleigh quotients at the last iterate.
+    eigenvector: pytree like params, leaves [G, *shape], unit norm per group.
+    iterations: number of iterations run.
+    converged: [G] bool, relative change <= tol at the last iteration.
+  """
+
+  eigenvalue: jax.Array
+  eigenvector: Params
+  iterations: jax.Array
+  converged: jax.Array
+
+
+def top_eigenvalues(group_loss: GroupLossFn, params: Params, key: jax.Array,
+                    num_groups: int, *, max_iters: int = 100,
+                    tol: float = 1e-4) -> EigenResult:
+  """Largest-magnitude Hessian eigenvalue of every group's loss.
+
+  Power iteration v <- H_g v / |H_g v|, all groups in one vmapped HVP per
+  iteration. Convergence: |lambda_k - lambda_{k-1}| <= tol * |lambda_k| for
+  every group (then the loop stops), else `max_iters`. Power iteration finds
+  the eigenvalue of largest magnitude; at a minimum of the loss it is the
+  top (positive) one.
+
+  Args:
+    group_loss: params -> [G] group losses.
+    params: the point at which the Hessians are taken.
+    key: PRNG key of the starting vectors.
+    num_groups: G.
+    max_iters: iteration cap.
+    tol: relative tolerance on the eigenvalue.
+
+  Returns:
+    An EigenResult.
+  """
+
+  def hv_one(g, v):
+    return hvp(lambda p: group_loss(p)[g], params, v)
+
+  groups = jnp.arange(num_groups)
+  keys = jax.random.split(_typed(key), num_groups)
+  v0 = jax.vmap(lambda k: _normalise(jax.tree.map(
+      lambda x: jax.random.normal(k, x.shape, x.dtype), params)))(keys)
+
+  def step(carry):
+    v, lam, _, it, _ = carry
+    hv = jax.vmap(hv_one)(groups, v)
+    new_lam = jax.vmap(_tree_dot)(v, hv)
+    conv = jnp.abs(new_lam - lam) <= tol * jnp.abs(new_lam)
+    return jax.vmap(_normalise)(hv), new_lam, lam, it + 1, conv
+
+  def cond(carry):
+    *_, it, conv = carry
+    return (it < max_iters) & ~jnp.all(conv)
+
+  init = (v0, jnp.full((num_groups,), jnp.inf), jnp.zeros(num_groups), 0,
+          jnp.zeros(num_groups, bool))
+  v, lam, _, it, conv = jax.lax.while_loop(cond, step, init)
+  return EigenResult(lam, v, it, conv)

@@ -1,0 +1,81 @@
+"""Group curvature against jax.hessian on small problems."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from baq import curvature as C
+
+G = 3
+
+
+def _problem(seed=0):
+  """A two-layer tanh net on 3 groups: small enough for jax.hessian."""
+  k = jax.random.split(jax.random.key(seed), 5)
+  params = {"a": {"kernel": 0.5 * jax.random.normal(k[0], (4, 5))},
+            "b": {"kernel": 0.5 * jax.random.normal(k[1], (5, 3)), "bias": jnp.zeros(3)}}
+  batch = {"image": jax.random.normal(k[2], (24, 4)),
+           "label": jax.random.randint(k[3], (24,), 0, 3),
+           "group": jnp.arange(24) % G}
+
+  def apply_fn(p, x):
+    return jnp.tanh(x @ p["a"]["kernel"]) @ p["b"]["kernel"] + p["b"]["bias"]
+
+  return params, C.group_loss_fn(apply_fn, batch, G)
+
+
+def _dense_hessians(params, group_loss):
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  return flat, unravel, jax.hessian(lambda f: group_loss(unravel(f)))(flat)  # [G, P, P]
+
+
+def test_group_hvp_is_exact():
+  params, gl = _problem()
+  flat, unravel, H = _dense_hessians(params, gl)
+  v = jax.random.normal(jax.random.key(9), flat.shape)
+  got = C.group_hvp(gl, params, unravel(v))
+  got = jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(got)
+  np.testing.assert_allclose(got, H @ v, rtol=1e-5, atol=1e-6)
+  for g in range(G):
+    single = C.hvp(lambda p: gl(p)[g], params, unravel(v))
+    np.testing.assert_allclose(jax.flatten_util.ravel_pytree(single)[0], H[g] @ v,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_hutchinson_traces_and_diagonals_match_the_hessian():
+  params, gl = _problem()
+  flat, unravel, H = _dense_hessians(params, gl)
+  est = C.hutchinson(gl, params, jax.random.key(0), num_probes=2048, probe_chunk=256)
+  diag = jax.vmap(lambda d: d)(jnp.diagonal(H, axis1=1, axis2=2))  # [G, P]
+  true_diag = jax.vmap(unravel)(diag)
+  for path in (("a", "kernel"), ("b", "kernel")):
+    want = true_diag[path[0]][path[1]].sum(1)  # per output channel: [G, C]
+    got = est.trace[path[0]][path[1]]
+    assert got.shape == want.shape
+    scale = np.abs(np.asarray(want)).max()
+    # Tolerance: 5 standard errors, and 10% of the largest trace.
+    err = np.abs(np.asarray(got - want))
+    assert np.all(err <= 5 * np.asarray(est.trace_stderr[path[0]][path[1]]) + 1e-6), err
+    assert err.max() <= 0.1 * scale
+  np.testing.assert_allclose(est.diagonal["b"]["bias"], true_diag["b"]["bias"], atol=0.05)
+
+
+def test_layer_units_sum_whole_leaves():
+  params, gl = _problem()
+  est = C.hutchinson(gl, params, jax.random.key(1), num_probes=8, probe_chunk=4,
+                     per_channel=False)
+  assert est.trace["a"]["kernel"].shape == (G,)
+  with pytest.raises(ValueError, match="multiple of probe_chunk"):
+    C.hutchinson(gl, params, jax.random.key(1), num_probes=10, probe_chunk=4)
+
+
+def test_power_iteration_finds_each_groups_top_eigenvalue():
+  params, gl = _problem()
+  _, _, H = _dense_hessians(params, gl)
+  res = C.top_eigenvalues(gl, params, jax.random.key(3), G, max_iters=2000, tol=1e-7)
+  for g in range(G):
+    ev = np.linalg.eigvalsh(np.asarray(H[g], np.float64))
+    want = ev[np.argmax(np.abs(ev))]
+    assert res.eigenvalue[g] == pytest.approx(want, rel=1e-2)
+  assert bool(np.all(res.converged))
