@@ -1,0 +1,157 @@
+"""Budgeted mixed-precision allocation: pick one bit-width per unit.
+
+Given, for every unit u and every allowed bit-width c_k, a sensitivity
+s[u, k] (the reduced importance of quantizing u at c_k; lower is better), the
+exact problem is a multiple-choice knapsack:
+
+    minimise   sum_u s[u, k_u]
+    subject to sum_u numel_u * c_{k_u} <= target_bits * sum_u numel_u.
+
+`solve` answers it exactly: by dynamic programming over the budget when the
+costs, divided by their greatest common divisor, give a small table, and as
+an integer linear program (scipy's HiGHS `milp`) otherwise. Either way the
+answer is checked in exact integer arithmetic and never exceeds the budget.
+`quantile_assignment` is FairQuant's baseline: bit-widths by importance
+quantile, then demoted to the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+DEFAULT_CHOICES = (2, 3, 4, 5, 6, 8)
+_DP_MAX_CELLS = 20_000_000
+
+
+def _check(sensitivity, numel, choices, target_bits):
+  s = np.asarray(sensitivity, np.float64)
+  w = np.asarray(numel, np.int64)
+  c = np.asarray(sorted(choices), np.int64)
+  if s.ndim != 2 or s.shape != (len(w), len(c)):
+    raise ValueError(f"sensitivity must be [units, choices] = [{len(w)}, {len(c)}], "
+                     f"got {s.shape}.")
+  if len(set(c.tolist())) != len(c) or c[0] < 1:
+    raise ValueError(f"choices must be distinct positive bit-widths, got {list(choices)}.")
+  if np.any(w <= 0):
+    raise ValueError("every unit needs numel > 0.")
+  if target_bits < c[0]:
+    raise ValueError(f"Impossible budget: target_bits={target_bits} is below the smallest "
+                     f"bit-width choice {int(c[0])}.")
+  if not np.all(np.isfinite(s)):
+    raise ValueError("sensitivity has non-finite entries.")
+  # Budget in integer bits; the tiny slack absorbs float error in target*N.
+  cap = int(math.floor(target_bits * int(w.sum()) + 1e-9))
+  return s, w, c, cap
+
+
+def solve(sensitivity, numel: Sequence[int], target_bits: float,
+          choices: Sequence[int] = DEFAULT_CHOICES, method: str = "auto") -> np.ndarray:
+  """Exact minimum-sensitivity allocation under an average-bit budget.
+
+  Args:
+    sensitivity: [units, len(choices)] cost of each choice (choices sorted
+      ascending; columns follow that order).
+    numel: weights per unit.
+    target_bits: budget on the numel-weighted mean bit-width.
+    choices: allowed integer bit-widths.
+    method: "dp", "milp" or "auto" (dp when its table is small).
+
+  Returns:
+    int64 [units] bit-widths, weighted mean <= target_bits.
+
+  Raises:
+    ValueError: malformed input, or a budget below the smallest choice (no
+      allocation can meet it).
+  """
+  s, w, c, cap = _check(sensitivity, numel, choices, target_bits)
+  if method not in ("auto", "dp", "milp"):
+    raise ValueError(f"Unknown method {method!r}. Valid: auto, dp, milp.")
+  if cap >= int(w.sum()) * int(c[-1]):  # Budget not binding: best per unit.
+    return c[np.argmin(s, 1)]
+  g = math.gcd(*[int(x) for x in w]) if len(w) > 1 else int(w[0])
+  extra = (c - c[0])[None, :] * (w // g)[:, None]  # cost above the all-min floor
+  room = (cap - int(w.sum()) * int(c[0])) // g
+  if method == "dp" or (method == "auto" and (room + 1) * len(w) <= _DP_MAX_CELLS):
+    k = _dp(s, extra, room)
+  else:
+    k = _milp(s, w, c, cap)
+  bits = c[k]
+  assert int((w * bits).sum()) <= cap, "allocation exceeds the budget"
+  return bits
+
+
+def _dp(s: np.ndarray, extra: np.ndarray, room: int) -> np.ndarray:
+  """Multiple-choice knapsack by DP over the remaining budget (exact)."""
+  n, K = s.shape
+  best = np.zeros(room + 1)  # best[r]: min cost of units so far using <= r
+  choice = np.zeros((n, room + 1), np.int8)
+  for u in range(n):
+    cand = np.full((K, room + 1), np.inf)
+    for k in range(K):
+      e = int(extra[u, k])
+      if e <= room:
+        cand[k, e:] = best[:room + 1 - e] + s[u, k]
+    choice[u] = np.argmin(cand, 0)
+    best = cand[choice[u], np.arange(room + 1)]
+  out, r = np.zeros(n, np.int64), room
+  for u in range(n - 1, -1, -1):
+    out[u] = choice[u, r]
+    r -= int(extra[u, out[u]])
+  return out
+
+
+def _milp(s: np.ndarray, w: np.ndarray, c: np.ndarray, cap: int) -> np.ndarray:
+  """The same problem as a 0/1 integer program (HiGHS branch and bound)."""
+  from scipy.optimize import Bounds, LinearConstraint, milp  # pylint: disable=import-outside-toplevel
+  from scipy.sparse import csr_array  # pylint: disable=import-outside-toplevel
+  n, K = s.shape
+  rows = np.repeat(np.arange(n), K)
+  one_each = csr_array((np.ones(n * K), (rows, np.arange(n * K))), shape=(n, n * K))
+  cost = (w[:, None] * c[None, :]).ravel().astype(np.float64)
+  for margin in (0.0, 0.5, 1.0):  # Tighten if solver tolerance ever overshoots.
+    res = milp(s.ravel(), integrality=np.ones(n * K), bounds=Bounds(0, 1),
+               constraints=[LinearConstraint(one_each, 1, 1),
+                            LinearConstraint(cost[None, :], -np.inf, cap - margin)],
+               options={"mip_rel_gap": 0.0})
+    if res.x is None:
+      raise ValueError(f"No allocation meets the budget ({res.message}).")
+    k = np.argmax(res.x.reshape(n, K), 1)
+    if int((w * c[k]).sum()) <= cap:
+      return k
+  raise ValueError("The ILP solver's answer kept exceeding the budget.")
+
+
+def quantile_assignment(importance, numel: Sequence[int], target_bits: float,
+                        choices: Sequence[int] = DEFAULT_CHOICES) -> np.ndarray:
+  """FairQuant's baseline: bit-width by importance quantile, then the budget.
+
+  Units are ranked by importance and split into len(choices) equal-count
+  quantile bins, the least important bin taking the smallest choice. While
+  the weighted mean exceeds the budget, the least important unit that is not
+  yet at the smallest choice is demoted one step; if no unit can be demoted
+  further the budget is impossible (below the smallest choice).
+
+  Args:
+    importance: [units] reduced importance (higher: keep more bits).
+    numel: weights per unit.
+    target_bits: budget on the numel-weighted mean bit-width.
+    choices: allowed bit-widths.
+
+  Returns:
+    int64 [units] bit-widths, weighted mean <= target_bits.
+  """
+  imp = np.asarray(importance, np.float64)
+  s, w, c, cap = _check(np.zeros((len(imp), len(choices))), numel, choices, target_bits)
+  del s
+  ranks = np.argsort(np.argsort(imp, kind="stable"), kind="stable")
+  k = np.minimum(ranks * len(c) // len(imp), len(c) - 1)
+  order = np.argsort(imp, kind="stable")  # least important first
+  while int((w * c[k]).sum()) > cap:
+    for u in order:
+      if k[u] > 0:
+        k[u] -= 1
+        break
+  return c[k]

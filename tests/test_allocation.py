@@ -1,0 +1,86 @@
+"""The budgeted allocators: exactness against brute force, budget always met."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from baq import allocation as A
+
+
+def _instance(rng, n, choices=A.DEFAULT_CHOICES):
+  numel = rng.integers(1, 50, n) * rng.choice([1, 8, 64])
+  # Sensitivity falls with bits (convex-ish), with noise: realistic but not sorted.
+  base = rng.uniform(0.1, 10, n)[:, None]
+  s = base * 2.0 ** (-np.asarray(choices, float))[None, :] + rng.uniform(0, 0.01, (n, len(choices)))
+  return s, numel
+
+
+def _brute(s, numel, target, choices):
+  c = np.asarray(sorted(choices))
+  best, arg = np.inf, None
+  for k in itertools.product(range(len(c)), repeat=len(numel)):
+    k = np.array(k)
+    if (numel * c[k]).sum() <= target * numel.sum() + 1e-9:
+      v = s[np.arange(len(k)), k].sum()
+      if v < best:
+        best, arg = v, c[k]
+  return best, arg
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_dp_and_milp_are_exact_and_within_budget(seed):
+  rng = np.random.default_rng(seed)
+  n = int(rng.integers(1, 6))
+  s, numel = _instance(rng, n)
+  target = float(rng.uniform(2.0, 8.5))
+  want, _ = _brute(s, numel, target, A.DEFAULT_CHOICES)
+  for method in ("dp", "milp"):
+    bits = A.solve(s, numel, target, method=method)
+    assert (numel * bits).sum() <= target * numel.sum() + 1e-9
+    c = list(A.DEFAULT_CHOICES)
+    got = s[np.arange(n), [c.index(b) for b in bits]].sum()
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12), method
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_large_random_instances_meet_the_budget(seed):
+  rng = np.random.default_rng(100 + seed)
+  s, numel = _instance(rng, 300)
+  target = float(rng.uniform(2.5, 7.5))
+  dp = A.solve(s, numel, target, method="dp")
+  ilp = A.solve(s, numel, target, method="milp")
+  for bits in (dp, ilp):
+    assert (numel * bits).sum() <= target * numel.sum() + 1e-9
+    assert set(np.unique(bits)) <= set(A.DEFAULT_CHOICES)
+  c = list(A.DEFAULT_CHOICES)
+  cost = lambda b: s[np.arange(len(b)), [c.index(x) for x in b]].sum()
+  assert cost(dp) == pytest.approx(cost(ilp), rel=1e-6)
+  q = A.quantile_assignment(-s[:, 0], numel, target)
+  assert (numel * q).sum() <= target * numel.sum() + 1e-9
+  assert cost(dp) <= cost(q) + 1e-9  # The exact solver never loses to the baseline.
+
+
+def test_infeasible_and_bad_inputs_are_refused():
+  s, numel = _instance(np.random.default_rng(0), 4)
+  with pytest.raises(ValueError, match="below the smallest bit-width choice 2"):
+    A.solve(s, numel, 1.5)
+  with pytest.raises(ValueError, match="below the smallest bit-width choice 2"):
+    A.quantile_assignment(np.ones(4), numel, 1.9)
+  with pytest.raises(ValueError, match=r"\[4, 6\]"):
+    A.solve(s[:, :3], numel, 4.0)
+  with pytest.raises(ValueError, match="Valid: auto, dp, milp"):
+    A.solve(s, numel, 4.0, method="greedy")
+
+
+def test_loose_budget_takes_each_units_best_choice():
+  s = np.array([[3.0, 2.0, 1.0, 0.5, 0.2, 0.1], [1.0, 0.0, 1.0, 1.0, 1.0, 1.0]])
+  np.testing.assert_array_equal(A.solve(s, [10, 10], 8.0), [8, 3])
+
+
+def test_quantile_assignment_follows_importance():
+  imp = np.arange(12.0)
+  bits = A.quantile_assignment(imp, np.ones(12, int), 8.0)
+  np.testing.assert_array_equal(bits, np.repeat(A.DEFAULT_CHOICES, 2))
+  tight = A.quantile_assignment(imp, np.ones(12, int), 3.0)
+  assert tight.mean() <= 3.0 and np.all(np.diff(tight) >= 0)
