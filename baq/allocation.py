@@ -71,16 +71,30 @@ def solve(sensitivity, numel: Sequence[int], target_bits: float,
     raise ValueError(f"Unknown method {method!r}. Valid: auto, dp, milp.")
   if cap >= int(w.sum()) * int(c[-1]):  # Budget not binding: best per unit.
     return c[np.argmin(s, 1)]
-  g = math.gcd(*[int(x) for x in w]) if len(w) > 1 else int(w[0])
-  extra = (c - c[0])[None, :] * (w // g)[:, None]  # cost above the all-min floor
-  room = (cap - int(w.sum()) * int(c[0])) // g
+  g, room = _dp_table(w, c, cap)
   if method == "dp" or (method == "auto" and (room + 1) * len(w) <= _DP_MAX_CELLS):
+    extra = (c - c[0])[None, :] * (w // g)[:, None]  # cost above the all-min floor
     k = _dp(s, extra, room)
   else:
     k = _milp(s, w, c, cap)
   bits = c[k]
   assert int((w * bits).sum()) <= cap, "allocation exceeds the budget"
   return bits
+
+
+def _dp_table(w: np.ndarray, c: np.ndarray, cap: int) -> tuple[int, int]:
+  """(cost unit, budget columns) of the DP: costs in units of gcd(numel)."""
+  g = math.gcd(*[int(x) for x in w]) if len(w) > 1 else int(w[0])
+  return g, (cap - int(w.sum()) * int(c[0])) // g
+
+
+def auto_method(numel: Sequence[int], target_bits: float,
+                choices: Sequence[int] = DEFAULT_CHOICES) -> str:
+  """The method `solve(method="auto")` uses: "dp" when its table is small."""
+  s, w, c, cap = _check(np.zeros((len(numel), len(choices))), numel, choices, target_bits)
+  del s
+  _, room = _dp_table(w, c, cap)
+  return "dp" if (room + 1) * len(w) <= _DP_MAX_CELLS else "milp"
 
 
 def _dp(s: np.ndarray, extra: np.ndarray, room: int) -> np.ndarray:
