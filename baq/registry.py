@@ -45,6 +45,11 @@ class Registry(Generic[T]):
           f"Unknown {self.kind} {name!r}. Valid {self.kind} names: {valid}."
       ) from None
 
+  def unregister(self, name: str) -> None:
+    """Removes `name` (e.g. to re-register while editing in a notebook)."""
+    self.get(name)  # Raises, listing the valid names, if unknown.
+    del self._items[name]
+
   def names(self) -> list[str]:
     return sorted(self._items)
 

@@ -25,6 +25,9 @@ def example_module(tmp_path_factory):
   sys.path.insert(0, str(path))
   yield "my_penalties"
   sys.path.remove(str(path))
+  sys.modules.pop("my_penalties", None)
+  if "ema_worst" in regularizers.REGULARIZERS:
+    regularizers.REGULARIZERS.unregister("ema_worst")
 
 
 def _ctx(group_loss, present):
