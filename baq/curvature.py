@@ -9,8 +9,9 @@ shaped like the parameters. Every group is handled at once:
   * `hutchinson`: per-unit Hessian traces and diagonals per group from
     Rademacher probes z, since E[z_u (H z)_u] = H_uu elementwise, so one HVP
     per probe gives every unit's trace (sum over the unit's entries) and
-    diagonal at once. Probes are vmapped `probe_chunk` at a time (lax.map
-    over chunks), which bounds memory at chunk x G x params.
+    diagonal at once. Probes are vmapped `probe_chunk` at a time (lax.scan
+    over chunks, summing the diagonal as it goes), which bounds memory at
+    chunk x G x params.
   * `top_eigenvalues`: power iteration per group, vmapped over groups; it
     stops when every group's Rayleigh quotient changed by at most
     `tol * |lambda|` between iterations, or after `max_iters`.
@@ -134,13 +135,18 @@ def hutchinson(group_loss: GroupLossFn, params: Params, key: jax.Array, *,
     hz = group_hvp(group_loss, params, z)
     return jax.tree.map(lambda a, b: a[None] * b, z, hz)  # [G, *shape] z*Hz
 
-  def chunk(ks):
-    return jax.vmap(one)(ks)  # leaves [chunk, G, *shape]
+  def chunk(diag_sum, ks):
+    zhz = jax.vmap(one)(ks)  # leaves [chunk, G, *shape]
+    diag_sum = jax.tree.map(lambda acc, x: acc + jnp.sum(x, 0), diag_sum, zhz)
+    return diag_sum, jax.tree.map(lambda x: unit_sum(x, per_channel, lead=2), zhz)
 
-  samples = jax.lax.map(chunk, keys)  # [n_chunks, chunk, G, *shape]
-  samples = jax.tree.map(lambda s: s.reshape((num_probes,) + s.shape[2:]), samples)
-  diagonal = jax.tree.map(lambda s: jnp.mean(s, 0), samples)
-  per_probe = jax.tree.map(lambda s: unit_sum(s, per_channel, lead=2), samples)
+  # Only the running diagonal sum and the small per-probe unit traces are
+  # kept, so memory is bounded by one chunk of full-size products.
+  num_groups = jax.eval_shape(group_loss, params).shape[0]
+  zeros = jax.tree.map(lambda x: jnp.zeros((num_groups,) + x.shape, x.dtype), params)
+  diag_sum, per_probe = jax.lax.scan(chunk, zeros, keys)
+  per_probe = jax.tree.map(lambda t: t.reshape((num_probes,) + t.shape[2:]), per_probe)
+  diagonal = jax.tree.map(lambda d: d / num_probes, diag_sum)
   trace = jax.tree.map(lambda t: jnp.mean(t, 0), per_probe)
   stderr = jax.tree.map(lambda t: jnp.std(t, 0) / jnp.sqrt(num_probes), per_probe)
   return HutchinsonEstimate(trace, diagonal, stderr)

@@ -325,7 +325,8 @@ def _finalize(state: dict, layers, target: float, config, name: str, workdir: st
   with open(os.path.join(workdir, SEARCHED_BITS_FILE), "w") as f:
     json.dump(dict(step=int(state["step"]), units=U.unit_names(layers), bits=cont.tolist()), f)
   ints, params = deploy(params, layers, target, config.quant.min_bits, config.quant.max_bits)
-  avg = float(np.sum(ints * U.unit_numels(layers)) / np.sum(U.unit_numels(layers)))
+  del ints
+  avg = float(U.average_bits(params, layers))
   print(f"[{name}] step {int(state['step']):5d} bit-widths projected to integers: "
         f"avg_bits={avg:.4g} (target {target:.4g}); training the weights at them", flush=True)
   return dict(state, params=jax.tree.map(jnp.asarray, params))

@@ -75,6 +75,7 @@ class Batcher:
                             else -(-n // batch_size))
     # Examples sorted by group, and where each present group starts, so a
     # balanced draw is two vectorised lookups.
+    self._perm = (-1, None)
     self._by_group = np.argsort(split.groups, kind="stable")
     _, self._group_start, self._group_size = np.unique(
         split.groups[self._by_group], return_index=True, return_counts=True)
@@ -88,8 +89,10 @@ class Batcher:
           np.int64)
       return self._by_group[self._group_start[which] + pick]
     epoch, within = divmod(step, self.steps_per_epoch)
-    perm = np.random.default_rng([self.seed, epoch]).permutation(
-        len(self.split))
+    if self._perm[0] != epoch:  # A cache, not state: a pure function of epoch.
+      self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(
+          len(self.split)))
+    perm = self._perm[1]
     return perm[within * self.batch_size:(within + 1) * self.batch_size]
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
