@@ -3,7 +3,9 @@
 `run` (train.py) trains what is missing and resumes what was interrupted:
   WORKDIR/fp32        the float model (or `config.init_checkpoint`)
   WORKDIR/uniform<B>  uniform B-bit QAT fine-tuned from it (`config.baselines`)
-  WORKDIR/<method>    the method under study (`config.mode`), same steps
+  WORKDIR/<method>    each method under study (`config.mode`, comma-separated
+                      for several: "fair_static,fair_static_qat,baq"), same steps
+  WORKDIR/allocation_plan.json  the importance allocation, when a mode uses it
 and then `report` (also eval.py) evaluates every run on the test split, adds
 the post-training-quantized uniform figures, exports the method's integer
 allocation and packed weights, prints one table and writes report.json.
@@ -21,15 +23,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from baq import importance, planner, regularizers
 from baq import metrics as M
-from baq import regularizers
 from baq.checkpoint import restore_params
 from baq.data import datasets
 from baq.evaluate import evaluate_split, predict_logits
 from baq.models import MODELS, build_model
 from baq.modes import MODES, get_mode
 from baq.quant import export, units as U
-from baq.trainer import searched_params, target_bits, train
+from baq.trainer import group_loss_weights, searched_params, target_bits, train
 
 FLOAT = "fp32"
 
@@ -49,10 +51,20 @@ def quiet_logging() -> None:
     pass
 
 
-def method_name(config: ml_collections.ConfigDict) -> str:
-  if config.mode == "qat":
+def modes(config: ml_collections.ConfigDict) -> list[str]:
+  """The modes of `config.mode` ("fair_static,baq" -> ["fair_static", "baq"])."""
+  out = [m.strip() for m in config.mode.split(",") if m.strip()]
+  if not out:
+    raise ValueError(f"config.mode is empty. Valid modes: {', '.join(MODES.names())}.")
+  return out
+
+
+def method_name(config: ml_collections.ConfigDict, mode: Optional[str] = None) -> str:
+  """A method's report name and run directory (the first mode by default)."""
+  mode = mode or modes(config)[0]
+  if mode == "qat":
     return f"qat{int(config.qat_bits)}"
-  return FLOAT if config.mode == "float" else config.mode
+  return FLOAT if mode == "float" else mode
 
 
 def baseline_bits(config: ml_collections.ConfigDict) -> list[int]:
@@ -83,19 +95,35 @@ def import_extensions(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Refuses a config that cannot run, before anything is trained."""
   import_extensions(config)
-  MODES.get(config.mode)
+  for mode in modes(config):
+    MODES.get(mode)
   MODELS.get(config.model.name)
   datasets.DATASETS.get(config.dataset.name)
   for name, entry in config.penalties.to_dict().items():
     regularizers.REGULARIZERS.get(dict(entry).get("kind", name))
   baseline_bits(config)
-  if config.mode == "baq" and config.quant.target_bytes is None:
+  if any(get_mode(config, m).uses_budget for m in modes(config)) \
+      and config.quant.target_bytes is None:
     try:
       U.check_budget(float(config.quant.target_bits), config.quant.min_bits,
                      config.quant.max_bits)
     except ValueError as e:
       raise ValueError(f"Impossible budget target_bits={config.quant.target_bits}: {e}") from None
-  get_mode(config, config.mode)  # builds the QuantSpec, which checks its bounds
+  if "importance" in config:
+    ic = config.importance
+    importance.MEASURES.get(ic.measure)
+    importance.REDUCERS.get(ic.reducer)
+    bad = [c for c in ic.choices if not config.quant.min_bits <= c <= config.quant.max_bits]
+    if bad:
+      raise ValueError(f"importance.choices {list(ic.choices)} has {bad} outside "
+                       f"[min_bits, max_bits] = [{config.quant.min_bits}, {config.quant.max_bits}].")
+    if ic.method not in ("auto", "dp", "milp", "quantile"):
+      raise ValueError(f"Unknown importance.method {ic.method!r}. "
+                       "Valid: auto, dp, milp, quantile.")
+  elif any(get_mode(config, m).init_allocation for m in modes(config)):
+    raise ValueError("These modes allocate bits by importance: the config needs an "
+                     "`importance` section (see configs/default.py).")
+  group_loss_weights(config.get("group_weighting", "none"), np.zeros(1, np.int64), 1)
 
 
 def load_data(config: ml_collections.ConfigDict) -> dict:
@@ -121,16 +149,36 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not config.init_checkpoint:
     train(config, fp_dir, mode="float", data=data, steps=config.float_steps,
           lr=config.optim.lr, use_penalties=False, name=FLOAT)
-  if config.mode != "float":
+  quantized = [m for m in modes(config) if m != "float"]
+  if quantized:
     float_params = restore_params(fp_dir)
     for b in baseline_bits(config):
       train(config, os.path.join(workdir, f"uniform{b}"), mode="qat", bits=b, data=data,
             steps=config.steps, lr=config.optim.finetune_lr, init_params=float_params,
             use_penalties=False, name=f"uniform{b}")
-    train(config, os.path.join(workdir, method_name(config)), mode=config.mode, data=data,
-          steps=config.steps, lr=config.optim.finetune_lr, init_params=float_params,
-          name=method_name(config))
+    for mode in quantized:
+      spec = get_mode(config, mode)
+      bits = allocation_plan(config, workdir, float_params, data) \
+          if spec.init_allocation else None
+      name = method_name(config, mode)
+      train(config, os.path.join(workdir, name), mode=mode, data=data,
+            steps=config.steps if spec.trains else 0, lr=config.optim.finetune_lr,
+            init_params=float_params, name=name, init_bits=bits)
   return report(config, workdir, data)
+
+
+def allocation_plan(config: ml_collections.ConfigDict, workdir: str, float_params: Any,
+                    data: dict) -> np.ndarray:
+  """The importance allocation at the budget (WORKDIR/allocation_plan.json)."""
+  spec, train_split = get_mode(config, "fair_static"), data["train"]
+  kw = config.model.kwargs.to_dict()
+  model = build_model(config.model.name, train_split.num_classes, spec.quantizer, **kw)
+  qparams = _init_quantized(model, train_split, float_params)
+  layers = U.find_units(qparams)
+  fmodel = build_model(config.model.name, train_split.num_classes, None, **kw)
+  return planner.plan(config, lambda p, x: fmodel.apply({"params": p}, x), float_params,
+                      layers, spec.quantizer.spec_for, train_split,
+                      target_bits(config, qparams, layers), workdir)
 
 
 def _quantized_entry(config, model, params, split, layers) -> dict:
@@ -156,7 +204,7 @@ def report(config: ml_collections.ConfigDict, workdir: str, data: Optional[dict]
                       config.dataset.positive_class)
   fm.update(avg_bits=32.0, size_bytes=float(U.model_bytes(float_params, [], avg_bits=0.0)))
   methods[FLOAT] = fm
-  for b in baseline_bits(config) if config.mode != "float" else []:
+  for b in baseline_bits(config) if modes(config) != ["float"] else []:
     spec = get_mode(config, "qat", b)
     model = build_model(config.model.name, test.num_classes,
                         spec.quantizer.replace(training=False), **config.model.kwargs.to_dict())
@@ -165,9 +213,10 @@ def report(config: ml_collections.ConfigDict, workdir: str, data: Optional[dict]
     methods[f"uniform{b}"] = _quantized_entry(
         config, model, restore_params(os.path.join(workdir, f"uniform{b}")), test, layers)
     methods[f"uniform{b}_ptq"] = _quantized_entry(config, model, ptq, test, layers)
-  if config.mode != "float":
-    name = method_name(config)
-    methods[name] = _export_method(config, workdir, name, test)
+  for mode in modes(config):
+    if mode != "float":
+      methods[method_name(config, mode)] = _export_method(
+          config, workdir, mode, method_name(config, mode), test)
   out = {"methods": methods, "dataset": config.dataset.name, "split": config.dataset.test_split,
          "group_names": list(test.group_names), "seed": config.seed,
          "note": "fp32: float; uniformB: B-bit QAT fine-tuned from fp32; uniformB_ptq: "
@@ -180,7 +229,12 @@ def report(config: ml_collections.ConfigDict, workdir: str, data: Optional[dict]
 
 
 def name_note(config) -> str:
-  return f"{method_name(config)}: config.mode={config.mode} fine-tuned from fp32."
+  notes = []
+  for mode in modes(config):
+    how = ("post-training, at the importance allocation" if not get_mode(config, mode).trains
+           else "fine-tuned from fp32")
+    notes.append(f"{method_name(config, mode)}: mode {mode}, {how}")
+  return "; ".join(notes) + "."
 
 
 def _init_quantized(model, split, float_params) -> Any:
@@ -190,10 +244,15 @@ def _init_quantized(model, split, float_params) -> Any:
   return merge_params(init, float_params)
 
 
-def _export_method(config, workdir: str, name: str, test) -> dict:
-  """Deploys the method's run at integer bits, exports it and evaluates it."""
+def _export_method(config, workdir: str, mode: str, name: str, test) -> dict:
+  """Deploys the method's run at integer bits, exports it and evaluates it.
+
+  With one method the export files are WORKDIR/bit_allocation.json (.png) and
+  WORKDIR/packed_weights.npz; with several, each goes to its run directory.
+  """
   run_dir = os.path.join(workdir, name)
-  spec = get_mode(config, config.mode)
+  out_dir = workdir if len(modes(config)) == 1 else run_dir
+  spec = get_mode(config, mode)
   model = build_model(config.model.name, test.num_classes,
                       spec.quantizer.replace(training=False), **config.model.kwargs.to_dict())
   params = restore_params(run_dir)
@@ -204,14 +263,14 @@ def _export_method(config, workdir: str, name: str, test) -> dict:
                               config.quant.max_bits)
   record = export.allocation_record(searched_params(run_dir, params, layers), deployed,
                                     layers, target)
-  export.write_allocation(workdir, record)
-  export.plot_allocation(os.path.join(workdir, "bit_allocation.png"), record)
+  export.write_allocation(out_dir, record)
+  export.plot_allocation(os.path.join(out_dir, "bit_allocation.png"), record)
   sample = jnp.asarray(test.images[:1], jnp.float32)
   captured = export.capture_codes(model, deployed, sample)
-  code_bytes = export.save_packed(os.path.join(workdir, "packed_weights.npz"), captured,
+  code_bytes = export.save_packed(os.path.join(out_dir, "packed_weights.npz"), captured,
                                   config.quant.symmetric)
   # The packed file must reproduce the evaluated model; check it on test images.
-  kernels = export.unpack_kernels(os.path.join(workdir, "packed_weights.npz"))
+  kernels = export.unpack_kernels(os.path.join(out_dir, "packed_weights.npz"))
   fq_logits = predict_logits(model, deployed, test, config.eval_batch_size)
   dq_logits = predict_logits(export.reference_model(model),
                              export.dequantized_params(deployed, kernels), test,

@@ -1,9 +1,15 @@
 """Training modes: how a config turns into a quantizer and trainable leaves.
 
-  float  no quantizer; the full-precision baseline.
-  qat    uniform fake-quant QAT at `config.qat_bits` (bit-widths frozen).
-  baq    Bit-Aware Quantization: weights and per-unit fractional bit-widths
-         trained jointly under the bit budget and the penalties.
+  float            no quantizer; the full-precision baseline.
+  qat              uniform fake-quant QAT at `config.qat_bits` (bits frozen).
+  fair_static      FairQuant's static mode: integer bits from the group-aware
+                   importance allocation (`baq.planner`), applied post-training
+                   to the float weights; no training.
+  fair_static_qat  the same allocation, then the weights fine-tuned at it.
+  baq              Bit-Aware Quantization: weights and per-unit fractional
+                   bit-widths trained jointly under the bit budget and the
+                   penalties; starts at the budget, or at the allocation when
+                   `config.quant.init_from == "allocation"`.
 """
 
 from __future__ import annotations
@@ -24,12 +30,16 @@ class ModeSpec:
   Attributes:
     quantizer: the injected quantization factory (None: float model).
     train_bits: whether the bit-width leaves are trained.
-    uses_budget: whether the bit budget (and `bitrate`-style penalties) apply.
+    uses_budget: whether the run has a bit budget.
+    init_allocation: whether the bits start at the importance allocation.
+    trains: whether the mode trains at all (False: post-training only).
   """
 
   quantizer: Optional[Quantizer]
   train_bits: bool
   uses_budget: bool
+  init_allocation: bool = False
+  trains: bool = True
 
 
 MODES: Registry[Callable[..., ModeSpec]] = Registry("mode")
@@ -69,7 +79,31 @@ def _baq(config: ml_collections.ConfigDict, bits: Optional[float] = None) -> Mod
   del bits
   if config.quant.parametrization == "fixed":
     raise ValueError("mode=baq trains bit-widths: use parametrization fracbits or diffq.")
-  return ModeSpec(Quantizer(quant_rules(config.quant)), train_bits=True, uses_budget=True)
+  init_from = config.quant.get("init_from", "budget")
+  if init_from not in ("budget", "allocation"):
+    raise ValueError(f"Unknown quant.init_from {init_from!r}. Valid: budget, allocation.")
+  return ModeSpec(Quantizer(quant_rules(config.quant)), train_bits=True, uses_budget=True,
+                  init_allocation=init_from == "allocation")
+
+
+def _fixed_allocation(config: ml_collections.ConfigDict, trains: bool) -> ModeSpec:
+  # Any valid init_bits: the planner's integer bits replace them.
+  rules = quant_rules(config.quant, parametrization="fixed")
+  return ModeSpec(Quantizer(rules), train_bits=False, uses_budget=True,
+                  init_allocation=True, trains=trains)
+
+
+@MODES.register("fair_static")
+def _fair_static(config: ml_collections.ConfigDict, bits: Optional[float] = None) -> ModeSpec:
+  del bits
+  return _fixed_allocation(config, trains=False)
+
+
+@MODES.register("fair_static_qat")
+def _fair_static_qat(config: ml_collections.ConfigDict,
+                     bits: Optional[float] = None) -> ModeSpec:
+  del bits
+  return _fixed_allocation(config, trains=True)
 
 
 def get_mode(config: ml_collections.ConfigDict, name: str,

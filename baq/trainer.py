@@ -87,14 +87,17 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, *, lr: float,
   return optax.multi_transform({"weights": weights, "bits": bits}, labels)
 
 
-def build_penalties(config: ml_collections.ConfigDict, uses_budget: bool) -> dict:
-  """name -> (Regularizer, weight) from `config.penalties`."""
+def build_penalties(config: ml_collections.ConfigDict, train_bits: bool) -> dict:
+  """name -> (Regularizer, weight) from `config.penalties`.
+
+  Penalties of the bit-widths (e.g. `bitrate`) apply only when bits train.
+  """
   out = {}
   for name, entry in sorted(config.penalties.to_dict().items()):
     entry = dict(entry)
     weight = float(entry.pop("weight", 1.0))
     reg = regularizers.build(entry.pop("kind", name), **entry)
-    if reg.needs_bits and not uses_budget:
+    if reg.needs_bits and not train_bits:
       continue
     out[name] = (reg, weight)
   return out
@@ -111,21 +114,48 @@ def _keep_bits(params, old):
                             for k, v in flat.items()})
 
 
+GROUP_WEIGHTINGS = ("none", "inverse_frequency", "sqrt_inverse_frequency")
+
+
+def group_loss_weights(kind: str, groups: np.ndarray, num_groups: int) -> Optional[np.ndarray]:
+  """[G] weights of the task loss per group, None for "none".
+
+  "inverse_frequency" gives w_g = N / (G n_g), so every group contributes
+  equally to the loss and the mean weight over training examples is 1;
+  "sqrt_inverse_frequency" is its square root, renormalised the same way.
+  """
+  if kind not in GROUP_WEIGHTINGS:
+    raise ValueError(f"Unknown group weighting {kind!r}. Valid: {', '.join(GROUP_WEIGHTINGS)}.")
+  if kind == "none":
+    return None
+  n = np.bincount(groups, minlength=num_groups).astype(np.float64)
+  w = np.where(n > 0, 1.0 / np.maximum(n, 1), 0.0)
+  if kind == "sqrt_inverse_frequency":
+    w = np.sqrt(w)
+  return (w * n.sum() / np.sum(w * n)).astype(np.float32)
+
+
 def make_train_step(model, tx, penalties: dict, layers, *, num_groups: int,
                     target_bits: float, bit_bounds: tuple[float, float],
-                    freeze_bits: bool = False):
+                    freeze_bits: bool = False, group_weights=None):
   """The jittable update step: state, batch -> state, metrics.
 
   With `freeze_bits` the bit-width leaves keep their values whatever the
   optimizer (whose moments may still move them) says: the final phase of a
-  BAQ run trains weights at a fixed integer allocation.
+  BAQ run trains weights at a fixed integer allocation. `group_weights` ([G]
+  or None) weights each example's task loss by its group (the "disparately
+  skews" paper's weighted-loss mitigation).
   """
 
   def loss_fn(params, batch, key, pen_state, step):
     logits = model.apply({"params": params}, batch["image"], rngs={"quant": key})
     per_ex = losses.cross_entropy(logits, batch["label"])
     gl = losses.group_stats(per_ex, batch["group"], num_groups)
-    task = jnp.mean(per_ex)
+    if group_weights is None:
+      task = jnp.mean(per_ex)
+    else:
+      w = jnp.asarray(group_weights)[batch["group"]]
+      task = jnp.sum(w * per_ex) / jnp.maximum(jnp.sum(w), 1e-12)
     avg_bits = U.average_bits(params, layers)
     ctx = regularizers.PenaltyContext(
         gl.mean, gl.count, gl.present, per_ex, logits, batch["label"], batch["group"],
@@ -214,7 +244,7 @@ def _check_finite(history: list[dict], workdir: str, last_saved: Optional[int]) 
 def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: dict,
           steps: int, lr: float, bits: Optional[float] = None,
           init_params: Optional[dict] = None, use_penalties: bool = True,
-          name: Optional[str] = None) -> RunResult:
+          name: Optional[str] = None, init_bits: Optional[np.ndarray] = None) -> RunResult:
   """Trains one mode in `workdir`, resuming from its latest checkpoint.
 
   Args:
@@ -228,6 +258,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
     init_params: parameters to start from (e.g. the float model's).
     use_penalties: add `config.penalties` to the loss.
     name: label for progress lines.
+    init_bits: integer bit-widths to start from, one per unit (an
+      allocation); otherwise the mode's own start.
 
   Returns:
     A RunResult with the final parameters.
@@ -244,11 +276,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
     params = merge_params(params, init_params)
   layers = U.find_units(params)
   target = target_bits(config, params, layers) if spec.uses_budget else float("nan")
-  if spec.train_bits and config.quant.init_bits is None:
+  if init_bits is not None:
+    params = U.scatter_bits(params, layers, np.asarray(init_bits, np.float32))
+  elif spec.train_bits and config.quant.init_bits is None:
     params = U.scatter_bits(params, layers, np.full(len(U.unit_numels(layers)), target))
 
   tx = make_optimizer(config, params, lr=lr, steps=steps, train_bits=spec.train_bits)
-  penalties = build_penalties(config, spec.uses_budget) if use_penalties else {}
+  penalties = build_penalties(config, spec.train_bits) if use_penalties else {}
   state = dict(step=jnp.int32(0), data_position=jnp.int32(0), params=params,
                opt_state=tx.init(params), rng=jax.random.key_data(rng),
                penalty_state={n: r.init(train_split.num_groups) for n, (r, _) in penalties.items()})
@@ -258,7 +292,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
     state = ckpt.restore()
     print(f"[{name}] resumed from step {int(state['step'])} in {workdir}", flush=True)
   bounds = (config.quant.min_bits, config.quant.max_bits)
-  step_kw = dict(num_groups=train_split.num_groups, target_bits=target, bit_bounds=bounds)
+  weights = group_loss_weights(config.get("group_weighting", "none"), train_split.groups,
+                               train_split.num_groups)
+  step_kw = dict(num_groups=train_split.num_groups, target_bits=target, bit_bounds=bounds,
+                 group_weights=weights)
   search_step = jax.jit(make_train_step(model, tx, penalties, layers, **step_kw),
                         donate_argnums=0)
   eval_model = model.clone(quant=spec.quantizer.replace(training=False)) \
@@ -272,6 +309,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
   last_saved, t0 = ckpt.latest_step(), time.time()
   step = int(state["step"])
   try:
+    if steps == 0 and last_saved is None:  # post-training only: keep the result
+      ckpt.save(0, state, force=True)
     while step < steps:
       if step == final_at:
         state = _finalize(state, layers, target, config, name, workdir)

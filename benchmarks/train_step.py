@@ -42,7 +42,7 @@ def build_step(config, mode, batch):
                       batch["image"][:1])["params"]
   layers = U.find_units(params)
   tx = trainer.make_optimizer(config, params, lr=1e-3, steps=1000, train_bits=spec.train_bits)
-  pens = trainer.build_penalties(config, spec.uses_budget)
+  pens = trainer.build_penalties(config, spec.train_bits)
   target = trainer.target_bits(config, params, layers) if spec.uses_budget else float("nan")
   step = jax.jit(trainer.make_train_step(model, tx, pens, layers, num_groups=6,
                                          target_bits=target, bit_bounds=(2, 8)),

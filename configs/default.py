@@ -41,9 +41,10 @@ def get_config(arg=None):
   c.model.name = "small_cnn"
   c.model.kwargs = ml_collections.ConfigDict(dict(widths=(16, 32, 64), hidden=64))
 
-  # What to train. `mode` is the method under study (float | qat | baq);
-  # `baselines` are trained too, fine-tuned from the same float model, and
-  # compared in the report.
+  # What to train. `mode` is the method under study (float | qat | baq |
+  # fair_static | fair_static_qat; comma-separated for several, e.g.
+  # "fair_static,fair_static_qat,baq"); `baselines` are trained too,
+  # fine-tuned from the same float model, and compared in the report.
   c.mode = "baq"
   c.qat_bits = 4  # bit-width of mode=qat
   c.baselines = "uniform8,uniform4"  # comma-separated uniform<B> names; "" for none
@@ -60,6 +61,10 @@ def get_config(arg=None):
   c.optim.weight_decay = 1e-4
   c.optim.bits_lr = 0.05  # Adam learning rate of the bit-widths (bits/step scale)
   c.optim.grad_clip = 1.0
+  # Mitigations of "Quantization disparately skews a model", usable with every
+  # mode: dataset.sampling="group_balanced" resamples groups; this weights
+  # each example's task loss by its group.
+  c.group_weighting = "none"  # none | inverse_frequency | sqrt_inverse_frequency
 
   # Quantization of every Conv/Dense (per output channel, weights only).
   c.quant = ml_collections.ConfigDict()
@@ -81,10 +86,28 @@ def get_config(arg=None):
   # allocation (bits projected onto the budget, then frozen), with the
   # quantizer that evaluation and export use.
   c.quant.finalize_fraction = 0.25
+  # BAQ's start: "budget" (every unit at the budget) or "allocation" (the
+  # importance allocation below, then trained).
+  c.quant.init_from = "budget"
   c.quant.target_bits = 4.0  # average-bit budget (weighted by weight count)
   c.quant.target_bytes = ml_collections.FieldReference(None, field_type=float)  # or a size budget
   c.quant.act_bits = ml_collections.FieldReference(None, field_type=int)  # activation bits, None: float
   c.quant.float_layers = ""  # regex of layer paths kept in float, e.g. "head"
+
+  # Group-aware importance and the budgeted allocation (modes fair_static,
+  # fair_static_qat, and baq with quant.init_from="allocation"); see
+  # baq/importance.py and baq/planner.py.
+  c.importance = ml_collections.ConfigDict()
+  c.importance.measure = "hessian"  # grad | grad_weight | hessian
+  c.importance.measure_kwargs = ml_collections.ConfigDict(dict(diagonal=False))
+  c.importance.reducer = "max"  # max | mean | cvar | balanced | subtractive
+  c.importance.reducer_kwargs = ml_collections.ConfigDict()  # e.g. alpha for cvar
+  c.importance.method = "auto"  # exact: auto | dp | milp; FairQuant's baseline: quantile
+  c.importance.choices = (2, 3, 4, 5, 6, 8)  # candidate bit-widths
+  c.importance.calib_per_group = 128  # calibration examples per group (train split)
+  c.importance.batch_size = 128
+  c.importance.num_probes = 32  # Hutchinson probes per calibration batch
+  c.importance.probe_chunk = 8  # probes vmapped at once (memory bound)
 
   # Penalties of the main mode: name -> {weight, hyper-parameters}; names
   # from baq.regularizers.REGULARIZERS. `bitrate` enforces the budget.

@@ -32,9 +32,16 @@ def deploy(params: Any, layers: list[U.LayerUnits], target_bits: float,
   """Integer bit-widths meeting the budget, and params that hold them.
 
   The continuous bits are projected onto the budget (`units.project`) and
-  what rounding leaves of it is spent as well.
+  what rounding leaves of it is spent as well. Bits that are already integers
+  within [min_bits, max_bits] meeting the budget (an exact allocation, or a
+  BAQ run past its finalize step) are kept as they are.
   """
   cont = np.asarray(U.gather_bits(params, layers))
+  numel = U.unit_numels(layers)
+  if (np.all(cont == np.round(cont)) and np.all((cont >= min_bits) & (cont <= max_bits))
+      and (numel * cont).sum() <= target_bits * numel.sum() + 1e-9 * numel.sum()):
+    ints = cont.astype(np.int64)
+    return ints, U.scatter_bits(params, layers, ints)
   ints = U.project(cont, U.unit_numels(layers), target_bits, min_bits, max_bits,
                    spend=True)
   return ints, U.scatter_bits(params, layers, ints)

@@ -1,0 +1,233 @@
+"""Budgeted mixed-precision plans from group-aware importance (FairQuant stage 2).
+
+`analyse` measures, on a group-balanced calibration sample, every group's
+gradient (and Hutchinson Hessian diagonal when the measure needs it) with
+respect to each quantized kernel of a float model, and turns them into
+importance [G, units] and sensitivity [G, units, K] tables (`baq.importance`).
+`allocate` reduces the groups and solves the budgeted allocation exactly
+(`baq.allocation.solve`), or by FairQuant's quantile baseline. `plan` does
+both from a config and writes WORKDIR/allocation_plan.json, which the
+`fair_static`, `fair_static_qat` and allocation-initialised `baq` modes use.
+
+Group statistics are sums over the whole calibration sample divided by each
+group's count, so they do not depend on how examples fall into batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import flax.traverse_util as tu
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from baq import allocation, curvature, importance, losses
+from baq.data.pipeline import eval_batches
+from baq.quant import fake_quant as fq
+from baq.quant import units as U
+
+PLAN_FILE = "allocation_plan.json"
+
+
+def calibration_split(split, per_group: int, seed: int):
+  """Up to `per_group` examples of every group, drawn without replacement."""
+  rng = np.random.default_rng([seed, 7])
+  keep = []
+  for g in range(split.num_groups):
+    idx = np.flatnonzero(split.groups == g)
+    keep.append(rng.choice(idx, min(per_group, len(idx)), replace=False))
+  return split.subset(np.sort(np.concatenate(keep)))
+
+
+def kernel_statistics(apply_fn: Callable, params: Any, layers, split, *,
+                      batch_size: int, hessian: bool, key: jax.Array,
+                      num_probes: int = 32, probe_chunk: int = 8) -> dict:
+  """Per-group gradient and Hessian diagonal of each quantized kernel.
+
+  Args:
+    apply_fn: (params, images) -> logits of the float model.
+    params: its parameters.
+    layers: `units.find_units` of the quantized model (kernel paths).
+    split: calibration examples.
+    batch_size: examples per pass (the last batch is padded and masked).
+    hessian: also estimate the Hutchinson diagonal.
+    key: PRNG key of the probes.
+    num_probes: Hutchinson probes per batch.
+    probe_chunk: probes vmapped at once (bounds memory).
+
+  Returns:
+    layer name -> importance.KernelStats of group *mean* statistics, and
+    the [G] calibration counts under the key "__count__".
+  """
+  flat = tu.flatten_dict(dict(params))
+  kernels = {l.name: flat[l.kernel_path] for l in layers}
+  G = split.num_groups
+
+  def with_kernels(k):
+    f = dict(flat)
+    f.update({l.kernel_path: k[l.name] for l in layers})
+    return tu.unflatten_dict(f)
+
+  @jax.jit
+  def one_batch(batch, bkey):
+    def group_sum(k):  # [G] summed (not mean) loss: batches then add up exactly.
+      per_ex = losses.cross_entropy(apply_fn(with_kernels(k), batch["image"]), batch["label"])
+      return jax.ops.segment_sum(per_ex * batch["mask"], batch["group"], G)
+    grad = jax.jacrev(group_sum)(kernels)
+    diag = (curvature.hutchinson(group_sum, kernels, bkey, num_probes=num_probes,
+                                 probe_chunk=probe_chunk).diagonal if hessian else None)
+    count = jax.ops.segment_sum(batch["mask"], batch["group"], G)
+    return grad, diag, count
+
+  totals = None
+  for i, batch in enumerate(eval_batches(split, batch_size)):
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    out = one_batch(batch, jax.random.fold_in(key, i))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  grad, diag, count = totals
+  denom = jnp.maximum(count, 1.0)
+
+  def per_group_mean(x):
+    return x / denom.reshape((G,) + (1,) * (x.ndim - 1))
+
+  stats = {name: importance.KernelStats(
+      per_group_mean(grad[name]), per_group_mean(diag[name]) if hessian else None)
+      for name in kernels}
+  stats["__count__"] = np.asarray(count)
+  return stats
+
+
+@dataclasses.dataclass
+class Analysis:
+  """Importance and sensitivity of every unit for every group.
+
+  Attributes:
+    units: one name per unit (`units.unit_names`).
+    numel: weights per unit.
+    choices: candidate bit-widths (ascending); the sensitivity's last axis.
+    importance: [G, units] cost of removing the unit, per group.
+    sensitivity: [G, units, K] estimated loss increase at each choice.
+    group_counts: [G] calibration examples per group.
+    measure: the importance measure used.
+  """
+
+  units: list
+  numel: np.ndarray
+  choices: tuple
+  importance: np.ndarray
+  sensitivity: np.ndarray
+  group_counts: np.ndarray
+  measure: str
+
+  def reduced(self, reducer: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """(importance [units], sensitivity [units, K]) reduced over groups."""
+    mass = self.importance.sum(1)
+    return (importance.reduce(reducer, self.importance, mass, **kwargs),
+            importance.reduce(reducer, self.sensitivity, mass, **kwargs))
+
+
+def analyse(apply_fn: Callable, params: Any, layers, spec_for: Callable, split, *,
+            measure: str = "hessian", measure_kwargs: dict | None = None,
+            choices=allocation.DEFAULT_CHOICES, batch_size: int = 128,
+            key: jax.Array | None = None, num_probes: int = 32,
+            probe_chunk: int = 8) -> Analysis:
+  """Importance and sensitivity tables of a float model's quantized units.
+
+  Args:
+    apply_fn: (params, images) -> logits of the float model.
+    params: the float parameters.
+    layers: `units.find_units` of the quantized model.
+    spec_for: layer name -> QuantSpec (how the layer would be quantized).
+    split: calibration examples.
+    measure: a name in `importance.MEASURES`.
+    measure_kwargs: the measure's options.
+    choices: candidate integer bit-widths.
+    batch_size: calibration batch size.
+    key: PRNG key of the Hutchinson probes.
+    num_probes: probes per batch.
+    probe_chunk: probes vmapped at once.
+
+  Returns:
+    An Analysis.
+  """
+  m = importance.MEASURES.get(measure)
+  key = jax.random.key(0) if key is None else key
+  stats = kernel_statistics(apply_fn, params, layers, split, batch_size=batch_size,
+                            hessian=m.needs_hessian, key=key, num_probes=num_probes,
+                            probe_chunk=probe_chunk)
+  choices = tuple(sorted(int(c) for c in choices))
+  flat = tu.flatten_dict(dict(params))
+  imps, sens = [], []
+  for l in layers:
+    w = flat[l.kernel_path]
+    spec = spec_for(l.name)
+    kw = spec.quant_kwargs()
+    if kw["method"] == "learned":  # the learned range starts at absmax
+      kw["method"] = "absmax"
+    dws = [fq.fake_quant(w, jnp.float32(c), **kw) - w for c in choices]
+    i, s = importance.evaluate_measure(measure, stats[l.name], w, dws, l.count > 1,
+                                       **(measure_kwargs or {}))
+    imps.append(i)
+    sens.append(s)
+  return Analysis(U.unit_names(layers), U.unit_numels(layers), choices,
+                  np.concatenate(imps, 1), np.concatenate(sens, 1),
+                  stats["__count__"], measure)
+
+
+def allocate(analysis: Analysis, target_bits: float, reducer: str = "max",
+             reducer_kwargs: dict | None = None, method: str = "auto") -> np.ndarray:
+  """Integer bits per unit meeting `target_bits`.
+
+  Args:
+    analysis: the importance tables.
+    target_bits: numel-weighted average-bit budget.
+    reducer: a name in `importance.REDUCERS`.
+    reducer_kwargs: its options (e.g. alpha for cvar).
+    method: "auto", "dp" or "milp" (exact) or "quantile" (FairQuant's baseline).
+
+  Returns:
+    int64 [units] bit-widths.
+  """
+  imp, sens = analysis.reduced(reducer, **(reducer_kwargs or {}))
+  if method == "quantile":
+    return allocation.quantile_assignment(imp, analysis.numel, target_bits, analysis.choices)
+  return allocation.solve(sens, analysis.numel, target_bits, analysis.choices, method=method)
+
+
+def plan(config: ml_collections.ConfigDict, apply_fn: Callable, float_params: Any,
+         layers, spec_for: Callable, split, target_bits: float, out_dir: str) -> np.ndarray:
+  """Analyses, allocates and writes OUT_DIR/allocation_plan.json (reused if present).
+
+  Returns:
+    int64 [units] bit-widths in `units.find_units` order.
+  """
+  path = os.path.join(out_dir, PLAN_FILE)
+  names = U.unit_names(layers)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved["units"] == names and saved["target_bits"] == target_bits:
+      return np.asarray(saved["bits"], np.int64)
+  ic = config.importance
+  calib = calibration_split(split, ic.calib_per_group, config.seed)
+  a = analyse(apply_fn, float_params, layers, spec_for, calib, measure=ic.measure,
+              measure_kwargs=ic.measure_kwargs.to_dict(), choices=ic.choices,
+              batch_size=ic.batch_size, key=jax.random.key(config.seed),
+              num_probes=ic.num_probes, probe_chunk=ic.probe_chunk)
+  bits = allocate(a, target_bits, ic.reducer, ic.reducer_kwargs.to_dict(), ic.method)
+  imp, _ = a.reduced(ic.reducer, **ic.reducer_kwargs.to_dict())
+  os.makedirs(out_dir, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(dict(units=names, numel=a.numel.tolist(), bits=bits.tolist(),
+                   target_bits=target_bits,
+                   avg_bits=float((a.numel * bits).sum() / a.numel.sum()),
+                   measure=ic.measure, reducer=ic.reducer, method=ic.method,
+                   choices=list(a.choices), group_counts=a.group_counts.tolist(),
+                   importance=imp.tolist(), importance_per_group=a.importance.tolist()),
+              f, indent=1)
+  return bits
