@@ -17,3 +17,8 @@ __all__ = [
     "DATASETS", "Batcher", "Split", "counterfactual_pairs", "eval_batches",
     "load", "normalize", "synthetic",
 ]
+
+# Real datasets read from files the user placed (a manual directory);
+# importing them registers 'isic2019', 'fitzpatrick17k', 'celeba' and
+# 'image_folder_csv' in DATASETS. None imports tensorflow-datasets until used.
+from baq.data import celeba, fitzpatrick17k, folder, isic2019  # noqa: E402
