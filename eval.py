@@ -1,20 +1,25 @@
 """Evaluates a trained baq experiment: flags in, one library call.
 
   python eval.py --workdir=/tmp/baq_default
+  python eval.py --workdir=/tmp/baq_default --diagnostics
 
 Reads WORKDIR/config.json (or --config with overrides), evaluates every run
 in the workdir on the test split, re-exports the method's allocation and
-packed weights, prints the table and writes WORKDIR/report.json.
+packed weights, prints the table and writes WORKDIR/report.json. With
+--diagnostics it writes instead the per-group analysis of every model
+(logit variance, loss, accuracy, gradient norm, Hessian trace, top
+eigenvalue): WORKDIR/diagnostics.json, diagnostics.png, bits_vs_importance.png.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from baq import experiment
+from baq import diagnostics, experiment
 
 config_flags.DEFINE_config_file("config", None, "Config file; default: WORKDIR/config.json.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory of a train.py run.")
+flags.DEFINE_bool("diagnostics", False, "Write the per-group diagnostics instead of the report.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -22,7 +27,11 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     experiment.quiet_logging()
-  experiment.evaluate_workdir(flags.FLAGS.workdir, flags.FLAGS.config)
+  if flags.FLAGS.diagnostics:
+    diagnostics.diagnose_workdir(experiment.workdir_config(flags.FLAGS.workdir, flags.FLAGS.config),
+                                 flags.FLAGS.workdir)
+  else:
+    experiment.evaluate_workdir(flags.FLAGS.workdir, flags.FLAGS.config)
 
 
 if __name__ == "__main__":

@@ -293,6 +293,12 @@ def _tuples(tree):
 
 def evaluate_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> dict:
   """eval.py's entry point: `report` with the config the workdir was trained with."""
+  return report(workdir_config(workdir, config), workdir)
+
+
+def workdir_config(workdir: str, config: Optional[ml_collections.ConfigDict] = None
+                   ) -> ml_collections.ConfigDict:
+  """`config`, or the one WORKDIR/config.json was trained with; validated."""
   if config is None:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -301,4 +307,4 @@ def evaluate_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] =
     with open(path) as f:
       config = ml_collections.ConfigDict(_tuples(json.load(f)))
   validate(config)
-  return report(config, workdir)
+  return config

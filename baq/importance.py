@@ -6,8 +6,8 @@ estimates how much quantizing u to k bits raises group g's loss:
 
   grad         sum_i |g_i| |dw_i|            first-order magnitude bound
   grad_weight  (sum_i g_i dw_i)^2           GRAPE: squared first-order term
-  hessian      1/2 tr(H_u)/n_u ||dw_u||^2   HAWQ-V2 (Hutchinson trace); with
-               `diagonal=True`, 1/2 sum_i H_ii dw_i^2
+  hessian      1/2 tr(H_u)/n_u ||dw_u||^2   HAWQ-V2 (Hutchinson trace)
+  hessian_diag 1/2 sum_i H_ii dw_i^2         (Hutchinson diagonal)
 
 where g is the gradient and H the Hessian of the group's mean loss with
 respect to the kernel, and dw = Q_k(w) - w the quantization error at k bits.
@@ -40,10 +40,13 @@ class KernelStats(NamedTuple):
     grad: [G, *kernel shape] gradient of each group's mean loss.
     hess_diag: [G, *kernel shape] Hutchinson diagonal of each group's
       Hessian, or None when no measure asked for it.
+    hess_trace: [G] trace of each group's Hessian block of the whole kernel
+      (layer units), or None; per-channel traces come from `hess_diag`.
   """
 
   grad: jax.Array
-  hess_diag: jax.Array | None
+  hess_diag: jax.Array | None = None
+  hess_trace: jax.Array | None = None
 
 
 class Measure(NamedTuple):
@@ -51,11 +54,12 @@ class Measure(NamedTuple):
 
   Attributes:
     fn: (stats, dw, per_channel, **kwargs) -> [G] or [G, C] per unit.
-    needs_hessian: whether `stats.hess_diag` must be computed.
+    hessian: which curvature it reads: None, "trace" (the kernel's block
+      trace, or per-channel traces) or "diag" (the Hessian diagonal).
   """
 
   fn: Callable[..., jax.Array]
-  needs_hessian: bool
+  hessian: str | None = None
 
 
 MEASURES: Registry[Measure] = Registry("importance measure")
@@ -68,11 +72,16 @@ def _unit_sum(x: jax.Array, per_channel: bool) -> jax.Array:
   return jnp.sum(x, axis=axes)
 
 
-def register_measure(name: str, needs_hessian: bool = False):
-  """Decorator registering fn(stats, dw, per_channel, **kw) as measure `name`."""
+def register_measure(name: str, hessian: str | None = None):
+  """Decorator registering fn(stats, dw, per_channel, **kw) as measure `name`.
+
+  `hessian` says which curvature statistics it reads: None, "trace" or "diag".
+  """
+  if hessian not in (None, "trace", "diag"):
+    raise ValueError(f"hessian must be None, 'trace' or 'diag', got {hessian!r}.")
 
   def wrap(fn):
-    MEASURES.register(name)(Measure(fn, needs_hessian))
+    MEASURES.register(name)(Measure(fn, hessian))
     return fn
 
   return wrap
@@ -90,21 +99,27 @@ def grad_weight(stats: KernelStats, dw: jax.Array, per_channel: bool) -> jax.Arr
   return jnp.square(_unit_sum(stats.grad * dw[None], per_channel))
 
 
-@register_measure("hessian", needs_hessian=True)
-def hessian(stats: KernelStats, dw: jax.Array, per_channel: bool,
-            diagonal: bool = False) -> jax.Array:
-  """HAWQ: 1/2 tr(H_u)/n_u ||dw_u||^2, or 1/2 sum H_ii dw_i^2 if `diagonal`.
+@register_measure("hessian", hessian="trace")
+def hessian_trace(stats: KernelStats, dw: jax.Array, per_channel: bool) -> jax.Array:
+  """HAWQ-V2: 1/2 tr(H_u)/n_u ||dw_u||^2, the unit's mean curvature times its error.
 
   Negative curvature estimates (probe noise, or a group sitting away from a
   minimum of its own loss) are taken as zero: a second-order term that
   claims quantization lowers the loss would pull bits *away* from a unit.
   """
-  if diagonal:
-    h = jnp.maximum(stats.hess_diag, 0.0)
-    return 0.5 * _unit_sum(h * jnp.square(dw)[None], per_channel)
-  trace = jnp.maximum(_unit_sum(stats.hess_diag, per_channel), 0.0)
+  if stats.hess_trace is not None and not per_channel:
+    trace = stats.hess_trace
+  else:
+    trace = _unit_sum(stats.hess_diag, per_channel)
   n = dw.size // (dw.shape[-1] if per_channel else 1)
-  return 0.5 * trace / n * _unit_sum(jnp.square(dw)[None], per_channel)
+  return 0.5 * jnp.maximum(trace, 0.0) / n * _unit_sum(jnp.square(dw)[None], per_channel)
+
+
+@register_measure("hessian_diag", hessian="diag")
+def hessian_diag(stats: KernelStats, dw: jax.Array, per_channel: bool) -> jax.Array:
+  """1/2 sum_i max(H_ii, 0) dw_i^2: the diagonal second-order term."""
+  h = jnp.maximum(stats.hess_diag, 0.0)
+  return 0.5 * _unit_sum(h * jnp.square(dw)[None], per_channel)
 
 
 def evaluate_measure(name: str, stats: KernelStats, w: jax.Array, dws: Sequence[jax.Array],

@@ -45,7 +45,7 @@ def calibration_split(split, per_group: int, seed: int):
 
 
 def kernel_statistics(apply_fn: Callable, params: Any, layers, split, *,
-                      batch_size: int, hessian: bool, key: jax.Array,
+                      batch_size: int, hessian: str | None, key: jax.Array,
                       num_probes: int = 32, probe_chunk: int = 8) -> dict:
   """Per-group gradient and Hessian diagonal of each quantized kernel.
 
@@ -55,7 +55,10 @@ def kernel_statistics(apply_fn: Callable, params: Any, layers, split, *,
     layers: `units.find_units` of the quantized model (kernel paths).
     split: calibration examples.
     batch_size: examples per pass (the last batch is padded and masked).
-    hessian: also estimate the Hutchinson diagonal.
+    hessian: None; "trace" for each kernel's Hessian block trace per group
+      (forward-over-forward probes, `curvature.group_traces`) when every
+      layer is one unit, else the diagonal; "diag" for the Hutchinson
+      diagonal (`curvature.hutchinson`).
     key: PRNG key of the probes.
     num_probes: Hutchinson probes per batch.
     probe_chunk: probes vmapped at once (bounds memory).
@@ -73,30 +76,46 @@ def kernel_statistics(apply_fn: Callable, params: Any, layers, split, *,
     f.update({l.kernel_path: k[l.name] for l in layers})
     return tu.unflatten_dict(f)
 
+  if hessian not in (None, "trace", "diag"):
+    raise ValueError(f"hessian must be None, 'trace' or 'diag', got {hessian!r}.")
+  want_trace = hessian == "trace" and all(l.count == 1 for l in layers)
+  want_diag = hessian == "diag" or (hessian == "trace" and not want_trace)
+
   @jax.jit
   def one_batch(batch, bkey):
+    def per_example(k):
+      return losses.cross_entropy(apply_fn(with_kernels(k), batch["image"]), batch["label"])
+
     def group_sum(k):  # [G] summed (not mean) loss: batches then add up exactly.
-      per_ex = losses.cross_entropy(apply_fn(with_kernels(k), batch["image"]), batch["label"])
-      return jax.ops.segment_sum(per_ex * batch["mask"], batch["group"], G)
-    grad = jax.jacrev(group_sum)(kernels)
-    diag = (curvature.hutchinson(group_sum, kernels, bkey, num_probes=num_probes,
-                                 probe_chunk=probe_chunk).diagonal if hessian else None)
+      return jax.ops.segment_sum(per_example(k) * batch["mask"], batch["group"], G)
+
     count = jax.ops.segment_sum(batch["mask"], batch["group"], G)
-    return grad, diag, count
+    out = dict(grad=jax.jacrev(group_sum)(kernels), count=count)
+    if want_diag:
+      out["diag"] = curvature.hutchinson(group_sum, kernels, bkey, num_probes=num_probes,
+                                         probe_chunk=probe_chunk).diagonal
+    if want_trace:  # group means on this batch, back to sums
+      est = curvature.group_traces(per_example, kernels, batch["group"], G, bkey,
+                                   mask=batch["mask"], num_probes=num_probes,
+                                   probe_chunk=probe_chunk, per_leaf=True)
+      out["trace"] = jax.tree.map(lambda t: t * count, est.trace)
+    return out
 
   totals = None
   for i, batch in enumerate(eval_batches(split, batch_size)):
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     out = one_batch(batch, jax.random.fold_in(key, i))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  grad, diag, count = totals
+  count = totals["count"]
   denom = jnp.maximum(count, 1.0)
 
   def per_group_mean(x):
     return x / denom.reshape((G,) + (1,) * (x.ndim - 1))
 
   stats = {name: importance.KernelStats(
-      per_group_mean(grad[name]), per_group_mean(diag[name]) if hessian else None)
+      per_group_mean(totals["grad"][name]),
+      per_group_mean(totals["diag"][name]) if want_diag else None,
+      per_group_mean(totals["trace"][name]) if want_trace else None)
       for name in kernels}
   stats["__count__"] = np.asarray(count)
   return stats
@@ -158,7 +177,7 @@ def analyse(apply_fn: Callable, params: Any, layers, spec_for: Callable, split, 
   m = importance.MEASURES.get(measure)
   key = jax.random.key(0) if key is None else key
   stats = kernel_statistics(apply_fn, params, layers, split, batch_size=batch_size,
-                            hessian=m.needs_hessian, key=key, num_probes=num_probes,
+                            hessian=m.hessian, key=key, num_probes=num_probes,
                             probe_chunk=probe_chunk)
   choices = tuple(sorted(int(c) for c in choices))
   flat = tu.flatten_dict(dict(params))

@@ -98,8 +98,8 @@ def get_config(arg=None):
   # fair_static_qat, and baq with quant.init_from="allocation"); see
   # baq/importance.py and baq/planner.py.
   c.importance = ml_collections.ConfigDict()
-  c.importance.measure = "hessian"  # grad | grad_weight | hessian
-  c.importance.measure_kwargs = ml_collections.ConfigDict(dict(diagonal=False))
+  c.importance.measure = "hessian"  # grad | grad_weight | hessian | hessian_diag
+  c.importance.measure_kwargs = ml_collections.ConfigDict()  # a custom measure's options
   c.importance.reducer = "max"  # max | mean | cvar | balanced | subtractive
   c.importance.reducer_kwargs = ml_collections.ConfigDict()  # e.g. alpha for cvar
   c.importance.method = "auto"  # exact: auto | dp | milp; FairQuant's baseline: quantile
@@ -108,6 +108,14 @@ def get_config(arg=None):
   c.importance.batch_size = 128
   c.importance.num_probes = 32  # Hutchinson probes per calibration batch
   c.importance.probe_chunk = 8  # probes vmapped at once (memory bound)
+
+  # eval.py --diagnostics: per-group statistics of every model (baq/diagnostics.py).
+  c.diagnostics = ml_collections.ConfigDict()
+  c.diagnostics.per_group = 64  # test examples per group in the curvature batch
+  c.diagnostics.num_probes = 64  # Hutchinson probes of the Hessian trace
+  c.diagnostics.probe_chunk = 8
+  c.diagnostics.max_iters = 100  # power iteration: cap and relative tolerance
+  c.diagnostics.tol = 1e-3
 
   # Penalties of the main mode: name -> {weight, hyper-parameters}; names
   # from baq.regularizers.REGULARIZERS. `bitrate` enforces the budget.

@@ -54,14 +54,19 @@ def test_measures_match_their_formulas():
   h = jnp.asarray(rng.normal(size=(G, 4, 3)), jnp.float32)
   dw = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
   stats = importance.KernelStats(g, h)
+  traced = importance.KernelStats(g, None, jnp.sum(h, (1, 2)))
   np.testing.assert_allclose(importance.grad_magnitude(stats, dw, False),
                              np.sum(np.abs(g) * np.abs(dw), (1, 2)), rtol=1e-5)
   np.testing.assert_allclose(importance.grad_weight(stats, dw, True),
                              np.sum(g * dw, 1) ** 2, rtol=1e-5)
   trace = np.maximum(np.sum(h, 1), 0)  # per output channel, 4 weights each
-  np.testing.assert_allclose(importance.hessian(stats, dw, True),
+  np.testing.assert_allclose(importance.hessian_trace(stats, dw, True),
                              0.5 * trace / 4 * np.sum(dw ** 2, 0), rtol=1e-5)
-  np.testing.assert_allclose(importance.hessian(stats, dw, False, diagonal=True),
+  layer_trace = np.maximum(np.sum(h, (1, 2)), 0)
+  for s in (stats, traced):  # from the diagonal, or from the block trace
+    np.testing.assert_allclose(importance.hessian_trace(s, dw, False),
+                               0.5 * layer_trace / 12 * np.sum(dw ** 2), rtol=1e-5)
+  np.testing.assert_allclose(importance.hessian_diag(stats, dw, False),
                              0.5 * np.sum(np.maximum(h, 0) * dw ** 2, (1, 2)), rtol=1e-5)
 
 
@@ -90,7 +95,7 @@ def test_group_statistics_are_exact_and_batching_free():
   params, split = _mlp_params(jax.random.key(0)), _split()
   layers = _layers(False)
   apply = _mlp
-  kw = dict(hessian=False, key=jax.random.key(1))
+  kw = dict(hessian=None, key=jax.random.key(1))
   a = planner.kernel_statistics(apply, params, layers, split, batch_size=8, **kw)
   b = planner.kernel_statistics(apply, params, layers, split, batch_size=64, **kw)
   direct = jax.jacrev(_direct_group_loss)(params, split)
@@ -103,7 +108,7 @@ def test_group_statistics_are_exact_and_batching_free():
 def test_hutchinson_diagonal_matches_the_exact_hessian_diagonal():
   params, split = _mlp_params(jax.random.key(2)), _split(24, seed=1)
   layers = _layers(False)
-  stats = planner.kernel_statistics(_mlp, params, layers, split, batch_size=24, hessian=True,
+  stats = planner.kernel_statistics(_mlp, params, layers, split, batch_size=24, hessian="diag",
                                     key=jax.random.key(3), num_probes=512, probe_chunk=128)
   flat0, unravel = jax.flatten_util.ravel_pytree(
       {"Dense_0": params["Dense_0"]["kernel"], "head": params["head"]["kernel"]})
@@ -120,6 +125,22 @@ def test_hutchinson_diagonal_matches_the_exact_hessian_diagonal():
     # sqrt(sum_{j != i} H_ij^2 / probes): allow 4 of them.
     sigma = np.sqrt((np.sum(hess ** 2, 1) - exact ** 2) / 512)
     assert np.all(np.abs(est - exact) <= 4 * sigma + 1e-6), np.max(np.abs(est - exact) / sigma)
+
+
+def test_layer_traces_match_the_exact_hessian_block_traces():
+  params, split = _mlp_params(jax.random.key(5), ), _split(24, seed=3)
+  stats = planner.kernel_statistics(_mlp, params, _layers(False), split, batch_size=10,
+                                    hessian="trace", key=jax.random.key(6), num_probes=256,
+                                    probe_chunk=64)
+  for name in ("Dense_0", "head"):
+    k = params[name]["kernel"]
+    for g in range(G):
+      def loss(kk, g=g, name=name):
+        return _direct_group_loss(dict(params, **{name: dict(params[name], kernel=kk)}), split)[g]
+      hess = np.asarray(jax.hessian(loss)(k)).reshape(k.size, k.size)
+      # Var of z^T H z over Rademacher z is 2 sum_{i != j} H_ij^2.
+      sigma = np.sqrt(2 * (np.sum(hess ** 2) - np.sum(np.diag(hess) ** 2)) / 256)
+      assert abs(float(stats[name].hess_trace[g]) - np.trace(hess)) <= 4 * sigma + 1e-6
 
 
 def test_analysis_allocates_within_budget_and_favours_sensitive_units():

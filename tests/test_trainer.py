@@ -90,7 +90,7 @@ def test_incompatible_checkpoint_is_refused(tmp_path, data_dir, data):
 
 
 @pytest.mark.parametrize("override,match", [
-    ({"mode": "bq"}, "Unknown mode 'bq'. Valid mode names: baq, float, qat"),
+    ({"mode": "bq"}, "Unknown mode 'bq'. Valid mode names: baq, fair_static, fair_static_qat, float, qat"),
     ({"model.name": "resnet"}, "Valid model names: small_cnn"),
     ({"dataset.name": "isic"}, "Valid dataset names: .*synthetic_derm"),
     ({"quant.target_bits": 1.5}, "below min_bits=2"),
