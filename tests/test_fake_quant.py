@@ -99,3 +99,12 @@ def test_diffq_noise_is_one_step_and_differentiable_in_bits():
 def test_unknown_scale_method_lists_valid():
   with pytest.raises(ValueError, match="absmax, percentile, learned"):
     fq.fake_quant(_x(), 4.0, method="minmax")
+
+
+@pytest.mark.parametrize("bits", [3, 4, 5, 7, 8])
+def test_fake_quant_is_idempotent_with_constant_bits(bits):
+  """Re-quantizing quantized weights changes nothing (export relies on it)."""
+  w = jax.random.normal(jax.random.key(bits), (64, 512))
+  f = jax.jit(lambda x: fq.fake_quant(x, jnp.float32(bits), symmetric=True, channel_axis=-1))
+  once = f(w)
+  np.testing.assert_array_equal(np.asarray(f(once)), np.asarray(once))

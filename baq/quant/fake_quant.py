@@ -123,9 +123,12 @@ def scale_and_zero_point(
 ) -> tuple[jax.Array, jax.Array]:
   """Step size and (integer-valued) zero point for an interval and bit-width."""
   qmin, qmax = code_range(bits, symmetric)
+  # `+ 0 * hi` keeps the divisor a runtime value: with constant bits XLA
+  # would turn x / qmax into x * (1 / qmax), one ulp off, and re-quantizing
+  # a quantized tensor would then move some of its values.
   if symmetric:
-    return jnp.maximum(hi, _EPS) / qmax, jnp.zeros_like(hi)
-  scale = jnp.maximum(hi - lo, _EPS) / (qmax - qmin)
+    return jnp.maximum(hi, _EPS) / (qmax + 0.0 * hi), jnp.zeros_like(hi)
+  scale = jnp.maximum(hi - lo, _EPS) / ((qmax - qmin) + 0.0 * hi)
   zero_point = jax.lax.stop_gradient(jnp.round(-lo / scale))
   return scale, zero_point
 
