@@ -20,6 +20,8 @@ setup(
         "absl-py>=2.1,<3",
         "numpy>=1.26,<3",
         "matplotlib>=3.8,<4",
+        "pillow>=10,<14",
+        "scipy>=1.11,<2",
     ],
     extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"]},
 )
