@@ -32,3 +32,28 @@ def build_model(name: str, num_classes: int, quant: Optional[Quantizer] = None,
     An (unbound) Flax module.
   """
   return MODELS.get(name)(num_classes, quant, **kwargs)
+
+
+# The papers' architectures; imported on first use to keep `import baq` light.
+@MODELS.register("resnet18")
+def _resnet18(num_classes: int, quant: Optional[Quantizer], **kwargs: Any) -> nn.Module:
+  from baq.models import resnet  # pylint: disable=g-import-not-at-top
+  return resnet.resnet18(num_classes, quant, **kwargs)
+
+
+@MODELS.register("resnet50")
+def _resnet50(num_classes: int, quant: Optional[Quantizer], **kwargs: Any) -> nn.Module:
+  from baq.models import resnet  # pylint: disable=g-import-not-at-top
+  return resnet.resnet50(num_classes, quant, **kwargs)
+
+
+@MODELS.register("deit_tiny")
+def _deit_tiny(num_classes: int, quant: Optional[Quantizer], **kwargs: Any) -> nn.Module:
+  from baq.models import vit  # pylint: disable=g-import-not-at-top
+  return vit.DeiT(num_classes=num_classes, quant=quant, **kwargs)
+
+
+@MODELS.register("tinyvit_5m")
+def _tinyvit_5m(num_classes: int, quant: Optional[Quantizer], **kwargs: Any) -> nn.Module:
+  from baq.models import tinyvit  # pylint: disable=g-import-not-at-top
+  return tinyvit.TinyViT(num_classes=num_classes, quant=quant, **kwargs)

@@ -1,0 +1,177 @@
+"""ResNet-18 / ResNet-50 in torchvision's layout (v1.5: stride on the 3x3 conv).
+
+The layer names follow torchvision with readable Flax paths, so quantization
+rules and the weight converter (`baq.models.convert`) can match them:
+
+  stem_conv, stem_bn                      (torchvision conv1, bn1)
+  layer{s}_{b}/conv{1,2,3}, bn{1,2,3}     (layer{s}.{b}.conv1 ...)
+  layer{s}_{b}/downsample_conv, _bn       (layer{s}.{b}.downsample.0 / .1)
+  head                                    (fc)
+
+Every convolution and the classifier go through `Conv(quant)` / `Dense(quant)`
+so quantization is injected; BatchNorm stays float. BatchNorm statistics live
+in the "batch_stats" collection: `model.apply(variables, x, train=True,
+mutable=["batch_stats"])` updates them, `train=False` uses them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from baq.quant.inject import Conv, Dense, Quantizer
+
+# torchvision initialises convolutions with kaiming_normal(fan_out, relu).
+_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+def batch_norm(train: bool, name: str, scale_init=nn.initializers.ones) -> nn.BatchNorm:
+  """BatchNorm with PyTorch's defaults (momentum 0.1, i.e. Flax 0.9; eps 1e-5)."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      scale_init=scale_init, name=name)
+
+
+def _conv(quant: Optional[Quantizer], features: int, kernel: int, stride: int, name: str,
+          groups: int = 1) -> nn.Module:
+  # Explicit symmetric padding k//2, as PyTorch does: Flax's "SAME" pads
+  # (k-1)//2 before and k//2 after on stride 2, shifting the sampling grid.
+  pad = kernel // 2
+  return Conv(quant)(features, (kernel, kernel), strides=(stride, stride),
+                     padding=((pad, pad), (pad, pad)), feature_group_count=groups,
+                     use_bias=False, kernel_init=_CONV_INIT, name=name)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut.
+
+  Attributes:
+    features: output channels.
+    stride: stride of the first convolution (and of the projection).
+    quant: quantization factory, or None for the float model.
+  """
+
+  features: int
+  stride: int = 1
+  quant: Optional[Quantizer] = None
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    y = _conv(self.quant, self.features, 3, self.stride, "conv1")(x)
+    y = nn.relu(batch_norm(train, "bn1")(y))
+    y = _conv(self.quant, self.features, 3, 1, "conv2")(y)
+    y = batch_norm(train, "bn2")(y)
+    return nn.relu(y + _shortcut(self, x, self.features, train))
+
+
+class Bottleneck(nn.Module):
+  """1x1 reduce, 3x3 (strided, torchvision v1.5), 1x1 expand by 4.
+
+  Attributes:
+    features: width of the 3x3 convolution; the block outputs 4x as many.
+    stride: stride of the 3x3 convolution (and of the projection).
+    quant: quantization factory, or None for the float model.
+  """
+
+  features: int
+  stride: int = 1
+  quant: Optional[Quantizer] = None
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    out = self.features * self.expansion
+    y = _conv(self.quant, self.features, 1, 1, "conv1")(x)
+    y = nn.relu(batch_norm(train, "bn1")(y))
+    y = _conv(self.quant, self.features, 3, self.stride, "conv2")(y)
+    y = nn.relu(batch_norm(train, "bn2")(y))
+    y = _conv(self.quant, out, 1, 1, "conv3")(y)
+    y = batch_norm(train, "bn3")(y)
+    return nn.relu(y + _shortcut(self, x, out, train))
+
+
+def _shortcut(block: nn.Module, x: jnp.ndarray, out: int, train: bool) -> jnp.ndarray:
+  # Called inside the block's compact __call__, so the layers are its children.
+  if block.stride == 1 and x.shape[-1] == out:
+    return x
+  x = _conv(block.quant, out, 1, block.stride, "downsample_conv")(x)
+  return batch_norm(train, "downsample_bn")(x)
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+class ResNet(nn.Module):
+  """ResNet for NHWC images of any size (7x7 stem, 4 stages, global pool).
+
+  Attributes:
+    num_classes: number of output logits.
+    block: "basic" (ResNet-18/34) or "bottleneck" (ResNet-50/101).
+    stage_sizes: blocks per stage.
+    width: channels of the stem and of the first stage (doubling per stage).
+    small_stem: a 3x3 stride-1 stem without max-pooling, for 32x32 inputs
+      (not torchvision's layout; the converter leaves such a stem unmatched).
+    quant: quantization factory, or None for the float model.
+  """
+
+  num_classes: int
+  block: str = "basic"
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  width: int = 64
+  small_stem: bool = False
+  quant: Optional[Quantizer] = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    """Logits of a batch.
+
+    Args:
+      x: images, (batch, height, width, channels).
+      train: batch statistics (and their update) instead of running ones.
+
+    Returns:
+      (batch, num_classes) logits.
+    """
+    block_cls = BLOCKS[self.block]
+    if self.small_stem:
+      x = _conv(self.quant, self.width, 3, 1, "stem_conv")(x)
+      x = nn.relu(batch_norm(train, "stem_bn")(x))
+    else:
+      x = _conv(self.quant, self.width, 7, 2, "stem_conv")(x)
+      x = nn.relu(batch_norm(train, "stem_bn")(x))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    for s, size in enumerate(self.stage_sizes):
+      for b in range(size):
+        stride = 2 if s > 0 and b == 0 else 1
+        x = block_cls(self.width * 2**s, stride, self.quant,
+                      name=f"layer{s + 1}_{b}")(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return Dense(self.quant)(self.num_classes, name="head")(x)
+
+
+def resnet(depth: int, num_classes: int, quant: Optional[Quantizer] = None,
+           **kwargs: Any) -> ResNet:
+  """A torchvision ResNet-`depth` (18, 34, 50 or 101).
+
+  Args:
+    depth: network depth; picks the block type and the stage sizes.
+    num_classes: number of output logits.
+    quant: quantization factory, or None for the float model.
+    **kwargs: overrides of `ResNet` attributes (`stage_sizes`, `width`, ...).
+
+  Returns:
+    An unbound `ResNet`.
+  """
+  if depth not in STAGE_SIZES:
+    raise ValueError(f"Unknown ResNet depth {depth}. Valid: {sorted(STAGE_SIZES)}.")
+  kw = dict(block="basic" if depth < 50 else "bottleneck", stage_sizes=STAGE_SIZES[depth])
+  kw.update(kwargs)
+  return ResNet(num_classes=num_classes, quant=quant, **kw)
+
+
+resnet18 = functools.partial(resnet, 18)
+resnet50 = functools.partial(resnet, 50)

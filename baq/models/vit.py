@@ -1,0 +1,200 @@
+"""DeiT (a ViT with a class and optional distillation token), in timm's layout.
+
+Layer names mirror timm's `VisionTransformer` so the converter maps them one
+to one: patch_embed (timm patch_embed.proj), cls_token, dist_token, pos_embed,
+blocks_{i}/{norm1, attn/qkv, attn/proj, norm2, mlp/fc1, mlp/fc2}, norm, head,
+head_dist. Attention is written from `Dense(quant)` layers (never
+`nn.MultiHeadDotProductAttention`), so q/k/v, the projection and the MLP are
+all quantized by injection. The fused qkv kernel keeps timm's output layout
+(3, heads, head_dim), so importing it is a transpose.
+
+The position embedding is sized for `img_size // patch_size`; inputs of
+another size get it resized (bicubic) on the fly, as timm's dynamic_img_size.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from baq.quant.inject import Conv, Dense, Quantizer
+
+_DENSE_INIT = nn.initializers.truncated_normal(0.02)
+
+
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
+  """PyTorch's nn.GELU (exact erf form; Flax's default is the tanh one)."""
+  return nn.gelu(x, approximate=False)
+
+
+def resize_pos_embed(pos: jnp.ndarray, num_prefix: int, grid: tuple[int, int]) -> jnp.ndarray:
+  """Resizes a (1, prefix + g*g, dim) position embedding to a new patch grid.
+
+  Args:
+    pos: the embedding; its patch part must be a square grid.
+    num_prefix: leading tokens (class, distillation) left as they are.
+    grid: (rows, cols) of the new patch grid.
+
+  Returns:
+    (1, prefix + rows * cols, dim) embedding.
+  """
+  prefix, patches = pos[:, :num_prefix], pos[:, num_prefix:]
+  old = int(round(patches.shape[1]**0.5))
+  if old * old != patches.shape[1]:
+    raise ValueError(f"Position embedding of {patches.shape[1]} patches is not a square grid.")
+  if (old, old) == tuple(grid):
+    return pos
+  dim = patches.shape[-1]
+  patches = jax.image.resize(patches.reshape(1, old, old, dim), (1, *grid, dim), "bicubic")
+  return jnp.concatenate([prefix, patches.reshape(1, -1, dim)], axis=1)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per example."""
+
+  rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, 0.0)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention from a fused qkv Dense and a projection Dense.
+
+  Attributes:
+    num_heads: attention heads; the width must divide by it.
+    quant: quantization factory, or None for the float model.
+  """
+
+  num_heads: int
+  quant: Optional[Quantizer] = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    b, n, dim = x.shape
+    head_dim = dim // self.num_heads
+    dense = Dense(self.quant)
+    qkv = dense(3 * dim, kernel_init=_DENSE_INIT, name="qkv")(x)
+    q, k, v = qkv.reshape(b, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    attn = jax.nn.softmax((q * head_dim**-0.5) @ k.swapaxes(-1, -2), axis=-1)
+    x = (attn @ v).transpose(0, 2, 1, 3).reshape(b, n, dim)
+    return dense(dim, kernel_init=_DENSE_INIT, name="proj")(x)
+
+
+class Mlp(nn.Module):
+  """fc1 -> GELU -> fc2 (timm's Mlp), back to the input width.
+
+  Attributes:
+    hidden: width of the hidden layer.
+    quant: quantization factory, or None for the float model.
+  """
+
+  hidden: int
+  quant: Optional[Quantizer] = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    dense, out = Dense(self.quant), x.shape[-1]
+    x = gelu(dense(self.hidden, kernel_init=_DENSE_INIT, name="fc1")(x))
+    return dense(out, kernel_init=_DENSE_INIT, name="fc2")(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)).
+
+  Attributes:
+    num_heads: attention heads.
+    mlp_ratio: MLP hidden width over the model width.
+    drop_path: stochastic depth rate of both branches.
+    quant: quantization factory, or None for the float model.
+  """
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  quant: Optional[Quantizer] = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    dim = x.shape[-1]
+    y = nn.LayerNorm(epsilon=1e-6, name="norm1")(x)
+    x = x + DropPath(self.drop_path)(Attention(self.num_heads, self.quant, name="attn")(y), train)
+    y = nn.LayerNorm(epsilon=1e-6, name="norm2")(x)
+    y = Mlp(int(dim * self.mlp_ratio), self.quant, name="mlp")(y)
+    return x + DropPath(self.drop_path)(y, train)
+
+
+class DeiT(nn.Module):
+  """DeiT / ViT classifier on NHWC images.
+
+  Attributes:
+    num_classes: number of output logits.
+    img_size: image side the position embedding is sized for.
+    patch_size: side of the square patches.
+    dim: token width.
+    depth: number of blocks.
+    num_heads: attention heads.
+    mlp_ratio: MLP hidden width over `dim`.
+    distilled: add the distillation token and `head_dist`; the logits are
+      then the mean of both heads (timm's inference output).
+    drop_rate: dropout on the embedded tokens.
+    drop_path_rate: stochastic depth, rising linearly to this over the blocks.
+    quant: quantization factory, or None for the float model.
+  """
+
+  num_classes: int
+  img_size: int = 224
+  patch_size: int = 16
+  dim: int = 192
+  depth: int = 12
+  num_heads: int = 3
+  mlp_ratio: float = 4.0
+  distilled: bool = False
+  drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  quant: Optional[Quantizer] = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    """Logits of a batch.
+
+    Args:
+      x: images, (batch, height, width, channels).
+      train: enables dropout / stochastic depth (rng "dropout") if their rates
+        are non-zero.
+
+    Returns:
+      (batch, num_classes) logits.
+    """
+    p = self.patch_size
+    x = Conv(self.quant)(self.dim, (p, p), strides=(p, p), padding="VALID",
+                         name="patch_embed")(x)
+    b, gh, gw, _ = x.shape
+    x = x.reshape(b, gh * gw, self.dim)
+    tokens = ["cls_token"] + (["dist_token"] if self.distilled else [])
+    prefix = [jnp.broadcast_to(self.param(t, nn.initializers.normal(1e-6), (1, 1, self.dim)),
+                               (b, 1, self.dim)) for t in tokens]
+    grid = self.img_size // p
+    pos = self.param("pos_embed", nn.initializers.normal(0.02),
+                     (1, len(tokens) + grid * grid, self.dim))
+    x = jnp.concatenate(prefix + [x], axis=1) + resize_pos_embed(pos, len(tokens), (gh, gw))
+    x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
+    for i in range(self.depth):
+      rate = self.drop_path_rate * i / max(self.depth - 1, 1)
+      x = Block(self.num_heads, self.mlp_ratio, rate, self.quant, name=f"blocks_{i}")(x, train)
+    x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+    dense = Dense(self.quant)
+    logits = dense(self.num_classes, kernel_init=_DENSE_INIT, name="head")(x[:, 0])
+    if self.distilled:
+      dist = dense(self.num_classes, kernel_init=_DENSE_INIT, name="head_dist")(x[:, 1])
+      logits = (logits + dist) / 2
+    return logits
