@@ -1,0 +1,64 @@
+"""Shared pieces of the papers' settings (configs/isic2019.py, configs/fitzpatrick17k.py).
+
+Not a config itself: `paper_config` turns the default config into one on a
+real dataset with one of the papers' models, sized for the image size.
+"""
+
+import ml_collections
+
+from configs import default
+
+# Model options per image size: the ViTs keep about 8x8 patches at 64 px.
+MODEL_KWARGS = {
+    "small_cnn": lambda size: dict(widths=(32, 64, 128), hidden=128),
+    "resnet18": lambda size: dict(),
+    "resnet50": lambda size: dict(),
+    "deit_tiny": lambda size: dict(img_size=size, patch_size=16 if size >= 160 else 8),
+    "tinyvit_5m": lambda size: dict(),
+}
+
+
+def paper_config(dataset: str, dataset_kwargs: dict, model: str, image_size: int,
+                 positive_class: int, runlocal: bool) -> ml_collections.ConfigDict:
+  """The default config on `dataset` with `model` (BAQ at 4.0 average bits).
+
+  Args:
+    dataset: a registered dataset name.
+    dataset_kwargs: its options; `manual_dir` is left for the command line.
+    model: one of MODEL_KWARGS.
+    image_size: side of the (square) images.
+    positive_class: the class counted as positive by DP/EOpp/EOdds.
+    runlocal: shrink steps for a smoke run.
+
+  Returns:
+    The config.
+  """
+  if model not in MODEL_KWARGS:
+    raise KeyError(f"Unknown model {model!r}. Valid: {', '.join(sorted(MODEL_KWARGS))}.")
+  c = default.get_config("runlocal" if runlocal else None)
+  c.dataset.name = dataset
+  c.dataset.kwargs = ml_collections.ConfigDict(dict(
+      manual_dir=ml_collections.FieldReference(None, field_type=str),
+      image_size=image_size, **dataset_kwargs))
+  c.dataset.positive_class = positive_class
+  c.dataset.sampling = "uniform"
+  c.model.name = model
+  c.model.kwargs = ml_collections.ConfigDict(MODEL_KWARGS[model](image_size))
+  c.batch_size = 64
+  c.eval_batch_size = 256
+  c.float_steps, c.steps = (60, 40) if runlocal else (3000, 1000)
+  c.eval_every = c.checkpoint_every = 20 if runlocal else 500
+  c.log_every = 20 if runlocal else 100
+  # Every unit its own bits per output channel, as the papers' CNN/ViT runs.
+  c.quant.granularity = "channel"
+  return c
+
+
+def parse(arg, default_model: str, default_group: str) -> tuple[str, str, bool]:
+  """"model,group[,runlocal]" -> (model, group, runlocal)."""
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  runlocal = "runlocal" in parts
+  parts = [p for p in parts if p != "runlocal"]
+  model = parts[0] if parts else default_model
+  group = parts[1] if len(parts) > 1 else default_group
+  return model, group, runlocal
