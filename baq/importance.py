@@ -66,7 +66,7 @@ MEASURES: Registry[Measure] = Registry("importance measure")
 REDUCERS: Registry[Callable[..., np.ndarray]] = Registry("reducer")
 
 
-def _unit_sum(x: jax.Array, per_channel: bool) -> jax.Array:
+def unit_sum(x: jax.Array, per_channel: bool) -> jax.Array:
   """[G, *shape] -> [G] (layer unit) or [G, C] (output-channel units)."""
   axes = tuple(range(1, x.ndim - 1)) if per_channel else tuple(range(1, x.ndim))
   return jnp.sum(x, axis=axes)
@@ -90,13 +90,13 @@ def register_measure(name: str, hessian: str | None = None):
 @register_measure("grad")
 def grad_magnitude(stats: KernelStats, dw: jax.Array, per_channel: bool) -> jax.Array:
   """sum |g| |dw| over the unit: bounds the first-order loss change."""
-  return _unit_sum(jnp.abs(stats.grad) * jnp.abs(dw)[None], per_channel)
+  return unit_sum(jnp.abs(stats.grad) * jnp.abs(dw)[None], per_channel)
 
 
 @register_measure("grad_weight")
 def grad_weight(stats: KernelStats, dw: jax.Array, per_channel: bool) -> jax.Array:
   """(sum g dw)^2 over the unit: GRAPE's squared first-order Taylor term."""
-  return jnp.square(_unit_sum(stats.grad * dw[None], per_channel))
+  return jnp.square(unit_sum(stats.grad * dw[None], per_channel))
 
 
 @register_measure("hessian", hessian="trace")
@@ -110,16 +110,16 @@ def hessian_trace(stats: KernelStats, dw: jax.Array, per_channel: bool) -> jax.A
   if stats.hess_trace is not None and not per_channel:
     trace = stats.hess_trace
   else:
-    trace = _unit_sum(stats.hess_diag, per_channel)
+    trace = unit_sum(stats.hess_diag, per_channel)
   n = dw.size // (dw.shape[-1] if per_channel else 1)
-  return 0.5 * jnp.maximum(trace, 0.0) / n * _unit_sum(jnp.square(dw)[None], per_channel)
+  return 0.5 * jnp.maximum(trace, 0.0) / n * unit_sum(jnp.square(dw)[None], per_channel)
 
 
 @register_measure("hessian_diag", hessian="diag")
 def hessian_diag(stats: KernelStats, dw: jax.Array, per_channel: bool) -> jax.Array:
   """1/2 sum_i max(H_ii, 0) dw_i^2: the diagonal second-order term."""
   h = jnp.maximum(stats.hess_diag, 0.0)
-  return 0.5 * _unit_sum(h * jnp.square(dw)[None], per_channel)
+  return 0.5 * unit_sum(h * jnp.square(dw)[None], per_channel)
 
 
 def evaluate_measure(name: str, stats: KernelStats, w: jax.Array, dws: Sequence[jax.Array],

@@ -71,3 +71,21 @@ def test_unimportable_extension_is_named(tmp_path):
   config.imports = "no_such_module_xyz"
   with pytest.raises(ImportError, match="no_such_module_xyz"):
     experiment.validate(config)
+
+
+def test_readme_measure_example_registers_and_computes():
+  """The README's importance-measure example, run on toy statistics."""
+  from baq import importance
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  marker = "<!-- measure-example -->"
+  block = re.search(r"```python\n(.*?)```", readme[readme.index(marker):], re.S).group(1)
+  try:
+    exec(compile(block, "README measure example", "exec"), {})  # pylint: disable=exec-used
+    g = jnp.arange(24.0).reshape(2, 3, 4)
+    dw = jnp.ones((3, 4)) * 0.5
+    got = importance.evaluate_measure("grad_sq", importance.KernelStats(g), jnp.ones((3, 4)),
+                                      [dw], per_channel=True)[1]
+    np.testing.assert_allclose(got[..., 0], np.sum(np.asarray(g) ** 2 * 0.25, 1), rtol=1e-6)
+  finally:
+    if "grad_sq" in importance.MEASURES:
+      importance.MEASURES.unregister("grad_sq")
