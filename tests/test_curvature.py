@@ -71,10 +71,12 @@ def test_layer_units_sum_whole_leaves():
     C.hutchinson(gl, params, jax.random.key(1), num_probes=10, probe_chunk=4)
 
 
-def test_power_iteration_finds_each_groups_top_eigenvalue():
+@pytest.mark.parametrize("batch_groups", [True, False])
+def test_power_iteration_finds_each_groups_top_eigenvalue(batch_groups):
   params, gl = _problem()
   _, _, H = _dense_hessians(params, gl)
-  res = C.top_eigenvalues(gl, params, jax.random.key(3), G, max_iters=2000, tol=1e-7)
+  res = C.top_eigenvalues(gl, params, jax.random.key(3), G, max_iters=2000, tol=1e-7,
+                          batch_groups=batch_groups)
   for g in range(G):
     ev = np.linalg.eigvalsh(np.asarray(H[g], np.float64))
     want = ev[np.argmax(np.abs(ev))]
