@@ -1,0 +1,264 @@
+"""The bias study's analysis: per-group tests, corrections, verdicts, table, plots.
+
+`analyze` reads the finished cells of a study root (`baq.study`) and, for
+every quantized setting, compares its seeds with the float model of the same
+seeds on the same test examples (`baq.stats`):
+  * per-group and overall accuracy, seeds averaged, with bootstrap intervals;
+  * the change vs float per group and relative to the overall change, paired
+    bootstrap over examples (resampled within groups, seeds kept together),
+    with two-sided p-values; per seed, the exact McNemar test;
+  * the per-seed relative changes tested across seeds (t and Wilcoxon), with
+    the few-seed caveat in `note`;
+  * p-values corrected across all (setting, group) pairs (`correction`), one
+    family for the change tests and one for the relative tests, and a verdict
+    per (setting, group) by `verdict_rule` (see `stats.verdicts`);
+  * MaxSkew/MinSkew@k of the test examples ranked by positive-class
+    probability (seed means).
+`write` adds ROOT/study.json, ROOT/accuracy_vs_bits.png, ROOT/pareto.png and
+prints the verdict table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from baq import stats
+
+SHORT = {"amplified": "A", "reduced": "R", "no significant change": " "}
+
+
+def load_cell(root: str, name: str, test) -> dict:
+  """A finished cell's correctness [n], logits and metrics; checks the split."""
+  d = os.path.join(root, name)
+  with np.load(os.path.join(d, "predictions.npz")) as z:
+    logits, labels, groups = z["logits"], z["labels"], z["groups"]
+  if not (np.array_equal(labels, test.labels) and np.array_equal(groups, test.groups)):
+    raise ValueError(f"{d} was evaluated on other test examples than {test.name}.")
+  with open(os.path.join(d, "metrics.json")) as f:
+    metrics = json.load(f)
+  return dict(correct=(logits.argmax(-1) == labels).astype(np.float64), logits=logits,
+              metrics=metrics)
+
+
+def _skew(logits_list, test, s, positive_class: int) -> dict:
+  out = {}
+  for k in s.skew_k:
+    per = []
+    for logits in logits_list:
+      z = logits - logits.max(-1, keepdims=True)
+      prob = np.exp(z[:, positive_class]) / np.exp(z).sum(-1)
+      per.append(stats.skew_at_k(prob, test.groups, test.num_groups, k, s.skew_smoothing))
+    out[f"@{k}"] = dict(max_skew=float(np.mean([p["max_skew"] for p in per])),
+                        min_skew=float(np.mean([p["min_skew"] for p in per])),
+                        skew=np.mean([p["skew"] for p in per], 0).tolist())
+  return out
+
+
+def _per_seed(correct: np.ndarray, groups: np.ndarray, num_groups: int) -> np.ndarray:
+  """[S, G] group accuracies of [S, n] correctness (NaN for empty groups)."""
+  n = np.bincount(groups, minlength=num_groups)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.stack([np.bincount(groups, c, num_groups) / n for c in correct])
+
+
+def analyze(s, root: str, cells: Sequence, test, positive_class: int = 1) -> dict:
+  """The study dict: float, settings (per group: tests and verdicts), cells."""
+  G, groups, B = test.num_groups, test.groups, int(s.num_bootstrap)
+  seeds = [int(x) for x in s.seeds]
+  flo = [load_cell(root, f"fp32_s{x}", test) for x in seeds]
+  cf = np.stack([c["correct"] for c in flo])
+  f_seed = _per_seed(cf, groups, G)
+  out = dict(dataset=test.name, num_examples=len(test), group_names=list(test.group_names),
+             group_count=np.bincount(groups, minlength=G).tolist(), seeds=seeds,
+             study=s.to_dict(), cells={}, settings={})
+  out["float"] = dict(stats.group_accuracy_ci(cf, groups, G, B, s.level),
+                      worst_group_accuracy=float(np.nanmin(f_seed, 1).mean()),
+                      accuracy_gap=float((np.nanmax(f_seed, 1) - np.nanmin(f_seed, 1)).mean()),
+                      skew=_skew([c["logits"] for c in flo], test, s, positive_class))
+  for x, c in zip(seeds, flo):
+    out["cells"][f"fp32_s{x}"] = c["metrics"]
+  names = list(dict.fromkeys(c.setting for c in cells))
+  for name in names:
+    cs = sorted((c for c in cells if c.setting == name), key=lambda c: seeds.index(c.seed))
+    loaded = [load_cell(root, c.name, test) for c in cs]
+    cq = np.stack([c["correct"] for c in loaded])
+    for c, l in zip(cs, loaded):
+      out["cells"][c.name] = l["metrics"]
+    acc = stats.group_accuracy_ci(cq, groups, G, B, s.level)
+    chg = stats.paired_change(cq, cf, groups, G, B, s.level)
+    q_seed = _per_seed(cq, groups, G)
+    d_seed = q_seed - f_seed
+    rel_seed = d_seed - (cq.mean(1) - cf.mean(1))[:, None]
+    rows = []
+    for g in range(G):
+      m = groups == g
+      rows.append(dict(
+          group=g, name=test.group_names[g], count=int(m.sum()),
+          **{k: acc[k][g] for k in ("accuracy", "low", "high")},
+          **{k: chg[k][g] for k in chg if isinstance(chg[k], list)},
+          mcnemar=[dict(seed=x, **stats.mcnemar_exact(cf[i, m], cq[i, m]))
+                   for i, x in enumerate(seeds)],
+          change_per_seed=d_seed[:, g].tolist(), relative_per_seed=rel_seed[:, g].tolist(),
+          across_seeds_change=stats.across_seeds(d_seed[:, g], s.significance),
+          across_seeds_relative=stats.across_seeds(rel_seed[:, g], s.significance)))
+    out["settings"][name] = dict(
+        quantizer=cs[0].quantizer, bits=cs[0].bits, alpha=cs[0].alpha,
+        avg_bits=float(np.mean([l["metrics"]["avg_bits"] for l in loaded])),
+        cells=[c.name for c in cs],
+        accuracy=dict(value=acc["overall"], low=acc["overall_low"], high=acc["overall_high"]),
+        worst_group_accuracy=float(np.nanmin(q_seed, 1).mean()),
+        accuracy_gap=float((np.nanmax(q_seed, 1) - np.nanmin(q_seed, 1)).mean()),
+        change={k: chg[k] for k in chg if k.startswith("overall")},
+        mcnemar=[dict(seed=x, **stats.mcnemar_exact(cf[i], cq[i])) for i, x in enumerate(seeds)],
+        skew=_skew([l["logits"] for l in loaded], test, s, positive_class), groups=rows)
+  _correct_and_judge(out, s)
+  return out
+
+
+def _correct_and_judge(out: dict, s) -> None:
+  """Adjusts p-values across every (setting, group) and fills in the verdicts."""
+  rows = [r for st in out["settings"].values() for r in st["groups"]]
+  for key in ("change", "relative"):
+    adj = stats.adjust([r[f"{key}_p"] for r in rows], s.correction)
+    for r, p in zip(rows, adj):
+      r[f"{key}_p_adj"] = float(p)
+  v = stats.verdicts([r["change"] for r in rows], [r["change_p_adj"] for r in rows],
+                     [r["relative"] for r in rows], [r["relative_p_adj"] for r in rows],
+                     s.significance, s.verdict_rule)
+  for r, x in zip(rows, v):
+    r["verdict"] = x
+  out["verdicts"] = {n: [r["verdict"] for r in st["groups"]]
+                     for n, st in out["settings"].items()}
+  out["verdict_counts"] = {x: int(sum(r["verdict"] == x for r in rows)) for x in stats.VERDICTS}
+  out["definitions"] = dict(
+      change="group accuracy of the setting minus the float model's, same seeds and "
+             "examples, seeds averaged",
+      relative="change minus the whole test set's change; < 0: the group lost more",
+      p="two-sided, paired bootstrap over test examples (within groups, seeds kept "
+        "together), Wald with the bootstrap SE; *_p_adj corrected by "
+        f"{s.correction} over all (setting, group) pairs",
+      verdict=f"rule {s.verdict_rule!r} at adjusted p < {s.significance}: "
+              "see baq.stats.verdicts",
+      ptq="rtn/gptq/fair_gptq: symmetric per-channel absmax grid, weights only",
+      skew="MaxSkew/MinSkew@k of the test set ranked by positive-class probability, "
+           f"additive smoothing {s.skew_smoothing}, seed means")
+
+
+def format_table(out: dict) -> str:
+  """Settings by rows: accuracy, worst group, then each group's change and verdict."""
+  names = out["group_names"]
+  head = (f"{'setting':22s} {'bits':>5s} {'acc':>6s} {'dacc':>6s} {'worst':>6s} "
+          f"{'dworst':>6s} {'gap':>6s} |" + "".join(f"{n[:7]:>9s}" for n in names))
+  f = out["float"]
+  lines = [f"Change vs fp32 in points (seeds {out['seeds']}, {out['dataset']}, "
+           f"n={out['num_examples']}); A amplified, R reduced "
+           f"({out['study']['verdict_rule']}, {out['study']['correction']}-adjusted "
+           f"p < {out['study']['significance']})", head, "-" * len(head),
+           f"{'fp32':22s} {32.0:5.2f} {100 * f['overall']:6.2f} {'':>6s} "
+           f"{100 * f['worst_group_accuracy']:6.2f} {'':>6s} {100 * f['accuracy_gap']:6.2f} |"
+           + "".join(f"{100 * a:9.2f}" for a in f["accuracy"])]
+  for n, st in out["settings"].items():
+    cells = "".join(f"{100 * r['change']:+7.2f} {SHORT[r['verdict']]}" for r in st["groups"])
+    lines.append(
+        f"{n:22s} {st['avg_bits']:5.2f} {100 * st['accuracy']['value']:6.2f} "
+        f"{100 * st['change']['overall']:+6.2f} {100 * st['worst_group_accuracy']:6.2f} "
+        f"{100 * (st['worst_group_accuracy'] - f['worst_group_accuracy']):+6.2f} "
+        f"{100 * st['accuracy_gap']:6.2f} |{cells}")
+  lines.append("verdicts: " + ", ".join(f"{k} {v}" for k, v in out["verdict_counts"].items()))
+  return "\n".join(lines)
+
+
+def _family(setting: str) -> str:
+  return setting.rsplit("_", 1)[0]
+
+
+def plot_accuracy_vs_bits(path: str, out: dict) -> None:
+  """One panel per quantizer: each group's accuracy (CI bars) against average bits."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fams = list(dict.fromkeys(_family(n) for n in out["settings"]))
+  fig, axes = plt.subplots(1, len(fams), figsize=(3.2 * len(fams), 3.4), sharey=True,
+                           squeeze=False)
+  colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(out["group_names"])))
+  for ax, fam in zip(axes[0], fams):
+    sts = sorted((st for n, st in out["settings"].items() if _family(n) == fam),
+                 key=lambda st: st["avg_bits"])
+    x = np.array([st["avg_bits"] for st in sts])
+    dodge = 0.03 * max(np.ptp(x), 2.0)  # groups side by side at one budget
+    for g, name in enumerate(out["group_names"]):
+      y = np.array([st["groups"][g]["accuracy"] for st in sts])
+      err = np.abs(np.array([[st["groups"][g]["low"], st["groups"][g]["high"]] for st in sts]).T - y)
+      ax.errorbar(x + dodge * (g - (len(colors) - 1) / 2), 100 * y, yerr=100 * err,
+                  color=colors[g], marker="o", ms=3, capsize=2, label=name)
+      ax.axhline(100 * out["float"]["accuracy"][g], color=colors[g], ls=":", lw=0.8)
+    ax.set(title=fam, xlabel="average bits")
+    ax.set_xticks(sorted(set(np.round(x, 2))))
+  axes[0][0].set_ylabel("group accuracy (%), dotted: fp32")
+  axes[0][-1].legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def pareto_front(points: np.ndarray) -> np.ndarray:
+  """Indices of the points not dominated when every column is maximised."""
+  p = np.asarray(points, np.float64)
+  keep = [i for i in range(len(p))
+          if not np.any(np.all(p >= p[i], 1) & np.any(p > p[i], 1))]
+  return np.asarray(keep, np.int64)
+
+
+def plot_pareto(path: str, out: dict) -> None:
+  """Overall vs worst-group accuracy (fronts per budget), and worst group vs bits."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  names = list(out["settings"])
+  acc = np.array([out["settings"][n]["accuracy"]["value"] for n in names]) * 100
+  worst = np.array([out["settings"][n]["worst_group_accuracy"] for n in names]) * 100
+  bits = np.array([out["settings"][n]["avg_bits"] for n in names])
+  fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.4))
+  cmap = plt.get_cmap("plasma")
+  scale = lambda v: cmap((v - bits.min()) / max(np.ptp(bits), 1e-9) * 0.85)
+  for nominal in sorted(set(out["settings"][n]["bits"] for n in names)):
+    idx = np.array([i for i, n in enumerate(names) if out["settings"][n]["bits"] == nominal])
+    front = idx[pareto_front(np.stack([acc[idx], worst[idx]], 1))]
+    front = front[np.argsort(acc[front])]
+    a.plot(acc[front], worst[front], "-", color=scale(nominal), lw=1,
+           label=f"front at {nominal:g} bits")
+  a.scatter(acc, worst, c=[scale(v) for v in bits], s=25, zorder=3)
+  for i, n in enumerate(names):
+    a.annotate(n, (acc[i], worst[i]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+  a.scatter([100 * out["float"]["overall"]], [100 * out["float"]["worst_group_accuracy"]],
+            marker="*", s=120, c="k", label="fp32", zorder=4)
+  a.set(xlabel="overall accuracy (%)", ylabel="worst-group accuracy (%)")
+  a.legend(fontsize=7)
+  front = pareto_front(np.stack([-bits, worst], 1))
+  front = front[np.argsort(bits[front])]
+  b.scatter(bits, worst, c=[scale(v) for v in bits], s=25)
+  b.plot(bits[front], worst[front], "k-", lw=1, label="front (fewer bits, better worst group)")
+  for i, n in enumerate(names):
+    b.annotate(n, (bits[i], worst[i]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+  b.axhline(100 * out["float"]["worst_group_accuracy"], color="k", ls=":", lw=0.8, label="fp32")
+  b.set(xlabel="average bits", ylabel="worst-group accuracy (%)")
+  b.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write(s, root: str, cells: Sequence, test, positive_class: int = 1) -> dict:
+  """Analyzes, writes ROOT/study.json and the plots, prints the table."""
+  out = analyze(s, root, cells, test, positive_class)
+  with open(os.path.join(root, "study.json"), "w") as f:
+    json.dump(out, f, indent=1, default=float)
+  plot_accuracy_vs_bits(os.path.join(root, "accuracy_vs_bits.png"), out)
+  plot_pareto(os.path.join(root, "pareto.png"), out)
+  print(format_table(out), flush=True)
+  print(f"study: {os.path.join(root, 'study.json')}", flush=True)
+  return out
