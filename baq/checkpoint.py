@@ -1,11 +1,15 @@
 """Checkpoints of a run's whole train state with orbax.
 
-The train state is a plain dict (step, params, opt_state, penalty_state, rng,
-data position) saved with `ocp.args.StandardSave` and restored into its
-abstract shape with `StandardRestore`. Beside the checkpoints the workdir
-holds `state_signature.json`, the path -> shape/dtype map of the state; a
-workdir whose signature differs from the run about to start is refused with
-a message instead of being half-restored or overwritten.
+The train state is a plain dict (step, params, batch_stats, opt_state,
+penalty_state, rng, data position) saved with `ocp.args.StandardSave` and
+restored into its abstract shape with `StandardRestore`; when the abstract
+state carries shardings, arrays are restored onto them, whatever device
+layout wrote the checkpoint. Beside the checkpoints the workdir holds
+`state_signature.json`, the path -> shape/dtype map of the state; a workdir
+whose signature differs from the run about to start is refused with a
+message instead of being half-restored or overwritten. On several hosts
+every process saves and restores (orbax coordinates them); only process 0
+writes the signature.
 """
 
 from __future__ import annotations
@@ -66,8 +70,9 @@ class Checkpointer:
       raise ValueError(
           f"Workdir {self.workdir} holds checkpoints but no {SIGNATURE_FILE}; "
           "refusing to guess whether they match this run. Use a fresh --workdir.")
-    with open(path, "w") as f:
-      json.dump(sig, f, indent=1, sort_keys=True)
+    if jax.process_index() == 0:
+      with open(path, "w") as f:
+        json.dump(sig, f, indent=1, sort_keys=True)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -85,20 +90,35 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params(workdir: str) -> Any:
-  """The params of the latest checkpoint in a run's workdir, untyped.
+def restore_variables(workdir: str) -> dict:
+  """The model variables of the latest checkpoint in a run's workdir.
 
   Used to fine-tune from another run (e.g. quantized models from the float
-  model), whose optimizer state is of no interest here.
+  model) and to evaluate it. The arrays come back as host numpy arrays, so a
+  checkpoint written on any device layout loads in any process.
+
+  Returns:
+    {"params": ..., "batch_stats": ...} (batch_stats empty for models
+    without BatchNorm).
 
   Raises:
     FileNotFoundError: the workdir holds no checkpoint.
   """
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  mgr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False)) \
+  mgr = ocp.CheckpointManager(ckpt_dir, item_handlers=ocp.StandardCheckpointHandler(),
+                              options=ocp.CheckpointManagerOptions(create=False)) \
       if os.path.isdir(ckpt_dir) else None
   if mgr is None or mgr.latest_step() is None:
     raise FileNotFoundError(f"No checkpoint to start from in {workdir}.")
-  state = mgr.restore(mgr.latest_step(), args=ocp.args.StandardRestore())
+  step = mgr.latest_step()
+  meta = mgr.item_metadata(step)
+  # numpy targets: restored on the host, not onto the devices that saved it.
+  target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), getattr(meta, "tree", meta))
+  state = mgr.restore(step, args=ocp.args.StandardRestore(target))
   mgr.close()
-  return state["params"]
+  return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+
+
+def restore_params(workdir: str) -> Any:
+  """The params of the latest checkpoint in a run's workdir (`restore_variables`)."""
+  return restore_variables(workdir)["params"]

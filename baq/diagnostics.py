@@ -28,7 +28,7 @@ import numpy as np
 
 from baq import curvature, losses, planner
 from baq.data.pipeline import normalize
-from baq.evaluate import predict_logits
+from baq.evaluate import apply_model, predict_logits
 from baq.quant.inject import BITS_LEAF, RANGE_LEAF
 
 # Used when a config (e.g. an older workdir's config.json) has no `diagnostics`.
@@ -210,7 +210,7 @@ def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The dict written to WORKDIR/diagnostics.json.
   """
   from baq import experiment  # pylint: disable=import-outside-toplevel
-  from baq.checkpoint import restore_params  # pylint: disable=import-outside-toplevel
+  from baq.checkpoint import restore_variables  # pylint: disable=import-outside-toplevel
   from baq.models import build_model  # pylint: disable=import-outside-toplevel
   from baq.modes import get_mode  # pylint: disable=import-outside-toplevel
   from baq.quant import export, units as U  # pylint: disable=import-outside-toplevel
@@ -221,34 +221,37 @@ def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   test, kw = data["test"], config.model.kwargs.to_dict()
   batch = diagnostic_batch(test, dc.per_group, config.seed)
   fp_dir = config.init_checkpoint or os.path.join(workdir, experiment.FLOAT)
-  float_params = restore_params(fp_dir)
+  float_vars = restore_variables(fp_dir)
+  float_params = float_vars["params"]
   runs = {experiment.FLOAT: (build_model(config.model.name, test.num_classes, None, **kw),
-                             float_params)}
+                             float_vars)}
   modes = [m for m in experiment.modes(config) if m != "float"]
   for b in experiment.baseline_bits(config) if modes else []:
     q = get_mode(config, "qat", b).quantizer.replace(training=False)
     model = build_model(config.model.name, test.num_classes, q, **kw)
-    runs[f"uniform{b}"] = (model, restore_params(os.path.join(workdir, f"uniform{b}")))
-    runs[f"uniform{b}_ptq"] = (model, experiment._init_quantized(model, test, float_params))  # pylint: disable=protected-access
+    runs[f"uniform{b}"] = (model, restore_variables(os.path.join(workdir, f"uniform{b}")))
+    ptq = experiment._init_quantized(model, test, float_params)  # pylint: disable=protected-access
+    runs[f"uniform{b}_ptq"] = (model, dict(float_vars, params=ptq))
   allocations = {}
   for mode in modes:
     name, spec = experiment.method_name(config, mode), get_mode(config, mode)
     model = build_model(config.model.name, test.num_classes,
                         spec.quantizer.replace(training=False), **kw)
-    params = restore_params(os.path.join(workdir, name))
+    run_vars = restore_variables(os.path.join(workdir, name))
+    params = run_vars["params"]
     layers = U.find_units(params)
     target = target_bits(config, params, layers) if spec.uses_budget else \
         float(U.average_bits(params, layers))
     ints, params = export.deploy(params, layers, target, config.quant.min_bits,
                                  config.quant.max_bits)
-    runs[name] = (model, params)
+    runs[name] = (model, dict(run_vars, params=params))
     allocations[name] = ints.tolist()
 
   models = {}
-  for i, (name, (model, params)) in enumerate(runs.items()):
-    apply_fn = lambda p, x, model=model: model.apply({"params": p}, x)
-    logits = predict_logits(model, params, test, config.eval_batch_size)
-    models[name] = model_diagnostics(apply_fn, params, test, batch, dc,
+  for i, (name, (model, variables)) in enumerate(runs.items()):
+    apply_fn = lambda p, x, m=model, v=variables: apply_model(m, dict(v, params=p), x)
+    logits = predict_logits(model, variables, test, config.eval_batch_size)
+    models[name] = model_diagnostics(apply_fn, variables["params"], test, batch, dc,
                                      jax.random.key(config.seed * 1000 + i), logits)
     print(f"[diagnostics] {name}: worst-group acc {np.nanmin(models[name]['accuracy']):.4f}, "
           f"trace per group {np.round(models[name]['hessian_trace'], 3).tolist()}", flush=True)
@@ -262,7 +265,7 @@ def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if allocations:
     plan_path = os.path.join(workdir, planner.PLAN_FILE)
     if not os.path.exists(plan_path):  # the importance the plot needs
-      experiment.allocation_plan(config, workdir, float_params, data)
+      experiment.allocation_plan(config, workdir, float_vars, data)
     with open(plan_path) as f:
       plan = json.load(f)
     plot_bits_vs_importance(os.path.join(workdir, "bits_vs_importance.png"), plan, allocations)

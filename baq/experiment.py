@@ -25,9 +25,9 @@ import numpy as np
 
 from baq import importance, planner, regularizers
 from baq import metrics as M
-from baq.checkpoint import restore_params
+from baq.checkpoint import restore_variables
 from baq.data import datasets
-from baq.evaluate import evaluate_split, predict_logits
+from baq.evaluate import apply_model, as_variables, evaluate_split, predict_logits
 from baq.models import MODELS, build_model
 from baq.modes import MODES, get_mode
 from baq.quant import export, units as U
@@ -151,38 +151,46 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           lr=config.optim.lr, use_penalties=False, name=FLOAT)
   quantized = [m for m in modes(config) if m != "float"]
   if quantized:
-    float_params = restore_params(fp_dir)
+    float_vars = restore_variables(fp_dir)
     for b in baseline_bits(config):
       train(config, os.path.join(workdir, f"uniform{b}"), mode="qat", bits=b, data=data,
-            steps=config.steps, lr=config.optim.finetune_lr, init_params=float_params,
+            steps=config.steps, lr=config.optim.finetune_lr, init_variables=float_vars,
             use_penalties=False, name=f"uniform{b}")
     for mode in quantized:
       spec = get_mode(config, mode)
-      bits = allocation_plan(config, workdir, float_params, data) \
+      bits = allocation_plan(config, workdir, float_vars, data) \
           if spec.init_allocation else None
       name = method_name(config, mode)
       train(config, os.path.join(workdir, name), mode=mode, data=data,
             steps=config.steps if spec.trains else 0, lr=config.optim.finetune_lr,
-            init_params=float_params, name=name, init_bits=bits)
+            init_variables=float_vars, name=name, init_bits=bits)
   return report(config, workdir, data)
 
 
-def allocation_plan(config: ml_collections.ConfigDict, workdir: str, float_params: Any,
+def allocation_plan(config: ml_collections.ConfigDict, workdir: str, float_variables: Any,
                     data: dict) -> np.ndarray:
-  """The importance allocation at the budget (WORKDIR/allocation_plan.json)."""
+  """The importance allocation at the budget (WORKDIR/allocation_plan.json).
+
+  `float_variables`: the float model's {"params", "batch_stats"} (or params).
+  """
+  fv = as_variables(float_variables)
+  float_params = fv["params"]
   spec, train_split = get_mode(config, "fair_static"), data["train"]
   kw = config.model.kwargs.to_dict()
   model = build_model(config.model.name, train_split.num_classes, spec.quantizer, **kw)
   qparams = _init_quantized(model, train_split, float_params)
   layers = U.find_units(qparams)
   fmodel = build_model(config.model.name, train_split.num_classes, None, **kw)
-  return planner.plan(config, lambda p, x: fmodel.apply({"params": p}, x), float_params,
+  apply_fn = lambda p, x: apply_model(fmodel, dict(fv, params=p), x)
+  return planner.plan(config, apply_fn, float_params,
                       layers, spec.quantizer.spec_for, train_split,
                       target_bits(config, qparams, layers), workdir)
 
 
-def _quantized_entry(config, model, params, split, layers) -> dict:
-  m = evaluate_split(model, params, split, config.eval_batch_size, config.dataset.positive_class)
+def _quantized_entry(config, model, variables, split, layers) -> dict:
+  m = evaluate_split(model, variables, split, config.eval_batch_size,
+                     config.dataset.positive_class)
+  params = as_variables(variables)["params"]
   avg = float(U.average_bits(params, layers))
   m.update(avg_bits=avg, size_bytes=float(U.model_bytes(params, layers, avg_bits=avg)))
   return m
@@ -197,10 +205,11 @@ def report(config: ml_collections.ConfigDict, workdir: str, data: Optional[dict]
   data = data or load_data(config)
   test = data["test"]
   fp_dir = config.init_checkpoint or os.path.join(workdir, FLOAT)
-  float_params = restore_params(fp_dir)
+  float_vars = restore_variables(fp_dir)
+  float_params = float_vars["params"]
   fmodel = build_model(config.model.name, test.num_classes, None, **config.model.kwargs.to_dict())
   methods = {}
-  fm = evaluate_split(fmodel, float_params, test, config.eval_batch_size,
+  fm = evaluate_split(fmodel, float_vars, test, config.eval_batch_size,
                       config.dataset.positive_class)
   fm.update(avg_bits=32.0, size_bytes=float(U.model_bytes(float_params, [], avg_bits=0.0)))
   methods[FLOAT] = fm
@@ -211,8 +220,9 @@ def report(config: ml_collections.ConfigDict, workdir: str, data: Optional[dict]
     ptq = _init_quantized(model, test, float_params)
     layers = U.find_units(ptq)
     methods[f"uniform{b}"] = _quantized_entry(
-        config, model, restore_params(os.path.join(workdir, f"uniform{b}")), test, layers)
-    methods[f"uniform{b}_ptq"] = _quantized_entry(config, model, ptq, test, layers)
+        config, model, restore_variables(os.path.join(workdir, f"uniform{b}")), test, layers)
+    methods[f"uniform{b}_ptq"] = _quantized_entry(config, model, dict(float_vars, params=ptq),
+                                                  test, layers)
   for mode in modes(config):
     if mode != "float":
       methods[method_name(config, mode)] = _export_method(
@@ -255,7 +265,8 @@ def _export_method(config, workdir: str, mode: str, name: str, test) -> dict:
   spec = get_mode(config, mode)
   model = build_model(config.model.name, test.num_classes,
                       spec.quantizer.replace(training=False), **config.model.kwargs.to_dict())
-  params = restore_params(run_dir)
+  run_vars = restore_variables(run_dir)
+  params = run_vars["params"]
   layers = U.find_units(params)
   target = target_bits(config, params, layers) if spec.uses_budget else \
       float(U.average_bits(params, layers))
@@ -266,16 +277,16 @@ def _export_method(config, workdir: str, mode: str, name: str, test) -> dict:
   export.write_allocation(out_dir, record)
   export.plot_allocation(os.path.join(out_dir, "bit_allocation.png"), record)
   sample = jnp.asarray(test.images[:1], jnp.float32)
-  captured = export.capture_codes(model, deployed, sample)
+  captured = export.capture_codes(model, dict(run_vars, params=deployed), sample)
   code_bytes = export.save_packed(os.path.join(out_dir, "packed_weights.npz"), captured,
                                   config.quant.symmetric)
   # The packed file must reproduce the evaluated model; check it on test images.
   kernels = export.unpack_kernels(os.path.join(out_dir, "packed_weights.npz"))
-  fq_logits = predict_logits(model, deployed, test, config.eval_batch_size)
+  fq_logits = predict_logits(model, dict(run_vars, params=deployed), test, config.eval_batch_size)
   dq_logits = predict_logits(export.reference_model(model),
-                             export.dequantized_params(deployed, kernels), test,
-                             config.eval_batch_size)
-  m = _quantized_entry(config, model, deployed, test, layers)
+                             dict(run_vars, params=export.dequantized_params(deployed, kernels)),
+                             test, config.eval_batch_size)
+  m = _quantized_entry(config, model, dict(run_vars, params=deployed), test, layers)
   m.update(avg_bits_continuous=record["avg_bits_continuous"], target_bits=target,
            packed_code_bytes=code_bytes,
            export_max_abs_logit_diff=float(np.max(np.abs(fq_logits - dq_logits))))

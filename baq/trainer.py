@@ -1,16 +1,22 @@
 """The trainer: one run of one mode (float, uniform QAT or BAQ) in a workdir.
 
 Sections: model and quantizer, parameters, optimizer, penalties, the update
-step, sharding, checkpoint, loop. The train state is a plain dict; the batch
-of step s is a pure function of (seed, s), so a run restored at step s
-continues exactly as an uninterrupted run would. The loss is checked for
-non-finite values before every checkpoint and log line: a bad step stops the
-run with a message and the last good checkpoint stays as it was.
+step, sharding, checkpoint, loop. The train state is a plain dict (step,
+params, batch_stats, opt_state, penalty_state, rng, data position;
+batch_stats is empty for models without BatchNorm); the batch of step s is a
+pure function of (seed, s), so a run restored at step s continues exactly as
+an uninterrupted run would. The step is one `jax.jit` over the mesh of
+`config.mesh` with the state sharded by `baq.sharding`'s rules and the batch
+split over "data"; on several hosts each process feeds its rows of the
+batch and only process 0 writes metrics. The loss is checked for non-finite
+values before every checkpoint and log line: a bad step stops the run with a
+message and the last good checkpoint stays as it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -25,9 +31,10 @@ import numpy as np
 import optax
 
 from baq import losses, regularizers
+from baq import sharding as sh
 from baq.checkpoint import Checkpointer
 from baq.data.pipeline import Batcher
-from baq.evaluate import evaluate_split
+from baq.evaluate import apply_model, as_variables, evaluate_split
 from baq.models import build_model
 from baq.modes import get_mode
 from baq.quant import units as U
@@ -45,12 +52,19 @@ class RunResult:
     model: the training-mode model.
     mode: the ModeSpec used.
     workdir: the run's directory.
+    batch_stats: final BatchNorm statistics (empty without BatchNorm).
   """
 
   params: Any
   model: Any
   mode: Any
   workdir: str
+  batch_stats: Any = dataclasses.field(default_factory=dict)
+
+  @property
+  def variables(self) -> dict:
+    """{"params", "batch_stats"}, to evaluate the model with."""
+    return {"params": self.params, "batch_stats": self.batch_stats}
 
 
 def merge_params(init: dict, source: dict) -> dict:
@@ -144,11 +158,14 @@ def make_train_step(model, tx, penalties: dict, layers, *, num_groups: int,
   optimizer (whose moments may still move them) says: the final phase of a
   BAQ run trains weights at a fixed integer allocation. `group_weights` ([G]
   or None) weights each example's task loss by its group (the "disparately
-  skews" paper's weighted-loss mitigation).
+  skews" paper's weighted-loss mitigation). The model runs with train=True
+  and its updated BatchNorm statistics go into the state.
   """
 
-  def loss_fn(params, batch, key, pen_state, step):
-    logits = model.apply({"params": params}, batch["image"], rngs={"quant": key})
+  def loss_fn(params, batch_stats, batch, key, pen_state, step):
+    logits, new_vars = apply_model(
+        model, {"params": params, "batch_stats": batch_stats}, batch["image"], train=True,
+        rngs={"quant": key, "dropout": jax.random.fold_in(key, 1)}, mutable=["batch_stats"])
     per_ex = losses.cross_entropy(logits, batch["label"])
     gl = losses.group_stats(per_ex, batch["group"], num_groups)
     if group_weights is None:
@@ -170,18 +187,19 @@ def make_train_step(model, tx, penalties: dict, layers, *, num_groups: int,
     metrics["loss"] = total
     metrics["group_correct"] = jax.ops.segment_sum(correct, batch["group"], num_groups)
     metrics["group_count"] = gl.count
-    return total, (new_state, metrics)
+    return total, (new_state, new_vars.get("batch_stats", {}), metrics)
 
   def step_fn(state, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    grads, (pen_state, metrics) = jax.grad(loss_fn, has_aux=True)(
-        state["params"], batch, key, state["penalty_state"], state["step"])
+    grads, (pen_state, batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(
+        state["params"], state.get("batch_stats", {}), batch, key, state["penalty_state"],
+        state["step"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = _clip_bits(optax.apply_updates(state["params"], updates), *bit_bounds)
     if freeze_bits:
       params = _keep_bits(params, state["params"])
-    new = dict(state, params=params, opt_state=opt_state, penalty_state=pen_state,
-               step=state["step"] + 1, data_position=state["step"] + 1)
+    new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
+               penalty_state=pen_state, step=state["step"] + 1, data_position=state["step"] + 1)
     return new, metrics
 
   return step_fn
@@ -210,6 +228,8 @@ class MetricWriter:
     self.path, self.name = os.path.join(workdir, "metrics.jsonl"), name
 
   def write(self, step: int, metrics: dict) -> None:
+    if jax.process_index() != 0:  # one writer on several hosts
+      return
     metrics = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist())
                for k, v in metrics.items()}
     with open(self.path, "a") as f:
@@ -241,10 +261,29 @@ def _check_finite(history: list[dict], workdir: str, last_saved: Optional[int]) 
         "Lower the learning rate or a penalty weight and resume.")
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def model_variables(model, key: jax.Array, sample: jax.Array) -> dict:
+  """`model.init` as one compiled program: {"params", maybe "batch_stats"}.
+
+  Initialised op by op, every initializer compiles on its own (seconds each
+  on CPU).
+  """
+  return model.init({"params": key, "quant": key}, sample)
+
+
+def init_state(params: Any, batch_stats: Any, tx: optax.GradientTransformation,
+               penalties: dict, num_groups: int, rng: jax.Array) -> dict:
+  """The train state at step 0 (a plain dict; see the module docstring)."""
+  return dict(step=jnp.int32(0), data_position=jnp.int32(0), params=params,
+              batch_stats=batch_stats, opt_state=tx.init(params), rng=jax.random.key_data(rng),
+              penalty_state={n: r.init(num_groups) for n, (r, _) in penalties.items()})
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: dict,
           steps: int, lr: float, bits: Optional[float] = None,
           init_params: Optional[dict] = None, use_penalties: bool = True,
-          name: Optional[str] = None, init_bits: Optional[np.ndarray] = None) -> RunResult:
+          name: Optional[str] = None, init_bits: Optional[np.ndarray] = None,
+          init_variables: Optional[dict] = None) -> RunResult:
   """Trains one mode in `workdir`, resuming from its latest checkpoint.
 
   Args:
@@ -255,25 +294,35 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
     steps: total training steps.
     lr: peak learning rate of the weights.
     bits: bit-width of mode "qat".
-    init_params: parameters to start from (e.g. the float model's).
+    init_params: parameters to start from, for models without BatchNorm
+      (else use `init_variables`).
     use_penalties: add `config.penalties` to the loss.
     name: label for progress lines.
     init_bits: integer bit-widths to start from, one per unit (an
       allocation); otherwise the mode's own start.
+    init_variables: {"params", "batch_stats"} to start from (e.g. the float
+      model's, `checkpoint.restore_variables`).
 
   Returns:
-    A RunResult with the final parameters.
+    A RunResult with the final parameters and BatchNorm statistics.
   """
   name = name or mode
+  sh.initialize_distributed()
+  mesh = sh.make_mesh(config)
   spec = get_mode(config, mode, bits)
   train_split = data["train"]
   model = build_model(config.model.name, train_split.num_classes, spec.quantizer,
                       **config.model.kwargs.to_dict())
   sample = jnp.zeros((1,) + train_split.images.shape[1:], jnp.float32)
   init_key, rng = jax.random.split(jax.random.key(config.seed))
-  params = model.init({"params": init_key, "quant": init_key}, sample)["params"]
-  if init_params is not None:
-    params = merge_params(params, init_params)
+  variables = model_variables(model, init_key, sample)
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  if init_params is not None and init_variables is not None:
+    raise ValueError("Pass init_params or init_variables, not both.")
+  if init_params is not None or init_variables is not None:
+    start = as_variables(init_params if init_variables is None else init_variables)
+    params = merge_params(params, start["params"])
+    batch_stats = merge_params(batch_stats, start.get("batch_stats") or {})
   layers = U.find_units(params)
   target = target_bits(config, params, layers) if spec.uses_budget else float("nan")
   if init_bits is not None:
@@ -283,26 +332,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
 
   tx = make_optimizer(config, params, lr=lr, steps=steps, train_bits=spec.train_bits)
   penalties = build_penalties(config, spec.train_bits) if use_penalties else {}
-  state = dict(step=jnp.int32(0), data_position=jnp.int32(0), params=params,
-               opt_state=tx.init(params), rng=jax.random.key_data(rng),
-               penalty_state={n: r.init(train_split.num_groups) for n, (r, _) in penalties.items()})
+  state = init_state(params, batch_stats, tx, penalties, train_split.num_groups, rng)
 
-  ckpt = Checkpointer(workdir, jax.eval_shape(lambda: state))
+  shardings = sh.state_shardings(mesh, state, config)
+  ckpt = Checkpointer(workdir, sh.abstract(state, shardings))
   if ckpt.latest_step() is not None:
-    state = ckpt.restore()
+    state = ckpt.restore()  # onto this run's shardings, whatever layout saved it
     print(f"[{name}] resumed from step {int(state['step'])} in {workdir}", flush=True)
+  else:
+    state = sh.put(state, shardings)
   bounds = (config.quant.min_bits, config.quant.max_bits)
   weights = group_loss_weights(config.get("group_weighting", "none"), train_split.groups,
                                train_split.num_groups)
   step_kw = dict(num_groups=train_split.num_groups, target_bits=target, bit_bounds=bounds,
                  group_weights=weights)
-  search_step = jax.jit(make_train_step(model, tx, penalties, layers, **step_kw),
-                        donate_argnums=0)
+  search_step = sh.jit_step(make_train_step(model, tx, penalties, layers, **step_kw), mesh,
+                            shardings)
   eval_model = model.clone(quant=spec.quantizer.replace(training=False)) \
       if spec.quantizer else model
   final_at = finalize_step(config, spec, steps)
-  final_step = jax.jit(make_train_step(eval_model, tx, penalties, layers, freeze_bits=True,
-                                       **step_kw), donate_argnums=0)
+  final_step = sh.jit_step(make_train_step(eval_model, tx, penalties, layers, freeze_bits=True,
+                                           **step_kw), mesh, shardings)
   batcher = Batcher(train_split, config.batch_size, seed=config.seed,
                     sampling=config.dataset.sampling, flip=config.dataset.flip)
   writer, history = MetricWriter(workdir, name), []
@@ -313,9 +363,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
       ckpt.save(0, state, force=True)
     while step < steps:
       if step == final_at:
-        state = _finalize(state, layers, target, config, name, workdir)
+        state = sh.put(_finalize(state, layers, target, config, name, workdir), shardings)
       step_fn = final_step if step >= final_at else search_step
-      state, metrics = step_fn(state, batcher.batch(step))
+      state, metrics = step_fn(state, sh.shard_batch(batcher.batch(step), mesh))
       history.append(metrics)
       step += 1
       log_now = step % config.log_every == 0 or step == steps
@@ -326,7 +376,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
         summary = _summarise(history)
         summary["steps_per_s"] = len(history) / max(time.time() - t0, 1e-9)
         if step % config.eval_every == 0 or step == steps:
-          val = evaluate_split(eval_model, state["params"], data["validation"],
+          val = evaluate_split(eval_model, _variables(state), data["validation"],
                                config.eval_batch_size)
           summary.update(val_acc=val["accuracy"], val_worst_group_acc=val["worst_group_accuracy"])
         writer.write(step, summary)
@@ -336,7 +386,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
         last_saved = step
   finally:
     ckpt.close()
-  return RunResult(state["params"], model, spec, workdir)
+  return RunResult(state["params"], model, spec, workdir, state["batch_stats"])
+
+
+def _variables(state: dict) -> dict:
+  return {"params": state["params"], "batch_stats": state["batch_stats"]}
 
 
 def finalize_step(config: ml_collections.ConfigDict, spec, steps: int) -> float:
@@ -359,10 +413,12 @@ def _finalize(state: dict, layers, target: float, config, name: str, workdir: st
   (the train state holds the integers from here on).
   """
   from baq.quant.export import deploy  # pylint: disable=import-outside-toplevel
-  params = jax.device_get(state["params"])
+  params = sh.to_host(state["params"])
   cont = np.asarray(U.gather_bits(params, layers), np.float64)
-  with open(os.path.join(workdir, SEARCHED_BITS_FILE), "w") as f:
-    json.dump(dict(step=int(state["step"]), units=U.unit_names(layers), bits=cont.tolist()), f)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, SEARCHED_BITS_FILE), "w") as f:
+      json.dump(dict(step=int(state["step"]), units=U.unit_names(layers), bits=cont.tolist()),
+                f)
   ints, params = deploy(params, layers, target, config.quant.min_bits, config.quant.max_bits)
   del ints
   avg = float(U.average_bits(params, layers))

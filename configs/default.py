@@ -124,6 +124,14 @@ def get_config(arg=None):
       weight=1.0, dual_lr=0.02, rho=1.0, equality=True))
   c.penalties.cvar = ml_collections.ConfigDict(dict(weight=1.0, alpha=0.34))
 
+  # Devices: a ("data", "model") mesh (baq/sharding.py). Batches are split
+  # over "data"; weights of at least fsdp_min_numel elements are sharded
+  # FSDP-style over "model"; bit-widths, scales and small tensors replicate.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # devices on the data axis; -1: all left over by `model`
+  c.mesh.model = 1  # devices each large weight is split over
+  c.mesh.fsdp_min_numel = 2**18  # smaller weights stay replicated
+
   c.log_every = 100
   c.eval_every = 400  # validation worst-group accuracy during training
   c.checkpoint_every = 200

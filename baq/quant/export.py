@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from baq.evaluate import apply_model
 from baq.quant import units as U
 from baq.quant.inject import BITS_LEAF, EXPORT_COLLECTION, RANGE_LEAF
 
@@ -53,16 +54,17 @@ def reference_model(model):
   return model.clone(quant=model.quant.replace(training=False, weights=False))
 
 
-def capture_codes(model, params: Any, sample: jax.Array) -> dict[str, dict]:
+def capture_codes(model, variables: Any, sample: jax.Array) -> dict[str, dict]:
   """Layer name -> {codes, scale, zero_point, bits} of a deployed model.
 
   Args:
     model: the quantized model; it is re-cloned with capture on, eval mode.
-    params: deployed params (integer bit-widths).
+    variables: deployed params (integer bit-widths), or {"params",
+      "batch_stats"} for a model with BatchNorm.
     sample: any input batch (only its shape matters for weights).
   """
   m = model.clone(quant=model.quant.replace(training=False, capture=True))
-  _, state = m.apply({"params": params}, sample, mutable=[EXPORT_COLLECTION])
+  _, state = apply_model(m, variables, sample, mutable=[EXPORT_COLLECTION])
   flat = tu.flatten_dict(state[EXPORT_COLLECTION])
   return {"/".join(k[:-2]): jax.device_get(v) for k, v in _group(flat).items()}
 
