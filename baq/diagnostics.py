@@ -32,7 +32,8 @@ from baq.evaluate import apply_model, predict_logits
 from baq.quant.inject import BITS_LEAF, RANGE_LEAF
 
 # Used when a config (e.g. an older workdir's config.json) has no `diagnostics`.
-DEFAULTS = dict(per_group=64, num_probes=64, probe_chunk=8, max_iters=100, tol=1e-3)
+DEFAULTS = dict(per_group=64, num_probes=64, probe_chunk=8, max_iters=100, tol=1e-3,
+                models="all")
 STATS = ("accuracy", "loss", "logit_variance", "grad_norm", "hessian_trace", "top_eigenvalue")
 
 
@@ -248,6 +249,13 @@ def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
     allocations[name] = ints.tolist()
 
   models = {}
+  if dc.models != "all":
+    keep = [m.strip() for m in dc.models.split(",") if m.strip()]
+    unknown = sorted(set(keep) - set(runs))
+    if unknown or experiment.FLOAT not in keep:
+      raise ValueError(f"diagnostics.models must name {experiment.FLOAT} and runs of this "
+                       f"workdir; unknown: {unknown}. Valid: {', '.join(runs)}.")
+    runs = {k: v for k, v in runs.items() if k in keep}
   for i, (name, (model, variables)) in enumerate(runs.items()):
     apply_fn = lambda p, x, m=model, v=variables: apply_model(m, dict(v, params=p), x)
     logits = predict_logits(model, variables, test, config.eval_batch_size)

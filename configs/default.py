@@ -116,6 +116,7 @@ def get_config(arg=None):
   c.diagnostics.probe_chunk = 8
   c.diagnostics.max_iters = 100  # power iteration: cap and relative tolerance
   c.diagnostics.tol = 1e-3
+  c.diagnostics.models = "all"  # or e.g. "fp32,uniform4,uniform4_ptq"
 
   # Penalties of the main mode: name -> {weight, hyper-parameters}; names
   # from baq.regularizers.REGULARIZERS. `bitrate` enforces the budget.
