@@ -5,11 +5,14 @@ a script, `python tests/test_sharding.py WORKER ARGS_JSON`) with
 XLA_FLAGS=--xla_force_host_platform_device_count=8, so the pytest process
 keeps its single device. The workers also pass XLA's cheap-compile options
 (compiling dominates these runs on CPU; every layout gets the same ones).
+With BAQ_MULTIPROCESS_TESTS=1, one more test runs a two-process
+`jax.distributed` job (2 devices each) on this machine.
 """
 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -60,7 +63,7 @@ def _losses(workdir):
 def worker_train(data_dir, out, runs):
   """Trains (or resumes) tiny BAQ runs: runs = [(workdir, data, model)]."""
   import jax  # pylint: disable=import-outside-toplevel
-  from baq import experiment, trainer  # pylint: disable=import-outside-toplevel
+  from baq import experiment, sharding, trainer  # pylint: disable=import-outside-toplevel
   data = experiment.load_data(_config(data_dir))
   result = {}
   for workdir, d, m in runs:
@@ -68,10 +71,11 @@ def worker_train(data_dir, out, runs):
                       lr=1e-3)
     kernel = r.params["Conv_1"]["kernel"]
     result[os.path.basename(workdir)] = dict(
-        params=jax.device_get(r.params), losses=_losses(workdir),
+        params=sharding.to_host(r.params), losses=_losses(workdir),
         kernel_shards=len({str(s.index) for s in kernel.addressable_shards}),
         devices=len(kernel.sharding.device_set))
-  _dump(out, result)
+  if jax.process_index() == 0:
+    _dump(out, result)
 
 
 def worker_group_stats(out):
@@ -142,15 +146,27 @@ def _last_val_acc(workdir):
 
 # ---- the parent side ----
 
-def _run(worker, devices=8, cache=None, **kwargs):
+def _run(worker, devices=8, cache=None, processes=1, **kwargs):
+  """`worker(**kwargs)` in `processes` subprocesses of `devices` CPU devices each."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {CHEAP}",
              JAX_PLATFORMS="cpu")
   if cache:  # a resumed run compiles what its source run compiled
     env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), worker, json.dumps(kwargs)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-4000:]
+  if processes > 1:  # one jax.distributed job on this machine
+    with socket.socket() as sock:
+      sock.bind(("localhost", 0))
+      port = sock.getsockname()[1]
+    env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes))
+  logs = [open(f"{kwargs['out']}.{i}.log", "w+") for i in range(processes)]
+  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), worker,
+                             json.dumps(kwargs)], cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)),
+                            stdout=log, stderr=log) for i, log in enumerate(logs)]
+  for p, log in zip(procs, logs):
+    p.wait(timeout=600)
+    log.seek(0)
+    assert p.returncode == 0, log.read()[-4000:]
+    log.close()
   z = np.load(kwargs["out"])
   return {k: z[k] for k in z.files}
 
@@ -221,6 +237,19 @@ def test_checkpoints_move_between_1_and_8_devices(runs, data_dir):
       np.testing.assert_allclose(x, ref[k], rtol=1e-5, atol=1e-6, err_msg=f"{name} {k}")
     # The copied metrics hold steps 1-6, the resumed run appends 4-6 again.
     np.testing.assert_allclose(resumed[f"{name}/losses"][-3:], r["one/losses"][-3:], rtol=1e-5)
+
+
+@pytest.mark.skipif(os.environ.get("BAQ_MULTIPROCESS_TESTS") != "1",
+                    reason="two jax processes (~40 s here); set BAQ_MULTIPROCESS_TESTS=1")
+def test_two_processes_match_one_device(runs, data_dir):
+  root, _, r = runs
+  got = _run("worker_train", devices=2, processes=2, data_dir=data_dir,
+             out=str(root / "hosts.npz"), runs=[(str(root / "hosts"), 2, 2)])
+  assert int(got["hosts/devices"]) == 4 and int(got["hosts/kernel_shards"]) == 2
+  for k, x in _sub(got, "hosts/params").items():
+    np.testing.assert_allclose(x, r[f"one/params/{k}"], rtol=1e-5, atol=1e-6, err_msg=k)
+  # Only process 0 wrote metrics: one line per step.
+  np.testing.assert_allclose(got["hosts/losses"], r["one/losses"], rtol=1e-5)
 
 
 def test_group_losses_do_not_depend_on_the_device_layout(tmp_path):
