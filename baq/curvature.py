@@ -30,6 +30,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from baq import losses
 
@@ -199,10 +200,11 @@ def top_eigenvalues(group_loss: GroupLossFn, params: Params, key: jax.Array,
     num_groups: G.
     max_iters: iteration cap.
     tol: relative tolerance on the eigenvalue.
-    batch_groups: vmap the groups' HVPs (one batched pass) or run them one
-      after another (`lax.map`). None: batched except on CPU, where XLA
-      executes the vmapped convolutions of a batched HVP many times slower
-      than the same work in sequence.
+    batch_groups: vmap the groups' HVPs in one `lax.while_loop` (traceable,
+      so it can sit inside `jax.jit`), or run the iterations from Python,
+      one jitted HVP per group. None: batched except on CPU, where XLA runs
+      the vmapped convolutions of a batched HVP, and convolutions inside a
+      while loop, many times slower than standalone ones.
 
   Returns:
     An EigenResult.
@@ -218,10 +220,12 @@ def top_eigenvalues(group_loss: GroupLossFn, params: Params, key: jax.Array,
   v0 = jax.vmap(lambda k: _normalise(jax.tree.map(
       lambda x: jax.random.normal(k, x.shape, x.dtype), params)))(keys)
 
+  if not batch_groups:
+    return _power_iteration_host(group_loss, params, v0, num_groups, max_iters, tol)
+
   def step(carry):
     v, lam, _, it, _ = carry
-    hv = (jax.vmap(hv_one)(groups, v) if batch_groups
-          else jax.lax.map(lambda gv: hv_one(*gv), (groups, v)))
+    hv = jax.vmap(hv_one)(groups, v)
     new_lam = jax.vmap(_tree_dot)(v, hv)
     conv = jnp.abs(new_lam - lam) <= tol * jnp.abs(new_lam)
     return jax.vmap(_normalise)(hv), new_lam, lam, it + 1, conv
@@ -234,6 +238,28 @@ def top_eigenvalues(group_loss: GroupLossFn, params: Params, key: jax.Array,
           jnp.zeros(num_groups, bool))
   v, lam, _, it, conv = jax.lax.while_loop(cond, step, init)
   return EigenResult(lam, v, it, conv)
+
+
+def _power_iteration_host(group_loss, params, v0, num_groups: int, max_iters: int,
+                          tol: float) -> EigenResult:
+  """The same iteration and stopping rule, driven from Python."""
+
+  @jax.jit
+  def one(p, g, v):
+    hv = hvp(lambda q: group_loss(q)[g], p, v)
+    return _tree_dot(v, hv), _normalise(hv)
+
+  vs = [jax.tree.map(lambda x, g=g: x[g], v0) for g in range(num_groups)]
+  lam = np.full(num_groups, np.inf)
+  conv = np.zeros(num_groups, bool)
+  it = 0
+  while it < max_iters and not conv.all():
+    out = [one(params, g, vs[g]) for g in range(num_groups)]
+    new = np.array([float(o[0]) for o in out])
+    conv = np.abs(new - lam) <= tol * np.abs(new)
+    lam, vs, it = new, [o[1] for o in out], it + 1
+  v = jax.tree.map(lambda *x: jnp.stack(x), *vs)
+  return EigenResult(jnp.asarray(lam, jnp.float32), v, jnp.int32(it), jnp.asarray(conv))
 
 
 class TraceEstimate(NamedTuple):

@@ -101,8 +101,7 @@ def curvature_statistics(apply_fn: Callable, params: Any, batch: dict, num_group
   est = jax.jit(lambda v: curvature.group_traces(
       per_example, v, batch["group"], num_groups, k1, num_probes=num_probes,
       probe_chunk=probe_chunk))(flat_w)
-  eig = jax.jit(lambda v: curvature.top_eigenvalues(gl, v, k2, num_groups, max_iters=max_iters,
-                                                    tol=tol))(flat_w)
+  eig = curvature.top_eigenvalues(gl, flat_w, k2, num_groups, max_iters=max_iters, tol=tol)
   tolist = lambda x: np.asarray(x, np.float64).tolist()
   return dict(grad_norm=tolist(grad_norm), hessian_trace=tolist(est.trace),
               hessian_trace_stderr=tolist(est.stderr),
