@@ -62,6 +62,7 @@ from baq.quant import export, gptq_model as GM, units as U
 from baq.trainer import target_bits, train
 
 QUANTIZERS = ("rtn", "gptq", "fair_gptq", "qat", "baq")
+PAIRS = ("auto", "counterfactual", "penultimate", "pixels")
 DEFAULTS = dict(
     quantizers="rtn,gptq,fair_gptq,qat,baq",  # comma-separated, from QUANTIZERS
     bits=(8, 4),              # bit-widths of rtn, gptq, fair_gptq and qat
@@ -109,7 +110,10 @@ def settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   bad = [q for q in _quantizers(s) if q not in QUANTIZERS]
   if bad:
     raise ValueError(f"Unknown quantizers {bad}. Valid: {', '.join(QUANTIZERS)}.")
-  stats.adjust([], s.correction)
+  if s.pairs not in PAIRS:
+    raise ValueError(f"Unknown study.pairs {s.pairs!r}. Valid: {', '.join(PAIRS)}.")
+  stats.adjust([], s.correction)  # raises on unknown names, before any cell runs
+  stats.verdicts([], [], [], [], s.significance, s.verdict_rule)
   return s
 
 
@@ -165,8 +169,10 @@ def _reused(config, s, seed: int, sub: str, steps: int) -> str:
     return ""
   with open(path) as f:
     other = json.load(f)
+  mine = _cell_config(config)
+  other["dataset"].pop("data_dir", None)
   for key in ("model", "dataset"):
-    if json.loads(config[key].to_json()) != other[key]:
+    if mine[key] != other[key]:
       raise ValueError(f"study.reuse {base}: its {key} differs from this config's.")
   if sub == "baq" and float(other["quant"]["target_bits"]) != config.quant.target_bits:
     return ""
@@ -215,7 +221,7 @@ def fair_pairs(config, s, data: dict, model, params, seed: int) -> tuple[tuple, 
                                          **config.dataset.kwargs.to_dict())
       xa.append(cf["image"][0])
       xb.append(cf["image"][1])
-  elif how in ("penultimate", "pixels"):
+  else:
     pool = np.sort(rng.choice(len(train_split), min(s.pair_pool, len(train_split)), False))
     images = train_split.images[pool]
     feats = (penultimate_features(model, params, normalize(images), s.calib_batch)
@@ -225,9 +231,6 @@ def fair_pairs(config, s, data: dict, model, params, seed: int) -> tuple[tuple, 
       keep = np.sort(rng.permutation(len(ia))[:per])
       xa.append(images[ia[keep]])
       xb.append(images[ib[keep]])
-  else:
-    raise ValueError(f"Unknown study.pairs {s.pairs!r}. Valid: auto, counterfactual, "
-                     "penultimate, pixels.")
   xa, xb = np.concatenate(xa), np.concatenate(xb)
   return (normalize(xa), normalize(xb)), dict(pairs=how, pair_reference=ref,
                                                num_pairs=len(xa), pair_groups=others)
@@ -243,7 +246,9 @@ def _ptq(config, s, cell: Cell, fp: Callable, data: dict, root: str) -> tuple:
             batch_size=s.calib_batch, float_layers=config.quant.float_layers or ())
   info = dict(granularity="channel", calib_size=len(calib), alpha=cell.alpha)
   if cell.quantizer == "fair_gptq":
-    kw["pairs"], how = fair_pairs(config, s, data, model, fp(), cell.seed)
+    if "pairs" not in fp.cache:  # one set per seed, shared by every alpha and budget
+      fp.cache["pairs"] = fair_pairs(config, s, data, model, fp(), cell.seed)
+    kw["pairs"], how = fp.cache["pairs"]
     kw.update(alpha=cell.alpha, fair_layers=s.fair_layers)
     info.update(how)
   params, rec = GM.quantize_model(model, {"params": fp()}, normalize(calib), **kw,
@@ -277,7 +282,11 @@ def _trained(config, s, cell: Cell, fp: Callable, data: dict, root: str) -> tupl
 
 
 def _float_params(config, s, seed: int, data: dict, root: str) -> Callable:
-  """A loader of the seed's float params: trained (or reused) on first call."""
+  """A loader of the seed's float params: trained (or reused) on first call.
+
+  Its `cache` dict also keeps what every cell of the seed shares (run_dir,
+  Fair-GPTQ's pairs).
+  """
   cache = {}
 
   def load():

@@ -182,10 +182,14 @@ def plot_accuracy_vs_bits(path: str, out: dict) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fams = list(dict.fromkeys(_family(n) for n in out["settings"]))
-  fig, axes = plt.subplots(1, len(fams), figsize=(3.2 * len(fams), 3.4), sharey=True,
+  cols = min(len(fams), 4)
+  rows = -(-len(fams) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), sharey=True,
                            squeeze=False)
+  for ax in axes.flat[len(fams):]:
+    ax.set_visible(False)
   colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(out["group_names"])))
-  for ax, fam in zip(axes[0], fams):
+  for ax, fam in zip(axes.flat, fams):
     sts = sorted((st for n, st in out["settings"].items() if _family(n) == fam),
                  key=lambda st: st["avg_bits"])
     x = np.array([st["avg_bits"] for st in sts])
@@ -198,8 +202,9 @@ def plot_accuracy_vs_bits(path: str, out: dict) -> None:
       ax.axhline(100 * out["float"]["accuracy"][g], color=colors[g], ls=":", lw=0.8)
     ax.set(title=fam, xlabel="average bits")
     ax.set_xticks(sorted(set(np.round(x, 2))))
-  axes[0][0].set_ylabel("group accuracy (%), dotted: fp32")
-  axes[0][-1].legend(fontsize=7, loc="lower right")
+  for row in axes:
+    row[0].set_ylabel("group accuracy (%), dotted: fp32")
+  axes.flat[len(fams) - 1].legend(fontsize=7, loc="lower right")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -53,6 +53,10 @@ def test_grid_names_and_bad_options(config):
   bad.study.alpha = 1.0
   with pytest.raises(ValueError, match=r"Unknown study options \['alpha'\]"):
     study.grid(bad)
+  bad = config.copy_and_resolve_references()
+  bad.study.verdict_rule = "loose"
+  with pytest.raises(ValueError, match="Valid: differential, strict"):
+    study.grid(bad)
 
 
 def test_study_json_has_every_field_and_consistent_numbers(done):
