@@ -169,11 +169,10 @@ def _reused(config, s, seed: int, sub: str, steps: int) -> str:
     return ""
   with open(path) as f:
     other = json.load(f)
-  mine = _cell_config(config)
-  other["dataset"].pop("data_dir", None)
-  for key in ("model", "dataset"):
-    if mine[key] != other[key]:
-      raise ValueError(f"study.reuse {base}: its {key} differs from this config's.")
+  mine, other = _cell_config(config), _cell_config(other)
+  diff = _conflicts({k: other[k] for k in ("model", "dataset")}, mine)
+  if diff:
+    raise ValueError(f"study.reuse {base}: its {diff} differ from this config's.")
   if sub == "baq" and float(other["quant"]["target_bits"]) != config.quant.target_bits:
     return ""
   return os.path.join(base, sub)
@@ -303,12 +302,32 @@ def _float_params(config, s, seed: int, data: dict, root: str) -> Callable:
   return load
 
 
+# Fields that change no cell's predictions: they may differ when a study resumes.
+_NOT_IN_CELLS = ("study", "diagnostics", "imports", "log_every", "eval_every",
+                 "checkpoint_every", "eval_batch_size")
+
+
 def _cell_config(config) -> dict:
-  """What the cells depend on: the config without `study` and the data path."""
-  c = json.loads(config.to_json())
-  c.pop("study", None)
-  c["dataset"].pop("data_dir", None)
+  """What the cells depend on, as JSON: the config less _NOT_IN_CELLS and data_dir."""
+  c = config if isinstance(config, dict) else json.loads(config.to_json())
+  c = {k: v for k, v in c.items() if k not in _NOT_IN_CELLS}
+  c["dataset"] = {k: v for k, v in c["dataset"].items() if k != "data_dir"}
   return c
+
+
+def _conflicts(old: dict, new: dict, prefix: str = "") -> list[str]:
+  """Dotted fields both configs hold with different values.
+
+  A field only one of them holds is newer code, not a different experiment.
+  """
+  out = []
+  for k in sorted(set(old) & set(new)):
+    a, b = old[k], new[k]
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _conflicts(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(prefix + k)
+  return out
 
 
 def _check_root(config, root: str) -> None:
@@ -317,12 +336,8 @@ def _check_root(config, root: str) -> None:
   path = os.path.join(root, "config.json")
   if os.path.exists(path):
     with open(path) as f:
-      old = json.load(f)
-    old.pop("study", None)
-    old["dataset"].pop("data_dir", None)
-    new = _cell_config(config)
-    if old != new:
-      diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+      diff = _conflicts(_cell_config(json.load(f)), _cell_config(config))
+    if diff:
       raise ValueError(f"{root} holds a study made with another config (differs in {diff}); "
                        "use a fresh --root, or only change the `study` options.")
 

@@ -41,6 +41,17 @@ def test_study_config_sets_every_option_and_runlocal_shrinks_it():
   assert len(study.grid(small)) == 2 * 5 and small.float_steps < full.float_steps
 
 
+def test_a_root_refuses_another_experiment_but_not_other_study_options(config, tmp_path):
+  with open(tmp_path / "config.json", "w") as f:
+    f.write(config.to_json())
+  other = config.copy_and_resolve_references()
+  other.study.seeds, other.eval_batch_size, other.dataset.data_dir = (0, 1, 2), 7, "/x"
+  study._check_root(other, str(tmp_path))
+  other.model.kwargs.hidden = 9
+  with pytest.raises(ValueError, match=r"differs in \['model.kwargs.hidden'\]"):
+    study._check_root(other, str(tmp_path))
+
+
 def test_grid_names_and_bad_options(config):
   names = [c.name for c in study.grid(config)]
   assert names == ["rtn_w4_s0", "rtn_w4_s1", "gptq_w4_s0", "gptq_w4_s1",
