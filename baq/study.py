@@ -52,10 +52,10 @@ import numpy as np
 
 from baq import experiment, stats, study_report
 from baq import metrics as M
-from baq.checkpoint import restore_params
+from baq.checkpoint import restore_variables
 from baq.data import datasets
 from baq.data.pipeline import normalize
-from baq.evaluate import predict_logits
+from baq.evaluate import apply_model, predict_logits, takes_train
 from baq.models import build_model
 from baq.modes import get_mode
 from baq.quant import export, gptq_model as GM, units as U
@@ -183,7 +183,7 @@ def _model(config, test, quantizer=None):
                      **config.model.kwargs.to_dict())
 
 
-def penultimate_features(model: nn.Module, params: Any, x: np.ndarray,
+def penultimate_features(model: nn.Module, variables: Any, x: np.ndarray,
                          batch_size: int = 256) -> np.ndarray:
   """[n, d] inputs of the model's last Dense/Conv call (the head's features)."""
   def features(xb):
@@ -195,14 +195,14 @@ def penultimate_features(model: nn.Module, params: Any, x: np.ndarray,
       return fn(*args, **kwargs)
 
     with nn.intercept_methods(grab):
-      model.apply({"params": params}, xb)
+      apply_model(model, variables, xb)
     return seen[-1].reshape(xb.shape[0], -1)
   run = jax.jit(features)
   return np.concatenate([np.asarray(run(x[i:i + batch_size]))
                          for i in range(0, len(x), batch_size)])
 
 
-def fair_pairs(config, s, data: dict, model, params, seed: int) -> tuple[tuple, dict]:
+def fair_pairs(config, s, data: dict, model, variables, seed: int) -> tuple[tuple, dict]:
   """Fair-GPTQ's aligned pair batches (x_a, x_b), normalised, and how they were made."""
   train_split = data["train"]
   count = np.bincount(train_split.groups, minlength=train_split.num_groups)
@@ -223,7 +223,7 @@ def fair_pairs(config, s, data: dict, model, params, seed: int) -> tuple[tuple, 
   else:
     pool = np.sort(rng.choice(len(train_split), min(s.pair_pool, len(train_split)), False))
     images = train_split.images[pool]
-    feats = (penultimate_features(model, params, normalize(images), s.calib_batch)
+    feats = (penultimate_features(model, variables, normalize(images), s.calib_batch)
              if how == "penultimate" else images)
     for g in others:
       ia, ib = GM.match_pairs(feats, train_split.labels[pool], train_split.groups[pool], g, ref)
@@ -250,11 +250,13 @@ def _ptq(config, s, cell: Cell, fp: Callable, data: dict, root: str) -> tuple:
     kw["pairs"], how = fp.cache["pairs"]
     kw.update(alpha=cell.alpha, fair_layers=s.fair_layers)
     info.update(how)
-  params, rec = GM.quantize_model(model, {"params": fp()}, normalize(calib), **kw,
-                                  **s.gptq_kwargs.to_dict())
+  apply_kwargs = {"train": False} if takes_train(type(model)) else None
+  params, rec = GM.quantize_model(model, fp(), normalize(calib), apply_kwargs=apply_kwargs,
+                                  **kw, **s.gptq_kwargs.to_dict())
   info.update(avg_bits=cell.bits, calib_err=sum(r["err"] for r in rec.values()),
               calib_err_rtn=sum(r["err_rtn"] for r in rec.values()))
-  return predict_logits(model, params, data["test"], config.eval_batch_size), info
+  return predict_logits(model, dict(fp(), params=params), data["test"],
+                        config.eval_batch_size), info
 
 
 def _trained(config, s, cell: Cell, fp: Callable, data: dict, root: str) -> tuple:
@@ -266,22 +268,29 @@ def _trained(config, s, cell: Cell, fp: Callable, data: dict, root: str) -> tupl
   run_dir = run_dir or os.path.join(root, cell.name, "run")
   if _latest_step(run_dir) != c.steps:
     train(c, run_dir, mode=cell.quantizer, bits=cell.bits, data=data, steps=c.steps,
-          lr=c.optim.finetune_lr, init_params=fp(), use_penalties=cell.quantizer == "baq",
+          lr=c.optim.finetune_lr, init_variables=fp(), use_penalties=cell.quantizer == "baq",
           name=cell.name)
   spec = get_mode(c, cell.quantizer, cell.bits)
   model = _model(c, data["test"], spec.quantizer.replace(training=False))
-  params = restore_params(run_dir)
+  variables = _variables(run_dir)
+  params = variables["params"]
   layers = U.find_units(params)
   if cell.quantizer == "baq":
     _, params = export.deploy(params, layers, target_bits(c, params, layers),
                               c.quant.min_bits, c.quant.max_bits)
   info = dict(avg_bits=float(U.average_bits(params, layers)), run_dir=run_dir,
               granularity=c.quant.granularity, steps=c.steps)
-  return predict_logits(model, params, data["test"], c.eval_batch_size), info
+  return predict_logits(model, dict(variables, params=params), data["test"],
+                        c.eval_batch_size), info
 
 
-def _float_params(config, s, seed: int, data: dict, root: str) -> Callable:
-  """A loader of the seed's float params: trained (or reused) on first call.
+def _variables(run_dir: str) -> dict:
+  """A run's {"params"[, "batch_stats"]} (empty collections left out)."""
+  return {k: v for k, v in restore_variables(run_dir).items() if k == "params" or v}
+
+
+def _float_variables(config, s, seed: int, data: dict, root: str) -> Callable:
+  """A loader of the seed's float variables: trained (or reused) on first call.
 
   Its `cache` dict also keeps what every cell of the seed shares (run_dir,
   Fair-GPTQ's pairs).
@@ -296,7 +305,7 @@ def _float_params(config, s, seed: int, data: dict, root: str) -> Callable:
       if _latest_step(run_dir) != config.float_steps:
         train(config, run_dir, mode="float", data=data, steps=config.float_steps,
               lr=config.optim.lr, use_penalties=False, name=f"{FLOAT}_s{seed}")
-      cache["p"], cache["dir"] = restore_params(run_dir), run_dir
+      cache["p"], cache["dir"] = _variables(run_dir), run_dir
     return cache["p"]
   load.cache = cache
   return load
@@ -358,7 +367,7 @@ def run_study(config: ml_collections.ConfigDict, root: str, data: dict | None = 
   for seed in s.seeds:
     c = config.copy_and_resolve_references()
     c.seed = int(seed)
-    fp = _float_params(c, s, int(seed), data, root)
+    fp = _float_variables(c, s, int(seed), data, root)
     todo = [(Cell(f"{FLOAT}_s{seed}", FLOAT, FLOAT, 32.0, int(seed)), None)] + [
         (cell, _ptq if cell.quantizer in ("rtn", "gptq", "fair_gptq") else _trained)
         for cell in cells if cell.seed == seed]

@@ -138,7 +138,7 @@ def test_matched_pairs_on_penultimate_features(config, done):
   s = study.settings(config)
   s.pairs, s.num_pairs = "penultimate", 10
   data = study.experiment.load_data(config)
-  params = study.restore_params(os.path.join(root, "fp32_s0", "run"))
+  params = study._variables(os.path.join(root, "fp32_s0", "run"))
   model = study._model(config, data["test"])
   feats = study.penultimate_features(model, params, np.zeros((3, 16, 16, 3), np.float32))
   assert feats.shape == (3, config.model.kwargs.hidden)  # the head's input
