@@ -213,8 +213,6 @@ def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from baq.checkpoint import restore_variables  # pylint: disable=import-outside-toplevel
   from baq.models import build_model  # pylint: disable=import-outside-toplevel
   from baq.modes import get_mode  # pylint: disable=import-outside-toplevel
-  from baq.quant import export, units as U  # pylint: disable=import-outside-toplevel
-  from baq.trainer import target_bits  # pylint: disable=import-outside-toplevel
 
   data = experiment.load_data(config)
   dc = ml_collections.ConfigDict(dict(DEFAULTS, **config.get("diagnostics", {})))
@@ -234,17 +232,10 @@ def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
     runs[f"uniform{b}_ptq"] = (model, dict(float_vars, params=ptq))
   allocations = {}
   for mode in modes:
-    name, spec = experiment.method_name(config, mode), get_mode(config, mode)
-    model = build_model(config.model.name, test.num_classes,
-                        spec.quantizer.replace(training=False), **kw)
-    run_vars = restore_variables(os.path.join(workdir, name))
-    params = run_vars["params"]
-    layers = U.find_units(params)
-    target = target_bits(config, params, layers) if spec.uses_budget else \
-        float(U.average_bits(params, layers))
-    ints, params = export.deploy(params, layers, target, config.quant.min_bits,
-                                 config.quant.max_bits)
-    runs[name] = (model, dict(run_vars, params=params))
+    name = experiment.method_name(config, mode)
+    model, _, deployed, ints, _, _ = experiment.deployed_run(config, workdir, mode,
+                                                             test.num_classes)
+    runs[name] = (model, deployed)
     allocations[name] = ints.tolist()
 
   models = {}

@@ -254,6 +254,27 @@ def _init_quantized(model, split, float_params) -> Any:
   return merge_params(init, float_params)
 
 
+def deployed_run(config: ml_collections.ConfigDict, workdir: str, mode: str,
+                 num_classes: int) -> tuple:
+  """A method's run as deployed: integer bits meeting its budget.
+
+  Returns:
+    (eval-mode model, restored variables, deployed variables, integer bits,
+    layers, target average bits).
+  """
+  spec = get_mode(config, mode)
+  model = build_model(config.model.name, num_classes,
+                      spec.quantizer.replace(training=False), **config.model.kwargs.to_dict())
+  run_vars = restore_variables(os.path.join(workdir, method_name(config, mode)))
+  params = run_vars["params"]
+  layers = U.find_units(params)
+  target = target_bits(config, params, layers) if spec.uses_budget else \
+      float(U.average_bits(params, layers))
+  ints, deployed = export.deploy(params, layers, target, config.quant.min_bits,
+                                 config.quant.max_bits)
+  return model, run_vars, dict(run_vars, params=deployed), ints, layers, target
+
+
 def _export_method(config, workdir: str, mode: str, name: str, test) -> dict:
   """Deploys the method's run at integer bits, exports it and evaluates it.
 
@@ -262,18 +283,11 @@ def _export_method(config, workdir: str, mode: str, name: str, test) -> dict:
   """
   run_dir = os.path.join(workdir, name)
   out_dir = workdir if len(modes(config)) == 1 else run_dir
-  spec = get_mode(config, mode)
-  model = build_model(config.model.name, test.num_classes,
-                      spec.quantizer.replace(training=False), **config.model.kwargs.to_dict())
-  run_vars = restore_variables(run_dir)
-  params = run_vars["params"]
-  layers = U.find_units(params)
-  target = target_bits(config, params, layers) if spec.uses_budget else \
-      float(U.average_bits(params, layers))
-  _, deployed = export.deploy(params, layers, target, config.quant.min_bits,
-                              config.quant.max_bits)
-  record = export.allocation_record(searched_params(run_dir, params, layers), deployed,
-                                    layers, target)
+  model, run_vars, dvars, _, layers, target = deployed_run(config, workdir, mode,
+                                                           test.num_classes)
+  deployed = dvars["params"]
+  record = export.allocation_record(searched_params(run_dir, run_vars["params"], layers),
+                                    deployed, layers, target)
   export.write_allocation(out_dir, record)
   export.plot_allocation(os.path.join(out_dir, "bit_allocation.png"), record)
   sample = jnp.asarray(test.images[:1], jnp.float32)

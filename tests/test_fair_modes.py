@@ -109,3 +109,20 @@ def test_weighted_task_loss_is_the_group_weighted_mean():
       model.apply({"params": params}, x), batch["label"]))
   w = weights[np.asarray(batch["group"])]
   np.testing.assert_allclose(metrics["task_loss"], (w * per_ex).sum() / w.sum(), rtol=1e-5)
+
+
+def test_diagnostics_cover_every_model_and_group(run):
+  from baq import diagnostics
+  config, workdir, _ = run
+  config = config.copy_and_resolve_references()
+  config.diagnostics.update(dict(per_group=6, num_probes=8, probe_chunk=8, max_iters=5))
+  out = diagnostics.diagnose_workdir(config, workdir)
+  assert set(out["models"]) == {"fp32", "uniform4", "uniform4_ptq", "fair_static",
+                                "fair_static_qat"}
+  for m in out["models"].values():
+    for stat in diagnostics.STATS + ("hessian_trace_stderr",):
+      assert len(m[stat]) == 6 and np.all(np.isfinite(m[stat])), stat
+    assert np.all(np.asarray(m["grad_norm"]) > 0)
+  assert out["skew"]["worst_group"] == int(np.argmin(out["models"]["fp32"]["accuracy"]))
+  for name in ("diagnostics.json", "diagnostics.png", "bits_vs_importance.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
