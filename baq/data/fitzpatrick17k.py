@@ -132,10 +132,6 @@ def load_fitzpatrick17k(split: str, data_dir: str | None = None,
     The `Split`, in CSV order.
   """
   options = make_options(**options)
-  manual.require(TITLE, manual_dir, _files(options), check_files=False)
-  data, meta = manual.load_table(
-      "baq_fitzpatrick17k", split, lambda: table(manual_dir, **options),
-      {"label": ((), np.int64), "group": ((), np.int64)}, data_dir,
-      manual_dir, image_size, options, center_crop=bool(center_crop),
-      description="Fitzpatrick17k images from a manual directory.")
-  return manual.to_split(data, meta, f"fitzpatrick17k/{split}")
+  return manual.load_labelled(
+      "fitzpatrick17k", TITLE, split, lambda: table(manual_dir, **options), _files(options), data_dir,
+      manual_dir, image_size, options, center_crop, "Fitzpatrick17k images from a manual directory.")

@@ -150,10 +150,6 @@ def load_image_folder_csv(split: str, data_dir: str | None = None,
     The `Split`, in CSV order.
   """
   options = make_options(**options)
-  manual.require(TITLE, manual_dir, _files(options), check_files=False)
-  data, meta = manual.load_table(
-      "baq_image_folder_csv", split, lambda: table(manual_dir, **options),
-      {"label": ((), np.int64), "group": ((), np.int64)}, data_dir,
-      manual_dir, image_size, options, center_crop=bool(center_crop),
-      description="Images and a CSV from a manual directory.")
-  return manual.to_split(data, meta, f"image_folder_csv/{split}")
+  return manual.load_labelled(
+      "image_folder_csv", TITLE, split, lambda: table(manual_dir, **options), _files(options), data_dir,
+      manual_dir, image_size, options, center_crop, "Images and a CSV from a manual directory.")

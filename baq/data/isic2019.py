@@ -169,11 +169,7 @@ def load_isic2019(split: str, data_dir: str | None = None,
     The `Split`, in table order.
   """
   options = make_options(**options)
-  manual.require(TITLE, manual_dir, FILES, check_files=False)
-  data, meta = manual.load_table(
-      "baq_isic2019", split, lambda: table(manual_dir, **options),
-      {"label": ((), np.int64), "group": ((), np.int64)}, data_dir,
-      manual_dir, image_size, options, center_crop=bool(center_crop),
-      description="ISIC 2019 training images from a manual directory.")
-  return manual.to_split(data, meta, f"isic2019/{split}")
+  return manual.load_labelled(
+      "isic2019", TITLE, split, lambda: table(manual_dir, **options), FILES, data_dir,
+      manual_dir, image_size, options, center_crop, "ISIC 2019 training images from a manual directory.")
 

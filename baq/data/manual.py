@@ -294,6 +294,37 @@ def to_split(data: dict, meta: dict, name: str) -> Split:
       group_names=tuple(meta["group_names"]), name=name)
 
 
+LABEL_GROUP_FIELDS = {"label": ((), np.int64), "group": ((), np.int64)}
+
+
+def load_labelled(name: str, title: str, split: str, table_fn, files: dict,
+                  data_dir: str | None, manual_dir: str | None, image_size: int,
+                  options: dict, center_crop: bool, description: str) -> Split:
+  """`require`, `load_table` and `to_split` for a dataset of labels and groups.
+
+  Args:
+    name: the registered dataset name ('isic2019'); the builder is 'baq_<name>'.
+    title: the dataset's name in messages.
+    split: 'train', 'validation' or 'test'.
+    table_fn: () -> `Table` with `label` and `group` fields.
+    files: the manual directory's required entries (see `require`).
+    data_dir: tfds data root.
+    manual_dir: the manual directory.
+    image_size: stored image height and width.
+    options: the validated dataset options.
+    center_crop: crop images to their central square before resizing.
+    description: tfds description of the dataset.
+
+  Returns:
+    The `Split` named '<name>/<split>'.
+  """
+  require(title, manual_dir, files, check_files=False)
+  data, meta = load_table(f"baq_{name}", split, table_fn, LABEL_GROUP_FIELDS, data_dir,
+                          manual_dir, image_size, options, center_crop=bool(center_crop),
+                          description=description)
+  return to_split(data, meta, f"{name}/{split}")
+
+
 @functools.lru_cache(maxsize=None)
 def _builder_class(name: str, fields: tuple):
   """Makes (once per name) the tfds builder class for a manual dataset."""
