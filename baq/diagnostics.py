@@ -257,6 +257,8 @@ def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
              diagnostic_batch_per_group=np.bincount(np.asarray(batch["group"]),
                                                     minlength=test.num_groups).tolist(),
              models=models, skew=skew_summary(models, experiment.FLOAT))
+  if jax.process_index() != 0:  # one writer on several hosts
+    return out
   with open(os.path.join(workdir, "diagnostics.json"), "w") as f:
     json.dump(out, f, indent=1)
   plot_statistics(os.path.join(workdir, "diagnostics.png"), models, test.group_names)

@@ -31,6 +31,7 @@ from baq.evaluate import apply_model, as_variables, evaluate_split, predict_logi
 from baq.models import MODELS, build_model
 from baq.modes import MODES, get_mode
 from baq.quant import export, units as U
+from baq.sharding import is_primary
 from baq.trainer import group_loss_weights, searched_params, target_bits, train
 
 FLOAT = "fp32"
@@ -142,8 +143,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   validate(config)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=1))
+  if is_primary():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=1))
   data = load_data(config)
   fp_dir = config.init_checkpoint or os.path.join(workdir, FLOAT)
   if not config.init_checkpoint:
@@ -231,10 +233,11 @@ def report(config: ml_collections.ConfigDict, workdir: str, data: Optional[dict]
          "group_names": list(test.group_names), "seed": config.seed,
          "note": "fp32: float; uniformB: B-bit QAT fine-tuned from fp32; uniformB_ptq: "
                  "B-bit round-to-nearest of fp32, no training; " + name_note(config)}
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(out, f, indent=1)
-  print(M.format_table(methods, test.group_names), flush=True)
-  print(f"report: {os.path.join(workdir, 'report.json')}", flush=True)
+  if is_primary():  # every host evaluates; one writes
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+      json.dump(out, f, indent=1)
+    print(M.format_table(methods, test.group_names), flush=True)
+    print(f"report: {os.path.join(workdir, 'report.json')}", flush=True)
   return out
 
 
@@ -280,12 +283,17 @@ def _export_method(config, workdir: str, mode: str, name: str, test) -> dict:
 
   With one method the export files are WORKDIR/bit_allocation.json (.png) and
   WORKDIR/packed_weights.npz; with several, each goes to its run directory.
+  Only the primary process writes and checks the files.
   """
   run_dir = os.path.join(workdir, name)
   out_dir = workdir if len(modes(config)) == 1 else run_dir
   model, run_vars, dvars, _, layers, target = deployed_run(config, workdir, mode,
                                                            test.num_classes)
   deployed = dvars["params"]
+  m = _quantized_entry(config, model, dvars, test, layers)
+  m.update(target_bits=target)
+  if not is_primary():
+    return m
   record = export.allocation_record(searched_params(run_dir, run_vars["params"], layers),
                                     deployed, layers, target)
   export.write_allocation(out_dir, record)
@@ -300,9 +308,7 @@ def _export_method(config, workdir: str, mode: str, name: str, test) -> dict:
   dq_logits = predict_logits(export.reference_model(model),
                              dict(run_vars, params=export.dequantized_params(deployed, kernels)),
                              test, config.eval_batch_size)
-  m = _quantized_entry(config, model, dict(run_vars, params=deployed), test, layers)
-  m.update(avg_bits_continuous=record["avg_bits_continuous"], target_bits=target,
-           packed_code_bytes=code_bytes,
+  m.update(avg_bits_continuous=record["avg_bits_continuous"], packed_code_bytes=code_bytes,
            export_max_abs_logit_diff=float(np.max(np.abs(fq_logits - dq_logits))))
   return m
 

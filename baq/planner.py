@@ -240,6 +240,8 @@ def plan(config: ml_collections.ConfigDict, apply_fn: Callable, float_params: An
               num_probes=ic.num_probes, probe_chunk=ic.probe_chunk)
   bits = allocate(a, target_bits, ic.reducer, ic.reducer_kwargs.to_dict(), ic.method)
   imp, _ = a.reduced(ic.reducer, **ic.reducer_kwargs.to_dict())
+  if jax.process_index() != 0:  # every host allocates the same bits; one writes
+    return bits
   os.makedirs(out_dir, exist_ok=True)
   with open(path, "w") as f:
     json.dump(dict(units=names, numel=a.numel.tolist(), bits=bits.tolist(),

@@ -49,6 +49,11 @@ RULES = (
 DEFAULT_MESH = dict(data=-1, model=1, fsdp_min_numel=2**18)
 
 
+def is_primary() -> bool:
+  """True on the one process that writes reports, plans and exports."""
+  return jax.process_index() == 0
+
+
 def _cluster_in_env(env: Mapping[str, str]) -> bool:
   """A multi-process launcher that `jax.distributed` detects by itself."""
   if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:

@@ -8,6 +8,7 @@ process after compilation (median over repeats of interleaved runs).
 Target on CPU: ratio <= 1.2.
 """
 
+import json
 import os
 import sys
 import time
@@ -28,6 +29,7 @@ from configs import default
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("image_size", 32, "Image side.")
 flags.DEFINE_string("model", "small_cnn", "Registered model.")
+flags.DEFINE_string("model_kwargs", "", 'Model options as JSON, e.g. \'{"stem_stride": 2}\'.')
 flags.DEFINE_string("parametrization", "fracbits", "BAQ parametrization.")
 flags.DEFINE_integer("steps", 20, "Steps per timed run.")
 flags.DEFINE_integer("repeats", 7, "Timed runs per mode.")
@@ -37,9 +39,10 @@ FLAGS = flags.FLAGS
 def build_step(config, mode, batch):
   spec = get_mode(config, mode)
   kwargs = config.model.kwargs.to_dict() if FLAGS.model == config.model.name else {}
+  kwargs.update(json.loads(FLAGS.model_kwargs or "{}"))
   model = build_model(FLAGS.model, 3, spec.quantizer, **kwargs)
-  params = model.init({"params": jax.random.key(0), "quant": jax.random.key(0)},
-                      batch["image"][:1])["params"]
+  variables = trainer.model_variables(model, jax.random.key(0), batch["image"][:1])
+  params = variables["params"]
   layers = U.find_units(params)
   tx = trainer.make_optimizer(config, params, lr=1e-3, steps=1000, train_bits=spec.train_bits)
   pens = trainer.build_penalties(config, spec.train_bits)
@@ -47,9 +50,9 @@ def build_step(config, mode, batch):
   step = jax.jit(trainer.make_train_step(model, tx, pens, layers, num_groups=6,
                                          target_bits=target, bit_bounds=(2, 8)),
                  donate_argnums=0)
-  state = dict(step=jnp.int32(0), data_position=jnp.int32(0), params=params,
-               opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(1)),
-               penalty_state={n: r.init(6) for n, (r, _) in pens.items()})
+  # The trainer's own state: a state without batch_stats would compile twice.
+  state = trainer.init_state(params, variables.get("batch_stats", {}), tx, pens, 6,
+                             jax.random.key(1))
   state, m = step(state, batch)  # compile
   jax.block_until_ready(m["loss"])
   return step, state

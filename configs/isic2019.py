@@ -7,11 +7,15 @@ Place the official files in one folder (see README, Datasets), then:
   python train.py --config=configs/isic2019.py:deit_tiny,sex --workdir=/tmp/baq_isic_deit \
     --config.dataset.kwargs.manual_dir=/data/isic2019
 
-The argument is "model,group[,runlocal]": model small_cnn | resnet18 |
-resnet50 | deit_tiny | tinyvit_5m; group sex | age. On CPU, the shared 64x64
-HAM subset runs with the small CNN:
+The argument is "model,group[,switches]": model small_cnn | resnet18 |
+resnet50 | deit_tiny | tinyvit_5m; group sex | age (<30, 30-59, >=60).
+Switches: "diagnosis" trains the challenge's multi-class diagnosis (melanoma
+the positive class) instead of malignant vs benign; "cpu" sizes the run for a
+2-core CPU; "runlocal" is a smoke run. The CPU pipeline on the shared 64x64
+HAM subset, 3 seeds (README, "ISIC 2019 on CPU"):
 
-  python train.py --config=configs/isic2019.py:small_cnn,sex --workdir=/tmp/baq_ham \
+  python benchmarks/fairness_claims.py --config=configs/isic2019.py:small_cnn,age,diagnosis,cpu \
+    --root=/tmp/baq_ham_age --extra_bits= \
     --config.dataset.kwargs.manual_dir=../shared/data/isic2019_ham_subset
 """
 
@@ -19,11 +23,14 @@ from configs import papers
 
 
 def get_config(arg=None):
-  """ISIC 2019, binary malignant-vs-benign label, groups by sex or age."""
-  model, group, runlocal = papers.parse(arg, "resnet18", "sex")
+  """ISIC 2019, malignant vs benign (or diagnosis), groups by sex or age band."""
+  model, group, switches = papers.parse(arg, "resnet18", "sex", ("diagnosis",))
   if group not in ("sex", "age"):
     raise ValueError(f"Unknown ISIC 2019 grouping {group!r}. Valid: sex, age.")
+  label = "diagnosis" if "diagnosis" in switches else "malignant"
+  # Diagnosis classes in the challenge's order: MEL (0) first; else malignant = 1.
   return papers.paper_config(
       "isic2019",
-      dict(group_by=group, missing="drop", label="malignant", age_edges=(30, 60)),
-      model, image_size=64, positive_class=1, runlocal=runlocal)
+      dict(group_by=group, missing="drop", label=label, age_edges=(30, 60)),
+      model, image_size=64, positive_class=0 if label == "diagnosis" else 1,
+      switches=switches)

@@ -19,7 +19,8 @@ MODEL_KWARGS = {
 
 
 def paper_config(dataset: str, dataset_kwargs: dict, model: str, image_size: int,
-                 positive_class: int, runlocal: bool) -> ml_collections.ConfigDict:
+                 positive_class: int, switches: frozenset = frozenset()
+                 ) -> ml_collections.ConfigDict:
   """The default config on `dataset` with `model` (BAQ at 4.0 average bits).
 
   Args:
@@ -28,13 +29,16 @@ def paper_config(dataset: str, dataset_kwargs: dict, model: str, image_size: int
     model: one of MODEL_KWARGS.
     image_size: side of the (square) images.
     positive_class: the class counted as positive by DP/EOpp/EOdds.
-    runlocal: shrink steps for a smoke run.
+    switches: "runlocal" shrinks steps for a smoke run; "cpu" sizes the run
+      for a 2-core CPU (the small CNN with a stride-2 stem and the default
+      config's 1200 float and 400 fine-tuning steps).
 
   Returns:
     The config.
   """
   if model not in MODEL_KWARGS:
     raise KeyError(f"Unknown model {model!r}. Valid: {', '.join(sorted(MODEL_KWARGS))}.")
+  runlocal = "runlocal" in switches
   c = default.get_config("runlocal" if runlocal else None)
   c.dataset.name = dataset
   c.dataset.kwargs = ml_collections.ConfigDict(dict(
@@ -49,16 +53,39 @@ def paper_config(dataset: str, dataset_kwargs: dict, model: str, image_size: int
   c.float_steps, c.steps = (60, 40) if runlocal else (3000, 1000)
   c.eval_every = c.checkpoint_every = 20 if runlocal else 500
   c.log_every = 20 if runlocal else 100
+  if "cpu" in switches:
+    if model == "small_cnn":
+      c.model.kwargs.update(widths=(16, 32, 64), hidden=64, stem_stride=2)
+    c.float_steps, c.steps = 1200, 400
+    c.eval_every = c.checkpoint_every = 200
   # Every unit its own bits per output channel, as the papers' CNN/ViT runs.
   c.quant.granularity = "channel"
   return c
 
 
-def parse(arg, default_model: str, default_group: str) -> tuple[str, str, bool]:
-  """"model,group[,runlocal]" -> (model, group, runlocal)."""
+SWITCHES = ("runlocal", "cpu")
+
+
+def parse(arg, default_model: str, default_group: str, extra_switches: tuple = ()
+          ) -> tuple[str, str, frozenset]:
+  """"model,group[,switch...]" -> (model, group, switches).
+
+  Args:
+    arg: the config argument; switches may sit anywhere.
+    default_model: model when none is given.
+    default_group: grouping when none is given.
+    extra_switches: switches the calling config knows besides SWITCHES.
+
+  Returns:
+    (model, group, the switches given).
+  """
   parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
-  runlocal = "runlocal" in parts
-  parts = [p for p in parts if p != "runlocal"]
+  known = SWITCHES + tuple(extra_switches)
+  switches = frozenset(p for p in parts if p in known)
+  parts = [p for p in parts if p not in known]
+  if len(parts) > 2:
+    raise ValueError(f"Config argument {arg!r}: expected model,group plus switches from "
+                     f"{', '.join(known)}; got {parts[2:]}.")
   model = parts[0] if parts else default_model
   group = parts[1] if len(parts) > 1 else default_group
-  return model, group, runlocal
+  return model, group, switches

@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -59,3 +61,16 @@ def test_eval_py_reproduces_the_report(run):
   for name, m in report["methods"].items():
     assert again["methods"][name]["accuracy"] == pytest.approx(m["accuracy"])
     assert again["methods"][name]["worst_group_accuracy"] == pytest.approx(m["worst_group_accuracy"])
+
+
+def test_only_the_primary_process_writes_the_report(run, tmp_path, monkeypatch):
+  config, workdir, report = run
+  copy = str(tmp_path / "host1")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(
+      "report.json", "bit_allocation.*", "packed_weights.npz"))
+  monkeypatch.setattr(jax, "process_index", lambda *a, **k: 1)
+  again = experiment.report(config, copy)
+  assert not {"report.json", "bit_allocation.json", "packed_weights.npz"} & set(os.listdir(copy))
+  for name, m in report["methods"].items():  # every host still evaluates
+    assert again["methods"][name]["worst_group_accuracy"] == pytest.approx(
+        m["worst_group_accuracy"])

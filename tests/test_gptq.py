@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from baq import pairs
 from baq.data import synthetic
 from baq.data.pipeline import normalize
 from baq.models.cnn import SmallCNN
@@ -285,8 +286,8 @@ def test_match_pairs_nearest_same_label_without_replacement():
   feats = np.array([0.0, 10.0, 5.0, 9.0, 1.0, 100.0, 2.0, 50.0])[:, None]
   labels = np.array([0, 0, 1, 0, 0, 0, 1, 2])
   groups = np.array([0, 0, 0, 1, 1, 1, 1, 0])
-  ia, ib = GM.match_pairs(feats, labels, groups, group_a=0, group_b=1)
+  ia, ib = pairs.match_pairs(feats, labels, groups, group_a=0, group_b=1)
   # 0 -> 4 (|0-1|), 1 -> 3 (|10-9|), 2 -> 6 (label 1); 7 has no label-2 partner.
   assert ia.tolist() == [0, 1, 2] and ib.tolist() == [4, 3, 6]
-  ia, ib = GM.match_pairs(feats, labels, groups, group_a=1, group_b=0)
+  ia, ib = pairs.match_pairs(feats, labels, groups, group_a=1, group_b=0)
   assert sorted(zip(ia.tolist(), ib.tolist())) == [(3, 1), (4, 0), (6, 2)]

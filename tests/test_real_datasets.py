@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from baq.data import DATASETS, celeba, fitzpatrick17k, folder, isic2019, manual
+from baq.data import DATASETS, celeba, fitzpatrick17k, folder, isic2019, manual_files
 from conftest import SHARED_DATA
 
 ISIC_SUBSET = os.path.join(SHARED_DATA, "isic2019_ham_subset")
@@ -41,7 +41,7 @@ def _read_csv(path):
 
 
 def _rows_of(table, split):
-  return np.flatnonzero(table.splits == manual.SPLITS.index(split))
+  return np.flatnonzero(table.splits == manual_files.SPLITS.index(split))
 
 
 def _check_colours(split, images, index_of):
@@ -87,7 +87,7 @@ def test_isic_labels_groups_images_and_lesions_match_the_csvs(isic_dir,
   assert table.metadata["class_names"] == list(isic2019.CLASSES[:8])
   index_of = {n: int(n[5:]) for n in truth}
   lesions = []
-  for split in manual.SPLITS:
+  for split in manual_files.SPLITS:
     data = isic2019.load_isic2019(split, data_dir=str(tmp_path / "tfds"),
                                   manual_dir=isic_dir, image_size=8)
     images = [names[i] for i in _rows_of(table, split)]
@@ -163,7 +163,7 @@ def test_assign_splits_keeps_units_together_and_stratifies():
   units = rng.integers(0, 400, 1000)
   groups = units % 5 == 0                       # 20% of units in group 1.
   labels = units % 3
-  splits = manual.assign_splits(units, groups, labels, (0.6, 0.2, 0.2), 7)
+  splits = manual_files.assign_splits(units, groups, labels, (0.6, 0.2, 0.2), 7)
   for u in np.unique(units):
     assert len(set(splits[units == u])) == 1
   for g in (0, 1):
@@ -172,7 +172,7 @@ def test_assign_splits_keeps_units_together_and_stratifies():
     counts = np.bincount(splits[first], minlength=3)
     np.testing.assert_allclose(counts, [.6 * len(members), .2 * len(members),
                                         .2 * len(members)], atol=1)
-  tiny = manual.assign_splits(["a", "b", "c"], np.zeros(3, int),
+  tiny = manual_files.assign_splits(["a", "b", "c"], np.zeros(3, int),
                               np.zeros(3, int), (0.8, 0.1, 0.1), 0)
   assert sorted(tiny) == [0, 1, 2]  # Three units: one in each split.
 
@@ -200,7 +200,7 @@ def test_fitzpatrick_groups_labels_and_images(fitz_dir, tmp_path):
   index_of = {h: int(h, 16) for h in rows}
   table = fitzpatrick17k.table(fitz_dir)
   assert len(table.paths) == 36  # The six rows of type -1 are left out.
-  for split in manual.SPLITS:
+  for split in manual_files.SPLITS:
     data = fitzpatrick17k.load_fitzpatrick17k(
         split, data_dir=str(tmp_path / "tfds"), manual_dir=fitz_dir,
         image_size=4)
@@ -265,7 +265,7 @@ def test_celeba_official_partition_attributes_and_center_crop(celeba_dir,
   manual_dir, files, attrs = celeba_dir
   data_dir = str(tmp_path / "tfds")
   blond = celeba.ATTRIBUTES.index("Blond_Hair")
-  for k, split in enumerate(manual.SPLITS):
+  for k, split in enumerate(manual_files.SPLITS):
     rows = np.arange(k, 15, 3)  # Partition i % 3.
     data = celeba.load_celeba(split, data_dir=data_dir, manual_dir=manual_dir,
                               image_size=8)
@@ -337,7 +337,7 @@ def test_image_folder_csv_mapping_ids_and_split_column(folder_dir, tmp_path):
                 data_dir=str(tmp_path / "tfds"))
   rows = _read_csv(os.path.join(folder_dir, "meta.csv"))
   total, patients = 0, []
-  for split in manual.SPLITS:
+  for split in manual_files.SPLITS:
     data = DATASETS.get("image_folder_csv")(split, **kwargs)
     assert data.class_names == ("cyst", "mole", "wart")
     assert data.group_names == ("2", "10")  # Numeric order, empties dropped.
@@ -382,7 +382,7 @@ def _isic_subset(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   return {split: isic2019.load_isic2019(split, data_dir=data_dir,
                                         manual_dir=ISIC_SUBSET)
-          for split in manual.SPLITS}
+          for split in manual_files.SPLITS}
 
 
 def test_isic_subset_counts_groups_and_lesions(isic_subset):
@@ -398,11 +398,11 @@ def test_isic_subset_counts_groups_and_lesions(isic_subset):
   table = isic2019.table(ISIC_SUBSET)
   np.testing.assert_array_equal(
       labels, np.concatenate([table.fields["label"][_rows_of(table, s)]
-                              for s in manual.SPLITS]))
+                              for s in manual_files.SPLITS]))
   lesions = [{meta[table.metadata["images"][i]]["lesion_id"]
-              for i in _rows_of(table, s)} for s in manual.SPLITS]
+              for i in _rows_of(table, s)} for s in manual_files.SPLITS]
   assert sum(map(len, lesions)) == len(set.union(*lesions)) == 5948
-  for split, want in zip(manual.SPLITS, (.7, .1, .2)):
+  for split, want in zip(manual_files.SPLITS, (.7, .1, .2)):
     share = np.bincount(isic_subset[split].groups, minlength=2) / [2737, 3211]
     np.testing.assert_allclose(share, want, atol=0.002)
   # The stored pixels are the files' own (64x64: no resize).

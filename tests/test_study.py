@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from baq import stats, study
+from baq import pairs, stats, study, study_cells
 from baq.quant import gptq_model as GM
 from configs import bias_study, tiny
 
@@ -116,7 +116,7 @@ def test_resume_skips_finished_cells_and_redoes_an_interrupted_one(config, done,
 
   def boom(*args, **kwargs):
     raise AssertionError("a finished cell was recomputed")
-  monkeypatch.setattr(study, "train", boom)
+  monkeypatch.setattr(study_cells, "train", boom)
   monkeypatch.setattr(GM, "quantize_model", boom)
   again = study.run_study(config, root)
   assert json.dumps(again["settings"]) == json.dumps(first["settings"])  # NaNs too
@@ -138,11 +138,11 @@ def test_matched_pairs_on_penultimate_features(config, done):
   s = study.settings(config)
   s.pairs, s.num_pairs = "penultimate", 10
   data = study.experiment.load_data(config)
-  params = study._variables(os.path.join(root, "fp32_s0", "run"))
-  model = study._model(config, data["test"])
-  feats = study.penultimate_features(model, params, np.zeros((3, 16, 16, 3), np.float32))
+  params = study_cells.run_variables(os.path.join(root, "fp32_s0", "run"))
+  model = study_cells.model_for(config, data["test"])
+  feats = pairs.penultimate_features(model, params, np.zeros((3, 16, 16, 3), np.float32))
   assert feats.shape == (3, config.model.kwargs.hidden)  # the head's input
-  (xa, xb), how = study.fair_pairs(config, s, data, model, params, seed=0)
+  (xa, xb), how = pairs.fair_pairs(config, s, data, model, params, seed=0)
   assert how["pairs"] == "penultimate" and how["pair_reference"] == 1  # type II is largest
   assert xa.shape == xb.shape and len(xa) == how["num_pairs"] > 0
   assert how["num_pairs"] <= 2 * len(how["pair_groups"])

@@ -42,7 +42,7 @@ import os
 
 import numpy as np
 
-from baq.data import manual
+from baq.data import manual, manual_files
 from baq.data.datasets import DATASETS, Split
 
 TITLE = "CelebA"
@@ -93,7 +93,7 @@ def _locate(manual_dir: str) -> dict:
       files[kaggle], found[key] = FILES[name], kaggle
     else:
       files[name], found[key] = FILES[name], name
-  manual_dir = manual.require(TITLE, manual_dir, files)
+  manual_dir = manual_files.require(TITLE, manual_dir, files)
   paths = {k: os.path.join(manual_dir, v) for k, v in found.items()}
   if os.path.isdir(os.path.join(paths["images"], IMAGES)):  # Kaggle nests it.
     paths["images"] = os.path.join(paths["images"], IMAGES)
@@ -127,7 +127,7 @@ def table(manual_dir: str) -> manual.Table:
     raise ValueError(f"{TITLE}: {paths['partition']} has partitions "
                      f"{sorted(set(splits.tolist()))}; expected 0, 1, 2.")
   image_paths = [os.path.join(paths["images"], f) for f in files]
-  manual.find_missing_images(TITLE, image_paths, "error", paths["partition"])
+  manual_files.find_missing_images(TITLE, image_paths, "error", paths["partition"])
   order = [names.index(a) for a in ATTRIBUTES]
   values = np.asarray([attrs[f] for f in files], np.int64)[:, order]
   return manual.Table(
@@ -157,9 +157,9 @@ def load_celeba(split: str, data_dir: str | None = None,
   Returns:
     The `Split`, in file-name order.
   """
-  manual.choose(TITLE, "target_attribute", target_attribute, ATTRIBUTES)
-  manual.choose(TITLE, "sensitive_attribute", sensitive_attribute, ATTRIBUTES)
-  manual.require(TITLE, manual_dir, FILES, check_files=False)
+  manual_files.choose(TITLE, "target_attribute", target_attribute, ATTRIBUTES)
+  manual_files.choose(TITLE, "sensitive_attribute", sensitive_attribute, ATTRIBUTES)
+  manual_files.require(TITLE, manual_dir, FILES, check_files=False)
   data, _ = manual.load_table(
       "baq_celeba", split, lambda: table(manual_dir),
       {"attributes": ((len(ATTRIBUTES),), np.uint8)}, data_dir, manual_dir,

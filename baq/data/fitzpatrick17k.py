@@ -31,7 +31,7 @@ import os
 
 import numpy as np
 
-from baq.data import manual
+from baq.data import manual, manual_files
 from baq.data.datasets import DATASETS, Split
 
 TITLE = "Fitzpatrick17k"
@@ -45,17 +45,17 @@ TYPE_COLUMNS = ("fitzpatrick_scale", "fitzpatrick_centaur")
 def make_options(groups: str = "six", type_column: str = "fitzpatrick_scale",
                  label_column: str = "three_partition_label",
                  missing_images: str = "error",
-                 fractions=manual.DEFAULT_FRACTIONS, seed: int = 0,
+                 fractions=manual_files.DEFAULT_FRACTIONS, seed: int = 0,
                  csv_file: str = "fitzpatrick17k.csv",
                  images_dir: str = "images") -> dict:
   """Validates the options (see the module docstring) into a plain dict."""
-  manual.choose(TITLE, "groups", groups, ("six", "binary"))
-  manual.choose(TITLE, "type_column", type_column, TYPE_COLUMNS)
-  manual.choose(TITLE, "label_column", label_column, LABEL_COLUMNS)
-  manual.choose(TITLE, "missing_images", missing_images, ("error", "skip"))
+  manual_files.choose(TITLE, "groups", groups, ("six", "binary"))
+  manual_files.choose(TITLE, "type_column", type_column, TYPE_COLUMNS)
+  manual_files.choose(TITLE, "label_column", label_column, LABEL_COLUMNS)
+  manual_files.choose(TITLE, "missing_images", missing_images, ("error", "skip"))
   return dict(groups=groups, type_column=type_column,
               label_column=label_column, missing_images=missing_images,
-              fractions=list(manual.check_fractions(fractions)),
+              fractions=list(manual_files.check_fractions(fractions)),
               seed=int(seed), csv_file=csv_file, images_dir=images_dir)
 
 
@@ -79,10 +79,10 @@ def table(manual_dir: str, **options) -> manual.Table:
     group names and each kept row's md5hash (`images`).
   """
   options = make_options(**options)
-  manual_dir = manual.require(TITLE, manual_dir, _files(options))
+  manual_dir = manual_files.require(TITLE, manual_dir, _files(options))
   csv_path = os.path.join(manual_dir, options["csv_file"])
   type_column, label_column = options["type_column"], options["label_column"]
-  rows = manual.read_csv(TITLE, csv_path,
+  rows = manual_files.read_csv(TITLE, csv_path,
                          ("md5hash", type_column, label_column))
   kept = []
   for row in rows:
@@ -96,14 +96,14 @@ def table(manual_dir: str, **options) -> manual.Table:
     kept.append((row["md5hash"], row[label_column].strip(), group))
   image_dir = os.path.join(manual_dir, options["images_dir"])
   paths = [os.path.join(image_dir, r[0] + ".jpg") for r in kept]
-  keep = manual.find_missing_images(TITLE, paths, options["missing_images"],
+  keep = manual_files.find_missing_images(TITLE, paths, options["missing_images"],
                                     csv_path)
   kept = [r for r, k in zip(kept, keep) if k]
   class_names = sorted({r[1] for r in kept})
   labels = np.asarray([class_names.index(r[1]) for r in kept], np.int64)
   groups = np.asarray([r[2] for r in kept], np.int64)
   hashes = [r[0] for r in kept]
-  splits = manual.assign_splits(hashes, groups, labels, options["fractions"],
+  splits = manual_files.assign_splits(hashes, groups, labels, options["fractions"],
                                 options["seed"])
   return manual.Table(
       paths=[p for p, k in zip(paths, keep) if k], splits=splits,
@@ -133,5 +133,6 @@ def load_fitzpatrick17k(split: str, data_dir: str | None = None,
   """
   options = make_options(**options)
   return manual.load_labelled(
-      "fitzpatrick17k", TITLE, split, lambda: table(manual_dir, **options), _files(options), data_dir,
-      manual_dir, image_size, options, center_crop, "Fitzpatrick17k images from a manual directory.")
+      "fitzpatrick17k", TITLE, split, lambda: table(manual_dir, **options), _files(options),
+      data_dir, manual_dir, image_size, options, center_crop,
+      "Fitzpatrick17k images from a manual directory.")

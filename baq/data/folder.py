@@ -33,7 +33,7 @@ import os
 
 import numpy as np
 
-from baq.data import manual
+from baq.data import manual, manual_files
 from baq.data.datasets import DATASETS, Split
 
 TITLE = "image_folder_csv"
@@ -46,16 +46,16 @@ def make_options(csv_file: str = "labels.csv", images_dir: str = "images",
                  label_column: str = "label", group_column: str = "group",
                  split_column: str | None = None, id_column: str | None = None,
                  missing_group: str = "drop", missing_images: str = "error",
-                 fractions=manual.DEFAULT_FRACTIONS, seed: int = 0) -> dict:
+                 fractions=manual_files.DEFAULT_FRACTIONS, seed: int = 0) -> dict:
   """Validates the options (see the module docstring) into a plain dict."""
-  manual.choose(TITLE, "missing_group", missing_group, ("drop", "own_group"))
-  manual.choose(TITLE, "missing_images", missing_images, ("error", "skip"))
+  manual_files.choose(TITLE, "missing_group", missing_group, ("drop", "own_group"))
+  manual_files.choose(TITLE, "missing_images", missing_images, ("error", "skip"))
   return dict(csv_file=csv_file, images_dir=images_dir,
               image_suffix=image_suffix, image_column=image_column,
               label_column=label_column, group_column=group_column,
               split_column=split_column, id_column=id_column,
               missing_group=missing_group, missing_images=missing_images,
-              fractions=list(manual.check_fractions(fractions)),
+              fractions=list(manual_files.check_fractions(fractions)),
               seed=int(seed))
 
 
@@ -86,11 +86,11 @@ def table(manual_dir: str, **options) -> manual.Table:
     rows left out for an empty label or group.
   """
   o = make_options(**options)
-  manual_dir = manual.require(TITLE, manual_dir, _files(o))
+  manual_dir = manual_files.require(TITLE, manual_dir, _files(o))
   csv_path = os.path.join(manual_dir, o["csv_file"])
   columns = [o["image_column"], o["label_column"], o["group_column"]]
   columns += [c for c in (o["split_column"], o["id_column"]) if c]
-  rows = manual.read_csv(TITLE, csv_path, columns)
+  rows = manual_files.read_csv(TITLE, csv_path, columns)
   unlabelled = sum(not r[o["label_column"]].strip() for r in rows)
   rows = [r for r in rows if r[o["label_column"]].strip()]
   ungrouped = sum(not r[o["group_column"]].strip() for r in rows)
@@ -99,7 +99,7 @@ def table(manual_dir: str, **options) -> manual.Table:
   image_dir = os.path.join(manual_dir, o["images_dir"])
   paths = [os.path.join(image_dir, r[o["image_column"]] + o["image_suffix"])
            for r in rows]
-  keep = manual.find_missing_images(TITLE, paths, o["missing_images"],
+  keep = manual_files.find_missing_images(TITLE, paths, o["missing_images"],
                                     csv_path)
   rows = [r for r, k in zip(rows, keep) if k]
   class_names = sorted_values(r[o["label_column"]].strip() for r in rows)
@@ -114,13 +114,13 @@ def table(manual_dir: str, **options) -> manual.Table:
   if o["split_column"]:
     values = [r[o["split_column"]].strip().lower() for r in rows]
     for value in set(values):
-      manual.choose(TITLE, f"value of {o['split_column']}", value,
+      manual_files.choose(TITLE, f"value of {o['split_column']}", value,
                     list(SPLIT_VALUES))
     splits = np.asarray([SPLIT_VALUES[v] for v in values], np.int8)
   else:
     units = ([r[o["id_column"]] for r in rows] if o["id_column"]
              else list(range(len(rows))))
-    splits = manual.assign_splits(units, groups, labels, o["fractions"],
+    splits = manual_files.assign_splits(units, groups, labels, o["fractions"],
                                   o["seed"])
   return manual.Table(
       paths=[p for p, k in zip(paths, keep) if k], splits=splits,
@@ -151,5 +151,6 @@ def load_image_folder_csv(split: str, data_dir: str | None = None,
   """
   options = make_options(**options)
   return manual.load_labelled(
-      "image_folder_csv", TITLE, split, lambda: table(manual_dir, **options), _files(options), data_dir,
-      manual_dir, image_size, options, center_crop, "Images and a CSV from a manual directory.")
+      "image_folder_csv", TITLE, split, lambda: table(manual_dir, **options), _files(options),
+      data_dir, manual_dir, image_size, options, center_crop,
+      "Images and a CSV from a manual directory.")

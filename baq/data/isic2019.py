@@ -30,7 +30,7 @@ import os
 
 import numpy as np
 
-from baq.data import manual
+from baq.data import manual, manual_files
 from baq.data.datasets import DATASETS, Split
 
 TITLE = "ISIC 2019"
@@ -50,20 +50,20 @@ FILES = {
 
 def make_options(group_by: str = "sex", missing: str = "drop",
                  label: str = "diagnosis", unknown: str = "drop",
-                 age_edges=(30, 60), fractions=manual.DEFAULT_FRACTIONS,
+                 age_edges=(30, 60), fractions=manual_files.DEFAULT_FRACTIONS,
                  seed: int = 0, missing_images: str = "error") -> dict:
   """Validates the options (see the module docstring) into a plain dict."""
-  manual.choose(TITLE, "group_by", group_by, ("age", "sex"))
-  manual.choose(TITLE, "missing", missing, ("drop", "own_group"))
-  manual.choose(TITLE, "label", label, ("diagnosis", "malignant"))
-  manual.choose(TITLE, "unknown", unknown, ("drop", "keep"))
-  manual.choose(TITLE, "missing_images", missing_images, ("error", "skip"))
+  manual_files.choose(TITLE, "group_by", group_by, ("age", "sex"))
+  manual_files.choose(TITLE, "missing", missing, ("drop", "own_group"))
+  manual_files.choose(TITLE, "label", label, ("diagnosis", "malignant"))
+  manual_files.choose(TITLE, "unknown", unknown, ("drop", "keep"))
+  manual_files.choose(TITLE, "missing_images", missing_images, ("error", "skip"))
   edges = [int(e) for e in (age_edges or (30, 60))]
   if not edges or any(b <= a for a, b in zip(edges, edges[1:])):
     raise ValueError(f"{TITLE}: age_edges must be increasing, got {edges}.")
   return dict(group_by=group_by, missing=missing, label=label,
               unknown=unknown, age_edges=edges if group_by == "age" else None,
-              fractions=list(manual.check_fractions(fractions)),
+              fractions=list(manual_files.check_fractions(fractions)),
               seed=int(seed), missing_images=missing_images)
 
 
@@ -105,10 +105,10 @@ def table(manual_dir: str, **options) -> manual.Table:
     and group names, each kept image's id (`images`) and lesion (`lesions`).
   """
   options = make_options(**options)
-  manual_dir = manual.require(TITLE, manual_dir, FILES)
-  truth = manual.read_csv(TITLE, os.path.join(manual_dir, GROUND_TRUTH),
+  manual_dir = manual_files.require(TITLE, manual_dir, FILES)
+  truth = manual_files.read_csv(TITLE, os.path.join(manual_dir, GROUND_TRUTH),
                           ("image",) + CLASSES)
-  metadata = {row["image"]: row for row in manual.read_csv(
+  metadata = {row["image"]: row for row in manual_files.read_csv(
       TITLE, os.path.join(manual_dir, METADATA), ("image", "lesion_id"))}
   no_group = len(_group_names(options)) - 1
   rows = []
@@ -129,7 +129,7 @@ def table(manual_dir: str, **options) -> manual.Table:
     lesion = (meta.get("lesion_id") or "").strip() or "image:" + row["image"]
     rows.append((row["image"], diagnosis, group, lesion))
   paths = [os.path.join(manual_dir, IMAGES, r[0] + ".jpg") for r in rows]
-  keep = manual.find_missing_images(TITLE, paths, options["missing_images"],
+  keep = manual_files.find_missing_images(TITLE, paths, options["missing_images"],
                                     os.path.join(manual_dir, GROUND_TRUTH))
   rows = [r for r, k in zip(rows, keep) if k]
   if options["label"] == "malignant":
@@ -141,7 +141,7 @@ def table(manual_dir: str, **options) -> manual.Table:
   labels = np.asarray(labels, np.int64)
   groups = np.asarray([r[2] for r in rows], np.int64)
   lesions = [r[3] for r in rows]
-  splits = manual.assign_splits(lesions, groups, labels, options["fractions"],
+  splits = manual_files.assign_splits(lesions, groups, labels, options["fractions"],
                                 options["seed"])
   return manual.Table(
       paths=[p for p, k in zip(paths, keep) if k], splits=splits,
@@ -170,6 +170,7 @@ def load_isic2019(split: str, data_dir: str | None = None,
   """
   options = make_options(**options)
   return manual.load_labelled(
-      "isic2019", TITLE, split, lambda: table(manual_dir, **options), FILES, data_dir,
-      manual_dir, image_size, options, center_crop, "ISIC 2019 training images from a manual directory.")
+      "isic2019", TITLE, split, lambda: table(manual_dir, **options), FILES,
+      data_dir, manual_dir, image_size, options, center_crop,
+      "ISIC 2019 training images from a manual directory.")
 

@@ -17,7 +17,7 @@ convolutions (depthwise included) are one GPTQ problem per feature group.
 Fair-GPTQ layers also see paired inputs: `pairs = (x_a, x_b)` are two aligned
 batches of model inputs (x_a[i] and x_b[i] show the same case for two
 groups). For the embedded data, `counterfactual_pairs(...)['image'][0]` and
-`[1]` (normalised); for real data, `match_pairs` picks them.
+`[1]` (normalised); for real data, `baq.pairs.match_pairs` picks them.
 
 The returned params are the float model's, with dequantized kernels that lie
 exactly on baq's per-channel grid; apply the float model to evaluate them.
@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen.linear import canonicalize_padding
-from scipy.spatial.distance import cdist
 
 from baq.quant import gptq as G
 
@@ -282,43 +281,3 @@ def quantize_model(model: nn.Module, variables: Any, calib: jax.Array, *,
     records[spec.path] = rec
   params = variables["params"]
   return (flax.core.freeze(params) if frozen else params), records
-
-
-def match_pairs(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
-                group_a: int, group_b: int) -> tuple[np.ndarray, np.ndarray]:
-  """Pairs examples of group a with same-label examples of group b.
-
-  Rule: within each label, all (a, b) pairs are ranked by the L2 distance of
-  their (flattened) features and taken greedily, nearest first, each example
-  used at most once; a's left without a b of their label are dropped.
-
-  Args:
-    features: [n, ...] features or images.
-    labels: [n] class ids.
-    groups: [n] group ids.
-    group_a: group whose examples are matched.
-    group_b: group they are matched to.
-
-  Returns:
-    (idx_a, idx_b): aligned indices into the n examples, sorted by idx_a.
-  """
-  f = np.asarray(features, np.float64).reshape(len(labels), -1)
-  labels, groups = np.asarray(labels), np.asarray(groups)
-  ia, ib = [], []
-  for lab in np.unique(labels[groups == group_a]):
-    a = np.nonzero((groups == group_a) & (labels == lab))[0]
-    b = np.nonzero((groups == group_b) & (labels == lab))[0]
-    if not len(b):
-      continue
-    dist = cdist(f[a], f[b])
-    used_a, used_b = np.zeros(len(a), bool), np.zeros(len(b), bool)
-    for k in np.argsort(dist, axis=None, kind="stable"):
-      i, j = divmod(int(k), len(b))
-      if not used_a[i] and not used_b[j]:
-        used_a[i] = used_b[j] = True
-        ia.append(a[i])
-        ib.append(b[j])
-        if used_a.all() or used_b.all():
-          break
-  order = np.argsort(ia, kind="stable")
-  return np.asarray(ia, np.int64)[order], np.asarray(ib, np.int64)[order]
