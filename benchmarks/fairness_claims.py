@@ -9,7 +9,8 @@ ROOT/seed<S>_b<B>. Several methods at once: `--config.mode=fair_static,baq`
 (with --extra_bits= to skip the second budget). Everything resumes: a rerun only trains what is missing.
 It prints, per method, mean +- standard deviation over seeds of accuracy,
 worst-group accuracy, best-minus-worst gap and average bits, then the
-comparisons the BAQ issue asks for, seed by seed. Config overrides go through
+comparisons the BAQ issue asks for, seed by seed, then (--per_group) the
+equal-opportunity and equalized-odds gaps and each group's accuracy. Config overrides go through
 --config, e.g. `--config.steps=600`.
 """
 
@@ -29,9 +30,11 @@ config_flags.DEFINE_config_file("config", "configs/default.py", "Base config.")
 flags.DEFINE_string("root", None, "Directory of all runs.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
 flags.DEFINE_list("extra_bits", ["5.0"], "Further BAQ budgets (average bits).")
+flags.DEFINE_bool("per_group", True, "Also print EOpp, EOdds and per-group accuracy.")
 flags.mark_flags_as_required(["root"])
 FLAGS = flags.FLAGS
 KEYS = ("accuracy", "worst_group_accuracy", "accuracy_gap", "avg_bits")
+GROUP_NAMES = []  # of the test split, filled by run_seed
 
 
 def run_seed(seed: int) -> dict:
@@ -40,7 +43,9 @@ def run_seed(seed: int) -> dict:
   config.seed = seed
   main_dir = os.path.join(FLAGS.root, f"seed{seed}")
   t = time.time()
-  methods = dict(experiment.run(config, main_dir)["methods"])
+  report = experiment.run(config, main_dir)
+  methods = dict(report["methods"])
+  GROUP_NAMES[:] = report["group_names"]
   print(f"seed {seed}: main job took {time.time() - t:.0f} s (including resumed parts)")
   for bits in map(float, FLAGS.extra_bits):
     extra = config.copy_and_resolve_references()
@@ -78,6 +83,21 @@ def main(argv):
                     f"({100 * r[n]['accuracy']:.2f})"
                     for n in [b for b in ("uniform8", "uniform4") if b in r] + base)
     print(f"  seed {s}: {line}")
+  if FLAGS.per_group:
+    print_per_group(runs, seeds, names)
+
+
+def print_per_group(runs: dict, seeds: list, names: list) -> None:
+  """Mean +- std over seeds of EOpp, EOdds and each group's accuracy (percent)."""
+  cols = ["EOpp", "EOdds"] + list(GROUP_NAMES)
+  print("\nFairness gaps and per-group accuracy, mean +- std over seeds (percent)")
+  print(f"{'method':16s}" + "".join(f"{c:>16s}" for c in cols))
+  for name in names:
+    vals = np.array([[runs[s][name]["equal_opportunity_gap"],
+                      runs[s][name]["equalized_odds_gap"]] +
+                     list(runs[s][name]["group_accuracy"]) for s in seeds]) * 100
+    print(f"{name:16s}" + "".join(f"{m:>8.2f} +- {d:5.2f}"
+                                  for m, d in zip(vals.mean(0), vals.std(0))))
 
 
 if __name__ == "__main__":

@@ -14,23 +14,31 @@ A smoke run (small data, few steps, 2 seeds, 4 bits):
 
   python benchmarks/bias_study.py --config=configs/bias_study.py:runlocal --root=/tmp/baq_study_rl
 
-The ISIC 2019 files (`isic2019`, e.g. the shared HAM subset; groups by age
-band, 7 diagnoses, melanoma as the positive class; Fair-GPTQ pairs matched on
-the float model's penultimate features), post-training quantizers only:
+The ISIC 2019 files (ISIC_DIR, the shared 64x64 HAM subset, or
+`--config.dataset.kwargs.manual_dir=...`): the CPU-sized ISIC config
+(`configs/isic2019.py:small_cnn,age,diagnosis,cpu`: groups by age band,
+diagnosis with melanoma the positive class) with Fair-GPTQ pairs matched on
+the float model's penultimate features, reusing the 3-seed runs of its
+docstring command (README, "ISIC 2019 on CPU"):
 
-  python benchmarks/bias_study.py --config=configs/bias_study.py:isic --root=/tmp/baq_study_isic
+  python benchmarks/bias_study.py --config=configs/bias_study.py:isic --root=/tmp/baq_study_isic \
+    '--config.study.reuse=/tmp/baq_ham_age/seed{seed}'
 
 Reusing the float, uniform QAT and BAQ runs of benchmarks/fairness_claims.py:
 `--config.study.reuse=/tmp/baq_claims/seed{seed}`. Any field can be
 overridden, e.g. `--config.study.alphas="(0.25,1.0,4.0)" --config.steps=200`.
 """
 
+import os
+
 import ml_collections
 
-from configs import default
+from configs import default, isic2019
 
-
-ISIC_DIR = "/work/shared/data/isic2019_ham_subset"  # the official files (baq/data/isic2019.py)
+# The official files' layout (baq/data/isic2019.py): the shared HAM subset beside the project.
+ISIC_DIR = os.path.normpath(os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
+    "isic2019_ham_subset"))
 
 
 def get_config(arg=None):
@@ -45,7 +53,12 @@ def get_config(arg=None):
     The config.
   """
   args = set((arg or "").split(","))
-  c = default.get_config("runlocal" if "runlocal" in args else None)
+  if "isic" in args:
+    c = isic2019.get_config("small_cnn,age,diagnosis," +
+                            ("runlocal" if "runlocal" in args else "cpu"))
+    c.dataset.kwargs.manual_dir = ISIC_DIR
+  else:
+    c = default.get_config("runlocal" if "runlocal" in args else None)
   s = c.study = ml_collections.ConfigDict()
   s.quantizers = "rtn,gptq,fair_gptq,qat,baq"  # from baq.study.QUANTIZERS
   s.bits = (8, 4)  # bit-widths of rtn, gptq, fair_gptq, qat
@@ -69,13 +82,7 @@ def get_config(arg=None):
   s.skew_k = (100,)  # MaxSkew/MinSkew@k of the malignant-probability ranking
   s.skew_smoothing = 0.5
   if "isic" in args:
-    c.dataset.name = "isic2019"
-    c.dataset.kwargs = ml_collections.ConfigDict(dict(
-        manual_dir=ISIC_DIR, image_size=32, group_by="age", label="diagnosis"))
-    c.dataset.positive_class = 0  # MEL
-    c.float_steps = 60 if "runlocal" in args else 600
-    s.quantizers, s.bits, s.alphas = "rtn,gptq,fair_gptq", (4, 3), (2.0, 8.0)
-    s.pairs = "penultimate"
+    s.alphas, s.pairs = (2.0, 8.0), "penultimate"
   if "runlocal" in args:
     s.bits, s.baq_bits, s.seeds, s.alphas = (4,), (4.0,), (0, 1), (2.0,)
     s.calib_size = s.num_pairs = 128
