@@ -153,10 +153,17 @@ NOT_IN_CELLS = ("study", "diagnostics", "imports", "log_every", "eval_every",
 
 
 def cell_config(config) -> dict:
-  """What the cells depend on, as JSON: the config less NOT_IN_CELLS and data_dir."""
+  """What the cells depend on, as JSON: the config less NOT_IN_CELLS and data_dir.
+
+  A manual directory is compared as a real path, so "../shared/x" given to
+  train.py and "/work/shared/x" given to the study are the same data.
+  """
   c = config if isinstance(config, dict) else json.loads(config.to_json())
   c = {k: v for k, v in c.items() if k not in NOT_IN_CELLS}
   c["dataset"] = {k: v for k, v in c["dataset"].items() if k != "data_dir"}
+  kwargs = c["dataset"].get("kwargs")
+  if isinstance(kwargs, dict) and isinstance(kwargs.get("manual_dir"), str):
+    c["dataset"]["kwargs"] = dict(kwargs, manual_dir=os.path.realpath(kwargs["manual_dir"]))
   return c
 
 

@@ -52,6 +52,17 @@ def test_a_root_refuses_another_experiment_but_not_other_study_options(config, t
     study._check_root(other, str(tmp_path))
 
 
+def test_manual_dirs_compare_as_real_paths(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "data").mkdir()
+  a = {"dataset": {"name": "isic2019", "kwargs": {"manual_dir": "data"}}, "seed": 0}
+  b = {"dataset": {"name": "isic2019", "kwargs": {"manual_dir": str(tmp_path / "data")}}}
+  assert study_cells.conflicts(study_cells.cell_config(a), study_cells.cell_config(b)) == []
+  b["dataset"]["kwargs"]["manual_dir"] = str(tmp_path)
+  assert study_cells.conflicts(study_cells.cell_config(a), study_cells.cell_config(b)) == [
+      "dataset.kwargs.manual_dir"]
+
+
 def test_grid_names_and_bad_options(config):
   names = [c.name for c in study.grid(config)]
   assert names == ["rtn_w4_s0", "rtn_w4_s1", "gptq_w4_s0", "gptq_w4_s1",
