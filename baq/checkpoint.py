@@ -22,6 +22,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from baq.sharding import is_primary
+
 SIGNATURE_FILE = "state_signature.json"
 
 
@@ -70,7 +72,7 @@ class Checkpointer:
       raise ValueError(
           f"Workdir {self.workdir} holds checkpoints but no {SIGNATURE_FILE}; "
           "refusing to guess whether they match this run. Use a fresh --workdir.")
-    if jax.process_index() == 0:
+    if is_primary():
       with open(path, "w") as f:
         json.dump(sig, f, indent=1, sort_keys=True)
 

@@ -30,6 +30,7 @@ from baq import curvature, losses, planner
 from baq.data.pipeline import normalize
 from baq.evaluate import apply_model, predict_logits
 from baq.quant.inject import BITS_LEAF, RANGE_LEAF
+from baq.sharding import is_primary
 
 # Used when a config (e.g. an older workdir's config.json) has no `diagnostics`.
 DEFAULTS = dict(per_group=64, num_probes=64, probe_chunk=8, max_iters=100, tol=1e-3,
@@ -257,7 +258,7 @@ def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
              diagnostic_batch_per_group=np.bincount(np.asarray(batch["group"]),
                                                     minlength=test.num_groups).tolist(),
              models=models, skew=skew_summary(models, experiment.FLOAT))
-  if jax.process_index() != 0:  # one writer on several hosts
+  if not is_primary():  # one writer on several hosts
     return out
   with open(os.path.join(workdir, "diagnostics.json"), "w") as f:
     json.dump(out, f, indent=1)

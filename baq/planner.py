@@ -30,6 +30,7 @@ from baq import allocation, curvature, importance, losses
 from baq.data.pipeline import eval_batches
 from baq.quant import fake_quant as fq
 from baq.quant import units as U
+from baq.sharding import is_primary
 
 PLAN_FILE = "allocation_plan.json"
 
@@ -240,7 +241,7 @@ def plan(config: ml_collections.ConfigDict, apply_fn: Callable, float_params: An
               num_probes=ic.num_probes, probe_chunk=ic.probe_chunk)
   bits = allocate(a, target_bits, ic.reducer, ic.reducer_kwargs.to_dict(), ic.method)
   imp, _ = a.reduced(ic.reducer, **ic.reducer_kwargs.to_dict())
-  if jax.process_index() != 0:  # every host allocates the same bits; one writes
+  if not is_primary():  # every host allocates the same bits; one writes
     return bits
   os.makedirs(out_dir, exist_ok=True)
   with open(path, "w") as f:

@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import time
 from typing import Any, Optional
 
@@ -228,7 +227,7 @@ class MetricWriter:
     self.path, self.name = os.path.join(workdir, "metrics.jsonl"), name
 
   def write(self, step: int, metrics: dict) -> None:
-    if jax.process_index() != 0:  # one writer on several hosts
+    if not sh.is_primary():  # one writer on several hosts
       return
     metrics = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist())
                for k, v in metrics.items()}
@@ -415,7 +414,7 @@ def _finalize(state: dict, layers, target: float, config, name: str, workdir: st
   from baq.quant.export import deploy  # pylint: disable=import-outside-toplevel
   params = sh.to_host(state["params"])
   cont = np.asarray(U.gather_bits(params, layers), np.float64)
-  if jax.process_index() == 0:
+  if sh.is_primary():
     with open(os.path.join(workdir, SEARCHED_BITS_FILE), "w") as f:
       json.dump(dict(step=int(state["step"]), units=U.unit_names(layers), bits=cont.tolist()),
                 f)

@@ -13,7 +13,7 @@ rounding, which a soft penalty alone cannot promise.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import flax.traverse_util as tu
 import jax
