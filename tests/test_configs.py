@@ -1,11 +1,14 @@
 """The papers' configs: arguments, switches and the CPU-sized variant."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
 
+from baq import study_cells
 from baq.models.cnn import SmallCNN
-from configs import fitzpatrick17k, isic2019, papers
+from configs import bias_study, fitzpatrick17k, isic2019, papers
 
 
 def test_isic_switches_set_label_positive_class_and_cpu_size():
@@ -42,3 +45,13 @@ def test_stem_stride_keeps_parameters_and_quarters_the_feature_map():
     conv0 = feats["intermediates"]["Conv_0"]["__call__"][0]
     assert conv0.shape == (2, 64 // stride, 64 // stride, 16)
   assert shapes[1] == shapes[2]
+
+
+def test_isic_bias_study_can_reuse_the_cpu_pipeline_runs():
+  # README: the pipeline runs with ../shared/..., the study with an absolute ISIC_DIR.
+  pipeline = isic2019.get_config("small_cnn,age,diagnosis,cpu")
+  pipeline.dataset.kwargs.manual_dir = os.path.relpath(bias_study.ISIC_DIR)
+  mine = study_cells.cell_config(bias_study.get_config("isic"))
+  theirs = study_cells.cell_config(pipeline)
+  assert study_cells.conflicts({k: theirs[k] for k in ("model", "dataset")}, mine) == []
+  assert bias_study.get_config("isic").study.pairs == "penultimate"
