@@ -11,7 +11,7 @@ shaped like the parameters. Every group is handled at once:
     per probe gives every unit's trace (sum over the unit's entries) and
     diagonal at once. Probes are vmapped `probe_chunk` at a time (lax.scan
     over chunks, summing the diagonal as it goes), which bounds memory at
-    chunk x G x params.
+    chunk x G x params; on CPU, `batch_groups=False` loops instead.
   * `group_traces`: every group's Hessian trace (whole model or per leaf)
     from forward-over-forward second directional derivatives of each
     example's loss: one batched pass per probe for all groups at once, no
@@ -26,6 +26,7 @@ last one, as Flax kernels keep it), each output channel ("channel").
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -114,17 +115,23 @@ class HutchinsonEstimate(NamedTuple):
 
 
 def hutchinson(group_loss: GroupLossFn, params: Params, key: jax.Array, *,
-               num_probes: int = 64, probe_chunk: int = 8,
-               per_channel: bool = True) -> HutchinsonEstimate:
+               num_probes: int = 64, probe_chunk: int = 8, per_channel: bool = True,
+               batch_groups: bool = True, args: tuple = ()) -> HutchinsonEstimate:
   """Hutchinson estimates of per-unit traces and diagonals, every group at once.
 
   Args:
-    group_loss: params -> [G] group losses.
+    group_loss: (params, *args) -> [G] group losses.
     params: the point at which the Hessians are taken.
     key: PRNG key of the Rademacher probes.
     num_probes: number of probes (a multiple of `probe_chunk`).
     probe_chunk: probes vmapped together; lowers peak memory when smaller.
     per_channel: units are output channels (else whole leaves).
+    batch_groups: one traceable computation (vmapped groups and probes under
+      `lax.scan`, so it can sit inside `jax.jit`); False drives the probes
+      from Python with one jitted single-group HVP at a time, the fast path
+      on CPU (see `top_eigenvalues`). Both use the same probes.
+    args: further arguments of `group_loss` (e.g. the batch): jitted once
+      per `group_loss` on the host path, whatever their values.
 
   Returns:
     A HutchinsonEstimate.
@@ -132,12 +139,14 @@ def hutchinson(group_loss: GroupLossFn, params: Params, key: jax.Array, *,
   if num_probes % probe_chunk:
     raise ValueError(f"num_probes={num_probes} must be a multiple of "
                      f"probe_chunk={probe_chunk}.")
-  keys = jax.random.split(_typed(key), num_probes).reshape(
-      num_probes // probe_chunk, probe_chunk)
+  all_keys = jax.random.split(_typed(key), num_probes)
+  if not batch_groups:
+    return _hutchinson_host(group_loss, params, all_keys, per_channel, args)
+  keys = all_keys.reshape(num_probes // probe_chunk, probe_chunk)
 
   def one(k):
     z = _rademacher(k, params)
-    hz = group_hvp(group_loss, params, z)
+    hz = group_hvp(lambda p: group_loss(p, *args), params, z)
     return jax.tree.map(lambda a, b: a[None] * b, z, hz)  # [G, *shape] z*Hz
 
   def chunk(diag_sum, ks):
@@ -147,14 +156,45 @@ def hutchinson(group_loss: GroupLossFn, params: Params, key: jax.Array, *,
 
   # Only the running diagonal sum and the small per-probe unit traces are
   # kept, so memory is bounded by one chunk of full-size products.
-  num_groups = jax.eval_shape(group_loss, params).shape[0]
+  num_groups = jax.eval_shape(lambda p: group_loss(p, *args), params).shape[0]
   zeros = jax.tree.map(lambda x: jnp.zeros((num_groups,) + x.shape, x.dtype), params)
   diag_sum, per_probe = jax.lax.scan(chunk, zeros, keys)
   per_probe = jax.tree.map(lambda t: t.reshape((num_probes,) + t.shape[2:]), per_probe)
+  return _estimate(diag_sum, per_probe, num_probes)
+
+
+def _estimate(diag_sum, per_probe, num_probes: int) -> HutchinsonEstimate:
   diagonal = jax.tree.map(lambda d: d / num_probes, diag_sum)
   trace = jax.tree.map(lambda t: jnp.mean(t, 0), per_probe)
   stderr = jax.tree.map(lambda t: jnp.std(t, 0) / jnp.sqrt(num_probes), per_probe)
   return HutchinsonEstimate(trace, diagonal, stderr)
+
+
+@functools.lru_cache(maxsize=1)  # the planner's batches share one group-loss function
+def _host_probe(group_loss: Callable) -> Callable:
+  """z * H_g z for one probe and one group, jitted once per group-loss function."""
+
+  @jax.jit
+  def probe(params, args, g, key):
+    z = _rademacher(key, params)
+    hz = hvp(lambda q: group_loss(q, *args)[g], params, z)
+    return jax.tree.map(jnp.multiply, z, hz)
+
+  return probe
+
+
+def _hutchinson_host(group_loss, params, keys, per_channel: bool, args) -> HutchinsonEstimate:
+  """`hutchinson` with the probes and groups looped in Python (same probes)."""
+  probe = _host_probe(group_loss)
+  num_groups = jax.eval_shape(lambda p: group_loss(p, *args), params).shape[0]
+  diag_sum, per_probe = None, []
+  for k in keys:
+    zhz = jax.tree.map(lambda *x: jnp.stack(x),
+                       *[probe(params, args, g, k) for g in range(num_groups)])
+    diag_sum = zhz if diag_sum is None else jax.tree.map(jnp.add, diag_sum, zhz)
+    per_probe.append(jax.tree.map(lambda x: unit_sum(x, per_channel, lead=1), zhz))
+  per_probe = jax.tree.map(lambda *t: jnp.stack(t), *per_probe)
+  return _estimate(diag_sum, per_probe, len(keys))
 
 
 def _tree_dot(a: Params, b: Params) -> jax.Array:

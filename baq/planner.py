@@ -16,6 +16,7 @@ group's count, so they do not depend on how examples fall into batches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable
@@ -81,23 +82,27 @@ def kernel_statistics(apply_fn: Callable, params: Any, layers, split, *,
     raise ValueError(f"hessian must be None, 'trace' or 'diag', got {hessian!r}.")
   want_trace = hessian == "trace" and all(l.count == 1 for l in layers)
   want_diag = hessian == "diag" or (hessian == "trace" and not want_trace)
+  # On CPU the diagonal's HVPs run one group and probe at a time, outside
+  # the jitted batch step (curvature.hutchinson, batch_groups=False).
+  diag_in_jit = jax.default_backend() != "cpu"
+  hutchinson = functools.partial(curvature.hutchinson, num_probes=num_probes,
+                                 probe_chunk=probe_chunk)
+
+  def per_example(k, batch):
+    return losses.cross_entropy(apply_fn(with_kernels(k), batch["image"]), batch["label"])
+
+  def group_sum(k, batch):  # [G] summed (not mean) loss: batches then add up exactly.
+    return jax.ops.segment_sum(per_example(k, batch) * batch["mask"], batch["group"], G)
 
   @jax.jit
   def one_batch(batch, bkey):
-    def per_example(k):
-      return losses.cross_entropy(apply_fn(with_kernels(k), batch["image"]), batch["label"])
-
-    def group_sum(k):  # [G] summed (not mean) loss: batches then add up exactly.
-      return jax.ops.segment_sum(per_example(k) * batch["mask"], batch["group"], G)
-
     count = jax.ops.segment_sum(batch["mask"], batch["group"], G)
-    out = dict(grad=jax.jacrev(group_sum)(kernels), count=count)
-    if want_diag:
-      out["diag"] = curvature.hutchinson(group_sum, kernels, bkey, num_probes=num_probes,
-                                         probe_chunk=probe_chunk).diagonal
+    out = dict(grad=jax.jacrev(group_sum)(kernels, batch), count=count)
+    if want_diag and diag_in_jit:
+      out["diag"] = hutchinson(group_sum, kernels, bkey, args=(batch,)).diagonal
     if want_trace:  # group means on this batch, back to sums
-      est = curvature.group_traces(per_example, kernels, batch["group"], G, bkey,
-                                   mask=batch["mask"], num_probes=num_probes,
+      est = curvature.group_traces(lambda k: per_example(k, batch), kernels, batch["group"],
+                                   G, bkey, mask=batch["mask"], num_probes=num_probes,
                                    probe_chunk=probe_chunk, per_leaf=True)
       out["trace"] = jax.tree.map(lambda t: t * count, est.trace)
     return out
@@ -105,7 +110,11 @@ def kernel_statistics(apply_fn: Callable, params: Any, layers, split, *,
   totals = None
   for i, batch in enumerate(eval_batches(split, batch_size)):
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    out = one_batch(batch, jax.random.fold_in(key, i))
+    bkey = jax.random.fold_in(key, i)
+    out = one_batch(batch, bkey)
+    if want_diag and not diag_in_jit:
+      out["diag"] = hutchinson(group_sum, kernels, bkey, args=(batch,),
+                               batch_groups=False).diagonal
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   count = totals["count"]
   denom = jnp.maximum(count, 1.0)

@@ -71,6 +71,17 @@ def test_layer_units_sum_whole_leaves():
     C.hutchinson(gl, params, jax.random.key(1), num_probes=10, probe_chunk=4)
 
 
+def test_hutchinson_host_loop_uses_the_same_probes_as_the_batched_path():
+  params, gl = _problem()
+  scaled = lambda p, s: gl(p) * s  # an extra argument, as the planner passes its batch
+  kw = dict(num_probes=8, probe_chunk=4)
+  batched = C.hutchinson(gl, params, jax.random.key(3), **kw)
+  host = C.hutchinson(scaled, params, jax.random.key(3), batch_groups=False,
+                      args=(jnp.float32(2.0),), **kw)
+  for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(host)):
+    np.testing.assert_allclose(2.0 * np.asarray(a), b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("batch_groups", [True, False])
 def test_power_iteration_finds_each_groups_top_eigenvalue(batch_groups):
   params, gl = _problem()
