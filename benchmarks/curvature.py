@@ -11,6 +11,12 @@ trained-from-scratch initialisation, one batch. Prints median times and:
                         probes (`curvature.group_traces`, all groups in one
                         pass) against the same estimate looped group by group
                         (target >= 1.5x faster)
+  hutchinson diagonal   per-channel Hessian diagonals of all groups
+                        (`curvature.hutchinson`, what the planner's per-channel
+                        importance uses): the Python loop of jitted
+                        single-group HVPs (batch_groups=False, the CPU path)
+                        against the batched, scanned version, same probes
+                        (target on CPU: loop >= 1.5x faster)
   group HVPs            H_g v for all 6 groups by a loop of single-group HVPs;
                         with --batched_hvp also `curvature.group_hvp` (the
                         groups' reverse passes vmapped), which on CPU turns
@@ -35,16 +41,18 @@ from baq.models import build_model
 flags.DEFINE_integer("batch", 128, "Examples in the batch.")
 flags.DEFINE_integer("repeats", 10, "Timed calls per variant (median).")
 flags.DEFINE_integer("probes", 16, "Hutchinson probes of the trace comparison.")
+flags.DEFINE_integer("diag_probes", 4, "Probes of the Hutchinson diagonal comparison "
+                     "(timed once each: the batched version takes minutes on CPU).")
 flags.DEFINE_bool("batched_hvp", False, "Also time group_hvp (jvp of a vmapped jacrev); "
                   "on CPU its batched convolutions are very slow.")
 FLAGS = flags.FLAGS
 G = 6
 
 
-def _time(fn, *args):
+def _time(fn, *args, repeats=None):
   jax.block_until_ready(fn(*args))  # compile
   out = []
-  for _ in range(FLAGS.repeats):
+  for _ in range(repeats or FLAGS.repeats):
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     out.append(time.perf_counter() - t)
@@ -87,6 +95,20 @@ def main(argv):
   t_loop_tr = _time(lambda p: [one_group(p, k) for k in range(G)], params)
   say(f"  group traces, loop of {G}   {1e3 * t_loop_tr:8.2f} ms   "
       f"batched is {t_loop_tr / t_tr:.2f}x faster (target >= 1.5)")
+
+  def group_sum(p, b):
+    per_ex = losses.cross_entropy(model.apply({"params": p}, b["image"]), b["label"])
+    return jax.ops.segment_sum(per_ex, b["group"], G)
+
+  kw = dict(num_probes=FLAGS.diag_probes, probe_chunk=FLAGS.diag_probes, args=(batch,))
+  diag_batched = jax.jit(lambda p: C.hutchinson(group_sum, p, key, **kw).diagonal)
+  t_db = _time(diag_batched, params, repeats=1)
+  t_dh = _time(lambda p: C.hutchinson(group_sum, p, key, batch_groups=False, **kw).diagonal,
+               params, repeats=1)
+  say(f"  hutchinson diag, batched  {1e3 * t_db:8.2f} ms   ({FLAGS.diag_probes} probes, "
+      f"{G} groups)")
+  say(f"  hutchinson diag, loop     {1e3 * t_dh:8.2f} ms   loop is {t_db / t_dh:.2f}x faster "
+      "(target on CPU >= 1.5)")
 
   single = jax.jit(lambda p, v, k: C.hvp(lambda q: group_loss(q)[k], p, v))
   t_loop_hvp = _time(lambda p, v: [single(p, v, k) for k in range(G)], params, v)
