@@ -14,7 +14,7 @@ eigenvalue): WORKDIR/diagnostics.json, diagnostics.png, bits_vs_importance.png.
 from absl import app, flags
 from ml_collections import config_flags
 
-from baq import diagnostics, experiment
+from baq.train import diagnostics, experiment
 
 config_flags.DEFINE_config_file("config", None, "Config file; default: WORKDIR/config.json.",
                                 lock_config=True)

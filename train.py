@@ -8,7 +8,7 @@ Overrides: any config field, e.g. --config.quant.target_bits=5.0.
 from absl import app, flags
 from ml_collections import config_flags
 
-from baq import experiment
+from baq.train import experiment
 
 config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.",
                                 lock_config=True)

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags
 import numpy as np
 
-from baq import allocation as A
+from baq.allocation import solver as A
 
 flags.DEFINE_integer("units", 1000, "Units to allocate.")
 flags.DEFINE_integer("repeats", 5, "Timed instances.")

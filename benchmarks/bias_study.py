@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags
 from ml_collections import config_flags
 
-from baq import experiment, study
+from baq.train import experiment
+from baq.study import runner as study
 
 config_flags.DEFINE_config_file("config", "configs/bias_study.py", "Study config.")
 flags.DEFINE_string("root", None, "Directory of the study (cells, study.json, plots).")

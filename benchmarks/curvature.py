@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baq import curvature as C
-from baq import losses
+from baq.allocation import curvature as C
+from baq.fairness import losses
 from baq.models import build_model
 
 flags.DEFINE_integer("batch", 128, "Examples in the batch.")

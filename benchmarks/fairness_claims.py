@@ -24,7 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 import numpy as np
 
-from baq import experiment
+from baq.train import experiment
 
 config_flags.DEFINE_config_file("config", "configs/default.py", "Base config.")
 flags.DEFINE_string("root", None, "Directory of all runs.")

@@ -14,7 +14,7 @@ With --model=resnet18 it times the float step and the BAQ step of ResNet-18
 (224x224, batch 128 by default) on the machine's own devices (a GPU, all of
 a host's accelerators with a data-parallel mesh) and prints examples/s and
 BAQ's fraction of the float rate. Both steps are the trainer's own
-(`make_train_step` jitted by `baq.sharding.jit_step` over `config.mesh`).
+(`make_train_step` jitted by `baq.train.sharding.jit_step` over `config.mesh`).
 """
 
 import json
@@ -46,9 +46,9 @@ def measure(model: str, mode: str, batch_size: int, image_size: int, num_classes
   """Median examples/s of `mode`'s update step on this process's devices."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from baq import sharding as sh, trainer  # pylint: disable=import-outside-toplevel
+  from baq.train import sharding as sh, trainer  # pylint: disable=import-outside-toplevel
   from baq.models import build_model  # pylint: disable=import-outside-toplevel
-  from baq.modes import get_mode  # pylint: disable=import-outside-toplevel
+  from baq.train.modes import get_mode  # pylint: disable=import-outside-toplevel
   from baq.quant import units as U  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
 

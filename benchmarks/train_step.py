@@ -2,7 +2,7 @@
 
   python benchmarks/train_step.py [--batch_size=128] [--image_size=32] [--model=small_cnn]
 
-Both steps are the trainer's own jitted update (`baq.trainer.make_train_step`)
+Both steps are the trainer's own jitted update (`baq.train.trainer.make_train_step`)
 with the default config's optimizer and penalties, timed side by side in one
 process after compilation (median over repeats of interleaved runs).
 Target on CPU: ratio <= 1.2.
@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baq import trainer
+from baq.train import trainer
 from baq.models import build_model
-from baq.modes import get_mode
+from baq.train.modes import get_mode
 from baq.quant import units as U
 from configs import default
 

@@ -60,7 +60,7 @@ def get_config(arg=None):
   else:
     c = default.get_config("runlocal" if "runlocal" in args else None)
   s = c.study = ml_collections.ConfigDict()
-  s.quantizers = "rtn,gptq,fair_gptq,qat,baq"  # from baq.study.QUANTIZERS
+  s.quantizers = "rtn,gptq,fair_gptq,qat,baq"  # from baq.study.runner.QUANTIZERS
   s.bits = (8, 4)  # bit-widths of rtn, gptq, fair_gptq, qat
   s.baq_bits = (4.0,)  # BAQ's average-bit budgets
   s.seeds = (0, 1, 2)  # training seeds; each has its own float model
@@ -78,7 +78,7 @@ def get_config(arg=None):
   s.level = 0.95  # confidence level of the intervals
   s.significance = 0.05  # after correction
   s.correction = "holm"  # holm | bh | none
-  s.verdict_rule = "differential"  # differential | strict (baq.stats.verdicts)
+  s.verdict_rule = "differential"  # differential | strict (baq.study.stats.verdicts)
   s.skew_k = (100,)  # MaxSkew/MinSkew@k of the malignant-probability ranking
   s.skew_smoothing = 0.5
   if "isic" in args:

@@ -119,7 +119,7 @@ def get_config(arg=None):
   c.diagnostics.models = "all"  # or e.g. "fp32,uniform4,uniform4_ptq"
 
   # Penalties of the main mode: name -> {weight, hyper-parameters}; names
-  # from baq.regularizers.REGULARIZERS. `bitrate` enforces the budget.
+  # from baq.fairness.regularizers.REGULARIZERS. `bitrate` enforces the budget.
   c.penalties = ml_collections.ConfigDict()
   c.penalties.bitrate = ml_collections.ConfigDict(dict(
       weight=1.0, dual_lr=0.02, rho=1.0, equality=True))

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from baq import allocation as A
+from baq.allocation import solver as A
 
 
 def _instance(rng, n, choices=A.DEFAULT_CHOICES):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from baq import curvature as C
+from baq.allocation import curvature as C
 
 G = 3
 

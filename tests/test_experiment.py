@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from baq import experiment
+from baq.train import experiment
 from configs import tiny
 from conftest import ROOT
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from baq import experiment, trainer
-from baq.checkpoint import restore_params
+from baq.train import experiment, trainer
+from baq.train.checkpoint import restore_params
 from baq.quant import units as U
 from configs import tiny
 
@@ -112,7 +112,7 @@ def test_weighted_task_loss_is_the_group_weighted_mean():
 
 
 def test_diagnostics_cover_every_model_and_group(run):
-  from baq import diagnostics
+  from baq.train import diagnostics
   config, workdir, _ = run
   config = config.copy_and_resolve_references()
   config.diagnostics.update(dict(per_group=6, num_probes=8, probe_chunk=8, max_iters=5))

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from baq import pairs
-from baq.data import synthetic
+from baq.study import pairs
+from baq.data.synthetic import generate as synthetic
 from baq.data.pipeline import normalize
 from baq.models.cnn import SmallCNN
 from baq.quant import fake_quant as fq

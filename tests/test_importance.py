@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from baq import importance, losses, planner
+from baq.allocation import importance, planner
+from baq.fairness import losses
 from baq.data.datasets import Split
 from baq.quant import units as U
 from baq.quant.inject import QuantSpec

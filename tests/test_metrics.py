@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from baq import metrics as M
+from baq.fairness import metrics as M
 
 
 def test_metrics_by_hand():

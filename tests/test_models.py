@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from baq import losses
+from baq.fairness import losses
 from baq.models import build_model
 from baq.models.tinyvit import attention_bias_index
 from baq.quant.inject import Quantizer, QuantSpec

@@ -8,7 +8,7 @@ import pytest
 from baq.models import build_model
 from baq.quant import export, units as U
 from baq.quant.inject import Quantizer, QuantSpec
-from baq import losses
+from baq.fairness import losses
 
 
 def _setup(parametrization="fracbits", granularity="channel", init_bits=4.5, rules=None,

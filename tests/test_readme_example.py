@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from baq import experiment, regularizers, trainer
+from baq.train import experiment, trainer
+from baq.fairness import regularizers
 from configs import tiny
 from conftest import ROOT
 
@@ -75,7 +76,7 @@ def test_unimportable_extension_is_named(tmp_path):
 
 def test_readme_measure_example_registers_and_computes():
   """The README's importance-measure example, run on toy statistics."""
-  from baq import importance
+  from baq.allocation import importance
   readme = open(os.path.join(ROOT, "README.md")).read()
   marker = "<!-- measure-example -->"
   block = re.search(r"```python\n(.*?)```", readme[readme.index(marker):], re.S).group(1)

@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from baq.data import DATASETS, celeba, fitzpatrick17k, folder, isic2019, manual_files
+from baq.data import DATASETS
+from baq.data.manual import celeba, fitzpatrick17k, folder, isic2019, files as manual_files
 from conftest import SHARED_DATA
 
 ISIC_SUBSET = os.path.join(SHARED_DATA, "isic2019_ham_subset")

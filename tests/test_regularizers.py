@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from baq import losses, regularizers as R
+from baq.fairness import losses, regularizers as R
 
 
 def _ctx(group_loss, present=None, avg_bits=5.0, target=4.0):

@@ -63,7 +63,7 @@ def _losses(workdir):
 def worker_train(data_dir, out, runs):
   """Trains (or resumes) tiny BAQ runs: runs = [(workdir, data, model)]."""
   import jax  # pylint: disable=import-outside-toplevel
-  from baq import experiment, sharding, trainer  # pylint: disable=import-outside-toplevel
+  from baq.train import experiment, sharding, trainer  # pylint: disable=import-outside-toplevel
   data = experiment.load_data(_config(data_dir))
   result = {}
   for workdir, d, m in runs:
@@ -81,7 +81,8 @@ def worker_train(data_dir, out, runs):
 def worker_group_stats(out):
   """Group losses of one batch on 8 devices and on one, two placements."""
   import jax  # pylint: disable=import-outside-toplevel
-  from baq import losses, sharding  # pylint: disable=import-outside-toplevel
+  from baq.fairness import losses  # pylint: disable=import-outside-toplevel
+  from baq.train import sharding  # pylint: disable=import-outside-toplevel
   from configs import tiny  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   per_ex = rng.gamma(2.0, size=64).astype(np.float32)
@@ -107,10 +108,10 @@ def worker_batchnorm(data_dir, out, workdir):
   """A cut-down ResNet-18 (BatchNorm) trained float, then BAQ from it, on a 4x2 mesh."""
   import functools  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from baq import experiment, trainer  # pylint: disable=import-outside-toplevel
-  from baq.checkpoint import restore_variables  # pylint: disable=import-outside-toplevel
+  from baq.train import experiment, trainer  # pylint: disable=import-outside-toplevel
+  from baq.train.checkpoint import restore_variables  # pylint: disable=import-outside-toplevel
   from baq.data.pipeline import eval_batches  # pylint: disable=import-outside-toplevel
-  from baq.evaluate import evaluate_split, predict_logits  # pylint: disable=import-outside-toplevel
+  from baq.train.evaluate import evaluate_split, predict_logits  # pylint: disable=import-outside-toplevel
   c = _config(data_dir, 4, 2, eval_every=3)
   c.model.name = "resnet18"
   c.model.kwargs = dict(width=4, stage_sizes=(1, 1), small_stem=True)
@@ -177,7 +178,7 @@ def _sub(result, prefix):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  from baq import experiment  # pylint: disable=import-outside-toplevel
+  from baq.train import experiment  # pylint: disable=import-outside-toplevel
   d = str(tmp_path_factory.mktemp("tfds"))
   experiment.load_data(_config(d))  # built once; the workers only read it
   return d
@@ -213,7 +214,7 @@ def test_sharded_training_matches_one_device(runs):
 
 
 def test_checkpoints_move_between_1_and_8_devices(runs, data_dir):
-  from baq.checkpoint import restore_variables  # pylint: disable=import-outside-toplevel
+  from baq.train.checkpoint import restore_variables  # pylint: disable=import-outside-toplevel
   root, wd, r = runs
   # Written on 8 devices, read in this 1-device process.
   v = restore_variables(wd["data4_model2"])

@@ -1,10 +1,10 @@
-"""baq.stats against hand-computed values, scipy, and coverage on simulated data."""
+"""baq.study.stats against hand-computed values, scipy, and coverage on simulated data."""
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
-from baq import stats as S
+from baq.study import stats as S
 
 
 def test_group_accuracy_by_hand_with_seeds_averaged_per_example():

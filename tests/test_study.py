@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from baq import pairs, stats, study, study_cells
+from baq.study import pairs, stats, runner as study, cells as study_cells
 from baq.quant import gptq_model as GM
 from configs import bias_study, tiny
 

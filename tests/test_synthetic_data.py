@@ -8,7 +8,8 @@ skin darkens, exact counterfactual rendering, and seed determinism.
 import numpy as np
 import pytest
 
-from baq.data import datasets, synthetic
+from baq.data import datasets
+from baq.data.synthetic import generate as synthetic
 
 BANDS = synthetic.ITA_BANDS
 
@@ -131,14 +132,14 @@ TINY = dict(image_size=16, num_train=64, num_validation=16, num_test=16,
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-  from baq.data import synthetic_builder
+  from baq.data.synthetic import builder as synthetic_builder
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   synthetic_builder.make_builder(data_dir, **TINY).download_and_prepare()
   return data_dir
 
 
 def test_builder_reads_back_exactly_what_generate_produced(tiny_dir):
-  from baq.data import synthetic_builder
+  from baq.data.synthetic import builder as synthetic_builder
   builder = synthetic_builder.make_builder(tiny_dir, **TINY)
   assert builder.name == "baq_synthetic_derm"
   assert str(builder.version) == "1.0.0"
@@ -157,7 +158,7 @@ def test_builder_reads_back_exactly_what_generate_produced(tiny_dir):
 
 
 def test_fast_bulk_read_matches_tfds_decoding(tiny_dir):
-  from baq.data import synthetic_builder
+  from baq.data.synthetic import builder as synthetic_builder
   source = synthetic_builder.make_builder(tiny_dir, **TINY).as_data_source(
       split="train")
   fast = datasets._read_all_fast(source, range(len(source)))

@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from baq import experiment, trainer
-from baq.checkpoint import restore_params
+from baq.train import experiment, trainer
+from baq.train.checkpoint import restore_params
 from baq.data import pipeline
-from baq.modes import get_mode
+from baq.train.modes import get_mode
 from baq.quant import units as U
 from configs import tiny
 

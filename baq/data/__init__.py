@@ -9,7 +9,7 @@
     imported here, it imports tensorflow-datasets) writes it with tfds.
 """
 
-from baq.data import synthetic
+from baq.data.synthetic import generate as synthetic
 from baq.data.datasets import DATASETS, Split, counterfactual_pairs, load
 from baq.data.pipeline import Batcher, eval_batches, normalize
 
@@ -21,4 +21,4 @@ __all__ = [
 # Real datasets read from files the user placed (a manual directory);
 # importing them registers 'isic2019', 'fitzpatrick17k', 'celeba' and
 # 'image_folder_csv' in DATASETS. None imports tensorflow-datasets until used.
-from baq.data import celeba, fitzpatrick17k, folder, isic2019  # noqa: E402
+from baq.data.manual import celeba, fitzpatrick17k, folder, isic2019  # noqa: E402

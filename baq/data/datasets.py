@@ -8,7 +8,7 @@ evaluators call `load(name, split)` and never name a dataset themselves.
     pairs = counterfactual_pairs('test', skin_types=(0, 5), indices=range(64))
 
 `synthetic_derm` is the SYNTHETIC dermatology-like set of
-`baq.data.synthetic` (groups are Fitzpatrick skin types I-VI). It is written
+`baq.data.synthetic.generate` (groups are Fitzpatrick skin types I-VI). It is written
 once through its tfds builder and then read whole into memory with
 `as_data_source()`; tensorflow-datasets is imported only when it is loaded.
 """
@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from baq.data import synthetic
+from baq.data.synthetic import generate as synthetic
 from baq.registry import Registry
 
 DATASETS: Registry[Callable[..., "Split"]] = Registry("dataset")
@@ -140,7 +140,7 @@ def load_synthetic_derm(split: str, data_dir: str | None = None,
   Returns:
     The `Split`, in generation order (example i has `index` i).
   """
-  from baq.data import synthetic_builder  # Imports tfds: only when needed.
+  from baq.data.synthetic import builder as synthetic_builder  # Imports tfds: only when needed.
   builder = synthetic_builder.make_builder(data_dir, **config_kwargs)
   builder.download_and_prepare()  # A no-op once the files exist.
   source = builder.as_data_source(split=split)
@@ -184,7 +184,7 @@ def counterfactual_pairs(split: str = "test",
     `label` int32 [n], `group` int32 [T] (the rendered skin types),
     `original_group` int32 [n] and `index` int [n] (positions in the split).
   """
-  from baq.data import synthetic_builder  # Imports tfds: only when needed.
+  from baq.data.synthetic import builder as synthetic_builder  # Imports tfds: only when needed.
   config = synthetic_builder.make_config(**config_kwargs)
   groups, lesions, _ = synthetic_builder.split_records(config, split)
   index = (np.arange(len(groups)) if indices is None

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baq.evaluate import apply_model
+from baq.train.evaluate import apply_model
 from baq.quant import units as U
 from baq.quant.inject import BITS_LEAF, EXPORT_COLLECTION, RANGE_LEAF
 

@@ -17,7 +17,7 @@ convolutions (depthwise included) are one GPTQ problem per feature group.
 Fair-GPTQ layers also see paired inputs: `pairs = (x_a, x_b)` are two aligned
 batches of model inputs (x_a[i] and x_b[i] show the same case for two
 groups). For the embedded data, `counterfactual_pairs(...)['image'][0]` and
-`[1]` (normalised); for real data, `baq.pairs.match_pairs` picks them.
+`[1]` (normalised); for real data, `baq.study.pairs.match_pairs` picks them.
 
 The returned params are the float model's, with dequantized kernels that lie
 exactly on baq's per-channel grid; apply the float model to evaluate them.

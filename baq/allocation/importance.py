@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from baq.registry import Registry
-from baq.regularizers import cvar_of
+from baq.fairness.regularizers import cvar_of
 
 
 class KernelStats(NamedTuple):

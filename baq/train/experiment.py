@@ -23,16 +23,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from baq import importance, planner, regularizers
-from baq import metrics as M
-from baq.checkpoint import restore_variables
+from baq.allocation import importance, planner
+from baq.fairness import regularizers
+from baq.fairness import metrics as M
+from baq.train.checkpoint import restore_variables
 from baq.data import datasets
-from baq.evaluate import apply_model, as_variables, evaluate_split, predict_logits
+from baq.train.evaluate import apply_model, as_variables, evaluate_split, predict_logits
 from baq.models import MODELS, build_model
-from baq.modes import MODES, get_mode
+from baq.train.modes import MODES, get_mode
 from baq.quant import export, units as U
-from baq.sharding import is_primary
-from baq.trainer import group_loss_weights, searched_params, target_bits, train
+from baq.train.sharding import is_primary
+from baq.train.trainer import group_loss_weights, searched_params, target_bits, train
 
 FLOAT = "fp32"
 
@@ -251,7 +252,7 @@ def name_note(config) -> str:
 
 
 def _init_quantized(model, split, float_params) -> Any:
-  from baq.trainer import merge_params  # pylint: disable=import-outside-toplevel
+  from baq.train.trainer import merge_params  # pylint: disable=import-outside-toplevel
   sample = jnp.zeros((1,) + split.images.shape[1:], jnp.float32)
   init = model.init({"params": jax.random.key(0), "quant": jax.random.key(0)}, sample)["params"]
   return merge_params(init, float_params)

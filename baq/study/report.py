@@ -1,8 +1,8 @@
 """The bias study's analysis: per-group tests, corrections, verdicts, table, plots.
 
-`analyze` reads the finished cells of a study root (`baq.study`) and, for
+`analyze` reads the finished cells of a study root (`baq.study.runner`) and, for
 every quantized setting, compares its seeds with the float model of the same
-seeds on the same test examples (`baq.stats`):
+seeds on the same test examples (`baq.study.stats`):
   * per-group and overall accuracy, seeds averaged, with bootstrap intervals;
   * the change vs float per group and relative to the overall change, paired
     bootstrap over examples (resampled within groups, seeds kept together),
@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from baq import stats
+from baq.study import stats
 
 SHORT = {"amplified": "A", "reduced": "R", "no significant change": " "}
 
@@ -142,7 +142,7 @@ def _correct_and_judge(out: dict, s) -> None:
         "together), Wald with the bootstrap SE; *_p_adj corrected by "
         f"{s.correction} over all (setting, group) pairs",
       verdict=f"rule {s.verdict_rule!r} at adjusted p < {s.significance}: "
-              "see baq.stats.verdicts",
+              "see baq.study.stats.verdicts",
       ptq="rtn/gptq/fair_gptq: symmetric per-channel absmax grid, weights only",
       skew="MaxSkew/MinSkew@k of the test set ranked by positive-class probability, "
            f"additive smoothing {s.skew_smoothing}, seed means")

@@ -1,11 +1,11 @@
 """Pure-numpy renderer of the SYNTHETIC dermatology-like images.
 
-`render` turns lesion records (`baq.data.synthetic.LesionParams`) and CIELAB
+`render` turns lesion records (`baq.data.synthetic.generate.LesionParams`) and CIELAB
 skin colours into uint8 sRGB images. Everything is vectorised over images and
 pixels; per-lesion randomness (texture, sensor noise) comes from integer
 hashes of the lesion's own seed, so a lesion renders identically whatever
 batch, chunk or skin colour it is rendered with. That is what makes the
-counterfactual pairs of `baq.data.synthetic.counterfactuals` exact.
+counterfactual pairs of `baq.data.synthetic.generate.counterfactuals` exact.
 
 Colour science is written out here (CIELAB <-> sRGB, D65, and the individual
 typology angle) because the set's difficulty is defined in CIELAB: the lesion

@@ -21,7 +21,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from baq.data.render import (BLOB_TINTS, HARMONICS, NUM_BLOBS, NUM_DOTS,
+from baq.data.synthetic.render import (BLOB_TINTS, HARMONICS, NUM_BLOBS, NUM_DOTS,
                              NUM_HAIRS, contrast, ita, lab_to_srgb,
                              lesion_mask, render, srgb_to_lab)
 

@@ -3,9 +3,9 @@
 `analyse` measures, on a group-balanced calibration sample, every group's
 gradient (and Hutchinson Hessian diagonal when the measure needs it) with
 respect to each quantized kernel of a float model, and turns them into
-importance [G, units] and sensitivity [G, units, K] tables (`baq.importance`).
+importance [G, units] and sensitivity [G, units, K] tables (`baq.allocation.importance`).
 `allocate` reduces the groups and solves the budgeted allocation exactly
-(`baq.allocation.solve`), or by FairQuant's quantile baseline. `plan` does
+(`baq.allocation.solver.solve`), or by FairQuant's quantile baseline. `plan` does
 both from a config and writes WORKDIR/allocation_plan.json, which the
 `fair_static`, `fair_static_qat` and allocation-initialised `baq` modes use.
 
@@ -27,11 +27,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from baq import allocation, curvature, importance, losses
+from baq.allocation import solver as allocation, curvature, importance
+from baq.fairness import losses
 from baq.data.pipeline import eval_batches
 from baq.quant import fake_quant as fq
 from baq.quant import units as U
-from baq.sharding import is_primary
+from baq.train.sharding import is_primary
 
 PLAN_FILE = "allocation_plan.json"
 

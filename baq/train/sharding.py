@@ -102,7 +102,7 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
   except RuntimeError as e:
     raise RuntimeError(
         f"jax.distributed.initialize failed ({e}). A multi-process run must "
-        "start it before any JAX computation: call baq.sharding."
+        "start it before any JAX computation: call baq.train.sharding."
         "initialize_distributed() first thing in your script.") from e
   return True
 

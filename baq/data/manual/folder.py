@@ -33,7 +33,7 @@ import os
 
 import numpy as np
 
-from baq.data import manual, manual_files
+from baq.data.manual import builder as manual, files as manual_files
 from baq.data.datasets import DATASETS, Split
 
 TITLE = "image_folder_csv"

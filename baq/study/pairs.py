@@ -9,7 +9,7 @@ x_b[i] to differ in the group and as little else as possible. Two sources:
     with the nearest same-label example of the reference group, on the float
     model's penultimate features (`penultimate_features`) or on pixels.
 
-`fair_pairs` builds them for the bias study (`baq.study`), with the choice,
+`fair_pairs` builds them for the bias study (`baq.study.runner`), with the choice,
 the reference group and the pair count set by the study options.
 """
 
@@ -24,7 +24,7 @@ from scipy.spatial.distance import cdist
 
 from baq.data import datasets
 from baq.data.pipeline import normalize
-from baq.evaluate import apply_model
+from baq.train.evaluate import apply_model
 
 
 def match_pairs(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,

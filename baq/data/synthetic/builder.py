@@ -1,6 +1,6 @@
 """A tensorflow-datasets builder for the SYNTHETIC dermatology-like set.
 
-The images are rendered locally by `baq.data.synthetic` from a seed; nothing
+The images are rendered locally by `baq.data.synthetic.generate` from a seed; nothing
 is downloaded. The builder works without TensorFlow: its features are plain
 `tfds.features.Tensor`s, it writes `array_record` files, and it is read back
 with `builder.as_data_source()` (random access, numpy out). Two choices make
@@ -33,12 +33,12 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from baq.data import synthetic
+from baq.data.synthetic import generate as synthetic
 
 DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
 _DESCRIPTION = """\
 SYNTHETIC dermatology-like images (not real patient data), rendered by
-baq.data.synthetic. Skin tone defines six groups, Fitzpatrick types I-VI
+baq.data.synthetic.generate. Skin tone defines six groups, Fitzpatrick types I-VI
 (group 0..5), drawn in Fitzpatrick17k's proportions, with skin colours drawn
 from each type's ITA band. Labels: 0 benign, 1 malignant, 2 non-neoplastic.
 Lesion-to-skin contrast falls as skin darkens, so the darkest types are

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baq import losses
+from baq.fairness import losses
 
 Params = Any
 GroupLossFn = Callable[[Params], jax.Array]

@@ -3,9 +3,9 @@
   python benchmarks/bias_study.py --config=configs/bias_study.py --root=/tmp/baq_study
 
 `run_study(config, root)` runs every cell of the grid that is not finished
-(each computed by `baq.study_cells`, Fair-GPTQ's pairs from `baq.pairs`),
-then `baq.study_report` compares each quantized setting with the float model
-of the same seed on the same test examples (baq.stats) and writes
+(each computed by `baq.study.cells`, Fair-GPTQ's pairs from `baq.study.pairs`),
+then `baq.study.report` compares each quantized setting with the float model
+of the same seed on the same test examples (baq.study.stats) and writes
 ROOT/study.json, ROOT/accuracy_vs_bits.png and ROOT/pareto.png. ROOT holds:
   ROOT/fp32_s<S>/               the float model of seed S (trained once, in
                                 run/, or taken from `study.reuse`) and its
@@ -48,11 +48,12 @@ import time
 import ml_collections
 import numpy as np
 
-from baq import experiment, stats, study_report
-from baq import metrics as M
-from baq import study_cells as C
-from baq.evaluate import predict_logits
-from baq.study_cells import FLOAT, Cell
+from baq.train import experiment
+from baq.study import stats, report as study_report
+from baq.fairness import metrics as M
+from baq.study import cells as C
+from baq.train.evaluate import predict_logits
+from baq.study.cells import FLOAT, Cell
 
 QUANTIZERS = ("rtn", "gptq", "fair_gptq", "qat", "baq")
 PAIRS = ("auto", "counterfactual", "penultimate", "pixels")

@@ -30,7 +30,7 @@ import os
 
 import numpy as np
 
-from baq.data import manual, manual_files
+from baq.data.manual import builder as manual, files as manual_files
 from baq.data.datasets import DATASETS, Split
 
 TITLE = "ISIC 2019"

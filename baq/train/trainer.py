@@ -6,7 +6,7 @@ params, batch_stats, opt_state, penalty_state, rng, data position;
 batch_stats is empty for models without BatchNorm); the batch of step s is a
 pure function of (seed, s), so a run restored at step s continues exactly as
 an uninterrupted run would. The step is one `jax.jit` over the mesh of
-`config.mesh` with the state sharded by `baq.sharding`'s rules and the batch
+`config.mesh` with the state sharded by `baq.train.sharding`'s rules and the batch
 split over "data"; on several hosts each process feeds its rows of the
 batch and only process 0 writes metrics. The loss is checked for non-finite
 values before every checkpoint and log line: a bad step stops the run with a
@@ -29,13 +29,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from baq import losses, regularizers
-from baq import sharding as sh
-from baq.checkpoint import Checkpointer
+from baq.fairness import losses, regularizers
+from baq.train import sharding as sh
+from baq.train.checkpoint import Checkpointer
 from baq.data.pipeline import Batcher
-from baq.evaluate import apply_model, as_variables, evaluate_split
+from baq.train.evaluate import apply_model, as_variables, evaluate_split
 from baq.models import build_model
-from baq.modes import get_mode
+from baq.train.modes import get_mode
 from baq.quant import units as U
 from baq.quant.inject import BITS_LEAF, RANGE_LEAF
 
@@ -288,7 +288,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
   Args:
     config: the experiment config.
     workdir: this run's directory (checkpoints, metrics.jsonl).
-    mode: "float", "qat" or "baq" (see baq.modes).
+    mode: "float", "qat" or "baq" (see baq.train.modes).
     data: dict with "train" and "validation" `Split`s.
     steps: total training steps.
     lr: peak learning rate of the weights.

@@ -1,10 +1,10 @@
-"""How each cell of the bias study is computed (`baq.study` runs the grid).
+"""How each cell of the bias study is computed (`baq.study.runner` runs the grid).
 
   * `float_loader`: the seed's float model, trained once (or taken from a
     finished train.py workdir, `study.reuse`) and shared by the seed's cells.
   * `ptq_cell`: round-to-nearest, GPTQ or Fair-GPTQ of that float model on
     the per-channel grid (`baq.quant.gptq_model`), calibrated on training
-    examples drawn with the seed; Fair-GPTQ's pairs from `baq.pairs`.
+    examples drawn with the seed; Fair-GPTQ's pairs from `baq.study.pairs`.
   * `trained_cell`: uniform QAT or BAQ fine-tuned from the float model by the
     trainer (resuming from its checkpoints), BAQ deployed at integer bits.
 
@@ -19,14 +19,14 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from baq import pairs
-from baq.checkpoint import restore_variables
+from baq.study import pairs
+from baq.train.checkpoint import restore_variables
 from baq.data.pipeline import normalize
-from baq.evaluate import predict_logits, takes_train
+from baq.train.evaluate import predict_logits, takes_train
 from baq.models import build_model
-from baq.modes import get_mode
+from baq.train.modes import get_mode
 from baq.quant import export, gptq_model as GM, units as U
-from baq.trainer import target_bits, train
+from baq.train.trainer import target_bits, train
 
 FLOAT = "fp32"
 

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from baq.sharding import is_primary
+from baq.train.sharding import is_primary
 
 SIGNATURE_FILE = "state_signature.json"
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from baq.losses import masked_max, masked_mean, masked_min
+from baq.fairness.losses import masked_max, masked_mean, masked_min
 from baq.registry import Registry
 
 Metrics = dict[str, jax.Array]

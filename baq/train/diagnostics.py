@@ -26,11 +26,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from baq import curvature, losses, planner
+from baq.allocation import curvature, planner
+from baq.fairness import losses
 from baq.data.pipeline import normalize
-from baq.evaluate import apply_model, predict_logits
+from baq.train.evaluate import apply_model, predict_logits
 from baq.quant.inject import BITS_LEAF, RANGE_LEAF
-from baq.sharding import is_primary
+from baq.train.sharding import is_primary
 
 # Used when a config (e.g. an older workdir's config.json) has no `diagnostics`.
 DEFAULTS = dict(per_group=64, num_probes=64, probe_chunk=8, max_iters=100, tol=1e-3,
@@ -210,10 +211,10 @@ def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns:
     The dict written to WORKDIR/diagnostics.json.
   """
-  from baq import experiment  # pylint: disable=import-outside-toplevel
-  from baq.checkpoint import restore_variables  # pylint: disable=import-outside-toplevel
+  from baq.train import experiment  # pylint: disable=import-outside-toplevel
+  from baq.train.checkpoint import restore_variables  # pylint: disable=import-outside-toplevel
   from baq.models import build_model  # pylint: disable=import-outside-toplevel
-  from baq.modes import get_mode  # pylint: disable=import-outside-toplevel
+  from baq.train.modes import get_mode  # pylint: disable=import-outside-toplevel
 
   data = experiment.load_data(config)
   dc = ml_collections.ConfigDict(dict(DEFAULTS, **config.get("diagnostics", {})))

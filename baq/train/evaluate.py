@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baq import metrics as M
+from baq.fairness import metrics as M
 from baq.data.pipeline import eval_batches
 
 COLLECTIONS = ("params", "batch_stats")

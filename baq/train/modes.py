@@ -3,7 +3,7 @@
   float            no quantizer; the full-precision baseline.
   qat              uniform fake-quant QAT at `config.qat_bits` (bits frozen).
   fair_static      FairQuant's static mode: integer bits from the group-aware
-                   importance allocation (`baq.planner`), applied post-training
+                   importance allocation (`baq.allocation.planner`), applied post-training
                    to the float weights; no training.
   fair_static_qat  the same allocation, then the weights fine-tuned at it.
   baq              Bit-Aware Quantization: weights and per-unit fractional

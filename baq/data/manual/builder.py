@@ -3,7 +3,7 @@
 Real datasets cannot be downloaded at run time: the user places the official
 files in a *manual directory* and names it in the config
 (`dataset.kwargs.manual_dir`). Each dataset module reads that directory with
-`baq.data.manual_files` into a `Table` (image paths, per-example fields,
+`baq.data.manual.files` into a `Table` (image paths, per-example fields,
 split assignment, names), and this module does the rest: `load_table` writes a
 `Table` once through a tensorflow-datasets builder (plain `Tensor` features,
 `array_record` files, no TensorFlow) and reads a split back into memory;
@@ -25,7 +25,7 @@ import numpy as np
 
 from baq.data import datasets
 from baq.data.datasets import Split
-from baq.data.manual_files import SPLITS, choose, load_image, require
+from baq.data.manual.files import SPLITS, choose, load_image, require
 
 DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
 

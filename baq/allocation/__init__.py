@@ -1,0 +1,10 @@
+"""The static allocation path (FairQuant stages 1-2): curvature, importance, solver.
+
+  curvature   Hessian-vector products, Hutchinson traces/diagonals and power
+              iteration per group (pure functions of a group-loss function)
+  importance  per-unit, per-group, per-bit-width sensitivity measures and the
+              reducers that combine groups
+  solver      the exact budgeted choice of integer bits (dynamic programming,
+              Lagrangian fixing + ILP) and FairQuant's quantile baseline
+  planner     calibration statistics -> tables -> an allocation (no file I/O)
+"""

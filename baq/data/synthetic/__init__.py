@@ -1,0 +1,1 @@
+"""The SYNTHETIC dermatology-like set: render (numpy), generate, tfds builder."""
