@@ -1,14 +1,20 @@
 """A tiny named registry, shared by every pluggable piece of baq.
 
-Models, datasets, regularizers and training modes are each one decorated
-function or class in a `Registry`. Looking up an unknown name raises a
-`KeyError` that lists the valid names, so a typo in a config never fails
-silently or deep inside a trainer.
+Models, datasets, regularizers, parametrizations and training modes are each
+one decorated function or class in a `Registry`. Looking up an unknown name
+raises a `KeyError` that lists the valid names, so a typo in a config never
+fails silently or deep inside a trainer.
+
+A registry built with `discover="some.package"` imports every module of that
+package the first time it is asked for a name, so a new entry is one new file
+in that package that registers itself, and no other file changes.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Generic, Iterator, TypeVar
+import importlib
+import pkgutil
+from typing import Callable, Dict, Generic, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -16,9 +22,19 @@ T = TypeVar("T")
 class Registry(Generic[T]):
   """Maps names to objects; `get` on an unknown name lists the valid ones."""
 
-  def __init__(self, kind: str):
+  def __init__(self, kind: str, discover: Optional[str] = None):
     self.kind = kind
     self._items: Dict[str, T] = {}
+    self._discover = discover
+
+  def _discovered(self) -> Dict[str, T]:
+    """The entries, after importing every module of the `discover` package once."""
+    if self._discover is not None:
+      package, self._discover = self._discover, None
+      for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        if not info.name.startswith("_"):
+          importlib.import_module(f"{package}.{info.name}")
+    return self._items
 
   def register(self, name: str) -> Callable[[T], T]:
     """Decorator that registers `obj` under `name` and returns it unchanged."""
@@ -37,10 +53,11 @@ class Registry(Generic[T]):
     Raises:
       KeyError: `name` is unknown; the message lists the valid names.
     """
+    items = self._discovered()
     try:
-      return self._items[name]
+      return items[name]
     except KeyError:
-      valid = ", ".join(sorted(self._items)) or "(none registered)"
+      valid = ", ".join(sorted(items)) or "(none registered)"
       raise KeyError(
           f"Unknown {self.kind} {name!r}. Valid {self.kind} names: {valid}."
       ) from None
@@ -51,10 +68,10 @@ class Registry(Generic[T]):
     del self._items[name]
 
   def names(self) -> list[str]:
-    return sorted(self._items)
+    return sorted(self._discovered())
 
   def __contains__(self, name: str) -> bool:
-    return name in self._items
+    return name in self._discovered()
 
   def __iter__(self) -> Iterator[str]:
-    return iter(sorted(self._items))
+    return iter(self.names())
