@@ -14,7 +14,7 @@ eigenvalue): WORKDIR/diagnostics.json, diagnostics.png, bits_vs_importance.png.
 from absl import app, flags
 from ml_collections import config_flags
 
-from baq.train import diagnostics, experiment
+from baq.train import diagnostics, experiment, validate
 
 config_flags.DEFINE_config_file("config", None, "Config file; default: WORKDIR/config.json.",
                                 lock_config=True)
@@ -27,11 +27,11 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     experiment.quiet_logging()
+  config = validate.load_config(flags.FLAGS.workdir, flags.FLAGS.config)
   if flags.FLAGS.diagnostics:
-    diagnostics.diagnose_workdir(experiment.workdir_config(flags.FLAGS.workdir, flags.FLAGS.config),
-                                 flags.FLAGS.workdir)
+    diagnostics.diagnose_workdir(config, flags.FLAGS.workdir)
   else:
-    experiment.evaluate_workdir(flags.FLAGS.workdir, flags.FLAGS.config)
+    experiment.report(config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Time of the exact allocator on 1,000 units with 6 bit-width choices.
 
-  python benchmarks/allocation.py [--units=1000] [--repeats=5]
+  python -m benchmarks.allocation [--units=1000] [--repeats=5]
 
 Random per-channel-like instances (numel multiples of 9, sensitivities
 falling with bits), the exact solver as `solve` picks it (an ILP at this
@@ -8,11 +8,7 @@ size) and FairQuant's quantile baseline,
 median wall time over repeats. Target: the exact allocator under 1 s.
 """
 
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 import numpy as np

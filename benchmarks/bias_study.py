@@ -1,6 +1,6 @@
 r"""The bias study in one command: runs (or resumes) the grid, prints the verdicts.
 
-  python benchmarks/bias_study.py --config=configs/bias_study.py --root=/tmp/baq_study
+  python -m benchmarks.bias_study --config=configs/bias_study.py --root=/tmp/baq_study
 
 Every (quantizer, bits, seed) cell goes to ROOT/<cell>/ and is skipped once
 finished, so an interrupted study resumes; the analysis is redone from the
@@ -9,11 +9,7 @@ ROOT/pareto.png (see baq/study.py and baq/study_report.py). Overrides go
 through --config, e.g. `--config.steps=200 --config.study.seeds="(0,1,2)"`.
 """
 
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 from ml_collections import config_flags

@@ -1,6 +1,6 @@
 """Curvature speed on the default model, measured side by side in one process.
 
-  python benchmarks/curvature.py [--batch=128] [--repeats=10]
+  python -m benchmarks.curvature [--batch=128] [--repeats=10]
 
 The default SmallCNN (32x32 inputs, widths 16/32/64, 6 groups) at its
 trained-from-scratch initialisation, one batch. Prints median times and:
@@ -23,11 +23,7 @@ trained-from-scratch initialisation, one batch. Prints median times and:
                         into batched convolutions that XLA runs very slowly
 """
 
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 import jax

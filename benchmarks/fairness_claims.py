@@ -1,6 +1,6 @@
 r"""The main job over seeds, plus BAQ at a second budget: mean and spread.
 
-  python benchmarks/fairness_claims.py --root=/tmp/baq_claims [--seeds=0,1,2]
+  python -m benchmarks.fairness_claims --root=/tmp/baq_claims [--seeds=0,1,2]
 
 For each seed it runs the main job (`configs/default.py`: float, uniform 8-
 and 4-bit QAT, BAQ at `quant.target_bits`) in ROOT/seed<S>, then BAQ at each
@@ -15,10 +15,7 @@ equal-opportunity and equalized-odds gaps and each group's accuracy. Config over
 """
 
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 from ml_collections import config_flags

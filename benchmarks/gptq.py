@@ -1,6 +1,6 @@
 r"""GPTQ's time per layer against layer width, and its ratio to round-to-nearest.
 
-  python benchmarks/gptq.py [--widths=128,256,512,1024,2048] [--bits=4]
+  python -m benchmarks.gptq [--widths=128,256,512,1024,2048] [--bits=4]
 
 On a CPU shared with other jobs, prefix XLA_FLAGS=--xla_cpu_multi_thread_eigen=false:
 XLA's worker threads spin while they wait for a descheduled sibling, and the
@@ -23,10 +23,7 @@ error record). Prints one table.
 """
 
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 import flax.linen as nn

@@ -1,7 +1,7 @@
 r"""Training throughput (examples/s) of the trainer's sharded update step.
 
-  python benchmarks/throughput.py                   # default config, 1 vs 8 fake CPU devices
-  python benchmarks/throughput.py --model=resnet18  # ResNet-18, BAQ vs float, real devices
+  python -m benchmarks.throughput                   # default config, 1 vs 8 fake CPU devices
+  python -m benchmarks.throughput --model=resnet18  # ResNet-18, BAQ vs float, real devices
 
 Without --model (or with --model=small_cnn) it times the default config's
 BAQ step (SmallCNN, batch 128, 32x32) on 1 and on 8 devices, each in a
@@ -23,8 +23,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 import numpy as np
 
@@ -45,32 +43,20 @@ def measure(model: str, mode: str, batch_size: int, image_size: int, num_classes
             steps: int, repeats: int, mesh_model: int) -> dict:
   """Median examples/s of `mode`'s update step on this process's devices."""
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from baq.train import sharding as sh, trainer  # pylint: disable=import-outside-toplevel
-  from baq.models import build_model  # pylint: disable=import-outside-toplevel
-  from baq.train.modes import get_mode  # pylint: disable=import-outside-toplevel
-  from baq.quant import units as U  # pylint: disable=import-outside-toplevel
+  from baq.train import sharding as sh, state as train_state, trainer  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
 
   config = default.get_config()
   config.mesh.model = mesh_model
+  if model != config.model.name:
+    config.model.name, config.model.kwargs = model, {}
   mesh = sh.make_mesh(config)
-  spec = get_mode(config, mode)
-  kwargs = config.model.kwargs.to_dict() if model == config.model.name else {}
-  net = build_model(model, num_classes, spec.quantizer, **kwargs)
-  sample = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  variables = trainer.model_variables(net, jax.random.key(0), sample)
-  params, batch_stats = variables["params"], variables.get("batch_stats", {})
-  layers = U.find_units(params)
-  target = trainer.target_bits(config, params, layers) if spec.uses_budget else float("nan")
-  tx = trainer.make_optimizer(config, params, lr=1e-3, steps=1000, train_bits=spec.train_bits)
-  penalties = trainer.build_penalties(config, spec.train_bits)
-  state = trainer.init_state(params, batch_stats, tx, penalties, NUM_GROUPS, jax.random.key(1))
-  shardings = sh.state_shardings(mesh, state, config)
-  state = sh.put(state, shardings)
-  step = sh.jit_step(trainer.make_train_step(
-      net, tx, penalties, layers, num_groups=NUM_GROUPS, target_bits=target,
-      bit_bounds=(config.quant.min_bits, config.quant.max_bits)), mesh, shardings)
+  setup = train_state.create_train_state(
+      config, mode, num_classes=num_classes, num_groups=NUM_GROUPS,
+      image_shape=(image_size, image_size, 3), steps=1000, lr=1e-3)
+  shardings = sh.state_shardings(mesh, setup.state, config, trainer.SHARDING_RULES)
+  state = sh.put(setup.state, shardings)
+  step, _ = trainer.jit_steps(config, setup, mesh, shardings, num_groups=NUM_GROUPS)
   rng = np.random.default_rng(0)
   batch = sh.shard_batch({
       "image": rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
@@ -99,8 +85,10 @@ def run_worker(args: dict, cpu_devices: int = 0) -> dict:
   if cpu_devices:
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={cpu_devices}",
                JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, os.path.abspath(__file__),
-                        f"--worker={json.dumps(args)}"], env=env, capture_output=True, text=True)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-m", "benchmarks.throughput",
+                        f"--worker={json.dumps(args)}"], env=env, capture_output=True, text=True,
+                       cwd=root)
   if out.returncode:
     raise RuntimeError(out.stderr[-3000:])
   return json.loads(out.stdout.strip().splitlines()[-1])

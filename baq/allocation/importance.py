@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from baq.registry import Registry
-from baq.fairness.regularizers import cvar_of
+from baq.allocation import curvature
+from baq.fairness.losses import cvar_of
 
 
 class KernelStats(NamedTuple):
@@ -68,8 +69,7 @@ REDUCERS: Registry[Callable[..., np.ndarray]] = Registry("reducer")
 
 def unit_sum(x: jax.Array, per_channel: bool) -> jax.Array:
   """[G, *shape] -> [G] (layer unit) or [G, C] (output-channel units)."""
-  axes = tuple(range(1, x.ndim - 1)) if per_channel else tuple(range(1, x.ndim))
-  return jnp.sum(x, axis=axes)
+  return curvature.unit_sum(x, per_channel, lead=1)
 
 
 def register_measure(name: str, hessian: str | None = None):

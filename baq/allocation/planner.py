@@ -6,8 +6,9 @@ respect to each quantized kernel of a float model, and turns them into
 importance [G, units] and sensitivity [G, units, K] tables (`baq.allocation.importance`).
 `allocate` reduces the groups and solves the budgeted allocation exactly
 (`baq.allocation.solver.solve`), or by FairQuant's quantile baseline. `plan` does
-both from a config and writes WORKDIR/allocation_plan.json, which the
-`fair_static`, `fair_static_qat` and allocation-initialised `baq` modes use.
+both from a config and returns the plan; the experiment writes it to
+WORKDIR/allocation_plan.json, which the `fair_static`, `fair_static_qat` and
+allocation-initialised `baq` modes use.
 
 Group statistics are sums over the whole calibration sample divided by each
 group's count, so they do not depend on how examples fall into batches.
@@ -17,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any, Callable
 
 import flax.traverse_util as tu
@@ -27,14 +26,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from baq.allocation import solver as allocation, curvature, importance
+from baq.allocation import curvature, importance, solver
 from baq.fairness import losses
 from baq.data.pipeline import eval_batches
 from baq.quant import fake_quant as fq
-from baq.quant import units as U
-from baq.train.sharding import is_primary
+from baq.quant import units
 
-PLAN_FILE = "allocation_plan.json"
+
+
+METHODS = solver.METHODS + ("quantile",)  # "quantile": FairQuant's baseline
 
 
 def calibration_split(split, per_group: int, seed: int):
@@ -163,7 +163,7 @@ class Analysis:
 
 def analyse(apply_fn: Callable, params: Any, layers, spec_for: Callable, split, *,
             measure: str = "hessian", measure_kwargs: dict | None = None,
-            choices=allocation.DEFAULT_CHOICES, batch_size: int = 128,
+            choices=solver.DEFAULT_CHOICES, batch_size: int = 128,
             key: jax.Array | None = None, num_probes: int = 32,
             probe_chunk: int = 8) -> Analysis:
   """Importance and sensitivity tables of a float model's quantized units.
@@ -204,7 +204,7 @@ def analyse(apply_fn: Callable, params: Any, layers, spec_for: Callable, split, 
                                        **(measure_kwargs or {}))
     imps.append(i)
     sens.append(s)
-  return Analysis(U.unit_names(layers), U.unit_numels(layers), choices,
+  return Analysis(units.unit_names(layers), units.unit_numels(layers), choices,
                   np.concatenate(imps, 1), np.concatenate(sens, 1),
                   stats["__count__"], measure)
 
@@ -225,41 +225,42 @@ def allocate(analysis: Analysis, target_bits: float, reducer: str = "max",
   """
   imp, sens = analysis.reduced(reducer, **(reducer_kwargs or {}))
   if method == "quantile":
-    return allocation.quantile_assignment(imp, analysis.numel, target_bits, analysis.choices)
-  return allocation.solve(sens, analysis.numel, target_bits, analysis.choices, method=method)
+    return solver.quantile_assignment(imp, analysis.numel, target_bits, analysis.choices)
+  return solver.solve(sens, analysis.numel, target_bits, analysis.choices, method=method)
 
 
 def plan(config: ml_collections.ConfigDict, apply_fn: Callable, float_params: Any,
-         layers, spec_for: Callable, split, target_bits: float, out_dir: str) -> np.ndarray:
-  """Analyses, allocates and writes OUT_DIR/allocation_plan.json (reused if present).
+         layers, spec_for: Callable, split, budget: float) -> dict:
+  """Analyses a float model and allocates its bits at `budget` (no file I/O).
+
+  Args:
+    config: the experiment config (its `importance` section and seed).
+    apply_fn: (params, images) -> logits of the float model.
+    float_params: its parameters.
+    layers: `units.find_units` of the quantized model.
+    spec_for: layer name -> QuantSpec (the quantizer's rules).
+    split: the training split; a group-balanced calibration sample is drawn.
+    budget: the average-bit budget.
 
   Returns:
-    int64 [units] bit-widths in `units.find_units` order.
+    The plan: units, numel, integer bits (`units.find_units` order), budget,
+    avg_bits, the settings, group counts, and importance reduced and per group.
   """
-  path = os.path.join(out_dir, PLAN_FILE)
-  names = U.unit_names(layers)
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    if saved["units"] == names and saved["target_bits"] == target_bits:
-      return np.asarray(saved["bits"], np.int64)
   ic = config.importance
   calib = calibration_split(split, ic.calib_per_group, config.seed)
   a = analyse(apply_fn, float_params, layers, spec_for, calib, measure=ic.measure,
               measure_kwargs=ic.measure_kwargs.to_dict(), choices=ic.choices,
               batch_size=ic.batch_size, key=jax.random.key(config.seed),
               num_probes=ic.num_probes, probe_chunk=ic.probe_chunk)
-  bits = allocate(a, target_bits, ic.reducer, ic.reducer_kwargs.to_dict(), ic.method)
+  bits = allocate(a, budget, ic.reducer, ic.reducer_kwargs.to_dict(), ic.method)
   imp, _ = a.reduced(ic.reducer, **ic.reducer_kwargs.to_dict())
-  if not is_primary():  # every host allocates the same bits; one writes
-    return bits
-  os.makedirs(out_dir, exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(dict(units=names, numel=a.numel.tolist(), bits=bits.tolist(),
-                   target_bits=target_bits,
-                   avg_bits=float((a.numel * bits).sum() / a.numel.sum()),
-                   measure=ic.measure, reducer=ic.reducer, method=ic.method,
-                   choices=list(a.choices), group_counts=a.group_counts.tolist(),
-                   importance=imp.tolist(), importance_per_group=a.importance.tolist()),
-              f, indent=1)
-  return bits
+  return dict(units=units.unit_names(layers), numel=a.numel.tolist(), bits=bits.tolist(),
+              target_bits=budget, avg_bits=float((a.numel * bits).sum() / a.numel.sum()),
+              measure=ic.measure, reducer=ic.reducer, method=ic.method,
+              choices=list(a.choices), group_counts=a.group_counts.tolist(),
+              importance=imp.tolist(), importance_per_group=a.importance.tolist())
+
+
+def matches(saved: dict, layers, budget: float) -> bool:
+  """Whether a saved plan was made for these units at this budget."""
+  return saved["units"] == units.unit_names(layers) and saved["target_bits"] == budget

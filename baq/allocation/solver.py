@@ -28,6 +28,9 @@ DEFAULT_CHOICES = (2, 3, 4, 5, 6, 8)
 _DP_MAX_CELLS = 20_000_000
 
 
+METHODS = ("auto", "dp", "milp")  # exact; "auto": dp when its table is small
+
+
 def _check(sensitivity, numel, choices, target_bits):
   s = np.asarray(sensitivity, np.float64)
   w = np.asarray(numel, np.int64)
@@ -69,8 +72,8 @@ def solve(sensitivity, numel: Sequence[int], target_bits: float,
       allocation can meet it).
   """
   s, w, c, cap = _check(sensitivity, numel, choices, target_bits)
-  if method not in ("auto", "dp", "milp"):
-    raise ValueError(f"Unknown method {method!r}. Valid: auto, dp, milp.")
+  if method not in METHODS:
+    raise ValueError(f"Unknown method {method!r}. Valid: {', '.join(METHODS)}.")
   if cap >= int(w.sum()) * int(c[-1]):  # Budget not binding: best per unit.
     return c[np.argmin(s, 1)]
   g, room = _dp_table(w, c, cap)

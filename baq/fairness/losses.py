@@ -70,3 +70,16 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   """Mean of x over mask; 0 if nothing is unmasked."""
   n = jnp.sum(mask)
   return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(n, 1)
+
+
+def cvar_of(losses: jax.Array, present: jax.Array, alpha: float) -> jax.Array:
+  """CVaR_alpha of a uniform distribution over the present groups' losses.
+
+  The mean of the worst alpha-fraction of groups, with the boundary group
+  counted fractionally; alpha=1 gives the mean, alpha -> 0 the max.
+  """
+  n = jnp.sum(present).astype(jnp.float32)
+  k = jnp.maximum(alpha * n, 1e-6)
+  ordered = jnp.sort(jnp.where(present, losses, -jnp.inf))[::-1]
+  w = jnp.clip(k - jnp.arange(losses.shape[0], dtype=jnp.float32), 0.0, 1.0)
+  return jnp.sum(w * jnp.where(jnp.isfinite(ordered), ordered, 0.0)) / k

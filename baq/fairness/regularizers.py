@@ -28,7 +28,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from baq.fairness.losses import masked_max, masked_mean, masked_min
+from baq.fairness.losses import cvar_of, masked_max, masked_mean, masked_min
 from baq.registry import Registry
 
 Metrics = dict[str, jax.Array]
@@ -115,19 +115,6 @@ def smooth_max(temperature: float = 0.1) -> Regularizer:
     return temperature * (jax.nn.logsumexp(z) - jnp.log(n)), {}
 
   return stateless(fn)
-
-
-def cvar_of(losses: jax.Array, present: jax.Array, alpha: float) -> jax.Array:
-  """CVaR_alpha of a uniform distribution over the present groups' losses.
-
-  The mean of the worst alpha-fraction of groups, with the boundary group
-  counted fractionally; alpha=1 gives the mean, alpha -> 0 the max.
-  """
-  n = jnp.sum(present).astype(jnp.float32)
-  k = jnp.maximum(alpha * n, 1e-6)
-  ordered = jnp.sort(jnp.where(present, losses, -jnp.inf))[::-1]
-  w = jnp.clip(k - jnp.arange(losses.shape[0], dtype=jnp.float32), 0.0, 1.0)
-  return jnp.sum(w * jnp.where(jnp.isfinite(ordered), ordered, 0.0)) / k
 
 
 @register("cvar")

@@ -15,7 +15,6 @@ One path serves `train.py` and `eval.py`:
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import flax.traverse_util as tu
@@ -23,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baq.train.evaluate import apply_model
+from baq.variables import apply_model
 from baq.quant import units as U
 from baq.quant.inject import BITS_LEAF, EXPORT_COLLECTION, RANGE_LEAF
 
@@ -191,8 +190,8 @@ def allocation_record(params_cont: Any, params_int: Any, layers, target_bits: fl
               layers=per_layer, units=units)
 
 
-def write_allocation(workdir: str, record: dict) -> str:
-  path = os.path.join(workdir, "bit_allocation.json")
+def write_allocation(path: str, record: dict) -> str:
+  """Writes an `allocation_record` as JSON to `path` and returns the path."""
   with open(path, "w") as f:
     json.dump(record, f, indent=1)
   return path

@@ -23,18 +23,13 @@ the rounding quantizer itself is only ever called with integer values.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 SCALE_METHODS = ("absmax", "percentile", "learned")
 _EPS = 1e-8
-
-
-def round_ste(x: jax.Array) -> jax.Array:
-  """Rounds `x` with an identity gradient (straight-through estimator)."""
-  return x + jax.lax.stop_gradient(jnp.round(x) - x)
 
 
 def code_range(bits: jax.Array, symmetric: bool) -> tuple[jax.Array, jax.Array]:
@@ -246,10 +241,3 @@ def fracbits_quant(
   q_hi = _quant_in_range(x, lo, hi, b_lo + 1.0, symmetric)
   return (q_lo + (b - b_lo) * (q_hi - q_lo)).astype(x.dtype)
 
-
-def per_unit_numel(shape: Sequence[int], channel_axis: Optional[int]) -> int:
-  """Number of elements that share one bit-width."""
-  n = 1
-  for s in shape:
-    n *= s
-  return n if channel_axis is None else n // shape[channel_axis % len(shape)]

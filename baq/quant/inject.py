@@ -31,6 +31,10 @@ PARAMETRIZATIONS = ("fracbits", "diffq", "fixed")
 GRANULARITIES = ("layer", "channel")
 BITS_LEAF = "bits"
 RANGE_LEAF = "log_range"
+# The quantizer's own parameters: never in a float checkpoint, replicated
+# across devices, held fixed by weight-only analyses.
+QUANT_LEAVES = (BITS_LEAF, RANGE_LEAF)
+QUANT_LEAF_PATTERN = rf".*/({BITS_LEAF}|{RANGE_LEAF})"
 EXPORT_COLLECTION = "quant_export"
 
 
@@ -206,8 +210,3 @@ def Conv(quantizer: Optional[Quantizer]):  # pylint: disable=invalid-name
     return nn.Conv
   return functools.partial(
       nn.Conv, conv_general_dilated_cls=functools.partial(QuantConv, quantizer))
-
-
-def is_bits_path(path: tuple[str, ...]) -> bool:
-  """True for the key path of a bit-width leaf."""
-  return bool(path) and path[-1] == BITS_LEAF

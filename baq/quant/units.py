@@ -130,6 +130,8 @@ def bits_for_bytes(params: Params, layers: list[LayerUnits], target_bytes: float
 
 def check_budget(target_bits: float, min_bits: float, max_bits: float) -> None:
   """Refuses an average-bit target no allocation in [min_bits, max_bits] meets."""
+  if not np.isfinite(target_bits):
+    raise ValueError(f"Target of {target_bits} average bits is not a finite number.")
   if target_bits < min_bits:
     raise ValueError(
         f"Target of {target_bits:.3f} average bits is below min_bits={min_bits}: "

@@ -22,11 +22,13 @@ import numpy as np
 from baq.study import pairs
 from baq.train.checkpoint import restore_variables
 from baq.data.pipeline import normalize
-from baq.train.evaluate import predict_logits, takes_train
+from baq.train.evaluate import predict_logits
+from baq.variables import takes_train
 from baq.models import build_model
 from baq.train.modes import get_mode
 from baq.quant import export, gptq_model as GM, units as U
-from baq.train.trainer import target_bits, train
+from baq.train.modes import budget_bits
+from baq.train.trainer import train
 
 FLOAT = "fp32"
 
@@ -139,7 +141,7 @@ def trained_cell(config, s, cell: Cell, fp: Callable, data: dict, root: str) -> 
   params = variables["params"]
   layers = U.find_units(params)
   if cell.quantizer == "baq":
-    _, params = export.deploy(params, layers, target_bits(c, params, layers),
+    _, params = export.deploy(params, layers, budget_bits(c, params, layers),
                               c.quant.min_bits, c.quant.max_bits)
   info = dict(avg_bits=float(U.average_bits(params, layers)), run_dir=run_dir,
               granularity=c.quant.granularity, steps=c.steps)

@@ -24,7 +24,7 @@ from scipy.spatial.distance import cdist
 
 from baq.data import datasets
 from baq.data.pipeline import normalize
-from baq.train.evaluate import apply_model
+from baq.variables import apply_model
 
 
 def match_pairs(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,

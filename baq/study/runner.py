@@ -53,6 +53,7 @@ from baq.study import stats, report as study_report
 from baq.fairness import metrics as M
 from baq.study import cells as C
 from baq.train.evaluate import predict_logits
+from baq.train.validate import validate
 from baq.study.cells import FLOAT, Cell
 
 QUANTIZERS = ("rtn", "gptq", "fair_gptq", "qat", "baq")
@@ -154,7 +155,7 @@ def run_study(config: ml_collections.ConfigDict, root: str, data: dict | None = 
   Returns:
     The study dict written to ROOT/study.json (`study_report.analyze`).
   """
-  experiment.validate(config)
+  validate(config)
   s = settings(config)
   _check_root(config, root)
   with open(os.path.join(root, "config.json"), "w") as f:

@@ -22,9 +22,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from baq.train import workdir as wd
 from baq.train.sharding import is_primary
 
-SIGNATURE_FILE = "state_signature.json"
+SIGNATURE_FILE = wd.SIGNATURE_FILE
 
 
 def signature(state: Any) -> dict[str, str]:
@@ -52,13 +53,13 @@ class Checkpointer:
     os.makedirs(self.workdir, exist_ok=True)
     self._check_signature(signature(abstract_state))
     self.manager = ocp.CheckpointManager(
-        os.path.join(self.workdir, "checkpoints"),
+        os.path.join(self.workdir, wd.CHECKPOINT_DIR),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
   def _check_signature(self, sig: dict[str, str]) -> None:
     path = os.path.join(self.workdir, SIGNATURE_FILE)
-    has_ckpt = os.path.isdir(os.path.join(self.workdir, "checkpoints")) and any(
-        d.isdigit() for d in os.listdir(os.path.join(self.workdir, "checkpoints")))
+    has_ckpt = os.path.isdir(os.path.join(self.workdir, wd.CHECKPOINT_DIR)) and any(
+        d.isdigit() for d in os.listdir(os.path.join(self.workdir, wd.CHECKPOINT_DIR)))
     if os.path.exists(path) and has_ckpt:
       with open(path) as f:
         old = json.load(f)
@@ -106,7 +107,7 @@ def restore_variables(workdir: str) -> dict:
   Raises:
     FileNotFoundError: the workdir holds no checkpoint.
   """
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  ckpt_dir = os.path.join(os.path.abspath(workdir), wd.CHECKPOINT_DIR)
   mgr = ocp.CheckpointManager(ckpt_dir, item_handlers=ocp.StandardCheckpointHandler(),
                               options=ocp.CheckpointManagerOptions(create=False)) \
       if os.path.isdir(ckpt_dir) else None

@@ -15,8 +15,6 @@ a model has a bit allocation, WORKDIR/bits_vs_importance.png.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Callable
 
 import flax.traverse_util as tu
@@ -27,21 +25,23 @@ import ml_collections
 import numpy as np
 
 from baq.allocation import curvature, planner
-from baq.fairness import losses
 from baq.data.pipeline import normalize
-from baq.train.evaluate import apply_model, predict_logits
-from baq.quant.inject import BITS_LEAF, RANGE_LEAF
+from baq.fairness import losses
+from baq.models import build_model
+from baq.quant.inject import QUANT_LEAVES
+from baq.train import workdir as wd
+from baq.train.checkpoint import restore_variables
+from baq.train.evaluate import predict_logits
+from baq.train.modes import selected
 from baq.train.sharding import is_primary
+from baq.variables import apply_model
 
-# Used when a config (e.g. an older workdir's config.json) has no `diagnostics`.
-DEFAULTS = dict(per_group=64, num_probes=64, probe_chunk=8, max_iters=100, tol=1e-3,
-                models="all")
 STATS = ("accuracy", "loss", "logit_variance", "grad_norm", "hessian_trace", "top_eigenvalue")
 
 
 def _split_weights(params: Any) -> tuple[dict, dict]:
   flat = tu.flatten_dict(dict(params))
-  fixed = {k: v for k, v in flat.items() if k[-1] in (BITS_LEAF, RANGE_LEAF)}
+  fixed = {k: v for k, v in flat.items() if k[-1] in QUANT_LEAVES}
   return {k: v for k, v in flat.items() if k not in fixed}, fixed
 
 
@@ -206,48 +206,35 @@ def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Diagnostics of every model in a train.py workdir (eval.py --diagnostics).
 
   Models: fp32, each uniform<B> baseline (QAT) and its round-to-nearest
-  version (_ptq), and each method, all evaluated as deployed.
+  version (_ptq), and each method, all evaluated as deployed; the settings
+  are `config.diagnostics`.
 
   Returns:
     The dict written to WORKDIR/diagnostics.json.
   """
-  from baq.train import experiment  # pylint: disable=import-outside-toplevel
-  from baq.train.checkpoint import restore_variables  # pylint: disable=import-outside-toplevel
-  from baq.models import build_model  # pylint: disable=import-outside-toplevel
-  from baq.train.modes import get_mode  # pylint: disable=import-outside-toplevel
+  from baq.train import deploy, experiment  # pylint: disable=import-outside-toplevel
 
+  if "diagnostics" not in config:
+    raise ValueError("The config has no `diagnostics` section (an older workdir's "
+                     "config.json?): pass --config=configs/default.py or your own config.")
+  dc = config.diagnostics
   data = experiment.load_data(config)
-  dc = ml_collections.ConfigDict(dict(DEFAULTS, **config.get("diagnostics", {})))
-  test, kw = data["test"], config.model.kwargs.to_dict()
+  test = data["test"]
   batch = diagnostic_batch(test, dc.per_group, config.seed)
-  fp_dir = config.init_checkpoint or os.path.join(workdir, experiment.FLOAT)
-  float_vars = restore_variables(fp_dir)
-  float_params = float_vars["params"]
-  runs = {experiment.FLOAT: (build_model(config.model.name, test.num_classes, None, **kw),
-                             float_vars)}
-  modes = [m for m in experiment.modes(config) if m != "float"]
-  for b in experiment.baseline_bits(config) if modes else []:
-    q = get_mode(config, "qat", b).quantizer.replace(training=False)
-    model = build_model(config.model.name, test.num_classes, q, **kw)
-    runs[f"uniform{b}"] = (model, restore_variables(os.path.join(workdir, f"uniform{b}")))
-    ptq = experiment._init_quantized(model, test, float_params)  # pylint: disable=protected-access
-    runs[f"uniform{b}_ptq"] = (model, dict(float_vars, params=ptq))
+  float_vars = restore_variables(wd.float_dir(config, workdir))
+  runs = {wd.FLOAT: (build_model(config.model.name, test.num_classes, None,
+                                 **config.model.kwargs.to_dict()), float_vars)}
+  runs.update({name: (model, variables) for name, model, variables in
+               experiment.baseline_runs(config, workdir, test.num_classes, float_vars, test)})
   allocations = {}
-  for mode in modes:
-    name = experiment.method_name(config, mode)
-    model, _, deployed, ints, _, _ = experiment.deployed_run(config, workdir, mode,
-                                                             test.num_classes)
-    runs[name] = (model, deployed)
-    allocations[name] = ints.tolist()
-
+  for mode in selected(config):
+    if mode != "float":
+      name = wd.method_name(config, mode)
+      model, _, deployed, ints, _, _ = deploy.deployed_run(config, workdir, mode,
+                                                           test.num_classes)
+      runs[name], allocations[name] = (model, deployed), ints.tolist()
+  runs = _chosen(runs, dc.models)
   models = {}
-  if dc.models != "all":
-    keep = [m.strip() for m in dc.models.split(",") if m.strip()]
-    unknown = sorted(set(keep) - set(runs))
-    if unknown or experiment.FLOAT not in keep:
-      raise ValueError(f"diagnostics.models must name {experiment.FLOAT} and runs of this "
-                       f"workdir; unknown: {unknown}. Valid: {', '.join(runs)}.")
-    runs = {k: v for k, v in runs.items() if k in keep}
   for i, (name, (model, variables)) in enumerate(runs.items()):
     apply_fn = lambda p, x, m=model, v=variables: apply_model(m, dict(v, params=p), x)
     logits = predict_logits(model, variables, test, config.eval_batch_size)
@@ -258,18 +245,26 @@ def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out = dict(group_names=list(test.group_names), split=config.dataset.test_split,
              diagnostic_batch_per_group=np.bincount(np.asarray(batch["group"]),
                                                     minlength=test.num_groups).tolist(),
-             models=models, skew=skew_summary(models, experiment.FLOAT))
+             models=models, skew=skew_summary(models, wd.FLOAT))
   if not is_primary():  # one writer on several hosts
     return out
-  with open(os.path.join(workdir, "diagnostics.json"), "w") as f:
-    json.dump(out, f, indent=1)
-  plot_statistics(os.path.join(workdir, "diagnostics.png"), models, test.group_names)
+  wd.write_json(wd.path(workdir, wd.DIAGNOSTICS_FILE), out)
+  plot_statistics(wd.path(workdir, wd.DIAGNOSTICS_PLOT), models, test.group_names)
   if allocations:
-    plan_path = os.path.join(workdir, planner.PLAN_FILE)
-    if not os.path.exists(plan_path):  # the importance the plot needs
-      experiment.allocation_plan(config, workdir, float_vars, data)
-    with open(plan_path) as f:
-      plan = json.load(f)
-    plot_bits_vs_importance(os.path.join(workdir, "bits_vs_importance.png"), plan, allocations)
-  print(f"diagnostics: {os.path.join(workdir, 'diagnostics.json')}", flush=True)
+    experiment.allocation_plan(config, workdir, float_vars, data)  # reused when saved
+    plot_bits_vs_importance(wd.path(workdir, wd.IMPORTANCE_PLOT),
+                            wd.read_json(wd.path(workdir, wd.PLAN_FILE)), allocations)
+  print(f"diagnostics: {wd.path(workdir, wd.DIAGNOSTICS_FILE)}", flush=True)
   return out
+
+
+def _chosen(runs: dict, models: str) -> dict:
+  """The runs `diagnostics.models` names ("all", or comma-separated names with fp32)."""
+  if models == "all":
+    return runs
+  keep = [m.strip() for m in models.split(",") if m.strip()]
+  unknown = sorted(set(keep) - set(runs))
+  if unknown or wd.FLOAT not in keep:
+    raise ValueError(f"diagnostics.models must name {wd.FLOAT} and runs of this "
+                     f"workdir; unknown: {unknown}. Valid: {', '.join(runs)}.")
+  return {k: v for k, v in runs.items() if k in keep}

@@ -15,10 +15,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import ml_collections
 
+from baq.quant import units
 from baq.quant.inject import Quantizer, QuantSpec
 from baq.registry import Registry
 
@@ -110,3 +111,36 @@ def get_mode(config: ml_collections.ConfigDict, name: str,
              bits: Optional[float] = None) -> ModeSpec:
   """The ModeSpec of mode `name` (unknown names list the valid ones)."""
   return MODES.get(name)(config, bits)
+
+
+def selected(config: ml_collections.ConfigDict) -> list[str]:
+  """The modes of `config.mode` ("fair_static,baq" -> ["fair_static", "baq"]).
+
+  Raises:
+    ValueError: `config.mode` names no mode.
+  """
+  out = [m.strip() for m in config.mode.split(",") if m.strip()]
+  if not out:
+    raise ValueError(f"config.mode is empty. Valid modes: {', '.join(MODES.names())}.")
+  return out
+
+
+def budget_bits(config: ml_collections.ConfigDict, params: Any, layers) -> float:
+  """The average-bit budget, from `quant.target_bits` or a `quant.target_bytes` size budget.
+
+  Raises:
+    ValueError: no budget is set, or it lies outside [min_bits, max_bits].
+  """
+  q = config.quant
+  if q.target_bytes is not None:
+    t = units.bits_for_bytes(params, layers, q.target_bytes)
+    where = f"target_bytes={q.target_bytes} (= {t:.3f} average bits)"
+  elif q.target_bits is not None:
+    t, where = float(q.target_bits), f"target_bits={q.target_bits}"
+  else:
+    raise ValueError("This mode needs a budget: set quant.target_bits or quant.target_bytes.")
+  try:
+    units.check_budget(t, q.min_bits, q.max_bits)
+  except ValueError as e:
+    raise ValueError(f"Impossible budget {where}: {e}") from None
+  return t

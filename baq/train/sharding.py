@@ -5,12 +5,13 @@ The trainer's step is one `jax.jit` (the design card's pjit) with
 from `config.mesh`:
 
   * batches are split over "data";
-  * parameters follow `RULES`, regexes fully matched against a leaf's path
-    ("params/layer1_0/conv1/kernel"); the first match wins. Bit-width and
-    range leaves stay replicated; any other leaf of at least
-    `config.mesh.fsdp_min_numel` elements is sharded FSDP-style over "model"
-    along its largest dimension divisible by the axis size; smaller ones
-    (scales, biases, BatchNorm) are replicated;
+  * parameters follow rules, regexes fully matched against a leaf's path
+    ("params/layer1_0/conv1/kernel"); the first match wins. The caller
+    prepends its own (the trainer keeps the quantizer's leaves replicated)
+    to `RULES`: any leaf of at least `config.mesh.fsdp_min_numel` elements
+    is sharded FSDP-style over "model" along its largest dimension divisible
+    by the axis size; smaller ones (scales, biases, BatchNorm) are
+    replicated;
   * optimizer moments are sharded like their parameters: a moment's path
     ends with its parameter's path and has its shape, so the same rules
     give the same spec; counters and penalty states are replicated.
@@ -37,15 +38,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from baq.quant.inject import BITS_LEAF, RANGE_LEAF
-
 AXES = ("data", "model")
 REPLICATED, FSDP = "replicated", "fsdp"
 # (regex fully matching a leaf path, REPLICATED | FSDP | a PartitionSpec).
-RULES = (
-    (rf".*/({BITS_LEAF}|{RANGE_LEAF})", REPLICATED),
-    (r".*", FSDP),
-)
+RULES = ((r".*", FSDP),)
 DEFAULT_MESH = dict(data=-1, model=1, fsdp_min_numel=2**18)
 
 

@@ -1,0 +1,119 @@
+"""The one owner of a workdir's layout: run names, file names and checkpoints.
+
+A train.py workdir holds
+
+  WORKDIR/config.json             the config it was trained with
+  WORKDIR/fp32/                   the float run (or `config.init_checkpoint`)
+  WORKDIR/uniform<B>/             uniform B-bit QAT, one per `config.baselines`
+  WORKDIR/<method>/               each method of `config.mode`
+  WORKDIR/allocation_plan.json    the importance allocation, when a mode uses it
+  WORKDIR/report.json             the final table
+  WORKDIR/bit_allocation.json, bit_allocation.png, packed_weights.npz
+                                  the export (in the method's run directory
+                                  when the workdir has several methods)
+
+and every run directory holds `checkpoints/`, `state_signature.json`,
+`metrics.jsonl` and, for bit-training runs, `searched_bits.json`. Experiment,
+diagnostics, the bias study and the seed sweep ask this module for these
+names; none spells them itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import ml_collections
+
+FLOAT = "fp32"
+PTQ_SUFFIX = "_ptq"
+CONFIG_FILE = "config.json"
+REPORT_FILE = "report.json"
+PLAN_FILE = "allocation_plan.json"
+ALLOCATION_FILE = "bit_allocation.json"
+ALLOCATION_PLOT = "bit_allocation.png"
+PACKED_FILE = "packed_weights.npz"
+DIAGNOSTICS_FILE = "diagnostics.json"
+DIAGNOSTICS_PLOT = "diagnostics.png"
+IMPORTANCE_PLOT = "bits_vs_importance.png"
+METRICS_FILE = "metrics.jsonl"
+SEARCHED_BITS_FILE = "searched_bits.json"
+CHECKPOINT_DIR = "checkpoints"
+SIGNATURE_FILE = "state_signature.json"
+UNIFORM = "uniform"
+
+
+def uniform_name(bits: float) -> str:
+  """The run name of uniform `bits`-bit QAT ("uniform4")."""
+  return f"{UNIFORM}{bits:g}"
+
+
+def ptq_name(run: str) -> str:
+  """The report name of `run`'s round-to-nearest version ("uniform4_ptq")."""
+  return run + PTQ_SUFFIX
+
+
+def parse_uniform(name: str) -> int:
+  """The bit-width of a uniform baseline's name ("uniform8" -> 8).
+
+  Raises:
+    ValueError: `name` is not uniform<B>.
+  """
+  if not name.startswith(UNIFORM) or not name[len(UNIFORM):].isdigit():
+    raise ValueError(f"Unknown baseline {name!r}. Valid: uniform<B>, e.g. uniform8,uniform4.")
+  return int(name[len(UNIFORM):])
+
+
+def baseline_bits(config: ml_collections.ConfigDict) -> list[int]:
+  """Bit-widths of `config.baselines` ("uniform8,uniform4" -> [8, 4])."""
+  return [parse_uniform(n) for n in filter(None, (s.strip() for s in config.baselines.split(",")))]
+
+
+def method_name(config: ml_collections.ConfigDict, mode: str) -> str:
+  """A method's report name and run directory name."""
+  if mode == "qat":
+    return f"qat{int(config.qat_bits)}"
+  return FLOAT if mode == "float" else mode
+
+
+def path(workdir: str, *names: str) -> str:
+  """WORKDIR/<names...>."""
+  return os.path.join(workdir, *names)
+
+
+def float_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the float run lives: `config.init_checkpoint` or WORKDIR/fp32."""
+  return config.init_checkpoint or path(workdir, FLOAT)
+
+
+def export_dir(workdir: str, name: str, num_methods: int) -> str:
+  """Where a method's export goes: the workdir itself when it is the only method."""
+  return workdir if num_methods == 1 else path(workdir, name)
+
+
+def latest_step(run_dir: str) -> Optional[int]:
+  """The step of the newest checkpoint in a run directory, None when it has none."""
+  d = path(run_dir, CHECKPOINT_DIR)
+  steps = [int(x) for x in os.listdir(d) if x.isdigit()] if os.path.isdir(d) else []
+  return max(steps, default=None)
+
+
+def finished(run_dir: str, steps: int) -> bool:
+  """Whether a run directory holds the checkpoint of its last step."""
+  return latest_step(run_dir) == steps
+
+
+def has_checkpoints(run_dir: str) -> bool:
+  return latest_step(run_dir) is not None
+
+
+def write_json(file: str, obj: Any, indent: Optional[int] = 1) -> None:
+  """Writes `obj` as JSON (callers decide whether this process writes)."""
+  with open(file, "w") as f:
+    json.dump(obj, f, indent=indent)
+
+
+def read_json(file: str) -> Any:
+  with open(file) as f:
+    return json.load(f)
