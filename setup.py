@@ -23,5 +23,5 @@ setup(
         "pillow>=10,<14",
         "scipy>=1.11,<2",
     ],
-    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"]},
+    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "safetensors>=0.4,<1"]},
 )

@@ -6,16 +6,8 @@ real dataset with one of the papers' models, sized for the image size.
 
 import ml_collections
 
+from baq import models
 from configs import default
-
-# Model options per image size: the ViTs keep about 8x8 patches at 64 px.
-MODEL_KWARGS = {
-    "small_cnn": lambda size: dict(widths=(32, 64, 128), hidden=128),
-    "resnet18": lambda size: dict(),
-    "resnet50": lambda size: dict(),
-    "deit_tiny": lambda size: dict(img_size=size, patch_size=16 if size >= 160 else 8),
-    "tinyvit_5m": lambda size: dict(),
-}
 
 
 def paper_config(dataset: str, dataset_kwargs: dict, model: str, image_size: int,
@@ -26,7 +18,8 @@ def paper_config(dataset: str, dataset_kwargs: dict, model: str, image_size: int
   Args:
     dataset: a registered dataset name.
     dataset_kwargs: its options; `manual_dir` is left for the command line.
-    model: one of MODEL_KWARGS.
+    model: a registered model (`baq.models.MODELS`); its options for
+      `image_size` come from the registry (`baq.models.size_options`).
     image_size: side of the (square) images.
     positive_class: the class counted as positive by DP/EOpp/EOdds.
     switches: "runlocal" shrinks steps for a smoke run; "cpu" sizes the run
@@ -36,8 +29,8 @@ def paper_config(dataset: str, dataset_kwargs: dict, model: str, image_size: int
   Returns:
     The config.
   """
-  if model not in MODEL_KWARGS:
-    raise KeyError(f"Unknown model {model!r}. Valid: {', '.join(sorted(MODEL_KWARGS))}.")
+  if model not in models.MODELS:
+    raise KeyError(f"Unknown model {model!r}. Valid: {', '.join(models.MODELS.names())}.")
   runlocal = "runlocal" in switches
   c = default.get_config("runlocal" if runlocal else None)
   c.dataset.name = dataset
@@ -47,7 +40,7 @@ def paper_config(dataset: str, dataset_kwargs: dict, model: str, image_size: int
   c.dataset.positive_class = positive_class
   c.dataset.sampling = "uniform"
   c.model.name = model
-  c.model.kwargs = ml_collections.ConfigDict(MODEL_KWARGS[model](image_size))
+  c.model.kwargs = ml_collections.ConfigDict(models.size_options(model, image_size))
   c.batch_size = 64
   c.eval_batch_size = 256
   c.float_steps, c.steps = (60, 40) if runlocal else (3000, 1000)

@@ -6,6 +6,8 @@ tiny_vit.py), independently of the converter's own tables, and filled with
 random numbers.
 """
 
+import sys
+
 import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
@@ -229,15 +231,44 @@ def test_seeds_a_quantized_model_and_reads_files(tmp_path):
   wrapped = C.convert("resnet18", {"model": {f"module.{k}": v for k, v in sd.items()}}, finit)
   for v in (from_file, wrapped):
     jax.tree.map(np.testing.assert_array_equal, v, converted)
-  for ext, lib in ((".pth", "torch"), (".safetensors", "safetensors")):
-    try:
-      __import__(lib)
-    except ImportError:
-      with pytest.raises(ImportError, match="pip install"):
-        C.load_state_dict(tmp_path / f"w{ext}")
   with pytest.raises(ValueError, match="Unknown weight file type"):
     C.load_state_dict(tmp_path / "w.h5")
 
+
+def _save_safetensors(sd, path):
+  pytest.importorskip("safetensors.numpy").save_file(sd, str(path))
+
+
+def _save_torch(sd, path):
+  torch = pytest.importorskip("torch")
+  torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}}, path)
+
+
+@pytest.mark.parametrize("ext,save", [(".safetensors", _save_safetensors), (".pth", _save_torch),
+                                      (".pt", _save_torch)])
+def test_reads_real_weight_files(tmp_path, ext, save):
+  sd = fill(torchvision_resnet(18, num_classes=10, **SMALL_RESNET))
+  save(sd, tmp_path / f"w{ext}")
+  save({f"module.{k}": v for k, v in sd.items()}, tmp_path / f"dp{ext}")  # DataParallel's
+  for name in ("w", "dp"):
+    loaded = C.load_state_dict(tmp_path / f"{name}{ext}")
+    assert sorted(loaded) == sorted(sd)
+    for k, v in sd.items():
+      assert isinstance(loaded[k], np.ndarray) and loaded[k].dtype == v.dtype, k
+      np.testing.assert_array_equal(loaded[k], v, err_msg=k)
+  finit = _small_resnet()
+  jax.tree.map(np.testing.assert_array_equal, C.convert("resnet18", tmp_path / f"w{ext}", finit),
+               C.convert("resnet18", sd, finit))
+
+
+@pytest.mark.parametrize("ext,modules", [
+    (".pth", ("torch",)), (".pt", ("torch",)), (".bin", ("torch",)),
+    (".safetensors", ("safetensors", "safetensors.numpy"))])
+def test_missing_reader_library_says_what_to_install(tmp_path, monkeypatch, ext, modules):
+  for module in modules:  # None in sys.modules makes the import fail, installed or not
+    monkeypatch.setitem(sys.modules, module, None)
+  with pytest.raises(ImportError, match=f"pip install {modules[0]}"):
+    C.load_state_dict(tmp_path / f"w{ext}")
 
 
 def _conv_nchw(x, w, stride, pad):

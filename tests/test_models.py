@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from baq.fairness import losses
-from baq.models import build_model
+from baq.models import build_model, get_converter, size_options
 from baq.models.tinyvit import attention_bias_index
 from baq.quant.inject import Quantizer, QuantSpec
 
@@ -219,3 +219,30 @@ def test_dropout_and_droppath_only_in_training():
   a, b, c = run(both, variables)
   np.testing.assert_array_equal(a, b)
   assert float(jnp.max(jnp.abs(a - c))) > 1e-3
+
+
+def test_size_options_come_from_the_registry():
+  assert size_options("deit_tiny", 64) == dict(img_size=64, patch_size=8)
+  assert size_options("deit_tiny", 224) == dict(img_size=224, patch_size=16)
+  assert size_options("small_cnn", 64) == dict(widths=(32, 64, 128), hidden=128)
+  assert size_options("resnet18", 64) == size_options("tinyvit_5m", 64) == {}
+  size_options("resnet50", 64)["width"] = 8  # a fresh dict each time
+  assert size_options("resnet50", 64) == {}
+  # DeiT sized for 64 px keeps an 8x8 patch grid: 1 + 64 position entries.
+  model = build_model("deit_tiny", 3, None, **size_options("deit_tiny", 64))
+  p = jax.eval_shape(model.init, RNGS, jnp.zeros((1, 64, 64, 3)))["params"]
+  assert p["pos_embed"].shape == (1, 65, 192)
+  for fn in (lambda: build_model("resnet19", 10), lambda: size_options("resnet19", 64)):
+    with pytest.raises(KeyError, match="Unknown model 'resnet19'. Valid model names: .*resnet18"):
+      fn()
+
+
+def test_converter_lookup_names_the_valid_converters():
+  assert get_converter("resnet18") == get_converter("resnet50")
+  assert get_converter("deit_tiny").heads == ("head", "head_dist")
+  # small_cnn has no pretrained weights: named as such, and not offered.
+  with pytest.raises(KeyError, match="No converter for model 'small_cnn'. Valid converter names: "
+                                     "(?!.*small_cnn).*resnet18"):
+    get_converter("small_cnn")
+  with pytest.raises(KeyError, match="Unknown converter 'vgg16'. Valid converter names: "):
+    get_converter("vgg16")

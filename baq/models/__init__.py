@@ -1,21 +1,74 @@
-"""Model registry: each entry builds a Flax module from (config, num_classes, quantizer)."""
+"""Model registry: one file per family registers its builder, size options and converter.
+
+Each non-underscore module of this package is imported on the first lookup
+(`Registry(discover=...)`), so a new family is one new file here that calls
+`register_model`; a family outside baq is one module named in
+`config.imports`. `layers.py` holds the layers families share and
+`convert.py` the generic weight-conversion machinery; neither lists models.
+
+    @register_model("resnet18", converter=TORCHVISION_RESNET)
+    def resnet18(num_classes, quant, **kwargs): ...
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import flax.linen as nn
 
-from baq.models.cnn import SmallCNN
 from baq.quant.inject import Quantizer
 from baq.registry import Registry
 
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+if TYPE_CHECKING:
+  from baq.models.convert import KeyRules
 
 
-@MODELS.register("small_cnn")
-def _small_cnn(num_classes: int, quant: Optional[Quantizer], **kwargs: Any) -> nn.Module:
-  return SmallCNN(num_classes=num_classes, quant=quant, **kwargs)
+def no_size_options(image_size: int) -> dict:
+  """Size options of a family whose defaults fit every image size: none."""
+  del image_size
+  return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+  """What a family registers under one model name.
+
+  Attributes:
+    build: `build(num_classes, quant, **kwargs) -> nn.Module` (unbound).
+    size_options: `size_options(image_size) -> dict` of builder kwargs that
+      suit that image size (configs/papers.py uses them).
+    converter: the `KeyRules` mapping pretrained PyTorch names onto the
+      module, or None when the family has no pretrained weights.
+  """
+
+  build: Callable[..., nn.Module]
+  size_options: Callable[[int], dict] = no_size_options
+  converter: Optional["KeyRules"] = None
+
+
+MODELS: Registry[ModelEntry] = Registry("model", discover="baq.models")
+
+
+def register_model(name: str, *, size_options: Optional[Callable[[int], dict]] = None,
+                   converter: Optional["KeyRules"] = None
+                   ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+  """Decorator registering a builder, with its size options and converter, as `name`.
+
+  Args:
+    name: the model's registry name (`config.model.name`).
+    size_options: image size -> builder kwargs; None for no options.
+    converter: `KeyRules` for pretrained weights, or None if there are none.
+
+  Returns:
+    A decorator that registers the builder and returns it unchanged.
+  """
+
+  def wrap(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    MODELS.register(name)(ModelEntry(build, size_options or no_size_options, converter))
+    return build
+
+  return wrap
 
 
 def build_model(name: str, num_classes: int, quant: Optional[Quantizer] = None,
@@ -31,29 +84,38 @@ def build_model(name: str, num_classes: int, quant: Optional[Quantizer] = None,
   Returns:
     An (unbound) Flax module.
   """
-  return MODELS.get(name)(num_classes, quant, **kwargs)
+  return MODELS.get(name).build(num_classes, quant, **kwargs)
 
 
-# The papers' architectures; imported on first use to keep `import baq` light.
-@MODELS.register("resnet18")
-def _resnet18(num_classes: int, quant: Optional[Quantizer], **kwargs: Any) -> nn.Module:
-  from baq.models import resnet  # pylint: disable=g-import-not-at-top
-  return resnet.resnet18(num_classes, quant, **kwargs)
+def size_options(name: str, image_size: int) -> dict:
+  """The builder kwargs that model `name` wants for square images of `image_size`.
+
+  Args:
+    name: registry name (unknown names raise, listing the valid ones).
+    image_size: side of the images.
+
+  Returns:
+    A fresh dict of keyword arguments for `build_model`.
+  """
+  return dict(MODELS.get(name).size_options(image_size))
 
 
-@MODELS.register("resnet50")
-def _resnet50(num_classes: int, quant: Optional[Quantizer], **kwargs: Any) -> nn.Module:
-  from baq.models import resnet  # pylint: disable=g-import-not-at-top
-  return resnet.resnet50(num_classes, quant, **kwargs)
+def get_converter(name: str) -> "KeyRules":
+  """The weight converter (`KeyRules`) of model `name`.
 
+  Args:
+    name: registry name of a model with pretrained weights.
 
-@MODELS.register("deit_tiny")
-def _deit_tiny(num_classes: int, quant: Optional[Quantizer], **kwargs: Any) -> nn.Module:
-  from baq.models import vit  # pylint: disable=g-import-not-at-top
-  return vit.DeiT(num_classes=num_classes, quant=quant, **kwargs)
+  Returns:
+    Its `KeyRules`.
 
-
-@MODELS.register("tinyvit_5m")
-def _tinyvit_5m(num_classes: int, quant: Optional[Quantizer], **kwargs: Any) -> nn.Module:
-  from baq.models import tinyvit  # pylint: disable=g-import-not-at-top
-  return tinyvit.TinyViT(num_classes=num_classes, quant=quant, **kwargs)
+  Raises:
+    KeyError: `name` is unknown or has no converter; the message lists the
+      names that have one.
+  """
+  entry = MODELS.get(name) if name in MODELS else None
+  if entry is None or entry.converter is None:
+    valid = ", ".join(n for n in MODELS.names() if MODELS.get(n).converter is not None)
+    what = "Unknown converter" if entry is None else "No converter for model"
+    raise KeyError(f"{what} {name!r}. Valid converter names: {valid or '(none registered)'}.")
+  return entry.converter

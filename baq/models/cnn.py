@@ -2,16 +2,18 @@
 
 Like every baq model it takes an optional `Quantizer`; with None it is the
 float baseline, and with a quantizer every Conv/Dense gets fake quantization
-injected without a line of quantization code here.
+injected without a line of quantization code here. Registered as "small_cnn"
+(no pretrained weights, so no converter).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from baq.models import register_model
 from baq.quant.inject import Conv, Dense, Quantizer
 
 
@@ -45,3 +47,18 @@ class SmallCNN(nn.Module):
     if self.hidden:
       x = nn.relu(dense(self.hidden)(x))
     return dense(self.num_classes, name="head")(x)
+
+
+@register_model("small_cnn", size_options=lambda size: dict(widths=(32, 64, 128), hidden=128))
+def small_cnn(num_classes: int, quant: Optional[Quantizer] = None, **kwargs: Any) -> SmallCNN:
+  """The small CNN.
+
+  Args:
+    num_classes: number of output logits.
+    quant: quantization factory, or None for the float model.
+    **kwargs: overrides of `SmallCNN` attributes (`widths`, `hidden`, ...).
+
+  Returns:
+    An unbound `SmallCNN`.
+  """
+  return SmallCNN(num_classes=num_classes, quant=quant, **kwargs)

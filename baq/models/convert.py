@@ -1,7 +1,9 @@
 """Pretrained torchvision / timm weights into baq's Flax variables, and back.
 
 A PyTorch key maps to a Flax path in three steps: (1) a few per-model
-renames (`KeyRules.renames`, e.g. torchvision's "conv1." -> "stem_conv."),
+renames (`KeyRules.renames`, e.g. torchvision's "conv1." -> "stem_conv.";
+each family registers its own rules beside its builder, see
+`baq.models.register_model`),
 (2) list indices joined to the name before them ("layer1.0.conv1" ->
 "layer1_0/conv1", "blocks.3.attn.qkv" -> "blocks_3/attn/qkv"), and (3) the
 leaf: conv weights OIHW -> HWIO, linear weights (out, in) -> (in, out),
@@ -31,9 +33,9 @@ import flax.traverse_util as tu
 import jax.numpy as jnp
 import numpy as np
 
-from baq.models.vit import resize_pos_embed
+from baq import models
+from baq.models.layers import resize_pos_embed
 from baq.quant.inject import BITS_LEAF, RANGE_LEAF
-from baq.registry import Registry
 
 Source = Union[str, os.PathLike, Mapping[str, Any]]
 _SKIPPED = ("num_batches_tracked", "attention_bias_idxs")  # buffers rebuilt by the model
@@ -52,18 +54,6 @@ class KeyRules:
 
   renames: tuple[tuple[str, str], ...] = ()
   heads: tuple[str, ...] = ("head",)
-
-
-CONVERTERS: Registry[KeyRules] = Registry("converter")
-_RESNET = KeyRules(renames=(("^conv1.", "stem_conv."), ("^bn1.", "stem_bn."), ("^fc.", "head."),
-                            (".downsample.0.", ".downsample_conv."),
-                            (".downsample.1.", ".downsample_bn.")))
-CONVERTERS.register("resnet18")(_RESNET)
-CONVERTERS.register("resnet50")(_RESNET)
-CONVERTERS.register("deit_tiny")(KeyRules(
-    renames=(("^patch_embed.proj.", "patch_embed."),), heads=("head", "head_dist")))
-CONVERTERS.register("tinyvit_5m")(KeyRules(
-    renames=(("^head.norm.", "head_norm."), ("^head.fc.", "head."))))
 
 
 def _rename(key: str, pairs) -> str:
@@ -156,7 +146,7 @@ def convert(name: str, source: Source, target: Mapping[str, Any], *,
   """Fills `target`'s variables from a torchvision / timm state dict.
 
   Args:
-    name: registered model name ("resnet18", "resnet50", "deit_tiny", "tinyvit_5m").
+    name: a registered model with a converter (`baq.models.get_converter`).
     source: state dict or path (see `load_state_dict`).
     target: the model's variables {"params", "batch_stats"} from `model.init`
       (or `jax.eval_shape` of it, for shapes only); float or quantized.
@@ -170,7 +160,7 @@ def convert(name: str, source: Source, target: Mapping[str, Any], *,
     ValueError: listing unused source keys, shape mismatches and unfilled
       target leaves.
   """
-  rules = CONVERTERS.get(name)
+  rules = models.get_converter(name)
   state = load_state_dict(source)
   flat = {c: tu.flatten_dict(dict(target.get(c, {}))) for c in ("params", "batch_stats")}
   filled, unused, mismatched = set(), [], []
@@ -246,13 +236,13 @@ def to_torch(name: str, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Exports Flax variables under torchvision / timm names and layouts.
 
   Args:
-    name: registered model name.
+    name: a registered model with a converter.
     variables: {"params", "batch_stats"}; bit-width leaves are left out.
 
   Returns:
     PyTorch-named numpy state dict (BatchNorm `num_batches_tracked` = 0).
   """
-  rules = CONVERTERS.get(name)
+  rules = models.get_converter(name)
   out = {}
   for c in ("params", "batch_stats"):
     for path, v in tu.flatten_dict(dict(variables.get(c, {}))).items():

@@ -1,7 +1,8 @@
 """ResNet-18 / ResNet-50 in torchvision's layout (v1.5: stride on the 3x3 conv).
 
 The layer names follow torchvision with readable Flax paths, so quantization
-rules and the weight converter (`baq.models.convert`) can match them:
+rules and the weight converter (`baq.models.convert`, with the renames in
+`TORCHVISION` registered here beside "resnet18" and "resnet50") match them:
 
   stem_conv, stem_bn                      (torchvision conv1, bn1)
   layer{s}_{b}/conv{1,2,3}, bn{1,2,3}     (layer{s}.{b}.conv1 ...)
@@ -22,17 +23,18 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from baq.models import register_model
+from baq.models.convert import KeyRules
+from baq.models.layers import batch_norm
 from baq.quant.inject import Conv, Dense, Quantizer
 
 # torchvision initialises convolutions with kaiming_normal(fan_out, relu).
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
-
-
-def batch_norm(train: bool, name: str, scale_init=nn.initializers.ones) -> nn.BatchNorm:
-  """BatchNorm with PyTorch's defaults (momentum 0.1, i.e. Flax 0.9; eps 1e-5)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      scale_init=scale_init, name=name)
+# torchvision's names that differ from the Flax paths (see the module docstring).
+TORCHVISION = KeyRules(renames=(("^conv1.", "stem_conv."), ("^bn1.", "stem_bn."), ("^fc.", "head."),
+                                (".downsample.0.", ".downsample_conv."),
+                                (".downsample.1.", ".downsample_bn.")))
 
 
 def _conv(quant: Optional[Quantizer], features: int, kernel: int, stride: int, name: str,
@@ -173,5 +175,5 @@ def resnet(depth: int, num_classes: int, quant: Optional[Quantizer] = None,
   return ResNet(num_classes=num_classes, quant=quant, **kw)
 
 
-resnet18 = functools.partial(resnet, 18)
-resnet50 = functools.partial(resnet, 50)
+resnet18 = register_model("resnet18", converter=TORCHVISION)(functools.partial(resnet, 18))
+resnet50 = register_model("resnet50", converter=TORCHVISION)(functools.partial(resnet, 50))

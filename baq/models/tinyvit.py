@@ -15,23 +15,26 @@ The qkv kernel keeps timm's per-head (q, k, v) output layout.
 
 Any input size works: windows that do not tile a feature map are padded, as
 in timm. `window_sizes` is the resolution knob (it sets the bias tables).
+Registered as "tinyvit_5m" with its converter (`TIMM`).
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baq.models.resnet import batch_norm
-from baq.models.vit import DropPath, gelu
+from baq.models import register_model
+from baq.models.convert import KeyRules
+from baq.models.layers import DENSE_INIT, DropPath, batch_norm, gelu
 from baq.quant.inject import Conv, Dense, Quantizer
 
-_DENSE_INIT = nn.initializers.truncated_normal(0.02)
+# timm's names that differ from the Flax paths: only the head.
+TIMM = KeyRules(renames=(("^head.norm.", "head_norm."), ("^head.fc.", "head.")))
 
 
 def attention_bias_index(window: int) -> tuple[np.ndarray, int]:
@@ -115,11 +118,11 @@ class Attention(nn.Module):
     idx, table = attention_bias_index(self.window)
     biases = self.param("attention_biases", nn.initializers.zeros, (self.num_heads, table))
     x = nn.LayerNorm(epsilon=1e-5, name="norm")(x)
-    qkv = Dense(self.quant)(3 * dim, kernel_init=_DENSE_INIT, name="qkv")(x)
+    qkv = Dense(self.quant)(3 * dim, kernel_init=DENSE_INIT, name="qkv")(x)
     q, k, v = jnp.split(qkv.reshape(b, n, self.num_heads, 3 * hd).transpose(0, 2, 1, 3), 3, -1)
     attn = (q * hd**-0.5) @ k.swapaxes(-1, -2) + biases[:, idx]
     x = (jax.nn.softmax(attn, axis=-1) @ v).transpose(0, 2, 1, 3).reshape(b, n, dim)
-    return Dense(self.quant)(dim, kernel_init=_DENSE_INIT, name="proj")(x)
+    return Dense(self.quant)(dim, kernel_init=DENSE_INIT, name="proj")(x)
 
 
 class TinyVitBlock(nn.Module):
@@ -157,8 +160,8 @@ class _NormMlp(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     dense, out = Dense(self.quant), x.shape[-1]
     x = nn.LayerNorm(epsilon=1e-5, name="norm")(x)
-    x = gelu(dense(self.hidden, kernel_init=_DENSE_INIT, name="fc1")(x))
-    return dense(out, kernel_init=_DENSE_INIT, name="fc2")(x)
+    x = gelu(dense(self.hidden, kernel_init=DENSE_INIT, name="fc1")(x))
+    return dense(out, kernel_init=DENSE_INIT, name="fc2")(x)
 
 
 class _Stage(nn.Module):
@@ -255,4 +258,19 @@ class TinyViT(nn.Module):
       x = _Stage(dims[s], depth, self.num_heads[s] if s else 0, self.window_sizes[s],
                  self.mlp_ratio, rates[start:start + depth], q, name=f"stages_{s}")(x, train)
     x = nn.LayerNorm(epsilon=1e-5, name="head_norm")(jnp.mean(x, axis=(1, 2)))
-    return Dense(self.quant)(self.num_classes, kernel_init=_DENSE_INIT, name="head")(x)
+    return Dense(self.quant)(self.num_classes, kernel_init=DENSE_INIT, name="head")(x)
+
+
+@register_model("tinyvit_5m", converter=TIMM)
+def tinyvit_5m(num_classes: int, quant: Optional[Quantizer] = None, **kwargs: Any) -> TinyViT:
+  """TinyViT-5M (timm's tiny_vit_5m_224 at the default attributes).
+
+  Args:
+    num_classes: number of output logits.
+    quant: quantization factory, or None for the float model.
+    **kwargs: overrides of `TinyViT` attributes (`embed_dims`, `window_sizes`, ...).
+
+  Returns:
+    An unbound `TinyViT`.
+  """
+  return TinyViT(num_classes=num_classes, quant=quant, **kwargs)

@@ -10,61 +10,24 @@ all quantized by injection. The fused qkv kernel keeps timm's output layout
 
 The position embedding is sized for `img_size // patch_size`; inputs of
 another size get it resized (bicubic) on the fly, as timm's dynamic_img_size.
+Registered as "deit_tiny", sized per image size (about 8x8 patches at 64 px).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from baq.models import register_model
+from baq.models.convert import KeyRules
+from baq.models.layers import DENSE_INIT, DropPath, gelu, resize_pos_embed
 from baq.quant.inject import Conv, Dense, Quantizer
 
-_DENSE_INIT = nn.initializers.truncated_normal(0.02)
-
-
-def gelu(x: jnp.ndarray) -> jnp.ndarray:
-  """PyTorch's nn.GELU (exact erf form; Flax's default is the tanh one)."""
-  return nn.gelu(x, approximate=False)
-
-
-def resize_pos_embed(pos: jnp.ndarray, num_prefix: int, grid: tuple[int, int]) -> jnp.ndarray:
-  """Resizes a (1, prefix + g*g, dim) position embedding to a new patch grid.
-
-  Args:
-    pos: the embedding; its patch part must be a square grid.
-    num_prefix: leading tokens (class, distillation) left as they are.
-    grid: (rows, cols) of the new patch grid.
-
-  Returns:
-    (1, prefix + rows * cols, dim) embedding.
-  """
-  prefix, patches = pos[:, :num_prefix], pos[:, num_prefix:]
-  old = int(round(patches.shape[1]**0.5))
-  if old * old != patches.shape[1]:
-    raise ValueError(f"Position embedding of {patches.shape[1]} patches is not a square grid.")
-  if (old, old) == tuple(grid):
-    return pos
-  dim = patches.shape[-1]
-  patches = jax.image.resize(patches.reshape(1, old, old, dim), (1, *grid, dim), "bicubic")
-  return jnp.concatenate([prefix, patches.reshape(1, -1, dim)], axis=1)
-
-
-class DropPath(nn.Module):
-  """Stochastic depth: drops the whole residual branch per example."""
-
-  rate: float = 0.0
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    if not train or self.rate == 0.0:
-      return x
-    keep = 1.0 - self.rate
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-    return jnp.where(mask, x / keep, 0.0)
+# timm's names that differ from the Flax paths; two heads when distilled.
+TIMM = KeyRules(renames=(("^patch_embed.proj.", "patch_embed."),), heads=("head", "head_dist"))
 
 
 class Attention(nn.Module):
@@ -83,11 +46,11 @@ class Attention(nn.Module):
     b, n, dim = x.shape
     head_dim = dim // self.num_heads
     dense = Dense(self.quant)
-    qkv = dense(3 * dim, kernel_init=_DENSE_INIT, name="qkv")(x)
+    qkv = dense(3 * dim, kernel_init=DENSE_INIT, name="qkv")(x)
     q, k, v = qkv.reshape(b, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
     attn = jax.nn.softmax((q * head_dim**-0.5) @ k.swapaxes(-1, -2), axis=-1)
     x = (attn @ v).transpose(0, 2, 1, 3).reshape(b, n, dim)
-    return dense(dim, kernel_init=_DENSE_INIT, name="proj")(x)
+    return dense(dim, kernel_init=DENSE_INIT, name="proj")(x)
 
 
 class Mlp(nn.Module):
@@ -104,8 +67,8 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     dense, out = Dense(self.quant), x.shape[-1]
-    x = gelu(dense(self.hidden, kernel_init=_DENSE_INIT, name="fc1")(x))
-    return dense(out, kernel_init=_DENSE_INIT, name="fc2")(x)
+    x = gelu(dense(self.hidden, kernel_init=DENSE_INIT, name="fc1")(x))
+    return dense(out, kernel_init=DENSE_INIT, name="fc2")(x)
 
 
 class Block(nn.Module):
@@ -193,8 +156,28 @@ class DeiT(nn.Module):
       x = Block(self.num_heads, self.mlp_ratio, rate, self.quant, name=f"blocks_{i}")(x, train)
     x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
     dense = Dense(self.quant)
-    logits = dense(self.num_classes, kernel_init=_DENSE_INIT, name="head")(x[:, 0])
+    logits = dense(self.num_classes, kernel_init=DENSE_INIT, name="head")(x[:, 0])
     if self.distilled:
-      dist = dense(self.num_classes, kernel_init=_DENSE_INIT, name="head_dist")(x[:, 1])
+      dist = dense(self.num_classes, kernel_init=DENSE_INIT, name="head_dist")(x[:, 1])
       logits = (logits + dist) / 2
     return logits
+
+
+def _deit_size_options(image_size: int) -> dict:
+  # The position table follows the images; small images keep ~8x8 patches.
+  return dict(img_size=image_size, patch_size=16 if image_size >= 160 else 8)
+
+
+@register_model("deit_tiny", size_options=_deit_size_options, converter=TIMM)
+def deit_tiny(num_classes: int, quant: Optional[Quantizer] = None, **kwargs: Any) -> DeiT:
+  """DeiT-Tiny (timm's deit_tiny_patch16_224 at the default attributes).
+
+  Args:
+    num_classes: number of output logits.
+    quant: quantization factory, or None for the float model.
+    **kwargs: overrides of `DeiT` attributes (`img_size`, `patch_size`, ...).
+
+  Returns:
+    An unbound `DeiT`.
+  """
+  return DeiT(num_classes=num_classes, quant=quant, **kwargs)
