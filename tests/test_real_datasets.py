@@ -375,6 +375,57 @@ def test_image_folder_csv_mapping_ids_and_split_column(folder_dir, tmp_path):
     folder.table(folder_dir, csv_file="meta.csv", images_dir="pics")
 
 
+# An image folder with unreadable files: an empty .jpg on CSV line 4, one of
+# garbage bytes on line 7 and a truncated one on line 9 (the header is line 1).
+@pytest.fixture(name="bad_folder")
+def _bad_folder(tmp_path):
+  rows = []
+  for i in range(10):
+    _jpeg(str(tmp_path / "images" / f"im{i}.jpg"), i)
+    rows.append([f"im{i}.jpg", "ab"[i % 2], ("g0", "g1")[i // 2 % 2], "train"])
+  _write_csv(tmp_path / "labels.csv", ["image", "label", "group", "split"],
+             rows)
+  (tmp_path / "images" / "im2.jpg").write_bytes(b"")
+  (tmp_path / "images" / "im5.jpg").write_bytes(b"\x00 not an image " * 9)
+  noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+  Image.fromarray(noise).save(tmp_path / "images" / "im7.jpg", quality=95)
+  whole = (tmp_path / "images" / "im7.jpg").read_bytes()
+  (tmp_path / "images" / "im7.jpg").write_bytes(whole[:len(whole) // 2])
+  return str(tmp_path)
+
+
+def test_unreadable_images_are_named_with_their_csv_line(bad_folder,
+                                                         tmp_path):
+  images = os.path.join(bad_folder, "images")
+  kwargs = dict(data_dir=str(tmp_path / "tfds"), manual_dir=bad_folder,
+                split_column="split", image_size=4)
+  with pytest.raises(ValueError) as error:
+    folder.load_image_folder_csv("train", **kwargs)
+  message = str(error.value)
+  assert "3 of 10 images listed in" in message
+  for line, i in ((4, 2), (7, 5), (9, 7)):
+    assert f"line {line}: {os.path.join(images, f'im{i}.jpg')} (" in message
+  assert "truncated" in message and "missing_images='skip'" in message
+  with pytest.raises(ValueError, match=r"cannot read image .*im5\.jpg"):
+    manual_files.load_image(os.path.join(images, "im5.jpg"), 4)
+
+
+def test_skip_drops_unreadable_images_like_missing_ones(bad_folder,
+                                                        tmp_path):
+  os.remove(os.path.join(bad_folder, "images", "im8.jpg"))  # And a missing one.
+  data = folder.load_image_folder_csv(
+      "train", data_dir=str(tmp_path / "tfds"), manual_dir=bad_folder,
+      split_column="split", image_size=4, missing_images="skip")
+  kept = [0, 1, 3, 4, 6, 9]
+  assert len(data) == len(kept)
+  np.testing.assert_array_equal(data.labels, [i % 2 for i in kept])
+  np.testing.assert_array_equal(data.groups, [i // 2 % 2 for i in kept])
+  assert data.class_names == ("a", "b") and data.group_names == ("g0", "g1")
+  _check_colours(data, kept, {i: i for i in kept})
+  table = folder.table(bad_folder, missing_images="skip")
+  assert table.metadata["images"] == [f"im{i}.jpg" for i in kept]
+
+
 # The real ISIC 2019 (HAM10000) subset, prepared once for the module.
 @pytest.fixture(name="isic_subset", scope="module")
 def _isic_subset(tmp_path_factory):

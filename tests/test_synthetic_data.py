@@ -93,9 +93,19 @@ def test_counterfactuals_keep_lesion_and_change_only_skin():
   assert cf["image"].shape == (2, 64, 32, 32, 3)
   np.testing.assert_array_equal(cf["label"], data["label"])
   np.testing.assert_array_equal(cf["group"], [0, 5])
-  # The lesion mask never depends on the skin.
+  # The lesion sits where its mask says, whatever the skin: without dots
+  # (they reach past the border), pixels outside the mask show the plain skin
+  # colour on both skins, and every lesion visibly changes its inside.
   mask = synthetic.lesion_mask(lesions, 32)
-  np.testing.assert_array_equal(mask, synthetic.lesion_mask(lesions, 32))
+  clean = synthetic.counterfactuals(
+      lesions._replace(dots=np.zeros_like(lesions.dots)), (0, 5), seed=1,
+      nuisance=False)
+  skin_rgb = np.rint(synthetic.lab_to_srgb(clean["skin_lab"]) * 255)
+  shift = np.abs(clean["image"].astype(int)
+                 - skin_rgb[:, :, None, None]).max(-1)          # [2, n, H, W]
+  assert shift[:, mask == 0].max() <= 1  # uint8 rounding only.
+  inside = mask > 0.5
+  assert np.all((shift * inside).sum((2, 3)) / inside.sum((1, 2)) > 2)
   skin_l = _lab_of(cf["image"][:, :, 0, 0])[..., 0]
   plain = mask[:, 0, 0] == 0
   assert np.all(skin_l[0][plain] > skin_l[1][plain] + 20)

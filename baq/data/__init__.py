@@ -1,24 +1,23 @@
 """Data for baq: datasets, the SYNTHETIC dermatology-like set, batching.
 
   * `load(name, split)` returns an in-memory `Split` of a dataset registered
-    in `DATASETS` (e.g. 'synthetic_derm').
+    in `DATASETS` (e.g. 'synthetic_derm', 'isic2019').
   * `counterfactual_pairs` renders the same synthetic lesions on chosen skin
     types.
   * `Batcher` and `eval_batches` turn a `Split` into deterministic batches.
-  * `synthetic` renders the synthetic set in numpy; `synthetic_builder` (not
-    imported here, it imports tensorflow-datasets) writes it with tfds.
+
+Subpackages: `baq.data.synthetic` (`render`, `generate`: the synthetic set in
+numpy; `builder`: its tfds builder) and `baq.data.manual` (real datasets from
+files the user placed, one module each). `DATASETS` imports every module of
+`baq.data.manual` on its first lookup, so a new dataset is one new file there
+and nothing here names one. None imports tensorflow-datasets until a dataset
+is loaded.
 """
 
-from baq.data.synthetic import generate as synthetic
 from baq.data.datasets import DATASETS, Split, counterfactual_pairs, load
 from baq.data.pipeline import Batcher, eval_batches, normalize
 
 __all__ = [
     "DATASETS", "Batcher", "Split", "counterfactual_pairs", "eval_batches",
-    "load", "normalize", "synthetic",
+    "load", "normalize",
 ]
-
-# Real datasets read from files the user placed (a manual directory);
-# importing them registers 'isic2019', 'fitzpatrick17k', 'celeba' and
-# 'image_folder_csv' in DATASETS. None imports tensorflow-datasets until used.
-from baq.data.manual import celeba, fitzpatrick17k, folder, isic2019  # noqa: E402

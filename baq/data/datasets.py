@@ -2,7 +2,9 @@
 
 A dataset is one function registered in `DATASETS` that returns a `Split`:
 numpy images, labels and group ids plus the names behind them. Trainers and
-evaluators call `load(name, split)` and never name a dataset themselves.
+evaluators call `load(name, split)` and never name a dataset themselves. The
+real datasets register themselves in their modules of `baq.data.manual`,
+which `DATASETS` imports the first time it is asked for a name.
 
     train = load('synthetic_derm', 'train', data_dir='/tmp/tfds')
     pairs = counterfactual_pairs('test', skin_types=(0, 5), indices=range(64))
@@ -23,7 +25,11 @@ import numpy as np
 from baq.data.synthetic import generate as synthetic
 from baq.registry import Registry
 
-DATASETS: Registry[Callable[..., "Split"]] = Registry("dataset")
+# The loaders of real datasets are one module each in `baq.data.manual`,
+# imported on the first lookup, so a new dataset is one new file there (or a
+# module of the user's own named in `config.imports`) and no other edit.
+DATASETS: Registry[Callable[..., "Split"]] = Registry(
+    "dataset", discover="baq.data.manual")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,8 @@ files in a *manual directory* and names it in the config
 split assignment, names), and this module does the rest: `load_table` writes a
 `Table` once through a tensorflow-datasets builder (plain `Tensor` features,
 `array_record` files, no TensorFlow) and reads a split back into memory;
-`load_labelled` does that for the usual image/label/group datasets.
+`register_manual` turns a dataset module's table function into a registered
+loader, so a new dataset is one file with a table function and one call.
 
 tensorflow-datasets is imported only inside `load_table`, so that
 `import baq.data` stays light; the builder class is therefore made there.
@@ -19,7 +20,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -120,32 +121,85 @@ def to_split(data: dict, meta: dict, name: str) -> Split:
 LABEL_GROUP_FIELDS = {"label": ((), np.int64), "group": ((), np.int64)}
 
 
-def load_labelled(name: str, title: str, split: str, table_fn, files: dict,
-                  data_dir: str | None, manual_dir: str | None, image_size: int,
-                  options: dict, center_crop: bool, description: str) -> Split:
-  """`require`, `load_table` and `to_split` for a dataset of labels and groups.
+_LOADER_DOC = """Loads a split of {title}, preparing it once from `manual_dir`.
 
   Args:
-    name: the registered dataset name ('isic2019'); the builder is 'baq_<name>'.
-    title: the dataset's name in messages.
     split: 'train', 'validation' or 'test'.
-    table_fn: () -> `Table` with `label` and `group` fields.
-    files: the manual directory's required entries (see `require`).
-    data_dir: tfds data root.
-    manual_dir: the manual directory.
-    image_size: stored image height and width.
-    options: the validated dataset options.
-    center_crop: crop images to their central square before resizing.
-    description: tfds description of the dataset.
+    data_dir: tfds data root (default ~/tensorflow_datasets).
+    manual_dir: folder with the dataset's files (see {module}).
+    image_size: images are resized to image_size x image_size at preparation.
+    center_crop: crop the central square before resizing.
+    **options: the dataset's options (see {module}).
 
   Returns:
-    The `Split` named '<name>/<split>'.
+    The `Split` named '{name}/<split>', in table order.
   """
-  require(title, manual_dir, files, check_files=False)
-  data, meta = load_table(f"baq_{name}", split, table_fn, LABEL_GROUP_FIELDS, data_dir,
-                          manual_dir, image_size, options, center_crop=bool(center_crop),
-                          description=description)
-  return to_split(data, meta, f"{name}/{split}")
+
+
+def _no_options(**options) -> dict:
+  if options:
+    raise TypeError(f"unexpected option(s) {', '.join(sorted(options))}.")
+  return {}
+
+
+def register_manual(name: str, table_fn: Callable[..., Table], *, title: str,
+                    files: dict | Callable[[dict], dict], description: str,
+                    make_options: Callable[..., dict] = _no_options,
+                    fields: dict = LABEL_GROUP_FIELDS,
+                    make_split: Callable[..., Split] = to_split,
+                    read_options: Sequence[str] = (),
+                    center_crop: bool = False) -> Callable[..., Split]:
+  """Registers in `DATASETS` the loader of a dataset read from manual files.
+
+  A dataset module writes `table_fn` (its files in, a `Table` out) and one
+  call of this; the loader does the rest: it validates the options, checks
+  that a manual directory was named, prepares the files once through
+  `load_table` and returns the split. For example (folder.py):
+
+      load_image_folder_csv = register_manual(
+          "image_folder_csv", table, title=TITLE, files=_files,
+          make_options=make_options, description="Images and a CSV ...")
+
+  Args:
+    name: the dataset's registered name; its tfds builder is 'baq_<name>'.
+    table_fn: (manual_dir, **options) -> `Table`, called only to prepare.
+    title: the dataset's name in messages, e.g. 'ISIC 2019'.
+    files: the manual directory's entries (see `files.require`), or a
+      function of the validated options that returns them.
+    description: tfds description of the dataset.
+    make_options: (**options) -> dict, validating the loader's keyword
+      options (default: it takes none).
+    fields: field name -> (shape, dtype) of the `Table.fields`.
+    make_split: (arrays, metadata, split name, **read options) -> `Split`;
+      the default reads the `label` and `group` fields.
+    read_options: options applied when a split is read, not when files are
+      prepared: they go to `make_split`, not to `table_fn`, and changing
+      them reuses the prepared files.
+    center_crop: the loader's default for `center_crop`.
+
+  Returns:
+    The loader, `(split, data_dir=None, manual_dir=None, image_size=64,
+    center_crop=center_crop, **options) -> Split`, already registered.
+  """
+
+  def load(split: str, data_dir: str | None = None,
+           manual_dir: str | None = None, image_size: int = 64,
+           center_crop: bool = center_crop, **options) -> Split:
+    options = make_options(**options)
+    read = {k: options.pop(k) for k in read_options}
+    require(title, manual_dir, files(options) if callable(files) else files,
+            check_files=False)
+    data, meta = load_table(
+        f"baq_{name}", split, lambda: table_fn(manual_dir, **options), fields,
+        data_dir, manual_dir, image_size, options,
+        center_crop=bool(center_crop), description=description)
+    return make_split(data, meta, f"{name}/{split}", **read)
+
+  load.__name__ = load.__qualname__ = f"load_{name}"
+  load.__module__ = table_fn.__module__
+  load.__doc__ = _LOADER_DOC.format(title=title, name=name,
+                                    module=table_fn.__module__)
+  return datasets.DATASETS.register(name)(load)
 
 
 @functools.lru_cache(maxsize=None)
@@ -203,17 +257,24 @@ def _builder_class(name: str, fields: tuple):
 
     def _generate_examples(self, table: Table, rows: np.ndarray):
       config = self.builder_config
-      decode = functools.partial(load_image, size=config.image_size,
-                                 center_crop=config.center_crop)
-      # PIL releases the GIL while decoding, so threads overlap the work.
-      workers = min(4, os.cpu_count() or 1)
-      with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for start in range(0, len(rows), 1024):  # Bounded memory.
-          chunk = rows[start:start + 1024]
-          images = pool.map(decode, [table.paths[i] for i in chunk])
-          for i, image in zip(chunk, images):
-            example = {k: table.fields[k][i] for k, _, _ in fields}
-            yield int(i), dict(example, image=image, index=int(i))
+      yield from _examples(table, rows, [k for k, _, _ in fields],
+                           config.image_size, config.center_crop)
 
   Builder.name, Builder.config_cls = name, ManualConfig
   return Builder
+
+
+def _examples(table: Table, rows: np.ndarray, fields: list, image_size: int,
+              center_crop: bool):
+  """Yields (key, example) for the table `rows`, decoding their images."""
+  decode = functools.partial(load_image, size=image_size,
+                             center_crop=center_crop)
+  # PIL releases the GIL while decoding, so threads overlap the work.
+  workers = min(4, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for start in range(0, len(rows), 1024):  # Bounded memory.
+      chunk = rows[start:start + 1024]
+      images = pool.map(decode, [table.paths[i] for i in chunk])
+      for i, image in zip(chunk, images):
+        example = {k: table.fields[k][i] for k in fields}
+        yield int(i), dict(example, image=image, index=int(i))

@@ -43,7 +43,7 @@ import os
 import numpy as np
 
 from baq.data.manual import builder as manual, files as manual_files
-from baq.data.datasets import DATASETS, Split
+from baq.data.datasets import Split
 
 TITLE = "CelebA"
 _SOURCE = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
@@ -137,34 +137,39 @@ def table(manual_dir: str) -> manual.Table:
       metadata={"attribute_names": ATTRIBUTES, "images": files})
 
 
-@DATASETS.register("celeba")
-def load_celeba(split: str, data_dir: str | None = None,
-                manual_dir: str | None = None, image_size: int = 64,
-                target_attribute: str = "Blond_Hair",
-                sensitive_attribute: str = "Male",
-                center_crop: bool = True) -> Split:
-  """Loads an official split of CelebA, preparing it once from `manual_dir`.
+def make_options(target_attribute: str = "Blond_Hair",
+                 sensitive_attribute: str = "Male") -> dict:
+  """Validates the attribute choice, applied when a split is read.
 
   Args:
-    split: 'train', 'validation' or 'test' (the official partition).
-    data_dir: tfds data root (default ~/tensorflow_datasets).
-    manual_dir: folder with the official files (module docstring).
-    image_size: images are resized to image_size x image_size at preparation.
     target_attribute: the attribute predicted (label 1 where present).
     sensitive_attribute: the attribute that defines the groups.
-    center_crop: crop the central square before resizing.
+
+  Returns:
+    The two names, as a dict.
+  """
+  manual_files.choose(TITLE, "target_attribute", target_attribute, ATTRIBUTES)
+  manual_files.choose(TITLE, "sensitive_attribute", sensitive_attribute,
+                      ATTRIBUTES)
+  return dict(target_attribute=target_attribute,
+              sensitive_attribute=sensitive_attribute)
+
+
+def to_split(data: dict, meta: dict, name: str, target_attribute: str,
+             sensitive_attribute: str) -> Split:
+  """The `Split` of the stored attributes, labelled and grouped by two of them.
+
+  Args:
+    data: `load_table` arrays: `image` and `attributes` [n, 40] (0/1).
+    meta: the prepared files' metadata (unused: the order is `ATTRIBUTES`).
+    name: the split's name, e.g. 'celeba/train'.
+    target_attribute: labels are 1 where it is present.
+    sensitive_attribute: groups are 1 where it is present.
 
   Returns:
     The `Split`, in file-name order.
   """
-  manual_files.choose(TITLE, "target_attribute", target_attribute, ATTRIBUTES)
-  manual_files.choose(TITLE, "sensitive_attribute", sensitive_attribute, ATTRIBUTES)
-  manual_files.require(TITLE, manual_dir, FILES, check_files=False)
-  data, _ = manual.load_table(
-      "baq_celeba", split, lambda: table(manual_dir),
-      {"attributes": ((len(ATTRIBUTES),), np.uint8)}, data_dir, manual_dir,
-      image_size, {}, center_crop=bool(center_crop),
-      description="CelebA aligned faces from a manual directory.")
+  del meta
   attrs = data["attributes"]
   target = ATTRIBUTES.index(target_attribute)
   sensitive = ATTRIBUTES.index(sensitive_attribute)
@@ -173,4 +178,15 @@ def load_celeba(split: str, data_dir: str | None = None,
       groups=attrs[:, sensitive].astype(np.int32), num_classes=2,
       num_groups=2, class_names=(f"not {target_attribute}", target_attribute),
       group_names=(f"not {sensitive_attribute}", sensitive_attribute),
-      name=f"celeba/{split}")
+      name=name)
+
+
+# Only image_size and center_crop shape the prepared files: the attributes
+# are picked when a split is read, so changing them reuses the files.
+load_celeba = manual.register_manual(
+    "celeba", table, title=TITLE, files=FILES, make_options=make_options,
+    fields={"attributes": ((len(ATTRIBUTES),), np.uint8)},
+    make_split=to_split, read_options=("target_attribute",
+                                       "sensitive_attribute"),
+    center_crop=True,
+    description="CelebA aligned faces from a manual directory.")

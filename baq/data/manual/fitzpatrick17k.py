@@ -32,7 +32,6 @@ import os
 import numpy as np
 
 from baq.data.manual import builder as manual, files as manual_files
-from baq.data.datasets import DATASETS, Split
 
 TITLE = "Fitzpatrick17k"
 _SOURCE = "https://github.com/mattgroh/fitzpatrick17k"
@@ -93,11 +92,11 @@ def table(manual_dir: str, **options) -> manual.Table:
       raise ValueError(f"{TITLE}: {type_column} of {row['md5hash']} is "
                        f"{skin}; expected 1..6 or -1.")
     group = skin - 1 if options["groups"] == "six" else int(skin >= 4)
-    kept.append((row["md5hash"], row[label_column].strip(), group))
+    kept.append((row["md5hash"], row[label_column].strip(), group, row.line))
   image_dir = os.path.join(manual_dir, options["images_dir"])
   paths = [os.path.join(image_dir, r[0] + ".jpg") for r in kept]
   keep = manual_files.find_missing_images(TITLE, paths, options["missing_images"],
-                                    csv_path)
+                                          csv_path, [r[3] for r in kept])
   kept = [r for r, k in zip(kept, keep) if k]
   class_names = sorted({r[1] for r in kept})
   labels = np.asarray([class_names.index(r[1]) for r in kept], np.int64)
@@ -114,25 +113,7 @@ def table(manual_dir: str, **options) -> manual.Table:
                 "images": hashes})
 
 
-@DATASETS.register("fitzpatrick17k")
-def load_fitzpatrick17k(split: str, data_dir: str | None = None,
-                        manual_dir: str | None = None, image_size: int = 64,
-                        center_crop: bool = False, **options) -> Split:
-  """Loads a split of Fitzpatrick17k, preparing it once from `manual_dir`.
-
-  Args:
-    split: 'train', 'validation' or 'test'.
-    data_dir: tfds data root (default ~/tensorflow_datasets).
-    manual_dir: folder with the CSV and images (module docstring).
-    image_size: images are resized to image_size x image_size at preparation.
-    center_crop: crop the central square before resizing.
-    **options: `make_options` arguments (groups, label_column, ...).
-
-  Returns:
-    The `Split`, in CSV order.
-  """
-  options = make_options(**options)
-  return manual.load_labelled(
-      "fitzpatrick17k", TITLE, split, lambda: table(manual_dir, **options), _files(options),
-      data_dir, manual_dir, image_size, options, center_crop,
-      "Fitzpatrick17k images from a manual directory.")
+load_fitzpatrick17k = manual.register_manual(
+    "fitzpatrick17k", table, title=TITLE, files=_files,
+    make_options=make_options,
+    description="Fitzpatrick17k images from a manual directory.")

@@ -34,7 +34,6 @@ import os
 import numpy as np
 
 from baq.data.manual import builder as manual, files as manual_files
-from baq.data.datasets import DATASETS, Split
 
 TITLE = "image_folder_csv"
 SPLIT_VALUES = {"train": 0, "validation": 1, "val": 1, "valid": 1, "dev": 1,
@@ -100,7 +99,7 @@ def table(manual_dir: str, **options) -> manual.Table:
   paths = [os.path.join(image_dir, r[o["image_column"]] + o["image_suffix"])
            for r in rows]
   keep = manual_files.find_missing_images(TITLE, paths, o["missing_images"],
-                                    csv_path)
+                                          csv_path, [r.line for r in rows])
   rows = [r for r, k in zip(rows, keep) if k]
   class_names = sorted_values(r[o["label_column"]].strip() for r in rows)
   group_values = [r[o["group_column"]].strip() for r in rows]
@@ -132,25 +131,7 @@ def table(manual_dir: str, **options) -> manual.Table:
                                       else 0)})
 
 
-@DATASETS.register("image_folder_csv")
-def load_image_folder_csv(split: str, data_dir: str | None = None,
-                          manual_dir: str | None = None, image_size: int = 64,
-                          center_crop: bool = False, **options) -> Split:
-  """Loads a split of an image folder + CSV, preparing it once.
-
-  Args:
-    split: 'train', 'validation' or 'test'.
-    data_dir: tfds data root (default ~/tensorflow_datasets).
-    manual_dir: folder with the CSV and images (module docstring).
-    image_size: images are resized to image_size x image_size at preparation.
-    center_crop: crop the central square before resizing.
-    **options: `make_options` arguments (column names, split, ...).
-
-  Returns:
-    The `Split`, in CSV order.
-  """
-  options = make_options(**options)
-  return manual.load_labelled(
-      "image_folder_csv", TITLE, split, lambda: table(manual_dir, **options), _files(options),
-      data_dir, manual_dir, image_size, options, center_crop,
-      "Images and a CSV from a manual directory.")
+load_image_folder_csv = manual.register_manual(
+    "image_folder_csv", table, title=TITLE, files=_files,
+    make_options=make_options,
+    description="Images and a CSV from a manual directory.")

@@ -31,7 +31,6 @@ import os
 import numpy as np
 
 from baq.data.manual import builder as manual, files as manual_files
-from baq.data.datasets import DATASETS, Split
 
 TITLE = "ISIC 2019"
 IMAGES = "ISIC_2019_Training_Input"
@@ -127,10 +126,11 @@ def table(manual_dir: str, **options) -> manual.Table:
         continue
       group = no_group
     lesion = (meta.get("lesion_id") or "").strip() or "image:" + row["image"]
-    rows.append((row["image"], diagnosis, group, lesion))
+    rows.append((row["image"], diagnosis, group, lesion, row.line))
   paths = [os.path.join(manual_dir, IMAGES, r[0] + ".jpg") for r in rows]
   keep = manual_files.find_missing_images(TITLE, paths, options["missing_images"],
-                                    os.path.join(manual_dir, GROUND_TRUTH))
+                                          os.path.join(manual_dir, GROUND_TRUTH),
+                                          [r[4] for r in rows])
   rows = [r for r, k in zip(rows, keep) if k]
   if options["label"] == "malignant":
     class_names = ("benign", "malignant")
@@ -151,26 +151,6 @@ def table(manual_dir: str, **options) -> manual.Table:
                 "images": [r[0] for r in rows], "lesions": lesions})
 
 
-@DATASETS.register("isic2019")
-def load_isic2019(split: str, data_dir: str | None = None,
-                  manual_dir: str | None = None, image_size: int = 64,
-                  center_crop: bool = False, **options) -> Split:
-  """Loads a split of ISIC 2019, preparing it once from `manual_dir`.
-
-  Args:
-    split: 'train', 'validation' or 'test'.
-    data_dir: tfds data root (default ~/tensorflow_datasets).
-    manual_dir: folder with the official files (module docstring).
-    image_size: images are resized to image_size x image_size at preparation.
-    center_crop: crop the central square before resizing.
-    **options: `make_options` arguments (group_by, missing, label, ...).
-
-  Returns:
-    The `Split`, in table order.
-  """
-  options = make_options(**options)
-  return manual.load_labelled(
-      "isic2019", TITLE, split, lambda: table(manual_dir, **options), FILES,
-      data_dir, manual_dir, image_size, options, center_crop,
-      "ISIC 2019 training images from a manual directory.")
-
+load_isic2019 = manual.register_manual(
+    "isic2019", table, title=TITLE, files=FILES, make_options=make_options,
+    description="ISIC 2019 training images from a manual directory.")
