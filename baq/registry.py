@@ -31,9 +31,13 @@ class Registry(Generic[T]):
     """The entries, after importing every module of the `discover` package once."""
     if self._discover is not None:
       package, self._discover = self._discover, None
-      for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
-        if not info.name.startswith("_"):
-          importlib.import_module(f"{package}.{info.name}")
+      try:
+        for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+          if not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")
+      except BaseException:
+        self._discover = package  # a broken module fails every lookup, not just the first
+        raise
     return self._items
 
   def register(self, name: str) -> Callable[[T], T]:

@@ -93,10 +93,15 @@ def get_config(arg=None):
   c.quant.target_bytes = ml_collections.FieldReference(None, field_type=float)  # or a size budget
   c.quant.act_bits = ml_collections.FieldReference(None, field_type=int)  # activation bits, None: float
   c.quant.float_layers = ""  # regex of layer paths kept in float, e.g. "head"
+  # Per-layer exceptions, big_vision style: (regex, options) pairs matched in
+  # order against the layer path (first full match wins; float_layers above
+  # comes first); options None keeps the layer float, a dict changes fields
+  # of the spec above, e.g. (("Conv_0", {"granularity": "layer"}),).
+  c.quant.rules = ()
 
   # Group-aware importance and the budgeted allocation (modes fair_static,
   # fair_static_qat, and baq with quant.init_from="allocation"); see
-  # baq/importance.py and baq/planner.py.
+  # baq/allocation/importance.py and baq/allocation/planner.py.
   c.importance = ml_collections.ConfigDict()
   c.importance.measure = "hessian"  # grad | grad_weight | hessian | hessian_diag
   c.importance.measure_kwargs = ml_collections.ConfigDict()  # a custom measure's options
@@ -109,7 +114,7 @@ def get_config(arg=None):
   c.importance.num_probes = 32  # Hutchinson probes per calibration batch
   c.importance.probe_chunk = 8  # probes vmapped at once (memory bound)
 
-  # eval.py --diagnostics: per-group statistics of every model (baq/diagnostics.py).
+  # eval.py --diagnostics: per-group statistics of every model (baq/train/diagnostics.py).
   c.diagnostics = ml_collections.ConfigDict()
   c.diagnostics.per_group = 64  # test examples per group in the curvature batch
   c.diagnostics.num_probes = 64  # Hutchinson probes of the Hessian trace

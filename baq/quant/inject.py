@@ -25,9 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from baq.quant import fake_quant as fq
+from baq.quant import fake_quant as fq, parametrizations
 
-PARAMETRIZATIONS = ("fracbits", "diffq", "fixed")
 GRANULARITIES = ("layer", "channel")
 BITS_LEAF = "bits"
 RANGE_LEAF = "log_range"
@@ -48,9 +47,9 @@ class QuantSpec:
     max_bits: upper bound of the trainable bit-width.
     granularity: "layer" (one bit-width, one scale) or "channel" (one
       bit-width and one scale per output channel).
-    parametrization: "fracbits" (interpolate floor/floor+1 quantizers),
-      "diffq" (pseudo-quantization noise in training), or "fixed" (round the
-      bit-width; used for uniform QAT and deployment).
+    parametrization: a name in `baq.quant.parametrizations` ("fracbits":
+      interpolate floor/floor+1 quantizers; "diffq": pseudo-quantization
+      noise in training; "fixed": round the bit-width, for uniform QAT).
     symmetric: signed symmetric codes, else unsigned with a zero point.
     scale_method: "absmax", "percentile" or "learned" (see fake_quant).
     percentile: for the percentile scale method.
@@ -69,8 +68,8 @@ class QuantSpec:
   act_bits: Optional[int] = None
 
   def __post_init__(self):
-    for field, valid in (("parametrization", PARAMETRIZATIONS),
-                         ("granularity", GRANULARITIES),
+    parametrizations.get(self.parametrization)  # unknown names list the valid ones
+    for field, valid in (("granularity", GRANULARITIES),
                          ("scale_method", fq.SCALE_METHODS)):
       if getattr(self, field) not in valid:
         raise ValueError(
@@ -163,16 +162,15 @@ class _QuantOp(nn.Module):
       init_range = jnp.log(jnp.max(jnp.abs(rhs), fq.reduce_axes(rhs.ndim, spec.channel_axis)))
       learned_range = jnp.exp(self.param(RANGE_LEAF, lambda *_: init_range))
     kw = spec.quant_kwargs(learned_range)
-    if not self.quantizer.training or spec.parametrization == "fixed":
-      int_bits = jax.lax.stop_gradient(jnp.round(bits))
-      rhs_q = fq.fake_quant(rhs, int_bits, **kw)
-      if self.quantizer.capture:
-        self._sow_codes(rhs, int_bits, kw)
-    elif spec.parametrization == "fracbits":
-      rhs_q = fq.fracbits_quant(rhs, bits, **kw)
-    else:
-      rhs_q = fq.noise_quant(rhs, bits, self.make_rng("quant"), **kw)
-    return self._op(lhs, rhs_q, *args, **kwargs)
+    if self.quantizer.training:
+      param = parametrizations.get(spec.parametrization)
+      key = self.make_rng("quant") if param.needs_rng else None
+      return self._op(lhs, param.quantize(rhs, bits, key, **kw), *args, **kwargs)
+    # As deployed: the rounding quantizer at integer bits, whatever trained them.
+    int_bits = jax.lax.stop_gradient(jnp.round(bits))
+    if self.quantizer.capture:
+      self._sow_codes(rhs, int_bits, kw)
+    return self._op(lhs, fq.fake_quant(rhs, int_bits, **kw), *args, **kwargs)
 
   def _sow_codes(self, rhs, int_bits, kw):
     lo, hi = fq.range_stats(rhs, **{k: v for k, v in kw.items()})

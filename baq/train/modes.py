@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import ml_collections
 
-from baq.quant import units
+from baq.quant import parametrizations, units
 from baq.quant.inject import Quantizer, QuantSpec
 from baq.registry import Registry
 
@@ -47,7 +47,17 @@ MODES: Registry[Callable[..., ModeSpec]] = Registry("mode")
 
 
 def quant_rules(qc: ml_collections.ConfigDict, **overrides) -> tuple:
-  """Rules of `config.quant`: `float_layers` stay float, the rest get one spec."""
+  """The (regex, QuantSpec | None) rules of `config.quant`, first full match wins.
+
+  In order: `float_layers` (a regex; shorthand for the rule (regex, None),
+  float), then each (regex, options) pair of `quant.rules` (None: float; a
+  dict: the config's spec with those fields changed, e.g.
+  ("Conv_0", {"granularity": "layer"})), then every other layer with the
+  config's spec. `overrides` (a mode's own settings) apply to every spec.
+
+  Raises:
+    ValueError: a rule names an option QuantSpec does not have.
+  """
   fields = {f.name for f in dataclasses.fields(QuantSpec)}
   kw = {k: v for k, v in qc.to_dict().items() if k in fields}
   if kw.get("init_bits") is None:
@@ -55,9 +65,15 @@ def quant_rules(qc: ml_collections.ConfigDict, **overrides) -> tuple:
     # known (a size budget needs the parameter counts); any valid value here.
     kw["init_bits"] = qc.max_bits
   kw.update(overrides)
-  spec = QuantSpec(**kw)
-  rules = ((qc.float_layers, None),) if qc.float_layers else ()
-  return rules + ((".*", spec),)
+  rules = [(qc.float_layers, None)] if qc.float_layers else []
+  for pattern, options in qc.get("rules", ()) or ():
+    unknown = sorted(set(options or {}) - fields)
+    if unknown:
+      raise ValueError(f"quant.rules entry {pattern!r} has unknown options {unknown}. "
+                       f"Valid: {', '.join(sorted(fields))}.")
+    rules.append((pattern, None if options is None else
+                  QuantSpec(**dict(kw, **dict(options), **overrides))))
+  return tuple(rules) + ((".*", QuantSpec(**kw)),)
 
 
 @MODES.register("float")
@@ -78,8 +94,12 @@ def _qat(config: ml_collections.ConfigDict, bits: Optional[float] = None) -> Mod
 @MODES.register("baq")
 def _baq(config: ml_collections.ConfigDict, bits: Optional[float] = None) -> ModeSpec:
   del bits
-  if config.quant.parametrization == "fixed":
-    raise ValueError("mode=baq trains bit-widths: use parametrization fracbits or diffq.")
+  if not parametrizations.get(config.quant.parametrization).trains_bits:
+    valid = [n for n in parametrizations.PARAMETRIZATIONS.names()
+             if parametrizations.get(n).trains_bits]
+    raise ValueError(f"mode=baq trains bit-widths; parametrization "
+                     f"{config.quant.parametrization!r} gives them no gradient. "
+                     f"Use one of: {', '.join(valid)}.")
   init_from = config.quant.get("init_from", "budget")
   if init_from not in ("budget", "allocation"):
     raise ValueError(f"Unknown quant.init_from {init_from!r}. Valid: budget, allocation.")
