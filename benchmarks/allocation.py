@@ -13,7 +13,7 @@ import time
 from absl import app, flags
 import numpy as np
 
-from baq.allocation import solver as A
+from baq.allocation import solver
 
 flags.DEFINE_integer("units", 1000, "Units to allocate.")
 flags.DEFINE_integer("repeats", 5, "Timed instances.")
@@ -25,18 +25,18 @@ def main(argv):
   times = {"auto": [], "quantile": []}
   picked = set()
   rng = np.random.default_rng(0)
-  c = np.asarray(A.DEFAULT_CHOICES, float)
+  c = np.asarray(solver.DEFAULT_CHOICES, float)
   for _ in range(FLAGS.repeats):
     numel = 9 * rng.integers(8, 512, FLAGS.units)
     s = rng.lognormal(0, 1, (FLAGS.units, 1)) * 4.0 ** -c[None, :]
     target = float(rng.uniform(3, 6))
-    picked.add(A.auto_method(numel, target))
+    picked.add(solver.auto_method(numel, target))
     t = time.perf_counter()
-    bits = A.solve(s, numel, target)
+    bits = solver.solve(s, numel, target)
     times["auto"].append(time.perf_counter() - t)
     assert (numel * bits).sum() <= target * numel.sum() + 1e-9
     t = time.perf_counter()
-    A.quantile_assignment(-s[:, 0], numel, target)
+    solver.quantile_assignment(-s[:, 0], numel, target)
     times["quantile"].append(time.perf_counter() - t)
   print(f"{FLAGS.units} units x {len(c)} choices, median of {FLAGS.repeats}:")
   for m, ts in times.items():

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baq.allocation import curvature as C
+from baq.allocation import curvature
 from baq.fairness import losses
 from baq.models import build_model
 
@@ -70,20 +70,20 @@ def main(argv):
     return losses.cross_entropy(model.apply({"params": p}, x), y)
 
   loss = lambda p: jnp.mean(per_example(p))
-  group_loss = C.group_loss_fn(lambda p, im: model.apply({"params": p}, im), batch, G)
+  group_loss = curvature.group_loss_fn(lambda p, im: model.apply({"params": p}, im), batch, G)
   say = lambda *a: print(*a, flush=True)
   say(f"SmallCNN 32x32, batch {FLAGS.batch}, {G} groups, median of {FLAGS.repeats} "
       f"on {jax.devices()[0].platform}:")
   t_grad = _time(jax.jit(jax.grad(loss)), params)
   say(f"  grad                      {1e3 * t_grad:8.2f} ms")
-  t_hvp = _time(jax.jit(lambda p, v: C.hvp(loss, p, v)), params, v)
+  t_hvp = _time(jax.jit(lambda p, v: curvature.hvp(loss, p, v)), params, v)
   say(f"  hvp                       {1e3 * t_hvp:8.2f} ms   hvp/grad = {t_hvp / t_grad:.2f} "
       "(target <= 2.5)")
 
   key = jax.random.key(2)
   kw = dict(num_probes=FLAGS.probes, probe_chunk=FLAGS.probes)
-  traces = jax.jit(lambda p: C.group_traces(per_example, p, g, G, key, **kw).trace)
-  one_group = jax.jit(lambda p, k: C.group_traces(
+  traces = jax.jit(lambda p: curvature.group_traces(per_example, p, g, G, key, **kw).trace)
+  one_group = jax.jit(lambda p, k: curvature.group_traces(
       per_example, p, g, G, key, mask=(g == k).astype(jnp.float32), **kw).trace[k])
   t_tr = _time(traces, params)
   say(f"  group traces, batched     {1e3 * t_tr:8.2f} ms   ({FLAGS.probes} probes, "
@@ -97,20 +97,20 @@ def main(argv):
     return jax.ops.segment_sum(per_ex, b["group"], G)
 
   kw = dict(num_probes=FLAGS.diag_probes, probe_chunk=FLAGS.diag_probes, args=(batch,))
-  diag_batched = jax.jit(lambda p: C.hutchinson(group_sum, p, key, **kw).diagonal)
+  diag_batched = jax.jit(lambda p: curvature.hutchinson(group_sum, p, key, **kw).diagonal)
   t_db = _time(diag_batched, params, repeats=1)
-  t_dh = _time(lambda p: C.hutchinson(group_sum, p, key, batch_groups=False, **kw).diagonal,
+  t_dh = _time(lambda p: curvature.hutchinson(group_sum, p, key, batch_groups=False, **kw).diagonal,
                params, repeats=1)
   say(f"  hutchinson diag, batched  {1e3 * t_db:8.2f} ms   ({FLAGS.diag_probes} probes, "
       f"{G} groups)")
   say(f"  hutchinson diag, loop     {1e3 * t_dh:8.2f} ms   loop is {t_db / t_dh:.2f}x faster "
       "(target on CPU >= 1.5)")
 
-  single = jax.jit(lambda p, v, k: C.hvp(lambda q: group_loss(q)[k], p, v))
+  single = jax.jit(lambda p, v, k: curvature.hvp(lambda q: group_loss(q)[k], p, v))
   t_loop_hvp = _time(lambda p, v: [single(p, v, k) for k in range(G)], params, v)
   say(f"  group HVPs, loop of {G}     {1e3 * t_loop_hvp:8.2f} ms")
   if FLAGS.batched_hvp:
-    t_ghvp = _time(jax.jit(lambda p, v: C.group_hvp(group_loss, p, v)), params, v)
+    t_ghvp = _time(jax.jit(lambda p, v: curvature.group_hvp(group_loss, p, v)), params, v)
     say(f"  group HVPs, batched       {1e3 * t_ghvp:8.2f} ms   "
         f"batched is {t_loop_hvp / t_ghvp:.2f}x faster")
 

@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baq.quant import gptq as G
-from baq.quant import gptq_model as GM
+from baq.quant import gptq, gptq_model, hessian
 
 flags.DEFINE_list("widths", ["128", "256", "512", "1024", "2048"], "Dense widths d (d x d).")
 flags.DEFINE_integer("bits", 4, "Bit-width.")
@@ -60,11 +59,11 @@ def dense_row(d: int, bits: int, repeats: int) -> dict:
   rng = np.random.default_rng(d)
   x = (rng.normal(size=(2 * d, d)) * rng.lognormal(0, 0.5, d)).astype(np.float32)
   w = (rng.normal(size=(d, d)) / np.sqrt(d)).astype(np.float32)
-  stats = jax.jit(lambda x: G.update_stats(G.init_stats(d), x).xtx)
+  stats = jax.jit(lambda x: hessian.update_stats(hessian.init_stats(d), x).xtx)
   _, t_h, c_h = timed(lambda: stats(x), repeats)
-  h = G.hessian(G.HessianStats(stats(x), 2 * d))
-  first, t_g, c_g = timed(lambda: G.gptq(w, h, bits).weight, repeats)
-  _, t_r, c_r = timed(lambda: G.rtn(w, bits), repeats)
+  h = hessian.hessian(hessian.HessianStats(stats(x), 2 * d))
+  first, t_g, c_g = timed(lambda: gptq.gptq(w, h, bits).weight, repeats)
+  _, t_r, c_r = timed(lambda: gptq.rtn(w, bits), repeats)
   return dict(layer=f"dense {d}x{d}", d_in=d, d_out=d, hessian=(t_h, c_h), gptq=(t_g, c_g),
               rtn=(t_r, c_r), compile=first - t_g)
 
@@ -81,7 +80,7 @@ def conv_row(c: int, batch: int, bits: int, repeats: int) -> dict:
   model = _Conv(c)
   x = np.random.default_rng(0).normal(size=(batch, 32, 32, c)).astype(np.float32)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.asarray(x[:1]))
-  run = lambda method: GM.quantize_model(model, variables, x, bits=bits, method=method,
+  run = lambda method: gptq_model.quantize_model(model, variables, x, bits=bits, method=method,
                                          batch_size=batch)[0]
   first, t_g, c_g = timed(lambda: run("gptq"), repeats)
   _, t_r, c_r = timed(lambda: run("rtn"), repeats)

@@ -16,6 +16,7 @@ Any field can be overridden, e.g. `--config.quant.target_bits=5.0`
 import ml_collections
 
 
+# Over 60 lines: one commented line per config field, as big_vision's configs are.
 def get_config(arg=None):
   """Returns the default config; `arg="runlocal"` shrinks it for a smoke run."""
   c = ml_collections.ConfigDict()

@@ -14,6 +14,7 @@ from baq.data.pipeline import normalize
 from baq.models.cnn import SmallCNN
 from baq.quant import fake_quant as fq
 from baq.quant import gptq as G
+from baq.quant import hessian
 from baq.quant import gptq_model as GM
 
 D, M = 96, 32  # Random layers share one padded shape with the SmallCNN's.
@@ -30,7 +31,7 @@ def _correlated(n, d, seed, scale_spread=1.0):
 def _layer(seed=0, n=1024):
   x = _correlated(n, D, seed)
   w = (np.random.default_rng(seed + 1).normal(size=(D, M)) * 0.1).astype(np.float32)
-  return x, w, G.update_stats(G.init_stats(D), x)
+  return x, w, hessian.update_stats(hessian.init_stats(D), x)
 
 
 def _init(module, x, seed=0):
@@ -76,7 +77,7 @@ def _on_grid(w_q, bits, group):
                                              (True, 32)])
 def test_gptq_beats_rtn_and_lies_on_the_grid(bits, act_order, group):
   x, w, stats = _layer()
-  r = G.gptq(w, G.hessian(stats), bits, act_order=act_order, group_size=group)
+  r = G.gptq(w, hessian.hessian(stats), bits, act_order=act_order, group_size=group)
   e_gptq, e_rtn = _err(x, w, r.weight), _err(x, w, G.rtn(w, bits, group))
   # Measured ratios 0.43-0.67, act_order lowest.
   assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
@@ -99,14 +100,14 @@ def test_rtn_is_fake_quant():
 def test_fair_with_alpha_zero_is_gptq_bitwise():
   x, w, stats = _layer()
   xa, xb = _correlated(256, D, 5), _correlated(256, D, 6)
-  h_pair = G.hessian(G.update_stats(G.init_stats(D), xa - xb))
-  h = G.hessian(stats)
+  h_pair = hessian.hessian(hessian.update_stats(hessian.init_stats(D), xa - xb))
+  h = hessian.hessian(stats)
   plain = G.gptq(w, h, 3, act_order=True)
-  fair = G.gptq(w, G.fair_hessian(h, h_pair, 0.0), 3, act_order=True)
+  fair = G.gptq(w, hessian.fair_hessian(h, h_pair, 0.0), 3, act_order=True)
   for a, b in zip(plain[:3], fair[:3]):
     assert np.array_equal(np.asarray(a), np.asarray(b))
   assert plain.loss == fair.loss
-  assert not np.array_equal(np.asarray(G.gptq(w, G.fair_hessian(h, h_pair, 1.0), 3,
+  assert not np.array_equal(np.asarray(G.gptq(w, hessian.fair_hessian(h, h_pair, 1.0), 3,
                                               act_order=True).weight),
                             np.asarray(plain.weight))
 
@@ -118,10 +119,10 @@ def test_fair_term_moves_pair_differences_toward_float():
   xa = _correlated(256, D, 8)
   xb = xa.copy()
   xb[:, :24] += 3.0 * rng.normal(size=(256, 24)).astype(np.float32)
-  h, h_pair = G.hessian(stats), G.hessian(G.update_stats(G.init_stats(D), xa - xb))
+  h, h_pair = hessian.hessian(stats), hessian.hessian(hessian.update_stats(hessian.init_stats(D), xa - xb))
   pair_err, task_err = [], []
   for alpha in (0.0, 0.3, 3.0):
-    w_q = G.gptq(w, G.fair_hessian(h, h_pair, alpha), 3).weight
+    w_q = G.gptq(w, hessian.fair_hessian(h, h_pair, alpha), 3).weight
     pair_err.append(_err(xa - xb, w, w_q))
     task_err.append(_err(x, w, w_q))
   # Measured pair errors 2448, 1144, 1116 (RTN: 1167: plain GPTQ pushes its
@@ -134,7 +135,7 @@ def test_fair_term_moves_pair_differences_toward_float():
 def test_failed_cholesky_raises_damping_with_a_warning():
   x = _correlated(20, D, 3)  # 20 rows: H has rank 20 of 96.
   x[:, 5] = 0.0              # and one dead input.
-  h = np.asarray(G.hessian(G.update_stats(G.init_stats(D), x)))
+  h = np.asarray(hessian.hessian(hessian.update_stats(hessian.init_stats(D), x)))
   mean = np.trace(h) / D
   h_bad = h - 1e-3 * mean * np.eye(D, dtype=np.float32)  # slightly indefinite
   h_bad[5, :] = h_bad[:, 5] = 0.0
@@ -184,7 +185,7 @@ def test_gptq_beats_rtn_on_a_real_conv_layer(cnn):
   spec = next(s for s in GM.find_layers(model, variables, x) if s.path == "Conv_1")
   w = np.asarray(variables["params"]["Conv_1"]["kernel"]).reshape(72, 12)
   xtx, n = GM._layer_gram(model, variables, x, spec, 72, 64, None)
-  h = G.hessian(G.HessianStats(xtx[0], n))
+  h = hessian.hessian(hessian.HessianStats(xtx[0], n))
   e_rtn = G.output_error(xtx[0], w, G.rtn(w, 3))
   e_gptq = G.output_error(xtx[0], w, G.gptq(w, h, 3, act_order=True).weight)
   assert e_gptq < 0.5 * e_rtn, (e_gptq, e_rtn)
@@ -244,7 +245,7 @@ def test_bad_bits_raise(cnn):
   model, variables, x = cnn
   _, w, stats = _layer()
   with pytest.raises(ValueError, match="integer bits >= 2"):
-    G.gptq(w, G.hessian(stats), 3.5)
+    G.gptq(w, hessian.hessian(stats), 3.5)
   with pytest.raises(ValueError, match=r"unknown layers \['Conv_9'\]"):
     GM.quantize_model(model, variables, x, bits={"Conv_9": 4})
 

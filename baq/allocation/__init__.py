@@ -6,5 +6,6 @@
               reducers that combine groups
   solver      the exact budgeted choice of integer bits (dynamic programming,
               Lagrangian fixing + ILP) and FairQuant's quantile baseline
+  eigen       the top Hessian eigenvalue per group (power iteration)
   planner     calibration statistics -> tables -> an allocation (no file I/O)
 """

@@ -47,6 +47,26 @@ def calibration_split(split, per_group: int, seed: int):
   return split.subset(np.sort(np.concatenate(keep)))
 
 
+def _group_means(totals: dict, names: list, num_groups: int) -> dict:
+  """Summed per-group statistics divided by each group's count."""
+  count = totals["count"]
+  denom = jnp.maximum(count, 1.0)
+
+  def mean(stat, name):
+    if stat not in totals:
+      return None
+    x = totals[stat][name]
+    return x / denom.reshape((num_groups,) + (1,) * (x.ndim - 1))
+
+  stats = {n: importance.KernelStats(mean("grad", n), mean("diag", n), mean("trace", n))
+           for n in names}
+  stats["__count__"] = np.asarray(count)
+  return stats
+
+
+# One function over 60 lines: the batch step closes over the kernels, the
+# loss and the probe settings; split up, those six closures would be passed
+# around instead.
 def kernel_statistics(apply_fn: Callable, params: Any, layers, split, *,
                       batch_size: int, hessian: str | None, key: jax.Array,
                       num_probes: int = 32, probe_chunk: int = 8) -> dict:
@@ -108,7 +128,7 @@ def kernel_statistics(apply_fn: Callable, params: Any, layers, split, *,
       out["trace"] = jax.tree.map(lambda t: t * count, est.trace)
     return out
 
-  totals = None
+  totals = None  # sums over batches, so the result does not depend on the batching
   for i, batch in enumerate(eval_batches(split, batch_size)):
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     bkey = jax.random.fold_in(key, i)
@@ -117,19 +137,7 @@ def kernel_statistics(apply_fn: Callable, params: Any, layers, split, *,
       out["diag"] = hutchinson(group_sum, kernels, bkey, args=(batch,),
                                batch_groups=False).diagonal
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  count = totals["count"]
-  denom = jnp.maximum(count, 1.0)
-
-  def per_group_mean(x):
-    return x / denom.reshape((G,) + (1,) * (x.ndim - 1))
-
-  stats = {name: importance.KernelStats(
-      per_group_mean(totals["grad"][name]),
-      per_group_mean(totals["diag"][name]) if want_diag else None,
-      per_group_mean(totals["trace"][name]) if want_trace else None)
-      for name in kernels}
-  stats["__count__"] = np.asarray(count)
-  return stats
+  return _group_means(totals, list(kernels), G)
 
 
 @dataclasses.dataclass

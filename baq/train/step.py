@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from baq import variables as V
+from baq.variables import apply_model
 from baq.fairness import losses, regularizers
 from baq.quant import units
 from baq.quant.inject import BITS_LEAF
@@ -30,6 +30,45 @@ def _keep_bits(params, old):
   flat, flat_old = tu.flatten_dict(dict(params)), tu.flatten_dict(dict(old))
   return tu.unflatten_dict({k: flat_old[k] if k[-1] == BITS_LEAF else v
                             for k, v in flat.items()})
+
+
+def make_loss_fn(model, penalties: dict, layers, *, num_groups: int, budget: float,
+                 group_weights: Optional[jax.Array] = None):
+  """loss_fn(params, batch_stats, batch, key, penalty_state, step) -> (loss, aux).
+
+  The task loss (weighted by group when `group_weights` is given) plus each
+  penalty's weighted value; aux is (new penalty state, new batch_stats,
+  metrics). Arguments as in `make_train_step`.
+  """
+
+  def loss_fn(params, batch_stats, batch, key, pen_state, step):
+    logits, new_vars = apply_model(
+        model, {"params": params, "batch_stats": batch_stats}, batch["image"], train=True,
+        rngs={"quant": key, "dropout": jax.random.fold_in(key, 1)}, mutable=["batch_stats"])
+    per_ex = losses.cross_entropy(logits, batch["label"])
+    gl = losses.group_stats(per_ex, batch["group"], num_groups)
+    if group_weights is None:
+      task = jnp.mean(per_ex)
+    else:
+      w = jnp.asarray(group_weights)[batch["group"]]
+      task = jnp.sum(w * per_ex) / jnp.maximum(jnp.sum(w), 1e-12)
+    avg_bits = units.average_bits(params, layers)
+    ctx = regularizers.PenaltyContext(
+        gl.mean, gl.count, gl.present, per_ex, logits, batch["label"], batch["group"],
+        avg_bits, jnp.float32(budget), step)
+    total, new_state, metrics = task, {}, {"task_loss": task, "avg_bits": avg_bits}
+    for name, (reg, weight) in penalties.items():
+      value, new_state[name], m = reg.apply(ctx, pen_state[name])
+      total = total + weight * value
+      metrics[f"penalty/{name}"] = value
+      metrics.update({f"{name}/{k}": v for k, v in m.items()})
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    metrics["loss"] = total
+    metrics["group_correct"] = jax.ops.segment_sum(correct, batch["group"], num_groups)
+    metrics["group_count"] = gl.count
+    return total, (new_state, new_vars.get("batch_stats", {}), metrics)
+
+  return loss_fn
 
 
 def make_train_step(model, tx: optax.GradientTransformation, penalties: dict, layers, *,
@@ -55,32 +94,8 @@ def make_train_step(model, tx: optax.GradientTransformation, penalties: dict, la
     step_fn(state, batch) -> (state, metrics).
   """
 
-  def loss_fn(params, batch_stats, batch, key, pen_state, step):
-    logits, new_vars = V.apply_model(
-        model, {"params": params, "batch_stats": batch_stats}, batch["image"], train=True,
-        rngs={"quant": key, "dropout": jax.random.fold_in(key, 1)}, mutable=["batch_stats"])
-    per_ex = losses.cross_entropy(logits, batch["label"])
-    gl = losses.group_stats(per_ex, batch["group"], num_groups)
-    if group_weights is None:
-      task = jnp.mean(per_ex)
-    else:
-      w = jnp.asarray(group_weights)[batch["group"]]
-      task = jnp.sum(w * per_ex) / jnp.maximum(jnp.sum(w), 1e-12)
-    avg_bits = units.average_bits(params, layers)
-    ctx = regularizers.PenaltyContext(
-        gl.mean, gl.count, gl.present, per_ex, logits, batch["label"], batch["group"],
-        avg_bits, jnp.float32(budget), step)
-    total, new_state, metrics = task, {}, {"task_loss": task, "avg_bits": avg_bits}
-    for name, (reg, weight) in penalties.items():
-      value, new_state[name], m = reg.apply(ctx, pen_state[name])
-      total = total + weight * value
-      metrics[f"penalty/{name}"] = value
-      metrics.update({f"{name}/{k}": v for k, v in m.items()})
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    metrics["loss"] = total
-    metrics["group_correct"] = jax.ops.segment_sum(correct, batch["group"], num_groups)
-    metrics["group_count"] = gl.count
-    return total, (new_state, new_vars.get("batch_stats", {}), metrics)
+  loss_fn = make_loss_fn(model, penalties, layers, num_groups=num_groups, budget=budget,
+                         group_weights=group_weights)
 
   def step_fn(state, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])

@@ -16,7 +16,6 @@ message and the last good checkpoint stays as it was.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Optional
@@ -29,7 +28,7 @@ import numpy as np
 from baq.data.pipeline import Batcher
 from baq.quant import units
 from baq.quant.inject import QUANT_LEAF_PATTERN
-from baq.train import sharding as sh
+from baq.train import progress, sharding as sh
 from baq.train import workdir as wd
 from baq.train.checkpoint import Checkpointer
 from baq.train.evaluate import evaluate_split
@@ -98,62 +97,7 @@ def jit_steps(config: ml_collections.ConfigDict, setup: TrainSetup, mesh, shardi
   return sh.jit_step(search, mesh, shardings), sh.jit_step(final, mesh, shardings)
 
 
-# Progress-line order and short names; metrics.jsonl keeps the full names.
-_FIRST = ("loss", "task_loss")
-_LAST = ("avg_bits", "train_acc", "train_worst_group_acc", "val_acc",
-         "val_worst_group_acc", "steps_per_s")
-_SHORT = {"train_worst_group_acc": "train_worst", "val_worst_group_acc": "val_worst",
-          "task_loss": "task", "steps_per_s": "it/s"}
-
-
-def _order(key: str) -> tuple[int, int, str]:
-  if key in _FIRST:
-    return 0, _FIRST.index(key), key
-  if key in _LAST:
-    return 2, _LAST.index(key), key
-  return 1, 0, key
-
-
-class MetricWriter:
-  """Metrics as JSON lines in WORKDIR/metrics.jsonl plus a readable line."""
-
-  def __init__(self, workdir: str, name: str):
-    self.path, self.name = os.path.join(workdir, wd.METRICS_FILE), name
-
-  def write(self, step: int, metrics: dict) -> None:
-    if not sh.is_primary():  # one writer on several hosts
-      return
-    metrics = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist())
-               for k, v in metrics.items()}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(dict(step=step, **metrics)) + "\n")
-    shown = " ".join(f"{_SHORT.get(k, k)}={v:.4g}" for k, v in sorted(
-        metrics.items(), key=lambda kv: _order(kv[0])) if isinstance(v, float))
-    print(f"[{self.name}] step {step:5d} {shown}", flush=True)
-
-
-def _summarise(history: list[dict]) -> dict:
-  stacked = jax.device_get(history)
-  out = {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]
-         if np.ndim(stacked[0][k]) == 0}
-  correct = np.sum([h["group_correct"] for h in stacked], 0)
-  count = np.sum([h["group_count"] for h in stacked], 0)
-  acc = np.where(count > 0, correct / np.maximum(count, 1), np.nan)
-  out["train_worst_group_acc"] = float(np.nanmin(acc))
-  out["train_acc"] = float(correct.sum() / count.sum())
-  return out
-
-
-def _check_finite(history: list[dict], workdir: str, last_saved: Optional[int]) -> None:
-  bad = [i for i, h in enumerate(jax.device_get([h["loss"] for h in history]))
-         if not np.isfinite(h)]
-  if bad:
-    raise FloatingPointError(
-        f"Non-finite loss in run {workdir} ({len(bad)} of the last {len(history)} "
-        f"steps). Stopped; the last good checkpoint (step {last_saved}) is intact. "
-        "Lower the learning rate or a penalty weight and resume.")
-
-
+# Over 60 lines by its docstring; the body is set-up (three calls) and the loop.
 def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: dict,
           steps: int, lr: float, bits: Optional[float] = None,
           init_params: Optional[dict] = None, use_penalties: bool = True,
@@ -194,11 +138,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
       init_variables=init_params if init_variables is None else init_variables)
   shardings = sh.state_shardings(mesh, setup.state, config, SHARDING_RULES)
   ckpt = Checkpointer(workdir, sh.abstract(setup.state, shardings))
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore()  # onto this run's shardings, whatever layout saved it
-    print(f"[{name}] resumed from step {int(state['step'])} in {workdir}", flush=True)
-  else:
-    state = sh.put(setup.state, shardings)
+  state = _restore_or_place(ckpt, setup.state, shardings, name, workdir)
   weights = group_loss_weights(config.get("group_weighting", "none"), split.groups,
                                split.num_groups)
   search_step, final_step = jit_steps(config, setup, mesh, shardings,
@@ -206,7 +146,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
   final_at = finalize_step(config, setup.spec, steps)
   batcher = Batcher(split, config.batch_size, seed=config.seed,
                     sampling=config.dataset.sampling, flip=config.dataset.flip)
-  writer, history = MetricWriter(workdir, name), []
+  writer, history = progress.MetricWriter(workdir, name), []
   last_saved, t0 = ckpt.latest_step(), time.time()
   step = int(state["step"])
   try:
@@ -222,15 +162,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
       log_now = step % config.log_every == 0 or step == steps
       save_now = step % config.checkpoint_every == 0 or step == steps
       if log_now or save_now:
-        _check_finite(history, workdir, last_saved)
+        progress.check_finite(history, workdir, last_saved)
       if log_now:
-        summary = _summarise(history)
-        summary["steps_per_s"] = len(history) / max(time.time() - t0, 1e-9)
-        if step % config.eval_every == 0 or step == steps:
-          val = evaluate_split(setup.eval_model, _variables(state), data["validation"],
-                               config.eval_batch_size)
-          summary.update(val_acc=val["accuracy"], val_worst_group_acc=val["worst_group_accuracy"])
-        writer.write(step, summary)
+        validate = step % config.eval_every == 0 or step == steps
+        writer.write(step, _log_summary(history, t0, setup, state, data, config, validate))
         history, t0 = [], time.time()
       if save_now:
         ckpt.save(step, state)
@@ -238,6 +173,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
   finally:
     ckpt.close()
   return RunResult(state["params"], setup.model, setup.spec, workdir, state["batch_stats"])
+
+
+def _restore_or_place(ckpt: Checkpointer, state: dict, shardings, name: str,
+                      workdir: str) -> dict:
+  """The latest checkpoint restored onto `shardings`, else `state` placed on them."""
+  if ckpt.latest_step() is None:
+    return sh.put(state, shardings)
+  state = ckpt.restore()  # onto this run's shardings, whatever layout saved it
+  print(f"[{name}] resumed from step {int(state['step'])} in {workdir}", flush=True)
+  return state
+
+
+def _log_summary(history: list, t0: float, setup: TrainSetup, state: dict, data: dict,
+                 config: ml_collections.ConfigDict, validate: bool) -> dict:
+  """The logged means since the last line, with validation accuracy when asked."""
+  summary = progress.summarise(history)
+  summary["steps_per_s"] = len(history) / max(time.time() - t0, 1e-9)
+  if validate:
+    val = evaluate_split(setup.eval_model, _variables(state), data["validation"],
+                         config.eval_batch_size)
+    summary.update(val_acc=val["accuracy"], val_worst_group_acc=val["worst_group_accuracy"])
+  return summary
 
 
 def _variables(state: dict) -> dict:

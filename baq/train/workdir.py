@@ -13,9 +13,17 @@ A train.py workdir holds
                                   when the workdir has several methods)
 
 and every run directory holds `checkpoints/`, `state_signature.json`,
-`metrics.jsonl` and, for bit-training runs, `searched_bits.json`. Experiment,
-diagnostics, the bias study and the seed sweep ask this module for these
-names; none spells them itself.
+`metrics.jsonl` and, for bit-training runs, `searched_bits.json`.
+
+A bias study root (`python -m baq.study`) holds ROOT/config.json,
+ROOT/study.json, ROOT/accuracy_vs_bits.png, ROOT/pareto.png and one
+directory per cell, ROOT/<setting>_s<S>/ (`cell_name`), with
+predictions.npz, metrics.json and, for a cell that trains, run/. A seed sweep
+root (`python -m baq.train.sweep`) holds one train.py workdir per seed,
+ROOT/seed<S>/, and one per further BAQ budget, ROOT/seed<S>_b<B>/.
+
+Experiment, diagnostics, the bias study and the seed sweep ask this module
+for these names; none spells them itself.
 """
 
 from __future__ import annotations
@@ -42,6 +50,13 @@ SEARCHED_BITS_FILE = "searched_bits.json"
 CHECKPOINT_DIR = "checkpoints"
 SIGNATURE_FILE = "state_signature.json"
 UNIFORM = "uniform"
+# The bias study's root and cells.
+STUDY_FILE = "study.json"
+STUDY_ACCURACY_PLOT = "accuracy_vs_bits.png"
+STUDY_PARETO_PLOT = "pareto.png"
+PREDICTIONS_FILE = "predictions.npz"
+CELL_METRICS_FILE = "metrics.json"
+CELL_RUN = "run"
 
 
 def uniform_name(bits: float) -> str:
@@ -117,3 +132,18 @@ def write_json(file: str, obj: Any, indent: Optional[int] = 1) -> None:
 def read_json(file: str) -> Any:
   with open(file) as f:
     return json.load(f)
+
+
+def cell_name(setting: str, seed: int) -> str:
+  """A bias study cell's directory name: `setting` at one seed ("gptq_w4_s0")."""
+  return f"{setting}_s{seed}"
+
+
+def seed_dir(root: str, seed: int) -> str:
+  """The seed sweep's train.py workdir of one seed: ROOT/seed<S>."""
+  return path(root, f"seed{seed}")
+
+
+def budget_dir(root: str, seed: int, bits: float) -> str:
+  """The seed sweep's workdir of BAQ at a further budget: ROOT/seed<S>_b<B>."""
+  return path(root, f"seed{seed}_b{bits:g}")

@@ -1,0 +1,76 @@
+"""Progress of a run: metrics as JSON lines plus one readable line, and the finite-loss check."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+
+from baq.train import sharding as sh
+from baq.train import workdir as wd
+
+
+# Progress-line order and short names; metrics.jsonl keeps the full names.
+_FIRST = ("loss", "task_loss")
+_LAST = ("avg_bits", "train_acc", "train_worst_group_acc", "val_acc",
+         "val_worst_group_acc", "steps_per_s")
+_SHORT = {"train_worst_group_acc": "train_worst", "val_worst_group_acc": "val_worst",
+          "task_loss": "task", "steps_per_s": "it/s"}
+
+
+def _order(key: str) -> tuple[int, int, str]:
+  if key in _FIRST:
+    return 0, _FIRST.index(key), key
+  if key in _LAST:
+    return 2, _LAST.index(key), key
+  return 1, 0, key
+
+
+class MetricWriter:
+  """Metrics as JSON lines in WORKDIR/metrics.jsonl plus a readable line."""
+
+  def __init__(self, workdir: str, name: str):
+    self.path, self.name = os.path.join(workdir, wd.METRICS_FILE), name
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not sh.is_primary():  # one writer on several hosts
+      return
+    metrics = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist())
+               for k, v in metrics.items()}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(dict(step=step, **metrics)) + "\n")
+    shown = " ".join(f"{_SHORT.get(k, k)}={v:.4g}" for k, v in sorted(
+        metrics.items(), key=lambda kv: _order(kv[0])) if isinstance(v, float))
+    print(f"[{self.name}] step {step:5d} {shown}", flush=True)
+
+
+def summarise(history: list[dict]) -> dict:
+  """Means of the scalar metrics since the last line, with train (worst-group) accuracy."""
+  stacked = jax.device_get(history)
+  out = {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]
+         if np.ndim(stacked[0][k]) == 0}
+  correct = np.sum([h["group_correct"] for h in stacked], 0)
+  count = np.sum([h["group_count"] for h in stacked], 0)
+  acc = np.where(count > 0, correct / np.maximum(count, 1), np.nan)
+  out["train_worst_group_acc"] = float(np.nanmin(acc))
+  out["train_acc"] = float(correct.sum() / count.sum())
+  return out
+
+
+def check_finite(history: list[dict], workdir: str, last_saved: Optional[int]) -> None:
+  """Stops the run on a non-finite loss, naming the last good checkpoint.
+
+  Raises:
+    FloatingPointError: a loss since the last check is NaN or infinite.
+  """
+  bad = [i for i, h in enumerate(jax.device_get([h["loss"] for h in history]))
+         if not np.isfinite(h)]
+  if bad:
+    kept = (f"the last good checkpoint (step {last_saved}) is intact" if last_saved is not None
+            else "no checkpoint had been written yet, so the run restarts from step 0")
+    raise FloatingPointError(
+        f"Non-finite loss in run {workdir} ({len(bad)} of the last {len(history)} "
+        f"steps). Stopped; {kept}. Lower the learning rate or a penalty weight and resume.")
