@@ -6,20 +6,25 @@ import shutil
 import subprocess
 import sys
 
+import flax.traverse_util as tu
 import jax
 import numpy as np
 import pytest
 
+from baq.models import build_model
+from baq.quant import units as U
 from baq.train import experiment
-from configs import tiny
+from baq.train.checkpoint import restore_params
+from baq.train.evaluate import predict_logits
+from baq.train.modes import get_mode
 from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, make_tiny_config, tiny_float_run):
+  """The main job fine-tuning from the session's float model."""
   workdir = str(tmp_path_factory.mktemp("run"))
-  config = tiny.get_config()
-  config.dataset.data_dir = str(tmp_path_factory.mktemp("tfds"))
+  config = make_tiny_config(init_checkpoint=tiny_float_run)
   return config, workdir, experiment.run(config, workdir)
 
 
@@ -35,20 +40,137 @@ def test_report_has_every_method_and_metric(run):
     assert m["worst_group_accuracy"] <= m["accuracy"] + 1e-9
   assert report["methods"]["uniform4"]["avg_bits"] == 4.0
   assert report["methods"]["fp32"]["size_bytes"] > report["methods"]["uniform8"]["size_bytes"]
+  assert not os.path.exists(os.path.join(workdir, "fp32"))  # config.init_checkpoint was used
 
 
-def test_exported_allocation_meets_budget_and_reproduces_logits(run):
+def _unpack_bits(data: np.ndarray, count: int) -> np.ndarray:
+  """The first `count` bits of a uint8 stream, most significant bit of each
+  byte first (numpy's packbits order), by shifts: no numpy unpacking."""
+  assert data.dtype == np.uint8 and len(data) == -(-count // 8)  # no byte more than needed
+  bits = (data[:, None].astype(np.int64) >> np.arange(7, -1, -1)) & 1
+  bits = bits.reshape(-1)
+  assert not bits[count:].any()  # zero padding only
+  return bits[:count]
+
+
+def _decode_layer(z, layer: str, symmetric: bool):
+  """(integer codes in the kernel's shape, bits per output channel, code bytes)
+  of one layer of packed_weights.npz, decoded here.
+
+  The format (baq/quant/export.py `pack`): output channels are grouped by
+  bit-width b; group b stores, channel after channel, every weight of the
+  channel in the kernel's row-major order over its other axes, each as b
+  bits, least significant first, of the code plus 2^(b-1) - 1 (symmetric).
+  """
+  shape = tuple(int(s) for s in z[f"{layer}::shape"])
+  per_ch = z[f"{layer}::bits"].astype(np.int64)
+  c, m = shape[-1], int(np.prod(shape[:-1]))
+  assert per_ch.shape == (c,)
+  rows, seen, code_bytes = np.zeros((c, m), np.int64), np.zeros(c, bool), 0
+  for b in sorted(set(per_ch.tolist())):
+    channels = z[f"{layer}::b{b}_channels"]
+    np.testing.assert_array_equal(channels, np.nonzero(per_ch == b)[0])
+    data = z[f"{layer}::b{b}_data"]
+    stream = _unpack_bits(data, len(channels) * m * b).reshape(len(channels), m, b)
+    unsigned = (stream << np.arange(b)).sum(-1)
+    rows[channels] = unsigned - (2 ** (b - 1) - 1 if symmetric else 0)
+    seen[channels] = True
+    code_bytes += len(data)
+  assert seen.all()
+  return np.moveaxis(rows.reshape((c,) + shape[:-1]), 0, -1), per_ch, code_bytes
+
+
+def _quantize_np(kernel: np.ndarray, unit_bits: np.ndarray):
+  """Symmetric absmax round-to-nearest in float32 numpy, one scale per unit
+  (the whole kernel, or each output channel): (codes, scale)."""
+  per_channel = len(unit_bits) > 1
+  axes = tuple(range(kernel.ndim - 1)) if per_channel else None
+  r = np.max(np.abs(kernel), axis=axes, keepdims=True)
+  shape = (1,) * (kernel.ndim - 1) + (len(unit_bits),) if per_channel else (1,) * kernel.ndim
+  qmax = (2.0 ** (unit_bits - 1) - 1).astype(np.float32).reshape(shape)
+  scale = r / qmax
+  assert scale.dtype == np.float32
+  return np.clip(np.round(kernel / scale), -qmax, qmax).astype(np.int64), scale
+
+
+def test_packed_weights_decode_to_the_deployed_kernels_and_logits(run):
+  """packed_weights.npz, decoded without baq's export code, holds the integer
+  codes at bit_allocation.json's bit-widths, and its dequantized kernels in
+  the float model give the evaluated model's logits and accuracy."""
+  config, workdir, report = run
+  assert config.quant.symmetric and config.quant.scale_method == "absmax"
+  alloc = json.load(open(os.path.join(workdir, "bit_allocation.json")))
+  z = np.load(os.path.join(workdir, "packed_weights.npz"))
+  assert bool(z["__symmetric__"])
+  # The allocation, per layer: one unit ("Conv_0") or one per channel ("Conv_0[3]").
+  by_layer = {}
+  for u in alloc["units"]:
+    by_layer.setdefault(u["name"].split("[")[0], []).append(u)
+  assert {k.split("::")[0] for k in z.files if "::" in k} == set(by_layer)
+
+  params = restore_params(os.path.join(workdir, "baq"))  # integer bits from step 6 on
+  flat = tu.flatten_dict(params)
+  weight_bits, total_bytes, kernels = 0, 0, {}
+  for layer, rows in by_layer.items():
+    codes, per_ch, code_bytes = _decode_layer(z, layer, symmetric=True)
+    kernel = np.asarray(flat[tuple(layer.split("/")) + ("kernel",)], np.float32)
+    assert codes.shape == kernel.shape
+    per_channel = len(rows) > 1
+    unit_bits = np.array([u["bits"] for u in rows])
+    np.testing.assert_array_equal(per_ch, unit_bits if per_channel else
+                                  np.full(kernel.shape[-1], unit_bits[0]))
+    bits_leaf = [v for k, v in flat.items() if k[:-2] == tuple(layer.split("/"))
+                 and k[-1] == "bits"]
+    np.testing.assert_array_equal(np.ravel(bits_leaf), unit_bits)  # what the run trained at
+    weight_bits += sum(u["numel"] * u["bits"] for u in rows)
+    assert sum(u["numel"] for u in rows) == kernel.size
+    total_bytes += code_bytes
+    # The codes are round-to-nearest of the run's kernel at those bits.
+    want, scale = _quantize_np(kernel, unit_bits)
+    assert np.abs(codes).max() <= 2 ** (per_ch.max() - 1) - 1
+    np.testing.assert_array_equal(codes, want, err_msg=layer)
+    np.testing.assert_allclose(z[f"{layer}::scale"], scale, rtol=1e-6)
+    np.testing.assert_array_equal(z[f"{layer}::zero_point"], 0.0)
+    kernels[layer] = ((codes - z[f"{layer}::zero_point"]) * z[f"{layer}::scale"]).astype(np.float32)
+  # Bytes: b bits per weight, rounded up to a byte once per (layer, bit-width).
+  groups = sum(len(set(z[f"{l}::bits"].tolist())) for l in by_layer)
+  assert weight_bits / 8 <= total_bytes < weight_bits / 8 + groups
+  assert report["methods"]["baq"]["packed_code_bytes"] == total_bytes
+
+  # The float model with the decoded kernels is the evaluated model.
+  test = experiment.load_data(config)["test"]
+  kw = config.model.kwargs.to_dict()
+  fmodel = build_model(config.model.name, test.num_classes, None, **kw)
+  fparams = {k: v for k, v in flat.items() if k[-1] != "bits"}
+  fparams.update({tuple(l.split("/")) + ("kernel",): k for l, k in kernels.items()})
+  got = predict_logits(fmodel, {"params": tu.unflatten_dict(fparams)}, test,
+                       config.eval_batch_size)
+  qmodel = build_model(config.model.name, test.num_classes,
+                       get_mode(config, "baq").quantizer.replace(training=False), **kw)
+  want = predict_logits(qmodel, {"params": params}, test, config.eval_batch_size)
+  assert np.max(np.abs(got - want)) < 1e-5
+  baq = report["methods"]["baq"]
+  assert baq["export_max_abs_logit_diff"] < 1e-5
+  assert np.mean(np.argmax(got, -1) == test.labels) == pytest.approx(baq["accuracy"], abs=1e-12)
+  worst = min(np.mean(np.argmax(got, -1)[test.groups == g] == test.labels[test.groups == g])
+              for g in np.unique(test.groups))
+  assert worst == pytest.approx(baq["worst_group_accuracy"], abs=1e-12)
+
+
+def test_exported_allocation_meets_budget(run):
   config, workdir, report = run
   alloc = json.load(open(os.path.join(workdir, "bit_allocation.json")))
   numel = np.array([u["numel"] for u in alloc["units"]])
   bits = np.array([u["bits"] for u in alloc["units"]])
   assert np.all(bits == np.round(bits)) and bits.min() >= 2 and bits.max() <= 8
+  assert (numel * bits).sum() <= config.quant.target_bits * numel.sum()
   avg = (numel * bits).sum() / numel.sum()
-  assert avg <= config.quant.target_bits + 1e-9 and alloc["avg_bits"] == pytest.approx(avg)
+  assert alloc["avg_bits"] == pytest.approx(avg, rel=1e-12)
   assert report["methods"]["baq"]["avg_bits"] == pytest.approx(avg, abs=1e-5)
-  assert report["methods"]["baq"]["export_max_abs_logit_diff"] < 1e-4
+  assert alloc["quantized_weights"] == numel.sum()
+  cont = np.array([u["bits_continuous"] for u in alloc["units"]])
+  assert not np.array_equal(cont, np.round(cont))  # the searched bits, not the deployed
   assert os.path.getsize(os.path.join(workdir, "bit_allocation.png")) > 1000
-  assert os.path.exists(os.path.join(workdir, "packed_weights.npz"))
 
 
 def test_eval_py_reproduces_the_report(run):
@@ -58,6 +180,7 @@ def test_eval_py_reproduces_the_report(run):
   assert out.returncode == 0, out.stderr[-2000:]
   assert "uniform4_ptq" in out.stdout
   again = json.load(open(os.path.join(workdir, "report.json")))
+  assert again["methods"].keys() == report["methods"].keys()
   for name, m in report["methods"].items():
     assert again["methods"][name]["accuracy"] == pytest.approx(m["accuracy"])
     assert again["methods"][name]["worst_group_accuracy"] == pytest.approx(m["worst_group_accuracy"])

@@ -12,14 +12,14 @@ import pytest
 from baq.train import experiment, trainer
 from baq.train.checkpoint import restore_params
 from baq.quant import units as U
-from configs import tiny
+from baq.train.step import make_train_step
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, make_tiny_config, tiny_float_run):
+  """fair_static and fair_static_qat, fine-tuned from the session's float model."""
   workdir = str(tmp_path_factory.mktemp("fair"))
-  c = tiny.get_config()
-  c.dataset.data_dir = str(tmp_path_factory.mktemp("tfds"))
+  c = make_tiny_config(init_checkpoint=tiny_float_run)
   c.mode = "fair_static,fair_static_qat"
   c.baselines = "uniform4"
   c.importance.calib_per_group = 12
@@ -46,8 +46,8 @@ def test_plan_is_what_both_modes_deploy(run):
 
 
 def test_fair_static_is_post_training_and_qat_trains_the_weights(run):
-  _, workdir, _ = run
-  fp = restore_params(os.path.join(workdir, "fp32"))
+  config, workdir, _ = run
+  fp = restore_params(config.init_checkpoint)
   static = restore_params(os.path.join(workdir, "fair_static"))
   qat = restore_params(os.path.join(workdir, "fair_static_qat"))
   layers = U.find_units(static)
@@ -59,16 +59,15 @@ def test_fair_static_is_post_training_and_qat_trains_the_weights(run):
   np.testing.assert_array_equal(U.gather_bits(qat, layers), plan["bits"])
 
 
-def test_baq_can_start_from_the_allocation(run, tmp_path):
+def test_baq_can_start_from_the_allocation(run, tmp_path, tiny_data):
   config, workdir, _ = run
   config = config.copy_and_resolve_references()
   config.quant.init_from = "allocation"
   config.quant.finalize_fraction = 0.0
-  data = experiment.load_data(config)
-  plan = experiment.allocation_plan(config, workdir, restore_params(os.path.join(workdir, "fp32")),
-                                    data)
-  out = trainer.train(config, str(tmp_path / "baq"), mode="baq", data=data, steps=2, lr=1e-4,
-                      init_params=restore_params(os.path.join(workdir, "fp32")), init_bits=plan)
+  fp = restore_params(config.init_checkpoint)
+  plan = experiment.allocation_plan(config, workdir, fp, tiny_data)
+  out = trainer.train(config, str(tmp_path / "baq"), mode="baq", data=tiny_data, steps=2,
+                      lr=1e-4, init_params=fp, init_bits=plan)
   bits = np.asarray(U.gather_bits(out.params, U.find_units(out.params)))
   # Two Adam steps of bits_lr move each bit-width by at most ~2 * bits_lr.
   assert np.max(np.abs(bits - plan)) <= 2.2 * config.optim.bits_lr
@@ -100,8 +99,8 @@ def test_weighted_task_loss_is_the_group_weighted_mean():
   batch = {"image": x, "label": jnp.array([0, 1, 2, 0, 1, 2]), "group": jnp.array([0, 0, 0, 0, 1, 1])}
   weights = np.array([0.5, 2.0], np.float32)
   tx = optax.sgd(0.0)
-  step = trainer.make_train_step(model, tx, {}, [], num_groups=2, target_bits=4.0,
-                                 bit_bounds=(2, 8), group_weights=weights)
+  step = make_train_step(model, tx, {}, [], num_groups=2, budget=4.0, bit_bounds=(2, 8),
+                         group_weights=weights)
   state = dict(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                rng=jax.random.key_data(jax.random.key(0)), penalty_state={})
   _, metrics = step(state, batch)

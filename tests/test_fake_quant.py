@@ -12,19 +12,52 @@ def _x(shape=(6, 5, 8), seed=0):
   return jax.random.normal(jax.random.key(seed), shape) * jnp.arange(1, shape[-1] + 1)
 
 
+def _grid_np(x, bits, symmetric, channel_axis):
+  """The absmax grid in float32 numpy, from the definitions alone:
+  (scale, zero point, lowest code, highest code), broadcastable against x.
+
+  Symmetric: step max|x| / (2^(b-1) - 1), codes -(2^(b-1) - 1) .. 2^(b-1) - 1,
+  zero point 0. Asymmetric: the range [min(x, 0), max(x, 0)] over 2^b - 1
+  steps, codes 0 .. 2^b - 1, zero point round(-lo / step).
+  """
+  x = np.asarray(x, np.float32)
+  axes = None if channel_axis is None else tuple(
+      a for a in range(x.ndim) if a != channel_axis % x.ndim)
+  if symmetric:
+    qmax = np.float32(2 ** (bits - 1) - 1)
+    return np.abs(x).max(axes, keepdims=True) / qmax, np.float32(0), -qmax, qmax
+  lo = np.minimum(x.min(axes, keepdims=True), np.float32(0))
+  hi = np.maximum(x.max(axes, keepdims=True), np.float32(0))
+  scale = (hi - lo) / np.float32(2**bits - 1)
+  return scale, np.round(-lo / scale), np.float32(0), np.float32(2**bits - 1)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("channel_axis", [None, -1])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_values_on_grid_and_error_bounded(symmetric, channel_axis, bits):
   x = _x()
-  y = fq.fake_quant(x, jnp.float32(bits), symmetric=symmetric, channel_axis=channel_axis)
-  lo, hi = fq.range_stats(x, symmetric=symmetric, channel_axis=channel_axis)
-  scale, zp = fq.scale_and_zero_point(lo, hi, jnp.float32(bits), symmetric)
+  y = np.asarray(fq.fake_quant(x, jnp.float32(bits), symmetric=symmetric,
+                               channel_axis=channel_axis))
+  x = np.asarray(x)
+  scale, zp, qmin, qmax = _grid_np(x, bits, symmetric, channel_axis)
   codes = y / scale + zp
-  np.testing.assert_allclose(codes, jnp.round(codes), atol=1e-3)
-  assert float(jnp.max(jnp.abs(y - x) - scale / 2)) <= 1e-5  # absmax never clips
+  np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)  # on the grid
+  codes = np.round(codes)
+  assert codes.min() >= qmin and codes.max() <= qmax
+  # Round to nearest: the code of every value is the nearest grid point.
+  want = (np.clip(np.round(x / scale + zp), qmin, qmax) - zp) * scale
+  np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
+  assert np.all(np.abs(y - x) <= scale / 2 * (1 + 1e-5))  # absmax never clips
+  # The extremes map to the end codes: the whole range is used.
+  reduce = None if channel_axis is None else (0, 1)
+  if symmetric:
+    np.testing.assert_array_equal(np.abs(codes).max(reduce), qmax)
+  else:  # every channel of x has values of both signs
+    np.testing.assert_array_equal(codes.min(reduce), qmin)
+    np.testing.assert_array_equal(codes.max(reduce), qmax)
   n_levels = 2**bits - (1 if symmetric else 0)
-  cols = [np.unique(np.round(np.asarray(codes[..., c]))) for c in range(x.shape[-1])]
+  cols = [np.unique(codes[..., c]) for c in range(x.shape[-1])]
   assert max(len(c) for c in cols) <= n_levels
 
 

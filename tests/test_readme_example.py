@@ -1,5 +1,6 @@
 """The README's regularizer example, taken out of the README and run."""
 
+import json
 import os
 import re
 import sys
@@ -9,9 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from baq.train import experiment, trainer
 from baq.fairness import regularizers
-from configs import tiny
+from baq.train import trainer, validate
 from conftest import ROOT
 
 MARKER = "<!-- regularizer-example -->"
@@ -38,10 +38,9 @@ def _ctx(group_loss, present):
       jnp.zeros(4, jnp.int32), jnp.float32(4.0), jnp.float32(4.0), jnp.int32(0))
 
 
-def test_example_registers_and_penalises_the_running_worst_group(example_module):
-  config = tiny.get_config()
-  config.imports = example_module
-  experiment.import_extensions(config)
+def test_example_registers_and_penalises_the_running_worst_group(example_module, tiny_config):
+  tiny_config.imports = example_module
+  validate.import_extensions(tiny_config)
   reg = regularizers.build("ema_worst", decay=0.5)
   state = reg.init(3)
   value, state, m = reg.apply(_ctx([1.0, 3.0, 2.0], [True, True, True]), state)
@@ -55,23 +54,22 @@ def test_example_registers_and_penalises_the_running_worst_group(example_module)
   np.testing.assert_array_equal(grad, [0.0, 0.0, 1.0])
 
 
-def test_example_trains_from_a_config(example_module, tmp_path):
-  config = tiny.get_config()
-  config.dataset.data_dir = str(tmp_path / "tfds")
+def test_example_trains_from_a_config(example_module, tmp_path, tiny_config, tiny_data):
+  config = tiny_config
   config.imports = example_module
   config.penalties.ema_worst = dict(weight=0.5, decay=0.95)
-  experiment.validate(config)
-  data = experiment.load_data(config)
-  trainer.train(config, str(tmp_path / "run"), mode="baq", data=data, steps=4, lr=1e-3)
-  log = open(tmp_path / "run" / "metrics.jsonl").read()
-  assert '"penalty/ema_worst"' in log and '"ema_worst/worst_ema"' in log
+  validate.validate(config)
+  trainer.train(config, str(tmp_path / "run"), mode="baq", data=tiny_data, steps=4, lr=1e-3)
+  lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [l["step"] for l in lines] == [4]
+  # A running worst-group cross-entropy: positive and finite, and in the loss.
+  assert 0 < lines[0]["penalty/ema_worst"] < np.inf and 0 < lines[0]["ema_worst/worst_ema"] < np.inf
 
 
-def test_unimportable_extension_is_named(tmp_path):
-  config = tiny.get_config()
-  config.imports = "no_such_module_xyz"
+def test_unimportable_extension_is_named(tiny_config):
+  tiny_config.imports = "no_such_module_xyz"
   with pytest.raises(ImportError, match="no_such_module_xyz"):
-    experiment.validate(config)
+    validate.validate(tiny_config)
 
 
 def test_readme_measure_example_registers_and_computes():

@@ -1,70 +1,111 @@
 """The real trainer on a tiny config: resume, non-finite stop, refusals, budget."""
 
+import json
 import os
+import shutil
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
+from baq.data import pipeline
+from baq.quant import units as U
 from baq.train import experiment, trainer
 from baq.train.checkpoint import restore_params
-from baq.data import pipeline
 from baq.train.modes import get_mode
-from baq.quant import units as U
-from configs import tiny
+
+STATE_KEYS = {"step", "data_position", "params", "batch_stats", "opt_state", "penalty_state",
+              "rng"}
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
+class Preempted(Exception):
+  """Stands for the job being killed in the middle of the loop."""
 
 
-@pytest.fixture(scope="module")
-def data(data_dir):
-  return experiment.load_data(_config(data_dir))
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-def _config(data_dir, **overrides):
-  c = tiny.get_config()
-  c.dataset.data_dir = data_dir
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+def _saved_state(workdir):
+  """(step, whole train state) of a run's latest checkpoint, read with orbax
+  alone (no baq code) as host numpy arrays."""
+  mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                              item_handlers=ocp.StandardCheckpointHandler(),
+                              options=ocp.CheckpointManagerOptions(create=False))
+  step = mgr.latest_step()
+  meta = mgr.item_metadata(step)
+  target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), getattr(meta, "tree", meta))
+  state = mgr.restore(step, args=ocp.args.StandardRestore(target))
+  mgr.close()
+  return step, state
 
 
-def _leaves(params):
-  return [np.asarray(x) for x in jax.tree_util.tree_leaves(params)]
+def _log(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f]
 
 
-def test_interrupted_run_resumes_exactly(tmp_path, data_dir, data, monkeypatch):
-  config = _config(data_dir, checkpoint_every=3)
-  full = trainer.train(config, str(tmp_path / "a"), mode="baq", data=data, steps=8, lr=1e-3)
+def _without_timing(line):
+  return {k: v for k, v in line.items() if k != "steps_per_s"}
+
+
+def test_interrupted_run_resumes_bit_for_bit(tmp_path, make_tiny_config, tiny_data,
+                                             monkeypatch, capsys):
+  """Killed after its step-3 checkpoint, in the middle of step 6 (before the
+  bit-widths are projected at step 6), a BAQ run resumed in the same workdir
+  ends with every leaf of its train state equal to an uninterrupted run's."""
+  config = make_tiny_config(checkpoint_every=3, log_every=1)
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+
+  def run(workdir):
+    return trainer.train(config, workdir, mode="baq", data=tiny_data, steps=8, lr=1e-3)
+
+  run(a)
+  assert "resumed" not in capsys.readouterr().out
 
   original = pipeline.Batcher.batch
 
-  def interrupt(self, step):
-    if step == 5:
-      raise KeyboardInterrupt
+  def preempt(self, step):
+    if step == 5:  # steps 0-4 done (1-5 in the logs), checkpoint at 3
+      raise Preempted
     return original(self, step)
 
-  monkeypatch.setattr(pipeline.Batcher, "batch", interrupt)
-  with pytest.raises(KeyboardInterrupt):
-    trainer.train(config, str(tmp_path / "b"), mode="baq", data=data, steps=8, lr=1e-3)
+  monkeypatch.setattr(pipeline.Batcher, "batch", preempt)
+  with pytest.raises(Preempted):
+    run(b)
+  assert "resumed" not in capsys.readouterr().out
+  assert [l["step"] for l in _log(b)] == [1, 2, 3, 4, 5]
+  assert sorted(os.listdir(os.path.join(b, "checkpoints"))) == ["3"]
+
   monkeypatch.setattr(pipeline.Batcher, "batch", original)
-  resumed = trainer.train(config, str(tmp_path / "b"), mode="baq", data=data, steps=8, lr=1e-3)
-  for x, y in zip(_leaves(full.params), _leaves(resumed.params)):
-    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
-  lines = open(tmp_path / "b" / "metrics.jsonl").read().splitlines()
-  assert any('"step": 8' in l for l in lines)
+  run(b)
+  out = capsys.readouterr().out
+  # The second call restored step 3 and ran only steps 4-8: five, not eight.
+  assert f"[baq] resumed from step 3 in {b}" in out
+  assert [l["step"] for l in _log(b)] == [1, 2, 3, 4, 5, 4, 5, 6, 7, 8]
+  assert out.count("[baq] step ") == 5 + 1  # five progress lines, one projection line
+  # What it logged for steps 4-8 is what the uninterrupted run logged.
+  assert [_without_timing(l) for l in _log(b)[5:]] == [_without_timing(l) for l in _log(a)[3:]]
+
+  step_a, full = _saved_state(a)
+  step_b, resumed = _saved_state(b)
+  assert step_a == step_b == 8 and set(full) == set(resumed) == STATE_KEYS
+  assert int(full["step"]) == int(full["data_position"]) == 8
+  assert full["penalty_state"] and full["opt_state"]  # BAQ has both
+  paths = lambda t: [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]]
+  assert paths(full) == paths(resumed)
+  for path, x, y in zip(paths(full), _leaves(full), _leaves(resumed)):
+    assert x.dtype == y.dtype and x.shape == y.shape, path
+    np.testing.assert_array_equal(x, y, err_msg=path)
+  # The continuous bits searched before the projection are the same too.
+  with open(os.path.join(a, "searched_bits.json")) as fa, \
+      open(os.path.join(b, "searched_bits.json")) as fb:
+    assert json.load(fa) == json.load(fb)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, data,
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_config, tiny_data,
                                                               monkeypatch):
-  config = _config(data_dir)
   original = pipeline.Batcher.batch
 
   def poisoned(self, step):
@@ -74,19 +115,29 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir
     return b
 
   monkeypatch.setattr(pipeline.Batcher, "batch", poisoned)
+  # The float run's own steps and learning rate: its compiled step is reused.
   with pytest.raises(FloatingPointError, match="last good checkpoint \\(step 4\\)"):
-    trainer.train(config, str(tmp_path), mode="float", data=data, steps=12, lr=1e-3)
+    trainer.train(tiny_config, str(tmp_path), mode="float", data=tiny_data,
+                  steps=tiny_config.float_steps, lr=tiny_config.optim.lr, use_penalties=False)
   params = restore_params(str(tmp_path))
   assert all(np.all(np.isfinite(x)) for x in _leaves(params))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+  assert max(l["step"] for l in _log(str(tmp_path))) == 4  # nothing logged past it
 
 
-def test_incompatible_checkpoint_is_refused(tmp_path, data_dir, data):
-  trainer.train(_config(data_dir), str(tmp_path), mode="float", data=data, steps=4, lr=1e-3)
-  other = _config(data_dir)
-  other.model.kwargs.widths = (4, 16)
+def test_incompatible_checkpoint_is_refused_and_left_alone(tmp_path, make_tiny_config,
+                                                           tiny_data, tiny_float_run):
+  workdir = str(tmp_path / "fp32")
+  shutil.copytree(tiny_float_run, workdir)
+  before = {f: open(os.path.join(workdir, f), "rb").read()
+            for f in ("state_signature.json", "metrics.jsonl")}
+  checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  other = make_tiny_config(**{"model.kwargs.widths": (4, 16)})
   with pytest.raises(ValueError, match="incompatible run"):
-    trainer.train(other, str(tmp_path), mode="float", data=data, steps=4, lr=1e-3)
+    trainer.train(other, workdir, mode="float", data=tiny_data, steps=4, lr=1e-3)
+  for f, content in before.items():
+    assert open(os.path.join(workdir, f), "rb").read() == content, f
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints
 
 
 @pytest.mark.parametrize("override,match", [
@@ -97,35 +148,59 @@ def test_incompatible_checkpoint_is_refused(tmp_path, data_dir, data):
     ({"quant.target_bits": 9.0}, "above max_bits=8"),
     ({"baselines": "uniform8,int4"}, "Unknown baseline 'int4'"),
 ])
-def test_bad_config_is_refused_before_training(tmp_path, data_dir, override, match):
-  config = _config(data_dir, **override)
+def test_bad_config_is_refused_before_training(tmp_path, make_tiny_config, override, match):
+  config = make_tiny_config(**override)
   with pytest.raises((KeyError, ValueError), match=match):
     experiment.run(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "fp32")
 
 
-def test_unknown_penalty_is_refused(tmp_path, data_dir):
-  config = _config(data_dir)
-  config.penalties.worst = dict(weight=1.0)
+def test_unknown_penalty_is_refused(tmp_path, tiny_config):
+  tiny_config.penalties.worst = dict(weight=1.0)
   with pytest.raises(KeyError, match="Valid regularizer names: bitrate, cvar"):
-    experiment.run(config, str(tmp_path))
+    experiment.run(tiny_config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "fp32")
 
 
-def test_baq_ends_at_a_frozen_integer_allocation_within_budget(tmp_path, data_dir, data,
-                                                              capsys):
-  config = _config(data_dir, **{"quant.target_bits": 3.5})
-  assert trainer.finalize_step(config, get_mode(config, "baq"), 8) == 6
-  run = trainer.train(config, str(tmp_path), mode="baq", data=data, steps=8, lr=1e-3)
+def _adam_step_bound(t, b1=0.9, b2=0.999):
+  """max |m_hat_t| / sqrt(v_hat_t) of Adam at step t over all gradient
+  sequences: by Cauchy-Schwarz, sqrt(sum_i a_i^2 / c_i) with a_i, c_i the
+  bias-corrected EMA weights of g_i in m_hat and of g_i^2 in v_hat."""
+  i = np.arange(1, t + 1)
+  a = (1 - b1) * b1 ** (t - i) / (1 - b1**t)
+  c = (1 - b2) * b2 ** (t - i) / (1 - b2**t)
+  return float(np.sqrt(np.sum(a**2 / c)))
+
+
+def test_baq_ends_at_a_frozen_integer_allocation_within_budget(tmp_path, make_tiny_config,
+                                                              tiny_data, capsys):
+  target, steps = 3.5, 8
+  config = make_tiny_config(**{"quant.target_bits": target})
+  lo, hi = config.quant.min_bits, config.quant.max_bits
+  final_at = trainer.finalize_step(config, get_mode(config, "baq"), steps)
+  assert final_at == 6
+  run = trainer.train(config, str(tmp_path), mode="baq", data=tiny_data, steps=steps, lr=1e-3)
   assert "step     6 bit-widths projected to integers" in capsys.readouterr().out
   layers = U.find_units(run.params)
   bits, numel = np.asarray(U.gather_bits(run.params, layers)), U.unit_numels(layers)
   np.testing.assert_array_equal(bits, np.round(bits))
-  assert np.sum(bits * numel) / np.sum(numel) <= 3.5 + 1e-9
-  assert bits.min() >= 2 and bits.max() <= 8
-  # The searched continuous bits are kept beside the checkpoints for export.
+  assert bits.min() >= lo and bits.max() <= hi
+  # The budget holds after rounding, exactly: an integer number of weight
+  # bits against 3.5 * (weight count), which is an integer or a half.
+  used, total = int((bits * numel).sum()), int(numel.sum())
+  assert used <= target * total
+  # And it is spent (units.project(spend=True)): what is left is less than
+  # any unit below max_bits would cost for one more bit.
+  assert np.all(numel[bits < hi] > target * total - used), (target * total - used, numel)
+  # The searched continuous bits are kept beside the checkpoints for export,
+  # and the deployed allocation is their projection.
   searched = trainer.searched_params(str(tmp_path), run.params, layers)
-  cont = np.asarray(U.gather_bits(searched, layers))
+  cont = np.asarray(U.gather_bits(searched, layers), np.float64)
   assert not np.array_equal(cont, np.round(cont))
-  assert abs(np.sum(cont * numel) / np.sum(numel) - 3.5) < 0.5
+  np.testing.assert_array_equal(bits, U.project(cont, numel, target, lo, hi, spend=True))
+  # They started at the budget and moved by Adam steps of bits_lr only
+  # (clipping to [min_bits, max_bits] never moves them away from it).
+  drift = config.optim.bits_lr * sum(_adam_step_bound(t) for t in range(1, final_at + 1))
+  assert np.all(np.abs(cont - target) <= drift), (np.abs(cont - target).max(), drift)
   # Uniform QAT never trains bits, so it never projects.
-  assert trainer.finalize_step(config, get_mode(config, "qat", 4), 8) == float("inf")
+  assert trainer.finalize_step(config, get_mode(config, "qat", 4), steps) == float("inf")
