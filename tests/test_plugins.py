@@ -1,37 +1,31 @@
 """A quantizer parametrization is one new file: registered, discovered and trained.
 
-The file below is written to a temporary directory and imported by name, as
-`config.imports` does; nothing in baq changes. (The regularizer counterpart
+The README's example file is written to a temporary directory and imported
+by name, as `config.imports` does; nothing in baq changes. (The regularizer counterpart
 is tests/test_readme_example.py, the model and dataset ones
 tests/test_model_plugin.py and tests/test_dataset_plugin.py.)
 """
 
+import os
+import re
 import subprocess
 import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from baq.quant import parametrizations
+from baq.quant import parametrizations, units
 from baq.quant.inject import Dense, Quantizer, QuantSpec
-from baq.train import modes, validate
+from baq.train import modes, trainer, validate
+from baq.train.checkpoint import restore_variables
+from conftest import ROOT
 from configs import tiny
 
-PLUGIN = textwrap.dedent('''
-    """Rounded bits in the forward pass, FracBits' bit gradient in the backward pass."""
-    import jax
-    from baq.quant import fake_quant, parametrizations
-
-    @parametrizations.register("ste_bits", trains_bits=True)
-    def ste_bits(x, bits, key, **kw):
-      del key
-      hard = fake_quant.fake_quant(x, jax.lax.stop_gradient(jax.numpy.round(bits)), **kw)
-      soft = fake_quant.fracbits_quant(x, bits, **kw)
-      return hard + (soft - jax.lax.stop_gradient(soft))
-''')
+MARKER = "<!-- parametrization-example -->"
+README = open(os.path.join(ROOT, "README.md")).read()
+PLUGIN = re.search(r"```python\n(.*?)```", README[README.index(MARKER):], re.S).group(1)
 
 
 @pytest.fixture
@@ -66,6 +60,17 @@ def test_a_new_parametrization_file_quantizes_trains_bits_and_is_accepted_by_baq
   assert np.all(np.asarray(fixed_grad) == 0) and np.all(np.asarray(grad) != 0)
   plugin.quant.parametrization = "ste_bits"
   assert modes.get_mode(plugin, "baq").train_bits
+
+
+def test_baq_trains_with_the_new_parametrization(plugin, tiny_config, tiny_data, tiny_float_run,
+                                                 tmp_path):
+  tiny_config.quant.parametrization = "ste_bits"
+  tiny_config.quant.finalize_fraction = 0.0  # keep the searched (continuous) bits
+  run = trainer.train(tiny_config, str(tmp_path / "baq"), mode="baq", data=tiny_data,
+                      steps=4, lr=tiny_config.optim.finetune_lr,
+                      init_variables=restore_variables(tiny_float_run))
+  bits = np.asarray(units.gather_bits(run.params, units.find_units(run.params)))
+  assert np.all(np.isfinite(bits)) and np.any(bits != tiny_config.quant.target_bits)
 
 
 def test_built_in_parametrizations_are_discovered_and_unknown_names_list_them():
