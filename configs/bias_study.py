@@ -2,17 +2,17 @@ r"""Bias study: does quantization amplify or reduce each group's accuracy loss?
 
 The default experiment (configs/default.py: SmallCNN on the embedded
 SYNTHETIC dermatology data) under a grid of quantizers x bit budgets x seeds
-(baq/study.py): round-to-nearest, GPTQ and Fair-GPTQ (per-channel, post-
+(baq.study): round-to-nearest, GPTQ and Fair-GPTQ (per-channel, post-
 training) and uniform QAT at 8 and 4 bits, BAQ at 4 average bits, each
 against the float model of its seed on the same test examples, with
 bootstrap intervals, paired tests, Holm correction and a verdict per
 (setting, group):
 
-  python benchmarks/bias_study.py --config=configs/bias_study.py --root=/tmp/baq_study
+  python -m baq.study --config=configs/bias_study.py --root=/tmp/baq_study
 
 A smoke run (small data, few steps, 2 seeds, 4 bits):
 
-  python benchmarks/bias_study.py --config=configs/bias_study.py:runlocal --root=/tmp/baq_study_rl
+  python -m baq.study --config=configs/bias_study.py:runlocal --root=/tmp/baq_study_rl
 
 The ISIC 2019 files (ISIC_DIR, the shared 64x64 HAM subset, or
 `--config.dataset.kwargs.manual_dir=...`): the CPU-sized ISIC config
@@ -21,24 +21,64 @@ diagnosis with melanoma the positive class) with Fair-GPTQ pairs matched on
 the float model's penultimate features, reusing the 3-seed runs of its
 docstring command (README, "ISIC 2019 on CPU"):
 
-  python benchmarks/bias_study.py --config=configs/bias_study.py:isic --root=/tmp/baq_study_isic \
+  python -m baq.study --config=configs/bias_study.py:isic --root=/tmp/baq_study_isic \
     '--config.study.reuse=/tmp/baq_ham_age/seed{seed}'
 
-Reusing the float, uniform QAT and BAQ runs of benchmarks/fairness_claims.py:
+Reusing the float, uniform QAT and BAQ runs of the seed sweep
+(`python -m baq.train.sweep --root=/tmp/baq_claims`):
 `--config.study.reuse=/tmp/baq_claims/seed{seed}`. Any field can be
 overridden, e.g. `--config.study.alphas="(0.25,1.0,4.0)" --config.steps=200`.
+
+This file is the one source of the study's options and their defaults: the
+runner (baq.study.runner) reads `config.study` and nothing else, and refuses
+a config without this section.
 """
 
 import os
 
 import ml_collections
 
-from configs import default, isic2019
+from configs import default, isic2019, tiny
 
-# The official files' layout (baq/data/isic2019.py): the shared HAM subset beside the project.
+# The official files' layout (baq/data/manual/isic2019.py): the shared HAM subset beside
+# the project.
 ISIC_DIR = os.path.normpath(os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
     "isic2019_ham_subset"))
+SWITCHES = ("runlocal", "isic", "tiny")
+
+
+def study_options() -> ml_collections.ConfigDict:
+  """The `study` section at its defaults.
+
+  Returns:
+    A ConfigDict of every option the runner reads (baq.study.runner.OPTIONS).
+  """
+  s = ml_collections.ConfigDict()
+  s.quantizers = "rtn,gptq,fair_gptq,qat,baq"  # comma-separated, from baq.study.runner.QUANTIZERS
+  s.bits = (8, 4)  # bit-widths of rtn, gptq, fair_gptq, qat
+  s.baq_bits = (4.0,)  # BAQ's average-bit budgets; () = `bits`
+  s.seeds = (0, 1, 2)  # training seeds (config.seed); each has its own float model
+  s.alphas = (0.5, 2.0, 8.0)  # Fair-GPTQ weights of the pair term
+  s.calib_size = 512  # GPTQ calibration examples from the train split
+  s.calib_batch = 128  # examples per calibration forward pass
+  # auto | counterfactual | penultimate | pixels; auto: counterfactual renders
+  # on the synthetic data, penultimate-feature matching elsewhere.
+  s.pairs = "auto"
+  s.num_pairs = 512  # Fair-GPTQ pairs in all, split over the non-reference groups
+  s.pair_reference = -1  # reference group of the pairs; -1: the largest training group
+  s.pair_pool = 4096  # training examples searched by match_pairs (penultimate/pixels)
+  s.fair_layers = ".*"  # regex of the layers that get the pair term
+  s.gptq_kwargs = ml_collections.ConfigDict()  # gptq.gptq options, e.g. act_order=True
+  s.reuse = ""  # e.g. "/tmp/baq_claims/seed{seed}": finished train.py runs to reuse
+  s.num_bootstrap = 2000  # bootstrap replicates of every interval and test
+  s.level = 0.95  # confidence level of the intervals
+  s.significance = 0.05  # after correction
+  s.correction = "holm"  # holm | bh | none, over all (setting, group) tests
+  s.verdict_rule = "differential"  # differential | strict (baq.study.stats.verdicts)
+  s.skew_k = (100,)  # MaxSkew/MinSkew@k of the positive-class ranking
+  s.skew_smoothing = 0.5  # additive smoothing of top-k counts
+  return s
 
 
 def get_config(arg=None):
@@ -47,40 +87,27 @@ def get_config(arg=None):
   Args:
     arg: comma-separated switches: "runlocal" shrinks the data, steps and
       grid; "isic" studies ISIC 2019 from ISIC_DIR instead of the synthetic
-      data.
+      data; "tiny" is configs/tiny.py with a grid of seconds (the tests).
 
   Returns:
     The config.
+
+  Raises:
+    ValueError: an unknown switch.
   """
-  args = set((arg or "").split(","))
+  args = set(filter(None, (arg or "").split(",")))
+  if args - set(SWITCHES):
+    raise ValueError(f"Unknown switches {sorted(args - set(SWITCHES))}. "
+                     f"Valid: {', '.join(SWITCHES)}.")
   if "isic" in args:
     c = isic2019.get_config("small_cnn,age,diagnosis," +
                             ("runlocal" if "runlocal" in args else "cpu"))
     c.dataset.kwargs.manual_dir = ISIC_DIR
+  elif "tiny" in args:
+    c = tiny.get_config()
   else:
     c = default.get_config("runlocal" if "runlocal" in args else None)
-  s = c.study = ml_collections.ConfigDict()
-  s.quantizers = "rtn,gptq,fair_gptq,qat,baq"  # from baq.study.runner.QUANTIZERS
-  s.bits = (8, 4)  # bit-widths of rtn, gptq, fair_gptq, qat
-  s.baq_bits = (4.0,)  # BAQ's average-bit budgets
-  s.seeds = (0, 1, 2)  # training seeds; each has its own float model
-  s.alphas = (0.5, 2.0, 8.0)  # Fair-GPTQ weights of the pair term
-  s.calib_size = 512  # GPTQ calibration examples from the train split
-  s.calib_batch = 128
-  s.pairs = "auto"  # counterfactual renders here; penultimate/pixels matching elsewhere
-  s.num_pairs = 512  # Fair-GPTQ pairs, split over the non-reference groups
-  s.pair_reference = -1  # -1: the largest training group
-  s.pair_pool = 4096  # examples searched by match_pairs (penultimate/pixels)
-  s.fair_layers = ".*"  # layers that get the pair term
-  s.gptq_kwargs = ml_collections.ConfigDict()  # e.g. act_order=True
-  s.reuse = ""  # e.g. "/tmp/baq_claims/seed{seed}": finished train.py runs to reuse
-  s.num_bootstrap = 2000
-  s.level = 0.95  # confidence level of the intervals
-  s.significance = 0.05  # after correction
-  s.correction = "holm"  # holm | bh | none
-  s.verdict_rule = "differential"  # differential | strict (baq.study.stats.verdicts)
-  s.skew_k = (100,)  # MaxSkew/MinSkew@k of the malignant-probability ranking
-  s.skew_smoothing = 0.5
+  s = c.study = study_options()
   if "isic" in args:
     s.alphas, s.pairs = (2.0, 8.0), "penultimate"
   if "runlocal" in args:
@@ -88,4 +115,10 @@ def get_config(arg=None):
     s.calib_size = s.num_pairs = 128
     s.num_bootstrap = 500
     s.skew_k = (50,)
+  if "tiny" in args:
+    c.float_steps, c.steps = 8, 4
+    c.log_every = c.eval_every = c.checkpoint_every = 100  # one save, one evaluation
+    s.quantizers, s.bits, s.seeds, s.alphas = "rtn,gptq,fair_gptq,qat", (4,), (0, 1), (1.0,)
+    s.calib_size = s.calib_batch = 64
+    s.num_pairs, s.num_bootstrap, s.skew_k = 40, 300, (20,)
   return c

@@ -1,31 +1,34 @@
-"""The bias study end to end on the tiny config: outputs, numbers, resuming."""
+"""The bias study end to end on the tiny config: outputs, numbers, resuming, the CLI."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from baq.study import pairs, stats, runner as study, cells as study_cells
-from baq.quant import gptq_model as GM
+from baq.quant import gptq_model
+from baq.study import cells as study_cells, corrections, pairs, plots, runner
+from baq.train import experiment, sweep, workdir as wd
 from configs import bias_study, tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-  c = tiny.get_config()
+  # configs/bias_study.py:tiny: float 8 and 4 fine-tuning steps, one save and
+  # one evaluation per run, rtn/gptq/fair_gptq(alpha 1)/qat at 4 bits, 2 seeds.
+  c = bias_study.get_config("tiny")
   c.dataset.data_dir = str(tmp_path_factory.mktemp("tfds"))
-  c.float_steps, c.steps = 8, 4
-  c.log_every = c.eval_every = c.checkpoint_every = 100  # one save, one evaluation
-  c.study = dict(quantizers="rtn,gptq,fair_gptq,qat", bits=(4,), seeds=(0, 1), alphas=(1.0,),
-                 calib_size=64, calib_batch=64, num_pairs=40, num_bootstrap=300, skew_k=(20,))
   return c
 
 
 @pytest.fixture(scope="module")
 def done(config, tmp_path_factory):
   root = str(tmp_path_factory.mktemp("study"))
-  return root, study.run_study(config, root)
+  return root, runner.run_study(config, root)
 
 
 def _cell(root, name):
@@ -35,21 +38,22 @@ def _cell(root, name):
 
 def test_study_config_sets_every_option_and_runlocal_shrinks_it():
   full, small = bias_study.get_config(), bias_study.get_config("runlocal")
-  assert set(full.study) == set(study.DEFAULTS) == set(small.study)
-  assert len(study.grid(full)) == 3 * (2 * (3 + 3) + 1)  # rtn gptq fair x3 qat; baq@4
-  assert [c.name for c in study.grid(small)][:2] == ["rtn_w4_s0", "rtn_w4_s1"]
-  assert len(study.grid(small)) == 2 * 5 and small.float_steps < full.float_steps
+  assert set(full.study) == set(runner.OPTIONS) == set(small.study)
+  assert set(bias_study.get_config("tiny").study) == set(runner.OPTIONS)
+  assert len(runner.grid(full)) == 3 * (2 * (3 + 3) + 1)  # rtn gptq fair x3 qat; baq@4
+  assert [c.name for c in runner.grid(small)][:2] == ["rtn_w4_s0", "rtn_w4_s1"]
+  assert len(runner.grid(small)) == 2 * 5 and small.float_steps < full.float_steps
 
 
 def test_a_root_refuses_another_experiment_but_not_other_study_options(config, tmp_path):
-  with open(tmp_path / "config.json", "w") as f:
+  with open(tmp_path / wd.CONFIG_FILE, "w") as f:
     f.write(config.to_json())
   other = config.copy_and_resolve_references()
   other.study.seeds, other.eval_batch_size, other.dataset.data_dir = (0, 1, 2), 7, "/x"
-  study._check_root(other, str(tmp_path))
+  runner._check_root(other, str(tmp_path))
   other.model.kwargs.hidden = 9
   with pytest.raises(ValueError, match=r"differs in \['model.kwargs.hidden'\]"):
-    study._check_root(other, str(tmp_path))
+    runner._check_root(other, str(tmp_path))
 
 
 def test_manual_dirs_compare_as_real_paths(tmp_path, monkeypatch):
@@ -64,21 +68,39 @@ def test_manual_dirs_compare_as_real_paths(tmp_path, monkeypatch):
 
 
 def test_grid_names_and_bad_options(config):
-  names = [c.name for c in study.grid(config)]
+  names = [c.name for c in runner.grid(config)]
   assert names == ["rtn_w4_s0", "rtn_w4_s1", "gptq_w4_s0", "gptq_w4_s1",
                    "fair_gptq_a1_w4_s0", "fair_gptq_a1_w4_s1", "qat_w4_s0", "qat_w4_s1"]
   bad = config.copy_and_resolve_references()
   bad.study.quantizers = "rtn,awq"
   with pytest.raises(ValueError, match="Unknown quantizers"):
-    study.grid(bad)
+    runner.grid(bad)
   bad = config.copy_and_resolve_references()
   bad.study.alpha = 1.0
   with pytest.raises(ValueError, match=r"Unknown study options \['alpha'\]"):
-    study.grid(bad)
+    runner.grid(bad)
   bad = config.copy_and_resolve_references()
   bad.study.verdict_rule = "loose"
   with pytest.raises(ValueError, match="Valid: differential, strict"):
-    study.grid(bad)
+    runner.grid(bad)
+
+
+def test_the_config_is_the_one_source_of_the_options(config):
+  # No defaults behind the config: a config without the section, or with an
+  # option missing, is refused and told which config to start from.
+  with pytest.raises(ValueError, match="no `study` section.*configs/bias_study.py"):
+    runner.settings(tiny.get_config())
+  bad = config.copy_and_resolve_references()
+  del bad.study["pair_pool"]
+  with pytest.raises(ValueError, match=r"lacks \['pair_pool'\].*configs/bias_study.py"):
+    runner.settings(bad)
+  with pytest.raises(ValueError, match="Unknown switches"):
+    bias_study.get_config("tiny,fast")
+  # The study's options are the config's, untouched (e.g. alphas and baq_bits
+  # of the full config, which the runner once overrode with its own defaults).
+  full = bias_study.get_config()
+  assert runner.settings(full).to_dict() == full.study.to_dict()
+  assert {c.setting for c in runner.grid(full) if c.quantizer == "baq"} == {"baq_b4"}
 
 
 def test_study_json_has_every_field_and_consistent_numbers(done):
@@ -93,6 +115,7 @@ def test_study_json_has_every_field_and_consistent_numbers(done):
     assert os.path.getsize(os.path.join(root, p)) > 5000
   cf = np.stack([_cell(root, f"fp32_s{s}")[0] for s in (0, 1)])
   groups = _cell(root, "fp32_s0")[1]
+  assert wd.cell_name(wd.FLOAT, 0) == "fp32_s0"
   for name, st in on_disk["settings"].items():
     assert st["avg_bits"] == 4.0
     cq = np.stack([_cell(root, f"{name}_s{s}")[0] for s in (0, 1)])
@@ -107,7 +130,7 @@ def test_study_json_has_every_field_and_consistent_numbers(done):
       assert r["change_low"] <= r["change"] + 1e-12 and r["change"] <= r["change_high"] + 1e-12
       for k in ("change", "relative"):
         assert 0 <= r[f"{k}_p"] <= r[f"{k}_p_adj"] <= 1
-      assert r["verdict"] in stats.VERDICTS
+      assert r["verdict"] in corrections.VERDICTS
       assert [x["seed"] for x in r["mcnemar"]] == [0, 1]
       b = int(np.sum(cf[0, m].astype(bool) & ~cq[0, m].astype(bool)))
       assert r["mcnemar"][0]["b"] == b
@@ -117,43 +140,162 @@ def test_study_json_has_every_field_and_consistent_numbers(done):
   assert fair["pairs"] == "counterfactual" and fair["num_pairs"] == 40
   assert fair["granularity"] == "channel" and on_disk["cells"]["qat_w4_s0"]["steps"] == 4
   # GPTQ's calibration error is below round-to-nearest's on its own inputs.
-  assert on_disk["cells"]["gptq_w4_s0"]["calib_err"] < on_disk["cells"]["gptq_w4_s0"]["calib_err_rtn"]
+  gptq = on_disk["cells"]["gptq_w4_s0"]
+  assert gptq["calib_err"] < gptq["calib_err_rtn"]
   assert sum(on_disk["verdict_counts"].values()) == 4 * len(on_disk["group_names"])
 
 
 def test_resume_skips_finished_cells_and_redoes_an_interrupted_one(config, done, monkeypatch):
   root, first = done
-  quantize = GM.quantize_model
+  quantize = gptq_model.quantize_model
 
   def boom(*args, **kwargs):
     raise AssertionError("a finished cell was recomputed")
   monkeypatch.setattr(study_cells, "train", boom)
-  monkeypatch.setattr(GM, "quantize_model", boom)
-  again = study.run_study(config, root)
+  monkeypatch.setattr(gptq_model, "quantize_model", boom)
+  again = runner.run_study(config, root)
   assert json.dumps(again["settings"]) == json.dumps(first["settings"])  # NaNs too
   # A crash between predictions.npz and metrics.json: that cell alone is redone.
   before = np.load(os.path.join(root, "gptq_w4_s1", "predictions.npz"))["logits"]
   os.remove(os.path.join(root, "gptq_w4_s1", "metrics.json"))
   calls = []
-  monkeypatch.setattr(GM, "quantize_model",
+  monkeypatch.setattr(gptq_model, "quantize_model",
                       lambda *args, **kwargs: calls.append(1) or quantize(*args, **kwargs))
-  third = study.run_study(config, root)
+  third = runner.run_study(config, root)
   assert len(calls) == 1
   after = np.load(os.path.join(root, "gptq_w4_s1", "predictions.npz"))["logits"]
   np.testing.assert_allclose(after, before, atol=1e-5)
   assert third["settings"]["gptq_w4"]["accuracy"] == first["settings"]["gptq_w4"]["accuracy"]
 
 
-def test_matched_pairs_on_penultimate_features(config, done):
+def test_matched_pairs_on_penultimate_features(config, done, monkeypatch):
   root, _ = done
-  s = study.settings(config)
+  monkeypatch.setattr(study_cells, "train", lambda *a, **k: pytest.fail("float run retrained"))
+  s = runner.settings(config)
   s.pairs, s.num_pairs = "penultimate", 10
-  data = study.experiment.load_data(config)
-  params = study_cells.run_variables(os.path.join(root, "fp32_s0", "run"))
-  model = study_cells.model_for(config, data["test"])
+  data = experiment.load_data(config)
+  fp = study_cells.FloatRun(config, s, data, root)
+  assert fp.run_dir == os.path.join(root, "fp32_s0", "run")
+  params, model = fp.variables(), fp.model  # the finished run: restored, not retrained
   feats = pairs.penultimate_features(model, params, np.zeros((3, 16, 16, 3), np.float32))
   assert feats.shape == (3, config.model.kwargs.hidden)  # the head's input
   (xa, xb), how = pairs.fair_pairs(config, s, data, model, params, seed=0)
   assert how["pairs"] == "penultimate" and how["pair_reference"] == 1  # type II is largest
   assert xa.shape == xb.shape and len(xa) == how["num_pairs"] > 0
   assert how["num_pairs"] <= 2 * len(how["pair_groups"])
+
+
+def test_the_command_line_resumes_a_finished_study(config, done):
+  # `python -m baq.study` on the finished root: every cell is skipped, the
+  # analysis is redone and the same study.json comes out.
+  root, _ = done
+  before = json.load(open(os.path.join(root, wd.STUDY_FILE)))
+  out = subprocess.run(
+      [sys.executable, "-m", "baq.study", "--config=configs/bias_study.py:tiny",
+       f"--config.dataset.data_dir={config.dataset.data_dir}", f"--root={root}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.count("finished, skipped") == 10
+  assert f"study: {os.path.join(root, wd.STUDY_FILE)}" in out.stdout
+  assert "bias study:" in out.stdout
+  again = json.load(open(os.path.join(root, wd.STUDY_FILE)))
+  assert json.dumps(again) == json.dumps(before)
+
+
+def test_the_command_line_refuses_a_config_without_a_study(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "baq.study", "--config=configs/tiny.py", f"--root={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert out.returncode != 0
+  assert "no `study` section" in out.stderr and "configs/bias_study.py" in out.stderr
+  assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+def _entry(acc, worst, bits, eopp=0.1, groups=(0.5, 0.7)):
+  return dict(accuracy=acc, worst_group_accuracy=worst, accuracy_gap=max(groups) - min(groups),
+              avg_bits=bits, equal_opportunity_gap=eopp, equalized_odds_gap=2 * eopp,
+              group_accuracy=list(groups))
+
+
+def _sweep_runs():
+  config = tiny.get_config()  # mode baq at 4.0 bits, baselines uniform8,uniform4
+  runs = {}
+  for seed, (a, w) in {0: (0.80, 0.60), 1: (0.90, 0.70)}.items():
+    main = {"methods": {"fp32": _entry(a + 0.02, w + 0.02, 32.0),
+                        "uniform8": _entry(a + 0.01, w + 0.01, 8.0),
+                        "uniform4": _entry(a - 0.04, w - 0.10, 4.0),
+                        "baq": _entry(a, w, 4.0 + seed / 10)},
+            "group_names": ["I-II", "V-VI"]}
+    extra = {5.0: {"methods": {"baq": _entry(a + 0.005, w + 0.01, 5.0)}}}
+    runs[seed] = sweep.seed_methods(config, main, extra)
+  return config, runs
+
+
+def test_the_sweep_names_each_budget_and_summarises_mean_and_std():
+  _, runs = _sweep_runs()
+  assert list(runs[0]) == ["fp32", "uniform8", "uniform4", "baq@5", "baq@4"]
+  assert runs[1]["baq@5"]["avg_bits"] == 5.0 and runs[1]["baq@4"]["avg_bits"] == 4.1
+  lines = sweep.format_summary(runs, [0, 1]).splitlines()
+  assert lines[0] == "Mean +- std over seeds [0, 1] (test split, percent; bits unscaled)"
+  assert lines[1].split() == ["method", *sweep.KEYS]
+  row = {ln.split()[0]: ln.split()[1:] for ln in lines[2:]}
+  assert list(row) == ["fp32", "uniform8", "uniform4", "baq@5", "baq@4"]
+  # baq@4: accuracy 80/90 -> 85 +- 5, worst 60/70 -> 65 +- 5, gap 20 +- 0, bits 4.0/4.1.
+  assert row["baq@4"] == ["85.00", "+-", "5.00", "65.00", "+-", "5.00", "20.00", "+-", "0.00",
+                          "4.05", "+-", "0.05"]
+  assert row["uniform4"][:3] == ["81.00", "+-", "5.00"]
+
+
+def test_the_sweep_prints_each_seed_against_the_baselines_and_per_group():
+  config, runs = _sweep_runs()
+  baselines = [wd.uniform_name(b) for b in wd.baseline_bits(config)]
+  lines = sweep.format_per_seed(runs, [0, 1], baselines).splitlines()
+  assert lines[0].startswith("Per seed: worst-group accuracy (acc)")
+  assert lines[1] == ("  seed 0: uniform8=61.00 (81.00) uniform4=50.00 (76.00) "
+                      "baq@5=61.00 (80.50) baq@4=60.00 (80.00)")
+  assert lines[2].startswith("  seed 1: uniform8=71.00 (91.00) ")
+  # A missing baseline is left out, not an error.
+  assert "uniform8" not in sweep.format_per_seed(runs, [0], ["uniform2", "uniform4"])
+  table = sweep.format_per_group(runs, [0, 1], ["I-II", "V-VI"]).splitlines()
+  assert table[1].split() == ["method", "EOpp", "EOdds", "I-II", "V-VI"]
+  assert table[2].split() == ["fp32", "10.00", "+-", "0.00", "20.00", "+-", "0.00",
+                              "50.00", "+-", "0.00", "70.00", "+-", "0.00"]
+
+
+def test_the_sweep_command_line_has_the_documented_flags():
+  out = subprocess.run([sys.executable, "-m", "baq.train.sweep", "--help"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120, check=False)
+  assert "baq.train.sweep --root=" in out.stdout, out.stderr[-2000:]  # absl's --help exits 1
+  for flag in ("--config", "--root", "--seeds", "--extra_bits", "--[no]per_group"):
+    assert flag in out.stdout
+  assert "(default: '0,1,2')" in out.stdout and "(default: '5.0')" in out.stdout
+  assert "(default: 'configs/default.py')" in out.stdout
+  missing = subprocess.run([sys.executable, "-m", "baq.train.sweep"], cwd=REPO,
+                           capture_output=True, text=True, timeout=120, check=False)
+  assert missing.returncode != 0 and "--root" in missing.stderr
+
+
+def test_a_baq_cell_is_deployed_at_its_budget(config, done, tmp_path, monkeypatch):
+  # BAQ is not in the tiny grid: one cell, fine-tuned from the finished float run.
+  root, _ = done
+  s = runner.settings(config)
+  data = experiment.load_data(config)
+  fp = study_cells.FloatRun(config, s, data, str(tmp_path))
+  fp.run_dir = os.path.join(root, "fp32_s0", "run")  # reuse the study's float run
+  cell = study_cells.Cell("baq_b3_s0", "baq_b3", "baq", 3.0, 0)
+  logits, info = study_cells.COMPUTE["baq"](cell, fp)
+  assert logits.shape == (len(data["test"]), data["test"].num_classes)
+  assert info["avg_bits"] == pytest.approx(3.0, abs=0.05)  # integers meeting the 3-bit budget
+  assert info["run_dir"] == str(tmp_path / "baq_b3_s0" / "run")
+  assert wd.finished(info["run_dir"], config.steps)
+  # Finished: a second call restores the run instead of training it.
+  monkeypatch.setattr(study_cells, "train", lambda *a, **k: pytest.fail("retrained"))
+  again, _ = study_cells.COMPUTE["baq"](cell, fp)
+  np.testing.assert_array_equal(again, logits)
+
+
+def test_pareto_front_by_hand():
+  points = np.array([[1, 5], [2, 4], [2, 3], [0, 6], [2, 4], [1, 1]])
+  # (2, 3) and (1, 1) are dominated by (2, 4); the equal (2, 4)s both stay.
+  assert plots.pareto_front(points).tolist() == [0, 1, 3, 4]
+  assert plots.pareto_front(np.zeros((0, 2))).tolist() == []

@@ -2,9 +2,11 @@
 
   python -m baq.study --config=configs/bias_study.py --root=/tmp/baq_study
 
-  runner  the grid of cells, resumable, and study.json
-  cells   how one cell (PTQ, GPTQ, Fair-GPTQ, QAT, BAQ) is computed
-  pairs   Fair-GPTQ's paired calibration examples
-  stats   bootstrap, McNemar, multiple-testing corrections, verdicts
-  report  the per-group comparison of every cell with its float model
+  __main__     the command line (flags --config, --root)
+  runner       the grid of cells, resumable, and study.json
+  cells        how one cell (float, PTQ, GPTQ, Fair-GPTQ, QAT, BAQ) is computed
+  pairs        Fair-GPTQ's paired calibration examples
+  stats        bootstrap intervals, paired change tests, McNemar, across seeds
+  corrections  multiple-testing corrections and the verdicts
+  report       the per-group comparison of every cell with its float model
 """

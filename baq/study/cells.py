@@ -1,36 +1,41 @@
 """How each cell of the bias study is computed (`baq.study.runner` runs the grid).
 
-  * `float_loader`: the seed's float model, trained once (or taken from a
-    finished train.py workdir, `study.reuse`) and shared by the seed's cells.
-  * `ptq_cell`: round-to-nearest, GPTQ or Fair-GPTQ of that float model on
+  * `FloatRun`: the seed's float model, trained once (or taken from a
+    finished train.py workdir, `study.reuse`), and what every cell of the
+    seed shares with it (its data, its Fair-GPTQ pairs).
+  * `float_cell`: that float model's own test predictions.
+  * `ptq_cell`: round-to-nearest, GPTQ or Fair-GPTQ of the float model on
     the per-channel grid (`baq.quant.gptq_model`), calibrated on training
     examples drawn with the seed; Fair-GPTQ's pairs from `baq.study.pairs`.
   * `trained_cell`: uniform QAT or BAQ fine-tuned from the float model by the
-    trainer (resuming from its checkpoints), BAQ deployed at integer bits.
+    trainer (`train`, resuming from its checkpoints), set up for evaluation by
+    `create_train_state`, BAQ deployed at integer bits.
 
-Each returns the test split's logits and what the cell's metrics.json records.
+Each cell function takes the Cell and the seed's FloatRun and returns the
+test split's logits and what the cell's metrics.json records; `COMPUTE` maps
+a quantizer to its function.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from typing import Callable, NamedTuple
+from typing import Any, NamedTuple
 
+import ml_collections
 import numpy as np
 
-from baq.study import pairs
-from baq.train.checkpoint import restore_variables
 from baq.data.pipeline import normalize
-from baq.train.evaluate import predict_logits
-from baq.variables import takes_train
 from baq.models import build_model
-from baq.train.modes import get_mode
-from baq.quant import export, gptq_model as GM, units as U
-from baq.train.modes import budget_bits
+from baq.quant import export, gptq_model, units
+from baq.study import pairs
+from baq.train import workdir as wd
+from baq.train.checkpoint import restore_variables
+from baq.train.evaluate import predict_logits
+from baq.train.state import create_train_state
 from baq.train.trainer import train
-
-FLOAT = "fp32"
+from baq.variables import takes_train
 
 
 class Cell(NamedTuple):
@@ -43,122 +48,196 @@ class Cell(NamedTuple):
   alpha: float = 0.0
 
 
-def model_for(config, test, quantizer=None):
-  return build_model(config.model.name, test.num_classes, quantizer,
-                     **config.model.kwargs.to_dict())
-
-
 def run_variables(run_dir: str) -> dict:
-  """A run's {"params"[, "batch_stats"]} (empty collections left out)."""
+  """A run's variables with empty collections left out.
+
+  Args:
+    run_dir: a run directory with a checkpoint.
+
+  Returns:
+    {"params"[, "batch_stats"]} of its latest checkpoint.
+  """
   return {k: v for k, v in restore_variables(run_dir).items() if k == "params" or v}
 
 
-def latest_step(workdir: str) -> int:
-  d = os.path.join(workdir, "checkpoints")
-  steps = [int(x) for x in os.listdir(d) if x.isdigit()] if os.path.isdir(d) else []
-  return max(steps, default=-1)
+def reused_run(config: ml_collections.ConfigDict, s: ml_collections.ConfigDict, seed: int,
+               sub: str, steps: int) -> str:
+  """The finished run `sub` of the reuse workdir of this seed, or "".
 
+  Args:
+    config: the cell's config.
+    s: the study options (`study.reuse`).
+    seed: the cell's seed.
+    sub: the run's name in that workdir (wd.FLOAT, wd.uniform_name(B), "baq").
+    steps: the steps the run must have finished.
 
-def reused_run(config, s, seed: int, sub: str, steps: int) -> str:
-  """The finished run `sub` of the reuse workdir of this seed, or ""."""
+  Returns:
+    The run directory, or "" when there is nothing to reuse.
+
+  Raises:
+    ValueError: the reuse workdir was trained on another model or data.
+  """
   if not s.reuse:
     return ""
   base = s.reuse.format(seed=seed)
-  path = os.path.join(base, "config.json")
-  if not os.path.exists(path) or latest_step(os.path.join(base, sub)) != steps:
+  path = wd.path(base, wd.CONFIG_FILE)
+  if not os.path.exists(path) or not wd.finished(wd.path(base, sub), steps):
     return ""
-  with open(path) as f:
-    other = json.load(f)
+  other = wd.read_json(path)
   mine, other = cell_config(config), cell_config(other)
   diff = conflicts({k: other[k] for k in ("model", "dataset")}, mine)
   if diff:
     raise ValueError(f"study.reuse {base}: its {diff} differ from this config's.")
   if sub == "baq" and float(other["quant"]["target_bits"]) != config.quant.target_bits:
     return ""
-  return os.path.join(base, sub)
+  return wd.path(base, sub)
 
 
-def float_loader(config, s, seed: int, data: dict, root: str) -> Callable:
-  """A loader of the seed's float variables: trained (or reused) on first call.
+class FloatRun:
+  """The float model of one seed and what the seed's cells share.
 
-  Its `cache` dict also keeps what every cell of the seed shares (run_dir,
-  Fair-GPTQ's pairs).
+  It is trained (or found in `study.reuse`) on the first call of
+  `variables()`, so a seed whose cells are all finished trains nothing.
+
+  Args:
+    config: the seed's config (`config.seed` set).
+    s: the study options.
+    data: the splits.
+    root: the study root.
   """
-  cache = {}
 
-  def load():
-    if "p" not in cache:
-      run_dir = reused_run(config, s, seed, FLOAT, config.float_steps)
-      if not run_dir:
-        run_dir = os.path.join(root, f"{FLOAT}_s{seed}", "run")
-      if latest_step(run_dir) != config.float_steps:
-        train(config, run_dir, mode="float", data=data, steps=config.float_steps,
-              lr=config.optim.lr, use_penalties=False, name=f"{FLOAT}_s{seed}")
-      cache["p"], cache["dir"] = run_variables(run_dir), run_dir
-    return cache["p"]
-  load.cache = cache
-  return load
+  def __init__(self, config: ml_collections.ConfigDict, s: ml_collections.ConfigDict,
+               data: dict, root: str):
+    self.config, self.s, self.data, self.root = config, s, data, root
+    self.seed = int(config.seed)
+    self.model = build_model(config.model.name, data["test"].num_classes, None,
+                             **config.model.kwargs.to_dict())
+    self._variables, self._pairs = None, None
+
+  @functools.cached_property
+  def run_dir(self) -> str:
+    """The float run's directory: the reused one, or ROOT/fp32_s<S>/run."""
+    return (reused_run(self.config, self.s, self.seed, wd.FLOAT, self.config.float_steps) or
+            wd.path(self.root, wd.cell_name(wd.FLOAT, self.seed), wd.CELL_RUN))
+
+  def variables(self) -> dict:
+    """The float {"params"[, "batch_stats"]}, trained (or resumed) if unfinished."""
+    if self._variables is None:
+      c = self.config
+      if not wd.finished(self.run_dir, c.float_steps):
+        train(c, self.run_dir, mode="float", data=self.data, steps=c.float_steps,
+              lr=c.optim.lr, use_penalties=False, name=wd.cell_name(wd.FLOAT, self.seed))
+      self._variables = run_variables(self.run_dir)
+    return self._variables
+
+  def pairs(self) -> tuple[tuple, dict]:
+    """Fair-GPTQ's (x_a, x_b) pairs and how they were made: one set per seed,
+    shared by every alpha and budget (`pairs.fair_pairs`)."""
+    if self._pairs is None:
+      self._pairs = pairs.fair_pairs(self.config, self.s, self.data, self.model,
+                                     self.variables(), self.seed)
+    return self._pairs
 
 
-def ptq_cell(config, s, cell: Cell, fp: Callable, data: dict, root: str) -> tuple:
-  del root
-  model = model_for(config, data["test"])
+def float_cell(cell: Cell, fp: FloatRun) -> tuple[np.ndarray, dict]:
+  """The float model's own test predictions.
+
+  Args:
+    cell: the cell.
+    fp: its seed's FloatRun.
+
+  Returns:
+    ([n, C] test logits, the record for the cell's metrics.json).
+  """
+  del cell
+  logits = predict_logits(fp.model, fp.variables(), fp.data["test"], fp.config.eval_batch_size)
+  return logits, dict(avg_bits=32.0, run_dir=fp.run_dir)
+
+
+def ptq_cell(cell: Cell, fp: FloatRun) -> tuple[np.ndarray, dict]:
+  """RTN, GPTQ or Fair-GPTQ of the seed's float model at `cell.bits`.
+
+  Args:
+    cell: the cell.
+    fp: its seed's FloatRun.
+
+  Returns:
+    ([n, C] test logits, the record for the cell's metrics.json).
+  """
+  config, s, split = fp.config, fp.s, fp.data["train"]
   rng = np.random.default_rng([cell.seed, 1])
-  calib = data["train"].images[np.sort(rng.choice(len(data["train"]),
-                                                  min(s.calib_size, len(data["train"])), False))]
+  calib = split.images[np.sort(rng.choice(len(split), min(s.calib_size, len(split)), False))]
   kw = dict(bits=int(cell.bits), method="rtn" if cell.quantizer == "rtn" else "gptq",
             batch_size=s.calib_batch, float_layers=config.quant.float_layers or ())
   info = dict(granularity="channel", calib_size=len(calib), alpha=cell.alpha)
   if cell.quantizer == "fair_gptq":
-    if "pairs" not in fp.cache:  # one set per seed, shared by every alpha and budget
-      fp.cache["pairs"] = pairs.fair_pairs(config, s, data, model, fp(), cell.seed)
-    kw["pairs"], how = fp.cache["pairs"]
+    kw["pairs"], how = fp.pairs()
     kw.update(alpha=cell.alpha, fair_layers=s.fair_layers)
     info.update(how)
-  apply_kwargs = {"train": False} if takes_train(type(model)) else None
-  params, rec = GM.quantize_model(model, fp(), normalize(calib), apply_kwargs=apply_kwargs,
-                                  **kw, **s.gptq_kwargs.to_dict())
+  apply_kwargs = {"train": False} if takes_train(type(fp.model)) else None
+  params, rec = gptq_model.quantize_model(fp.model, fp.variables(), normalize(calib),
+                                          apply_kwargs=apply_kwargs, **kw,
+                                          **s.gptq_kwargs.to_dict())
   info.update(avg_bits=cell.bits, calib_err=sum(r["err"] for r in rec.values()),
               calib_err_rtn=sum(r["err_rtn"] for r in rec.values()))
-  return predict_logits(model, dict(fp(), params=params), data["test"],
+  return predict_logits(fp.model, dict(fp.variables(), params=params), fp.data["test"],
                         config.eval_batch_size), info
 
 
-def trained_cell(config, s, cell: Cell, fp: Callable, data: dict, root: str) -> tuple:
-  c = config.copy_and_resolve_references()
+def trained_cell(cell: Cell, fp: FloatRun) -> tuple[np.ndarray, dict]:
+  """Uniform QAT or BAQ at `cell.bits`, fine-tuned from the seed's float model.
+
+  Args:
+    cell: the cell.
+    fp: its seed's FloatRun.
+
+  Returns:
+    ([n, C] test logits, the record for the cell's metrics.json).
+  """
+  c = fp.config.copy_and_resolve_references()
   if cell.quantizer == "baq":
     c.quant.target_bits = cell.bits
-  sub = "baq" if cell.quantizer == "baq" else f"uniform{cell.bits:g}"
-  run_dir = reused_run(c, s, cell.seed, sub, c.steps)
-  run_dir = run_dir or os.path.join(root, cell.name, "run")
-  if latest_step(run_dir) != c.steps:
-    train(c, run_dir, mode=cell.quantizer, bits=cell.bits, data=data, steps=c.steps,
-          lr=c.optim.finetune_lr, init_variables=fp(), use_penalties=cell.quantizer == "baq",
-          name=cell.name)
-  spec = get_mode(c, cell.quantizer, cell.bits)
-  model = model_for(c, data["test"], spec.quantizer.replace(training=False))
+  sub = wd.method_name(c, "baq") if cell.quantizer == "baq" else wd.uniform_name(cell.bits)
+  run_dir = (reused_run(c, fp.s, cell.seed, sub, c.steps) or
+             wd.path(fp.root, cell.name, wd.CELL_RUN))
+  run = dict(mode=cell.quantizer, bits=cell.bits, steps=c.steps, lr=c.optim.finetune_lr,
+             use_penalties=cell.quantizer == "baq")
+  if not wd.finished(run_dir, c.steps):
+    train(c, run_dir, data=fp.data, init_variables=fp.variables(), name=cell.name, **run)
+  split = fp.data["train"]
+  setup = create_train_state(c, num_classes=split.num_classes, num_groups=split.num_groups,
+                             image_shape=split.images.shape[1:], **run)
   variables = run_variables(run_dir)
   params = variables["params"]
-  layers = U.find_units(params)
   if cell.quantizer == "baq":
-    _, params = export.deploy(params, layers, budget_bits(c, params, layers),
-                              c.quant.min_bits, c.quant.max_bits)
-  info = dict(avg_bits=float(U.average_bits(params, layers)), run_dir=run_dir,
+    _, params = export.deploy(params, setup.layers, setup.budget, c.quant.min_bits,
+                              c.quant.max_bits)
+  info = dict(avg_bits=float(units.average_bits(params, setup.layers)), run_dir=run_dir,
               granularity=c.quant.granularity, steps=c.steps)
-  return predict_logits(model, dict(variables, params=params), data["test"],
+  return predict_logits(setup.eval_model, dict(variables, params=params), fp.data["test"],
                         c.eval_batch_size), info
 
 
+# quantizer -> how its cell is computed (wd.FLOAT: the float model itself).
+COMPUTE = {wd.FLOAT: float_cell, "rtn": ptq_cell, "gptq": ptq_cell, "fair_gptq": ptq_cell,
+           "qat": trained_cell, "baq": trained_cell}
+
 # Fields that change no cell's predictions: they may differ when a study resumes.
 NOT_IN_CELLS = ("study", "diagnostics", "imports", "log_every", "eval_every",
-                 "checkpoint_every", "eval_batch_size")
+                "checkpoint_every", "eval_batch_size")
 
 
-def cell_config(config) -> dict:
+def cell_config(config: Any) -> dict:
   """What the cells depend on, as JSON: the config less NOT_IN_CELLS and data_dir.
 
   A manual directory is compared as a real path, so "../shared/x" given to
   train.py and "/work/shared/x" given to the study are the same data.
+
+  Args:
+    config: a ConfigDict, or its JSON dict (a workdir's config.json).
+
+  Returns:
+    The JSON dict the cells depend on.
   """
   c = config if isinstance(config, dict) else json.loads(config.to_json())
   c = {k: v for k, v in c.items() if k not in NOT_IN_CELLS}
@@ -173,6 +252,14 @@ def conflicts(old: dict, new: dict, prefix: str = "") -> list[str]:
   """Dotted fields both configs hold with different values.
 
   A field only one of them holds is newer code, not a different experiment.
+
+  Args:
+    old: one config's JSON dict (`cell_config`).
+    new: the other's.
+    prefix: the dotted path of these dicts (for recursion).
+
+  Returns:
+    The differing fields, sorted.
   """
   out = []
   for k in sorted(set(old) & set(new)):

@@ -69,7 +69,17 @@ def match_pairs(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
 
 def penultimate_features(model: nn.Module, variables: Any, x: np.ndarray,
                          batch_size: int = 256) -> np.ndarray:
-  """[n, d] inputs of the model's last Dense/Conv call (the head's features)."""
+  """The inputs of the model's last Dense/Conv call (the head's features).
+
+  Args:
+    model: the float model.
+    variables: its variables (or bare params).
+    x: [n, H, W, C] normalised images.
+    batch_size: examples per forward pass.
+
+  Returns:
+    [n, d] features.
+  """
   def features(xb):
     seen = []
 
@@ -87,7 +97,21 @@ def penultimate_features(model: nn.Module, variables: Any, x: np.ndarray,
 
 
 def fair_pairs(config, s, data: dict, model, variables, seed: int) -> tuple[tuple, dict]:
-  """Fair-GPTQ's aligned pair batches (x_a, x_b), normalised, and how they were made."""
+  """Fair-GPTQ's aligned pair batches, normalised, and how they were made.
+
+  Args:
+    config: the seed's config (dataset name and options).
+    s: the study options (pairs, num_pairs, pair_reference, pair_pool,
+      calib_batch).
+    data: the splits (pairs come from "train").
+    model: the float model (for "penultimate" matching).
+    variables: its variables.
+    seed: draws the examples.
+
+  Returns:
+    ((x_a, x_b), how): aligned [P, H, W, C] batches, and dict(pairs,
+    pair_reference, num_pairs, pair_groups) for the cell's metrics.
+  """
   train_split = data["train"]
   count = np.bincount(train_split.groups, minlength=train_split.num_groups)
   ref = int(np.argmax(count)) if s.pair_reference < 0 else int(s.pair_reference)

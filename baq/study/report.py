@@ -1,4 +1,4 @@
-"""The bias study's analysis: per-group tests, corrections, verdicts, table, plots.
+"""The bias study's analysis: per-group tests, corrections, verdicts and the table.
 
 `analyze` reads the finished cells of a study root (`baq.study.runner`) and, for
 every quantized setting, compares its seeds with the float model of the same
@@ -11,35 +11,46 @@ seeds on the same test examples (`baq.study.stats`):
     the few-seed caveat in `note`;
   * p-values corrected across all (setting, group) pairs (`correction`), one
     family for the change tests and one for the relative tests, and a verdict
-    per (setting, group) by `verdict_rule` (see `stats.verdicts`);
+    per (setting, group) by `verdict_rule` (see `corrections.verdicts`);
   * MaxSkew/MinSkew@k of the test examples ranked by positive-class
     probability (seed means).
-`write` adds ROOT/study.json, ROOT/accuracy_vs_bits.png, ROOT/pareto.png and
-prints the verdict table.
+`write` adds ROOT/study.json and the figures (`baq.study.plots`) and prints
+the verdict table (`format_table`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Sequence
 
 import numpy as np
 
-from baq.study import stats
+from baq.study import corrections, plots, stats
+from baq.train import workdir as wd
 
 SHORT = {"amplified": "A", "reduced": "R", "no significant change": " "}
 
 
 def load_cell(root: str, name: str, test) -> dict:
-  """A finished cell's correctness [n], logits and metrics; checks the split."""
-  d = os.path.join(root, name)
-  with np.load(os.path.join(d, "predictions.npz")) as z:
+  """A finished cell's correctness, logits and metrics; checks the split.
+
+  Args:
+    root: the study root.
+    name: the cell's name (`wd.cell_name`).
+    test: the test split it must have been evaluated on.
+
+  Returns:
+    dict(correct [n] 0/1 floats, logits [n, C], metrics: its metrics.json).
+
+  Raises:
+    ValueError: the cell holds predictions of other test examples.
+  """
+  d = wd.path(root, name)
+  with np.load(wd.path(d, wd.PREDICTIONS_FILE)) as z:
     logits, labels, groups = z["logits"], z["labels"], z["groups"]
   if not (np.array_equal(labels, test.labels) and np.array_equal(groups, test.groups)):
     raise ValueError(f"{d} was evaluated on other test examples than {test.name}.")
-  with open(os.path.join(d, "metrics.json")) as f:
-    metrics = json.load(f)
+  metrics = wd.read_json(wd.path(d, wd.CELL_METRICS_FILE))
   return dict(correct=(logits.argmax(-1) == labels).astype(np.float64), logits=logits,
               metrics=metrics)
 
@@ -65,11 +76,49 @@ def _per_seed(correct: np.ndarray, groups: np.ndarray, num_groups: int) -> np.nd
     return np.stack([np.bincount(groups, c, num_groups) / n for c in correct])
 
 
+def _group_rows(s, test, seeds: list, cq: np.ndarray, cf: np.ndarray, d_seed: np.ndarray,
+                acc: dict, chg: dict) -> list[dict]:
+  """One setting's per-group rows: accuracy, change tests, McNemar, across seeds.
+
+  `cq`/`cf` are the [S, n] correctness of the setting and the float model,
+  `d_seed` the [S, G] per-seed group changes, `acc`/`chg` the setting's
+  `group_accuracy_ci` and `paired_change`.
+  """
+  groups = test.groups
+  rel_seed = d_seed - (cq.mean(1) - cf.mean(1))[:, None]
+  rows = []
+  for g in range(test.num_groups):
+    m = groups == g
+    rows.append(dict(
+        group=g, name=test.group_names[g], count=int(m.sum()),
+        **{k: acc[k][g] for k in ("accuracy", "low", "high")},
+        **{k: chg[k][g] for k in chg if isinstance(chg[k], list)},
+        mcnemar=[dict(seed=x, **stats.mcnemar_exact(cf[i, m], cq[i, m]))
+                 for i, x in enumerate(seeds)],
+        change_per_seed=d_seed[:, g].tolist(), relative_per_seed=rel_seed[:, g].tolist(),
+        across_seeds_change=stats.across_seeds(d_seed[:, g], s.significance),
+        across_seeds_relative=stats.across_seeds(rel_seed[:, g], s.significance)))
+  return rows
+
+
 def analyze(s, root: str, cells: Sequence, test, positive_class: int = 1) -> dict:
-  """The study dict: float, settings (per group: tests and verdicts), cells."""
+  """The study dict: float, settings (per group: tests and verdicts), cells.
+
+  Args:
+    s: the study options (`runner.settings`).
+    root: the study root, every cell of `cells` and each seed's float cell
+      finished.
+    cells: the quantized cells (`runner.grid`).
+    test: the test split.
+    positive_class: the class whose probability ranks the skew@k.
+
+  Returns:
+    The dict written to ROOT/study.json (its `definitions` say what each
+    number is).
+  """
   G, groups, B = test.num_groups, test.groups, int(s.num_bootstrap)
   seeds = [int(x) for x in s.seeds]
-  flo = [load_cell(root, f"fp32_s{x}", test) for x in seeds]
+  flo = [load_cell(root, wd.cell_name(wd.FLOAT, x), test) for x in seeds]
   cf = np.stack([c["correct"] for c in flo])
   f_seed = _per_seed(cf, groups, G)
   out = dict(dataset=test.name, num_examples=len(test), group_names=list(test.group_names),
@@ -80,7 +129,7 @@ def analyze(s, root: str, cells: Sequence, test, positive_class: int = 1) -> dic
                       accuracy_gap=float((np.nanmax(f_seed, 1) - np.nanmin(f_seed, 1)).mean()),
                       skew=_skew([c["logits"] for c in flo], test, s, positive_class))
   for x, c in zip(seeds, flo):
-    out["cells"][f"fp32_s{x}"] = c["metrics"]
+    out["cells"][wd.cell_name(wd.FLOAT, x)] = c["metrics"]
   names = list(dict.fromkeys(c.setting for c in cells))
   for name in names:
     cs = sorted((c for c in cells if c.setting == name), key=lambda c: seeds.index(c.seed))
@@ -91,20 +140,7 @@ def analyze(s, root: str, cells: Sequence, test, positive_class: int = 1) -> dic
     acc = stats.group_accuracy_ci(cq, groups, G, B, s.level)
     chg = stats.paired_change(cq, cf, groups, G, B, s.level)
     q_seed = _per_seed(cq, groups, G)
-    d_seed = q_seed - f_seed
-    rel_seed = d_seed - (cq.mean(1) - cf.mean(1))[:, None]
-    rows = []
-    for g in range(G):
-      m = groups == g
-      rows.append(dict(
-          group=g, name=test.group_names[g], count=int(m.sum()),
-          **{k: acc[k][g] for k in ("accuracy", "low", "high")},
-          **{k: chg[k][g] for k in chg if isinstance(chg[k], list)},
-          mcnemar=[dict(seed=x, **stats.mcnemar_exact(cf[i, m], cq[i, m]))
-                   for i, x in enumerate(seeds)],
-          change_per_seed=d_seed[:, g].tolist(), relative_per_seed=rel_seed[:, g].tolist(),
-          across_seeds_change=stats.across_seeds(d_seed[:, g], s.significance),
-          across_seeds_relative=stats.across_seeds(rel_seed[:, g], s.significance)))
+    rows = _group_rows(s, test, seeds, cq, cf, q_seed - f_seed, acc, chg)
     out["settings"][name] = dict(
         quantizer=cs[0].quantizer, bits=cs[0].bits, alpha=cs[0].alpha,
         avg_bits=float(np.mean([l["metrics"]["avg_bits"] for l in loaded])),
@@ -123,17 +159,18 @@ def _correct_and_judge(out: dict, s) -> None:
   """Adjusts p-values across every (setting, group) and fills in the verdicts."""
   rows = [r for st in out["settings"].values() for r in st["groups"]]
   for key in ("change", "relative"):
-    adj = stats.adjust([r[f"{key}_p"] for r in rows], s.correction)
+    adj = corrections.adjust([r[f"{key}_p"] for r in rows], s.correction)
     for r, p in zip(rows, adj):
       r[f"{key}_p_adj"] = float(p)
-  v = stats.verdicts([r["change"] for r in rows], [r["change_p_adj"] for r in rows],
-                     [r["relative"] for r in rows], [r["relative_p_adj"] for r in rows],
-                     s.significance, s.verdict_rule)
+  v = corrections.verdicts([r["change"] for r in rows], [r["change_p_adj"] for r in rows],
+                           [r["relative"] for r in rows], [r["relative_p_adj"] for r in rows],
+                           s.significance, s.verdict_rule)
   for r, x in zip(rows, v):
     r["verdict"] = x
   out["verdicts"] = {n: [r["verdict"] for r in st["groups"]]
                      for n, st in out["settings"].items()}
-  out["verdict_counts"] = {x: int(sum(r["verdict"] == x for r in rows)) for x in stats.VERDICTS}
+  out["verdict_counts"] = {x: int(sum(r["verdict"] == x for r in rows))
+                           for x in corrections.VERDICTS}
   out["definitions"] = dict(
       change="group accuracy of the setting minus the float model's, same seeds and "
              "examples, seeds averaged",
@@ -142,23 +179,30 @@ def _correct_and_judge(out: dict, s) -> None:
         "together), Wald with the bootstrap SE; *_p_adj corrected by "
         f"{s.correction} over all (setting, group) pairs",
       verdict=f"rule {s.verdict_rule!r} at adjusted p < {s.significance}: "
-              "see baq.study.stats.verdicts",
+              "see baq.study.corrections.verdicts",
       ptq="rtn/gptq/fair_gptq: symmetric per-channel absmax grid, weights only",
       skew="MaxSkew/MinSkew@k of the test set ranked by positive-class probability, "
            f"additive smoothing {s.skew_smoothing}, seed means")
 
 
 def format_table(out: dict) -> str:
-  """Settings by rows: accuracy, worst group, then each group's change and verdict."""
+  """Settings by rows: accuracy, worst group, then each group's change and verdict.
+
+  Args:
+    out: the study dict (`analyze`).
+
+  Returns:
+    The table, a caption line first (points, i.e. percent).
+  """
   names = out["group_names"]
   head = (f"{'setting':22s} {'bits':>5s} {'acc':>6s} {'dacc':>6s} {'worst':>6s} "
           f"{'dworst':>6s} {'gap':>6s} |" + "".join(f"{n[:7]:>9s}" for n in names))
   f = out["float"]
-  lines = [f"Change vs fp32 in points (seeds {out['seeds']}, {out['dataset']}, "
+  lines = [f"Change vs {wd.FLOAT} in points (seeds {out['seeds']}, {out['dataset']}, "
            f"n={out['num_examples']}); A amplified, R reduced "
            f"({out['study']['verdict_rule']}, {out['study']['correction']}-adjusted "
            f"p < {out['study']['significance']})", head, "-" * len(head),
-           f"{'fp32':22s} {32.0:5.2f} {100 * f['overall']:6.2f} {'':>6s} "
+           f"{wd.FLOAT:22s} {32.0:5.2f} {100 * f['overall']:6.2f} {'':>6s} "
            f"{100 * f['worst_group_accuracy']:6.2f} {'':>6s} {100 * f['accuracy_gap']:6.2f} |"
            + "".join(f"{100 * a:9.2f}" for a in f["accuracy"])]
   for n, st in out["settings"].items():
@@ -172,98 +216,20 @@ def format_table(out: dict) -> str:
   return "\n".join(lines)
 
 
-def _family(setting: str) -> str:
-  return setting.rsplit("_", 1)[0]
-
-
-def plot_accuracy_vs_bits(path: str, out: dict) -> None:
-  """One panel per quantizer: each group's accuracy (CI bars) against average bits."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fams = list(dict.fromkeys(_family(n) for n in out["settings"]))
-  cols = min(len(fams), 4)
-  rows = -(-len(fams) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), sharey=True,
-                           squeeze=False)
-  for ax in axes.flat[len(fams):]:
-    ax.set_visible(False)
-  colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(out["group_names"])))
-  for ax, fam in zip(axes.flat, fams):
-    sts = sorted((st for n, st in out["settings"].items() if _family(n) == fam),
-                 key=lambda st: st["avg_bits"])
-    x = np.array([st["avg_bits"] for st in sts])
-    dodge = 0.03 * max(np.ptp(x), 2.0)  # groups side by side at one budget
-    for g, name in enumerate(out["group_names"]):
-      y = np.array([st["groups"][g]["accuracy"] for st in sts])
-      err = np.abs(np.array([[st["groups"][g]["low"], st["groups"][g]["high"]] for st in sts]).T - y)
-      ax.errorbar(x + dodge * (g - (len(colors) - 1) / 2), 100 * y, yerr=100 * err,
-                  color=colors[g], marker="o", ms=3, capsize=2, label=name)
-      ax.axhline(100 * out["float"]["accuracy"][g], color=colors[g], ls=":", lw=0.8)
-    ax.set(title=fam, xlabel="average bits")
-    ax.set_xticks(sorted(set(np.round(x, 2))))
-  for row in axes:
-    row[0].set_ylabel("group accuracy (%), dotted: fp32")
-  axes.flat[len(fams) - 1].legend(fontsize=7, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def pareto_front(points: np.ndarray) -> np.ndarray:
-  """Indices of the points not dominated when every column is maximised."""
-  p = np.asarray(points, np.float64)
-  keep = [i for i in range(len(p))
-          if not np.any(np.all(p >= p[i], 1) & np.any(p > p[i], 1))]
-  return np.asarray(keep, np.int64)
-
-
-def plot_pareto(path: str, out: dict) -> None:
-  """Overall vs worst-group accuracy (fronts per budget), and worst group vs bits."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  names = list(out["settings"])
-  acc = np.array([out["settings"][n]["accuracy"]["value"] for n in names]) * 100
-  worst = np.array([out["settings"][n]["worst_group_accuracy"] for n in names]) * 100
-  bits = np.array([out["settings"][n]["avg_bits"] for n in names])
-  fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.4))
-  cmap = plt.get_cmap("plasma")
-  scale = lambda v: cmap((v - bits.min()) / max(np.ptp(bits), 1e-9) * 0.85)
-  for nominal in sorted(set(out["settings"][n]["bits"] for n in names)):
-    idx = np.array([i for i, n in enumerate(names) if out["settings"][n]["bits"] == nominal])
-    front = idx[pareto_front(np.stack([acc[idx], worst[idx]], 1))]
-    front = front[np.argsort(acc[front])]
-    a.plot(acc[front], worst[front], "-", color=scale(nominal), lw=1,
-           label=f"front at {nominal:g} bits")
-  a.scatter(acc, worst, c=[scale(v) for v in bits], s=25, zorder=3)
-  for i, n in enumerate(names):
-    a.annotate(n, (acc[i], worst[i]), fontsize=6, xytext=(3, 2), textcoords="offset points")
-  a.scatter([100 * out["float"]["overall"]], [100 * out["float"]["worst_group_accuracy"]],
-            marker="*", s=120, c="k", label="fp32", zorder=4)
-  a.set(xlabel="overall accuracy (%)", ylabel="worst-group accuracy (%)")
-  a.legend(fontsize=7)
-  front = pareto_front(np.stack([-bits, worst], 1))
-  front = front[np.argsort(bits[front])]
-  b.scatter(bits, worst, c=[scale(v) for v in bits], s=25)
-  b.plot(bits[front], worst[front], "k-", lw=1, label="front (fewer bits, better worst group)")
-  for i, n in enumerate(names):
-    b.annotate(n, (bits[i], worst[i]), fontsize=6, xytext=(3, 2), textcoords="offset points")
-  b.axhline(100 * out["float"]["worst_group_accuracy"], color="k", ls=":", lw=0.8, label="fp32")
-  b.set(xlabel="average bits", ylabel="worst-group accuracy (%)")
-  b.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
 def write(s, root: str, cells: Sequence, test, positive_class: int = 1) -> dict:
-  """Analyzes, writes ROOT/study.json and the plots, prints the table."""
+  """Analyzes, writes ROOT/study.json and the figures, prints the table.
+
+  Args: those of `analyze`.
+
+  Returns:
+    The study dict.
+  """
   out = analyze(s, root, cells, test, positive_class)
-  with open(os.path.join(root, "study.json"), "w") as f:
-    json.dump(out, f, indent=1, default=float)
-  plot_accuracy_vs_bits(os.path.join(root, "accuracy_vs_bits.png"), out)
-  plot_pareto(os.path.join(root, "pareto.png"), out)
+  path = wd.path(root, wd.STUDY_FILE)
+  with open(path, "w") as f:
+    json.dump(out, f, indent=1, default=float)  # numpy scalars as floats
+  plots.plot_accuracy_vs_bits(wd.path(root, wd.STUDY_ACCURACY_PLOT), out)
+  plots.plot_pareto(wd.path(root, wd.STUDY_PARETO_PLOT), out)
   print(format_table(out), flush=True)
-  print(f"study: {os.path.join(root, 'study.json')}", flush=True)
+  print(f"study: {path}", flush=True)
   return out

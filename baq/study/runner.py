@@ -1,12 +1,13 @@
 """The bias study: quantizers x bit budgets x seeds, then per-group statistics.
 
-  python benchmarks/bias_study.py --config=configs/bias_study.py --root=/tmp/baq_study
+  python -m baq.study --config=configs/bias_study.py --root=/tmp/baq_study
 
 `run_study(config, root)` runs every cell of the grid that is not finished
 (each computed by `baq.study.cells`, Fair-GPTQ's pairs from `baq.study.pairs`),
 then `baq.study.report` compares each quantized setting with the float model
 of the same seed on the same test examples (baq.study.stats) and writes
-ROOT/study.json, ROOT/accuracy_vs_bits.png and ROOT/pareto.png. ROOT holds:
+ROOT/study.json, ROOT/accuracy_vs_bits.png and ROOT/pareto.png. ROOT holds
+(names from `baq.train.workdir`):
   ROOT/fp32_s<S>/               the float model of seed S (trained once, in
                                 run/, or taken from `study.reuse`) and its
                                 test predictions
@@ -37,151 +38,164 @@ The PTQ methods are per-channel, as GPTQ's grid is; QAT and BAQ follow the
 config. `study.reuse` (e.g. "/tmp/baq_claims/seed{seed}", a train.py workdir
 per seed) reuses its finished fp32/, uniform<B>/ and baq/ (when that run's
 budget is B) runs instead of training them again.
+
+The options and their defaults live in configs/bias_study.py alone; this
+module reads `config.study` and refuses a config without it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import ml_collections
 import numpy as np
 
-from baq.train import experiment
-from baq.study import stats, report as study_report
-from baq.fairness import metrics as M
-from baq.study import cells as C
-from baq.train.evaluate import predict_logits
+from baq.fairness import metrics
+from baq.study import cells as study_cells, corrections, report
+from baq.study.cells import Cell
+from baq.train import experiment, workdir as wd
 from baq.train.validate import validate
-from baq.study.cells import FLOAT, Cell
 
-QUANTIZERS = ("rtn", "gptq", "fair_gptq", "qat", "baq")
+QUANTIZERS = tuple(q for q in study_cells.COMPUTE if q != wd.FLOAT)
 PAIRS = ("auto", "counterfactual", "penultimate", "pixels")
-DEFAULTS = dict(
-    quantizers="rtn,gptq,fair_gptq,qat,baq",  # comma-separated, from QUANTIZERS
-    bits=(8, 4),              # bit-widths of rtn, gptq, fair_gptq and qat
-    baq_bits=(),              # BAQ's average-bit budgets; () = `bits`
-    seeds=(0, 1, 2),          # training seeds (config.seed) of every cell
-    alphas=(0.5, 2.0),        # Fair-GPTQ weights of the pair term
-    calib_size=512,           # GPTQ calibration examples (training split)
-    calib_batch=128,          # examples per calibration forward pass
-    pairs="auto",             # auto | counterfactual | penultimate | pixels
-    num_pairs=512,            # Fair-GPTQ pairs in all
-    pair_reference=-1,        # reference group of the pairs; -1: the largest
-    pair_pool=4096,           # training examples searched by match_pairs
-    fair_layers=".*",         # regex of the layers given the pair term
-    gptq_kwargs={},           # gptq.gptq options (block_size, act_order, ...)
-    reuse="",                 # train.py workdir per seed, "{seed}" filled in
-    num_bootstrap=2000,       # bootstrap replicates of every interval and test
-    level=0.95,               # confidence level of the intervals
-    significance=0.05,        # after correction
-    correction="holm",        # holm | bh | none, over all (setting, group) tests
-    verdict_rule="differential",  # differential | strict (see stats.verdicts)
-    skew_k=(100,),            # MaxSkew/MinSkew@k of the positive-class ranking
-    skew_smoothing=0.5,       # additive smoothing of top-k counts
-)
+# The options the study reads; their values and meanings: configs/bias_study.py.
+OPTIONS = ("quantizers", "bits", "baq_bits", "seeds", "alphas", "calib_size", "calib_batch",
+           "pairs", "num_pairs", "pair_reference", "pair_pool", "fair_layers", "gptq_kwargs",
+           "reuse", "num_bootstrap", "level", "significance", "correction", "verdict_rule",
+           "skew_k", "skew_smoothing")
+STUDY_CONFIG = "configs/bias_study.py"
 
 
 def settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config.study` over DEFAULTS; unknown keys and quantizers raise."""
-  s = ml_collections.ConfigDict(DEFAULTS)
-  given = config.get("study", ml_collections.ConfigDict())
-  unknown = sorted(set(given.keys()) - set(DEFAULTS))
+  """A copy of `config.study`, checked before any cell runs.
+
+  Args:
+    config: the study config (configs/bias_study.py or one built like it).
+
+  Returns:
+    The study options.
+
+  Raises:
+    ValueError: no `study` section, a missing or unknown option, or an
+      unknown quantizer, pair source, correction or verdict rule.
+  """
+  if "study" not in config:
+    raise ValueError(f"This config has no `study` section: run the study with "
+                     f"--config={STUDY_CONFIG} (or add its study_options() to your config).")
+  s = config.study.copy_and_resolve_references()
+  unknown = sorted(set(s.keys()) - set(OPTIONS))
   if unknown:
-    raise ValueError(f"Unknown study options {unknown}. Valid: {', '.join(DEFAULTS)}.")
-  s.update(given)
+    raise ValueError(f"Unknown study options {unknown}. Valid: {', '.join(OPTIONS)}.")
+  missing = [k for k in OPTIONS if k not in s]
+  if missing:
+    raise ValueError(f"config.study lacks {missing}: start from {STUDY_CONFIG}'s "
+                     "study_options(), which sets every option.")
   bad = [q for q in _quantizers(s) if q not in QUANTIZERS]
   if bad:
     raise ValueError(f"Unknown quantizers {bad}. Valid: {', '.join(QUANTIZERS)}.")
   if s.pairs not in PAIRS:
     raise ValueError(f"Unknown study.pairs {s.pairs!r}. Valid: {', '.join(PAIRS)}.")
-  stats.adjust([], s.correction)  # raises on unknown names, before any cell runs
-  stats.verdicts([], [], [], [], s.significance, s.verdict_rule)
+  corrections.adjust([], s.correction)  # raises on unknown names, before any cell runs
+  corrections.verdicts([], [], [], [], s.significance, s.verdict_rule)
   return s
 
 
-def _quantizers(s) -> list[str]:
+def _quantizers(s: ml_collections.ConfigDict) -> list[str]:
   return [q.strip() for q in s.quantizers.split(",") if q.strip()]
 
 
 def grid(config: ml_collections.ConfigDict) -> list[Cell]:
-  """Every quantized cell, setting by setting (float cells are implicit)."""
+  """Every quantized cell, setting by setting (float cells are implicit).
+
+  Args:
+    config: the study config.
+
+  Returns:
+    The cells, each setting's seeds together, in `study.quantizers` order.
+  """
   s, out = settings(config), []
   for q in _quantizers(s):
     for b in (s.baq_bits or s.bits) if q == "baq" else s.bits:
       for a in s.alphas if q == "fair_gptq" else (0.0,):
         setting = (f"baq_b{b:g}" if q == "baq" else
                    f"fair_gptq_a{a:g}_w{b:g}" if q == "fair_gptq" else f"{q}_w{b:g}")
-        out += [Cell(f"{setting}_s{seed}", setting, q, float(b), int(seed), float(a))
+        out += [Cell(wd.cell_name(setting, seed), setting, q, float(b), int(seed), float(a))
                 for seed in s.seeds]
   return out
 
 
 def _finished(root: str, name: str) -> bool:
-  d = os.path.join(root, name)
-  return all(os.path.exists(os.path.join(d, f)) for f in ("predictions.npz", "metrics.json"))
+  return all(os.path.exists(wd.path(root, name, f))
+             for f in (wd.PREDICTIONS_FILE, wd.CELL_METRICS_FILE))
 
 
 def _write_cell(root: str, name: str, logits: np.ndarray, test, info: dict) -> None:
-  d = os.path.join(root, name)
+  """predictions.npz, then metrics.json (written last, atomically: the cell is done)."""
+  d = wd.path(root, name)
+  done = wd.path(d, wd.CELL_METRICS_FILE)
   os.makedirs(d, exist_ok=True)
-  if os.path.exists(os.path.join(d, "metrics.json")):
-    os.remove(os.path.join(d, "metrics.json"))
-  np.savez(os.path.join(d, "predictions.npz"), logits=logits.astype(np.float32),
+  if os.path.exists(done):
+    os.remove(done)
+  np.savez(wd.path(d, wd.PREDICTIONS_FILE), logits=logits.astype(np.float32),
            labels=test.labels, groups=test.groups)
-  m = M.classification_metrics(logits.argmax(-1), test.labels, test.groups, test.num_groups)
+  m = metrics.classification_metrics(logits.argmax(-1), test.labels, test.groups,
+                                     test.num_groups)
   m.update(info)
-  with open(os.path.join(d, "metrics.json.tmp"), "w") as f:
-    json.dump(m, f, indent=1)
-  os.replace(os.path.join(d, "metrics.json.tmp"), os.path.join(d, "metrics.json"))
+  wd.write_json(done + ".tmp", m)
+  os.replace(done + ".tmp", done)
 
 
-def _check_root(config, root: str) -> None:
+def _check_root(config: ml_collections.ConfigDict, root: str) -> None:
   """Refuses a root whose cells were made with another config (study options may change)."""
   os.makedirs(root, exist_ok=True)
-  path = os.path.join(root, "config.json")
+  path = wd.path(root, wd.CONFIG_FILE)
   if os.path.exists(path):
-    with open(path) as f:
-      diff = C.conflicts(C.cell_config(json.load(f)), C.cell_config(config))
+    diff = study_cells.conflicts(study_cells.cell_config(wd.read_json(path)),
+                                 study_cells.cell_config(config))
     if diff:
       raise ValueError(f"{root} holds a study made with another config (differs in {diff}); "
                        "use a fresh --root, or only change the `study` options.")
 
 
+def _run_cell(cell: Cell, fp: study_cells.FloatRun, root: str) -> None:
+  """Computes one cell unless it is finished, and writes it."""
+  if _finished(root, cell.name):
+    print(f"[study] {cell.name}: finished, skipped", flush=True)
+    return
+  t0 = time.time()
+  logits, info = study_cells.COMPUTE[cell.quantizer](cell, fp)
+  info.update(setting=cell.setting, quantizer=cell.quantizer, bits=cell.bits, seed=cell.seed,
+              seconds=time.time() - t0)
+  test = fp.data["test"]
+  _write_cell(root, cell.name, logits, test, info)
+  print(f"[study] {cell.name}: acc {np.mean(logits.argmax(-1) == test.labels):.4f} "
+        f"({info['seconds']:.1f} s)", flush=True)
+
+
 def run_study(config: ml_collections.ConfigDict, root: str, data: dict | None = None) -> dict:
   """Runs the unfinished cells of the grid, then analyzes all of them.
 
+  Args:
+    config: the study config (configs/bias_study.py).
+    root: the study's directory (cells, study.json, plots).
+    data: the splits, if already loaded (else `experiment.load_data(config)`).
+
   Returns:
-    The study dict written to ROOT/study.json (`study_report.analyze`).
+    The study dict written to ROOT/study.json (`report.analyze`).
   """
   validate(config)
   s = settings(config)
   _check_root(config, root)
-  with open(os.path.join(root, "config.json"), "w") as f:
+  with open(wd.path(root, wd.CONFIG_FILE), "w") as f:
     f.write(config.to_json(indent=1))
   data = data or experiment.load_data(config)
   cells = grid(config)
   for seed in s.seeds:
     c = config.copy_and_resolve_references()
     c.seed = int(seed)
-    fp = C.float_loader(c, s, int(seed), data, root)
-    todo = [(Cell(f"{FLOAT}_s{seed}", FLOAT, FLOAT, 32.0, int(seed)), None)] + [
-        (cell, C.ptq_cell if cell.quantizer in ("rtn", "gptq", "fair_gptq") else C.trained_cell)
-        for cell in cells if cell.seed == seed]
-    for cell, fn in todo:
-      if _finished(root, cell.name):
-        print(f"[study] {cell.name}: finished, skipped", flush=True)
-        continue
-      t0 = time.time()
-      if fn is None:
-        logits = predict_logits(C.model_for(c, data["test"]), fp(), data["test"], c.eval_batch_size)
-        info = dict(avg_bits=32.0, run_dir=fp.cache["dir"])
-      else:
-        logits, info = fn(c, s, cell, fp, data, root)
-      info.update(setting=cell.setting, quantizer=cell.quantizer, bits=cell.bits, seed=cell.seed,
-                  seconds=time.time() - t0)
-      _write_cell(root, cell.name, logits, data["test"], info)
-      print(f"[study] {cell.name}: acc {np.mean(logits.argmax(-1) == data['test'].labels):.4f} "
-            f"({info['seconds']:.1f} s)", flush=True)
-  return study_report.write(s, root, cells, data["test"], config.dataset.positive_class)
+    fp = study_cells.FloatRun(c, s, data, root)
+    own = Cell(wd.cell_name(wd.FLOAT, seed), wd.FLOAT, wd.FLOAT, 32.0, int(seed))
+    for cell in [own] + [x for x in cells if x.seed == seed]:
+      _run_cell(cell, fp, root)
+  return report.write(s, root, cells, data["test"], config.dataset.positive_class)

@@ -16,6 +16,8 @@ Definitions, for group g (n_g examples, weight w_g = n_g / n):
 Bootstrap replicates resample examples within each group (stratified, so the
 w_g stay fixed); p-values are two-sided Wald tests with the bootstrap
 standard error, falling back to an exact sign test when that error is 0.
+Corrections over many tests and the verdicts drawn from them are in
+`baq.study.corrections`.
 """
 
 from __future__ import annotations
@@ -25,9 +27,6 @@ from typing import Optional
 
 import numpy as np
 from scipy import stats as sps
-
-VERDICTS = ("amplified", "reduced", "no significant change")
-
 
 def _per_example(correct) -> np.ndarray:
   """[n] seed-mean of [n] or [S, n] values."""
@@ -104,7 +103,14 @@ def group_accuracy_ci(correct, groups, num_groups: int, num_samples: int = 2000,
 
 
 def sign_test(diff) -> float:
-  """Exact two-sided sign test of per-example differences (zeros dropped)."""
+  """Exact two-sided sign test of per-example differences (zeros dropped).
+
+  Args:
+    diff: per-example differences.
+
+  Returns:
+    The p-value (1 when every difference is zero).
+  """
   d = np.asarray(diff)
   pos, neg = int(np.sum(d > 0)), int(np.sum(d < 0))
   return 1.0 if pos + neg == 0 else float(sps.binomtest(pos, pos + neg, 0.5).pvalue)
@@ -210,82 +216,15 @@ def across_seeds(values, alpha: float = 0.05) -> dict:
     t = sps.ttest_1samp(v, 0.0)
     out.update(t_stat=float(t.statistic), t_p=float(t.pvalue))
   nonzero = int(np.sum(v != 0))
-  if nonzero == 0:
-    out["wilcoxon_p"] = 1.0
-  else:
-    out["wilcoxon_p"] = float(sps.wilcoxon(v, zero_method="wilcox").pvalue)
-  if 2.0 / 2 ** max(nonzero, 1) > alpha:
+  out["wilcoxon_p"] = float(sps.wilcoxon(v, zero_method="wilcox").pvalue) if nonzero else 1.0
+  floor = 2.0 / 2 ** max(nonzero, 1)  # the smallest p-value the signed ranks allow
+  if floor > alpha:
     notes.append(f"with {nonzero} non-zero seed difference(s) the Wilcoxon p-value "
-                 f"cannot fall below {2.0 / 2 ** max(nonzero, 1):.3g} (> {alpha})")
+                 f"cannot fall below {floor:.3g} (> {alpha})")
   if s < 5:
     notes.append(f"{s} seeds: the t-test has {s - 1} degree(s) of freedom and little power")
   out["note"] = "; ".join(notes) + ("." if notes else "")
   return out
-
-
-def holm(p) -> np.ndarray:
-  """Holm's step-down adjusted p-values (family-wise error); NaNs are skipped."""
-  p = np.asarray(p, np.float64)
-  out = np.full_like(p, np.nan)
-  ok = np.flatnonzero(~np.isnan(p))
-  m = ok.size
-  if m:
-    order = ok[np.argsort(p[ok], kind="stable")]
-    adj = np.maximum.accumulate((m - np.arange(m)) * p[order])
-    out[order] = np.minimum(adj, 1.0)
-  return out
-
-
-def benjamini_hochberg(p) -> np.ndarray:
-  """Benjamini-Hochberg adjusted p-values (false discovery rate); NaNs skipped."""
-  p = np.asarray(p, np.float64)
-  out = np.full_like(p, np.nan)
-  ok = np.flatnonzero(~np.isnan(p))
-  m = ok.size
-  if m:
-    order = ok[np.argsort(p[ok], kind="stable")]
-    raw = p[order] * m / np.arange(1, m + 1)
-    out[order] = np.minimum(np.minimum.accumulate(raw[::-1])[::-1], 1.0)
-  return out
-
-
-CORRECTIONS = {"holm": holm, "bh": benjamini_hochberg,
-               "none": lambda p: np.asarray(p, np.float64)}
-
-
-def adjust(p, method: str = "holm") -> np.ndarray:
-  """Adjusted p-values by `method`: holm, bh or none."""
-  if method not in CORRECTIONS:
-    raise ValueError(f"Unknown correction {method!r}. Valid: {', '.join(CORRECTIONS)}.")
-  return CORRECTIONS[method](p)
-
-
-def verdicts(change, change_p, relative, relative_p, alpha: float = 0.05,
-             rule: str = "differential") -> list[str]:
-  """One of VERDICTS per (setting, group), from adjusted p-values.
-
-  Rules:
-    differential: "amplified" when relative_g < 0 with adjusted p < alpha
-      (the group's change vs float is significantly worse than the whole
-      test set's: quantization moved accuracy away from this group);
-      "reduced" when relative_g > 0 significantly.
-    strict: the group's own change vs float must also be significant and of
-      the same sign: "amplified" = significant drop AND significantly larger
-      than overall; "reduced" = significant gain AND significantly larger.
-  Anything else is "no significant change" (NaN p-values included).
-
-  Returns:
-    A list of verdict strings.
-  """
-  if rule not in ("differential", "strict"):
-    raise ValueError(f"Unknown verdict rule {rule!r}. Valid: differential, strict.")
-  change, relative = np.asarray(change, float), np.asarray(relative, float)
-  sig_rel = np.nan_to_num(np.asarray(relative_p, float), nan=1.0) < alpha
-  sig_chg = np.nan_to_num(np.asarray(change_p, float), nan=1.0) < alpha
-  amp, red = sig_rel & (relative < 0), sig_rel & (relative > 0)
-  if rule == "strict":
-    amp, red = amp & sig_chg & (change < 0), red & sig_chg & (change > 0)
-  return [VERDICTS[0] if a else VERDICTS[1] if r else VERDICTS[2] for a, r in zip(amp, red)]
 
 
 def skew_at_k(scores, groups, num_groups: int, k: int, smoothing: float = 0.5,

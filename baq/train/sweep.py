@@ -39,7 +39,14 @@ AT = "@"  # "<method>@<bits>": a method at one budget
 
 
 def budget_label(config: ml_collections.ConfigDict) -> str:
-  """The budget of `config` as named in the tables: "4" (bits) or "120000B" (bytes)."""
+  """The budget of `config` as the tables name it.
+
+  Args:
+    config: a config with `quant.target_bits` or `quant.target_bytes`.
+
+  Returns:
+    "4" for 4.0 average bits, "120000B" for a size budget.
+  """
   q = config.quant
   return f"{q.target_bits:g}" if q.target_bytes is None else f"{q.target_bytes:g}B"
 
