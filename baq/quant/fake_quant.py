@@ -147,6 +147,13 @@ def dequantize(codes: jax.Array, scale: jax.Array, zero_point: jax.Array) -> jax
   return (codes - zero_point) * scale
 
 
+def _range_and_bits(x, bits, symmetric, channel_axis, method, percentile, learned_range):
+  """The interval of `range_stats` and the bit-widths shaped to broadcast against x."""
+  lo, hi = range_stats(x, symmetric=symmetric, channel_axis=channel_axis, method=method,
+                       percentile=percentile, learned_range=learned_range)
+  return lo, hi, channel_view(bits, x.ndim, channel_axis)
+
+
 def _quant_in_range(x, lo, hi, bits, symmetric):
   scale, zp = scale_and_zero_point(lo, hi, bits, symmetric)
   return dequantize(quantize_codes(x, scale, zp, bits, symmetric), scale, zp)
@@ -176,10 +183,8 @@ def fake_quant(
   Returns:
     The fake-quantized tensor, same shape and dtype as x.
   """
-  lo, hi = range_stats(
-      x, symmetric=symmetric, channel_axis=channel_axis, method=method,
-      percentile=percentile, learned_range=learned_range)
-  b = channel_view(bits, x.ndim, channel_axis)
+  lo, hi, b = _range_and_bits(x, bits, symmetric, channel_axis, method, percentile,
+                              learned_range)
   return _quant_in_range(x, lo, hi, b, symmetric).astype(x.dtype)
 
 
@@ -201,10 +206,8 @@ def noise_quant(
   every bit-width a gradient; at evaluation the true rounding quantizer at
   integer bits replaces it.
   """
-  lo, hi = range_stats(
-      x, symmetric=symmetric, channel_axis=channel_axis, method=method,
-      percentile=percentile, learned_range=learned_range)
-  b = channel_view(bits, x.ndim, channel_axis)
+  lo, hi, b = _range_and_bits(x, bits, symmetric, channel_axis, method, percentile,
+                              learned_range)
   qmin, qmax = code_range(b, symmetric)
   step = (hi - lo) / (qmax - qmin)
   u = jax.random.uniform(key, x.shape, x.dtype, -0.5, 0.5)
@@ -232,10 +235,8 @@ def fracbits_quant(
   would silently cut the bit gradient at every integer. Arguments as in
   `fake_quant`; the range statistics are computed once for both quantizers.
   """
-  lo, hi = range_stats(
-      x, symmetric=symmetric, channel_axis=channel_axis, method=method,
-      percentile=percentile, learned_range=learned_range)
-  b = channel_view(bits, x.ndim, channel_axis)
+  lo, hi, b = _range_and_bits(x, bits, symmetric, channel_axis, method, percentile,
+                              learned_range)
   b_lo = jax.lax.stop_gradient(jnp.floor(b))
   q_lo = _quant_in_range(x, lo, hi, b_lo, symmetric)
   q_hi = _quant_in_range(x, lo, hi, b_lo + 1.0, symmetric)

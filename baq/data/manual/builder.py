@@ -26,7 +26,7 @@ import numpy as np
 
 from baq.data import datasets
 from baq.data.datasets import Split
-from baq.data.manual.files import SPLITS, choose, load_image, require
+from baq.data.manual.files import SPLITS, assign_splits, choose, load_image, require
 
 DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
 
@@ -45,6 +45,25 @@ class Table(NamedTuple):
   splits: np.ndarray
   fields: dict
   metadata: dict
+
+
+def labelled_table(paths: list, keep, units, labels, groups, options: dict,
+                   **metadata) -> Table:
+  """The Table of the kept examples, split so that each unit stays in one split.
+
+  Args:
+    paths: every candidate's image file.
+    keep: bool per candidate (`files.find_missing_images`).
+    units: per kept example, what must share a split (a lesion, an image).
+    labels: int per kept example.
+    groups: int per kept example.
+    options: the loader's options (`fractions` and `seed` of the split).
+    **metadata: kept with the prepared files (class_names, group_names, ...).
+  """
+  labels, groups = np.asarray(labels, np.int64), np.asarray(groups, np.int64)
+  splits = assign_splits(units, groups, labels, options["fractions"], options["seed"])
+  return Table(paths=[p for p, k in zip(paths, keep) if k], splits=splits,
+               fields={"label": labels, "group": groups}, metadata=metadata)
 
 
 def config_name(prefix: str, image_size: int, manual_dir: str,

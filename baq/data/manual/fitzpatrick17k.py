@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 
 from baq.data.manual import builder as manual, files as manual_files
 
@@ -99,18 +98,11 @@ def table(manual_dir: str, **options) -> manual.Table:
                                           csv_path, [r[3] for r in kept])
   kept = [r for r, k in zip(kept, keep) if k]
   class_names = sorted({r[1] for r in kept})
-  labels = np.asarray([class_names.index(r[1]) for r in kept], np.int64)
-  groups = np.asarray([r[2] for r in kept], np.int64)
   hashes = [r[0] for r in kept]
-  splits = manual_files.assign_splits(hashes, groups, labels, options["fractions"],
-                                options["seed"])
-  return manual.Table(
-      paths=[p for p, k in zip(paths, keep) if k], splits=splits,
-      fields={"label": labels, "group": groups},
-      metadata={"class_names": class_names,
-                "group_names": list(SIX if options["groups"] == "six"
-                                    else BINARY),
-                "images": hashes})
+  return manual.labelled_table(
+      paths, keep, hashes, [class_names.index(r[1]) for r in kept], [r[2] for r in kept],
+      options, class_names=class_names,
+      group_names=list(SIX if options["groups"] == "six" else BINARY), images=hashes)
 
 
 load_fitzpatrick17k = manual.register_manual(

@@ -138,17 +138,11 @@ def table(manual_dir: str, **options) -> manual.Table:
   else:
     class_names = tuple(c for c in CLASSES if any(r[1] == c for r in rows))
     labels = [class_names.index(r[1]) for r in rows]
-  labels = np.asarray(labels, np.int64)
-  groups = np.asarray([r[2] for r in rows], np.int64)
   lesions = [r[3] for r in rows]
-  splits = manual_files.assign_splits(lesions, groups, labels, options["fractions"],
-                                options["seed"])
-  return manual.Table(
-      paths=[p for p, k in zip(paths, keep) if k], splits=splits,
-      fields={"label": labels, "group": groups},
-      metadata={"class_names": list(class_names),
-                "group_names": list(_group_names(options)),
-                "images": [r[0] for r in rows], "lesions": lesions})
+  return manual.labelled_table(
+      paths, keep, lesions, labels, [r[2] for r in rows], options,
+      class_names=list(class_names), group_names=list(_group_names(options)),
+      images=[r[0] for r in rows], lesions=lesions)
 
 
 load_isic2019 = manual.register_manual(
