@@ -75,7 +75,7 @@ def study_options() -> ml_collections.ConfigDict:
   s.level = 0.95  # confidence level of the intervals
   s.significance = 0.05  # after correction
   s.correction = "holm"  # holm | bh | none, over all (setting, group) tests
-  s.verdict_rule = "differential"  # differential | strict (baq.study.stats.verdicts)
+  s.verdict_rule = "differential"  # differential | strict (baq.study.corrections.verdicts)
   s.skew_k = (100,)  # MaxSkew/MinSkew@k of the positive-class ranking
   s.skew_smoothing = 0.5  # additive smoothing of top-k counts
   return s

@@ -5,10 +5,10 @@ import itertools
 import numpy as np
 import pytest
 
-from baq.allocation import solver as A
+from baq.allocation import solver
 
 
-def _instance(rng, n, choices=A.DEFAULT_CHOICES):
+def _instance(rng, n, choices=solver.DEFAULT_CHOICES):
   numel = rng.integers(1, 50, n) * rng.choice([1, 8, 64])
   # Sensitivity falls with bits (convex-ish), with noise: realistic but not sorted.
   base = rng.uniform(0.1, 10, n)[:, None]
@@ -34,11 +34,11 @@ def test_dp_and_milp_are_exact_and_within_budget(seed):
   n = int(rng.integers(1, 6))
   s, numel = _instance(rng, n)
   target = float(rng.uniform(2.0, 8.5))
-  want, _ = _brute(s, numel, target, A.DEFAULT_CHOICES)
+  want, _ = _brute(s, numel, target, solver.DEFAULT_CHOICES)
   for method in ("dp", "milp"):
-    bits = A.solve(s, numel, target, method=method)
+    bits = solver.solve(s, numel, target, method=method)
     assert (numel * bits).sum() <= target * numel.sum() + 1e-9
-    c = list(A.DEFAULT_CHOICES)
+    c = list(solver.DEFAULT_CHOICES)
     got = s[np.arange(n), [c.index(b) for b in bits]].sum()
     assert got == pytest.approx(want, rel=1e-9, abs=1e-12), method
 
@@ -48,15 +48,15 @@ def test_large_random_instances_meet_the_budget(seed):
   rng = np.random.default_rng(100 + seed)
   s, numel = _instance(rng, 300)
   target = float(rng.uniform(2.5, 7.5))
-  dp = A.solve(s, numel, target, method="dp")
-  ilp = A.solve(s, numel, target, method="milp")
+  dp = solver.solve(s, numel, target, method="dp")
+  ilp = solver.solve(s, numel, target, method="milp")
   for bits in (dp, ilp):
     assert (numel * bits).sum() <= target * numel.sum() + 1e-9
-    assert set(np.unique(bits)) <= set(A.DEFAULT_CHOICES)
-  c = list(A.DEFAULT_CHOICES)
+    assert set(np.unique(bits)) <= set(solver.DEFAULT_CHOICES)
+  c = list(solver.DEFAULT_CHOICES)
   cost = lambda b: s[np.arange(len(b)), [c.index(x) for x in b]].sum()
   assert cost(dp) == pytest.approx(cost(ilp), rel=1e-6)
-  q = A.quantile_assignment(-s[:, 0], numel, target)
+  q = solver.quantile_assignment(-s[:, 0], numel, target)
   assert (numel * q).sum() <= target * numel.sum() + 1e-9
   assert cost(dp) <= cost(q) + 1e-9  # The exact solver never loses to the baseline.
 
@@ -64,25 +64,25 @@ def test_large_random_instances_meet_the_budget(seed):
 def test_infeasible_and_bad_inputs_are_refused():
   s, numel = _instance(np.random.default_rng(0), 4)
   with pytest.raises(ValueError, match="below the smallest bit-width choice 2"):
-    A.solve(s, numel, 1.5)
+    solver.solve(s, numel, 1.5)
   with pytest.raises(ValueError, match="below the smallest bit-width choice 2"):
-    A.quantile_assignment(np.ones(4), numel, 1.9)
+    solver.quantile_assignment(np.ones(4), numel, 1.9)
   with pytest.raises(ValueError, match=r"\[4, 6\]"):
-    A.solve(s[:, :3], numel, 4.0)
+    solver.solve(s[:, :3], numel, 4.0)
   with pytest.raises(ValueError, match="Valid: auto, dp, milp"):
-    A.solve(s, numel, 4.0, method="greedy")
+    solver.solve(s, numel, 4.0, method="greedy")
 
 
 def test_loose_budget_takes_each_units_best_choice():
   s = np.array([[3.0, 2.0, 1.0, 0.5, 0.2, 0.1], [1.0, 0.0, 1.0, 1.0, 1.0, 1.0]])
-  np.testing.assert_array_equal(A.solve(s, [10, 10], 8.0), [8, 3])
+  np.testing.assert_array_equal(solver.solve(s, [10, 10], 8.0), [8, 3])
 
 
 def test_quantile_assignment_follows_importance():
   imp = np.arange(12.0)
-  bits = A.quantile_assignment(imp, np.ones(12, int), 8.0)
-  np.testing.assert_array_equal(bits, np.repeat(A.DEFAULT_CHOICES, 2))
-  tight = A.quantile_assignment(imp, np.ones(12, int), 3.0)
+  bits = solver.quantile_assignment(imp, np.ones(12, int), 8.0)
+  np.testing.assert_array_equal(bits, np.repeat(solver.DEFAULT_CHOICES, 2))
+  tight = solver.quantile_assignment(imp, np.ones(12, int), 3.0)
   assert tight.mean() <= 3.0 and np.all(np.diff(tight) >= 0)
 
 
@@ -95,8 +95,8 @@ def test_reduction_is_exact_on_unstructured_sensitivities(seed):
   numel = rng.integers(1, 30, n) * 8
   s = np.round(rng.normal(size=(n, 6)), 1)  # rounding makes ties common
   target = float(rng.uniform(2.5, 7.0))
-  c = list(A.DEFAULT_CHOICES)
+  c = list(solver.DEFAULT_CHOICES)
   cost = lambda b: s[np.arange(n), [c.index(x) for x in b]].sum()
-  dp, ilp = A.solve(s, numel, target, method="dp"), A.solve(s, numel, target, method="milp")
+  dp, ilp = solver.solve(s, numel, target, method="dp"), solver.solve(s, numel, target, method="milp")
   assert (numel * ilp).sum() <= target * numel.sum() + 1e-9
   assert cost(ilp) == pytest.approx(cost(dp), abs=1e-9)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from baq.models import build_model, convert as C
+from baq.models import build_model, convert
 from baq.quant.inject import Quantizer, QuantSpec
 from test_models import PUBLISHED, RNGS, run
 
@@ -138,12 +138,12 @@ def test_full_size_state_dict_is_consumed_and_fills_every_leaf(name):
   assert trainable == PUBLISHED[name]  # the tables themselves are right
   sd = fill(shapes)
   _, abstract = target(name)
-  out = C.convert(name, sd, abstract)  # raises on any unused key or unfilled leaf
+  out = convert.convert(name, sd, abstract)  # raises on any unused key or unfilled leaf
   leaves = jax.tree.leaves(out)
   assert all(isinstance(v, jax.Array) for v in leaves)
   assert sum(v.size for v in leaves) == sum(v.size for k, v in sd.items()
                                             if not k.endswith("num_batches_tracked"))
-  back = C.to_torch(name, out)  # round trip to the PyTorch names and layouts
+  back = convert.to_torch(name, out)  # round trip to the PyTorch names and layouts
   assert sorted(back) == sorted(sd)
   for k in sd:
     np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
@@ -151,7 +151,7 @@ def test_full_size_state_dict_is_consumed_and_fills_every_leaf(name):
 
 def test_layouts_of_particular_tensors():
   sd = fill(torchvision_resnet(18))
-  p = C.convert("resnet18", sd, target("resnet18")[1])
+  p = convert.convert("resnet18", sd, target("resnet18")[1])
   conv = sd["layer2.0.conv1.weight"]
   assert p["params"]["layer2_0"]["conv1"]["kernel"][1, 2, 7, 5] == conv[5, 7, 1, 2]
   assert p["params"]["layer3_0"]["downsample_conv"]["kernel"].shape == (1, 1, 128, 256)
@@ -161,19 +161,19 @@ def test_layouts_of_particular_tensors():
   np.testing.assert_array_equal(p["params"]["stem_bn"]["scale"], sd["bn1.weight"])
 
   sd = fill(timm_deit())
-  p = C.convert("deit_tiny", sd, target("deit_tiny")[1])["params"]
+  p = convert.convert("deit_tiny", sd, target("deit_tiny")[1])["params"]
   qkv = sd["blocks.3.attn.qkv.weight"]
   assert p["blocks_3"]["attn"]["qkv"]["kernel"][17, 400] == qkv[400, 17]
   assert p["patch_embed"]["kernel"][4, 5, 2, 9] == sd["patch_embed.proj.weight"][9, 2, 4, 5]
   np.testing.assert_array_equal(p["pos_embed"], sd["pos_embed"])
   # Another image size: the 14x14 position grid is resized to 2x2, the class
   # token's entry kept.
-  small = C.convert("deit_tiny", sd, target("deit_tiny", img_size=32)[1])["params"]
+  small = convert.convert("deit_tiny", sd, target("deit_tiny", img_size=32)[1])["params"]
   assert small["pos_embed"].shape == (1, 5, 192)
   np.testing.assert_array_equal(small["pos_embed"][0, 0], sd["pos_embed"][0, 0])
 
   sd = fill(timm_tinyvit())
-  v = C.convert("tinyvit_5m", sd, target("tinyvit_5m")[1])
+  v = convert.convert("tinyvit_5m", sd, target("tinyvit_5m")[1])
   dw = v["params"]["stages_2"]["blocks_1"]["local_conv"]["conv"]["kernel"]
   assert dw.shape == (3, 3, 1, 160)
   assert dw[2, 1, 0, 9] == sd["stages.2.blocks.1.local_conv.conv.weight"][9, 0, 2, 1]
@@ -194,45 +194,45 @@ def test_errors_name_unused_keys_unfilled_leaves_and_heads():
   sd = fill(torchvision_resnet(18, num_classes=10, **SMALL_RESNET))
   init = _small_resnet()
   with pytest.raises(ValueError, match=r"1 unused source keys \['layer9.0.conv1.weight'\]"):
-    C.convert("resnet18", {**sd, "layer9.0.conv1.weight": np.zeros(3)}, init)
+    convert.convert("resnet18", {**sd, "layer9.0.conv1.weight": np.zeros(3)}, init)
   missing = {k: v for k, v in sd.items() if not k.startswith("layer2.0.bn1.")}
   with pytest.raises(ValueError, match=r"4 unfilled .*bn1/bias.*batch_stats:layer2_0/bn1/var"):
-    C.convert("resnet18", missing, init)
+    convert.convert("resnet18", missing, init)
   other = fill(torchvision_resnet(18, num_classes=1000, **SMALL_RESNET))
   mismatch = r"2 shape mismatches \['fc.weight \(1000, 16\) -> head/kernel needs \(16, 10\)'"
   with pytest.raises(ValueError, match=mismatch + ".*, 0 unfilled"):
-    C.convert("resnet18", other, init)
+    convert.convert("resnet18", other, init)
   # Fine-tuning on other classes: the head stays at init, the rest is loaded.
-  out = C.convert("resnet18", other, init, allow_head_mismatch=True)
+  out = convert.convert("resnet18", other, init, allow_head_mismatch=True)
   np.testing.assert_array_equal(out["params"]["head"]["kernel"], init["params"]["head"]["kernel"])
   np.testing.assert_array_equal(out["params"]["stem_conv"]["kernel"],
                                 other["conv1.weight"].transpose(2, 3, 1, 0))
   with pytest.raises(KeyError, match="Valid converter names"):
-    C.convert("vgg16", sd, init)
+    convert.convert("vgg16", sd, init)
 
 
 def test_seeds_a_quantized_model_and_reads_files(tmp_path):
   sd = fill(torchvision_resnet(18, num_classes=10, **SMALL_RESNET))
   qinit = _small_resnet(Quantizer(((".*", QuantSpec(init_bits=5.0)),)))
-  direct = C.convert("resnet18", sd, qinit)  # bits leaves are not in a source
+  direct = convert.convert("resnet18", sd, qinit)  # bits leaves are not in a source
   finit = _small_resnet()
-  converted = C.convert("resnet18", sd, finit)
-  merged = C.merge(qinit, converted)
+  converted = convert.convert("resnet18", sd, finit)
+  merged = convert.merge(qinit, converted)
   for v in (direct, merged):
     layer = v["params"]["layer2_0"]["conv2"]
     np.testing.assert_array_equal(layer["kernel"],
                                   sd["layer2.0.conv2.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(layer["QuantConv_0"]["bits"], np.full(16, 5.0))
   with pytest.raises(ValueError, match="Source lacks"):
-    C.merge(qinit, {"params": {}})
+    convert.merge(qinit, {"params": {}})
 
   np.savez(tmp_path / "w.npz", **sd)
-  from_file = C.convert("resnet18", tmp_path / "w.npz", finit)
-  wrapped = C.convert("resnet18", {"model": {f"module.{k}": v for k, v in sd.items()}}, finit)
+  from_file = convert.convert("resnet18", tmp_path / "w.npz", finit)
+  wrapped = convert.convert("resnet18", {"model": {f"module.{k}": v for k, v in sd.items()}}, finit)
   for v in (from_file, wrapped):
     jax.tree.map(np.testing.assert_array_equal, v, converted)
   with pytest.raises(ValueError, match="Unknown weight file type"):
-    C.load_state_dict(tmp_path / "w.h5")
+    convert.load_state_dict(tmp_path / "w.h5")
 
 
 def _save_safetensors(sd, path):
@@ -251,14 +251,14 @@ def test_reads_real_weight_files(tmp_path, ext, save):
   save(sd, tmp_path / f"w{ext}")
   save({f"module.{k}": v for k, v in sd.items()}, tmp_path / f"dp{ext}")  # DataParallel's
   for name in ("w", "dp"):
-    loaded = C.load_state_dict(tmp_path / f"{name}{ext}")
+    loaded = convert.load_state_dict(tmp_path / f"{name}{ext}")
     assert sorted(loaded) == sorted(sd)
     for k, v in sd.items():
       assert isinstance(loaded[k], np.ndarray) and loaded[k].dtype == v.dtype, k
       np.testing.assert_array_equal(loaded[k], v, err_msg=k)
   finit = _small_resnet()
-  jax.tree.map(np.testing.assert_array_equal, C.convert("resnet18", tmp_path / f"w{ext}", finit),
-               C.convert("resnet18", sd, finit))
+  jax.tree.map(np.testing.assert_array_equal, convert.convert("resnet18", tmp_path / f"w{ext}", finit),
+               convert.convert("resnet18", sd, finit))
 
 
 @pytest.mark.parametrize("ext,modules", [
@@ -268,7 +268,7 @@ def test_missing_reader_library_says_what_to_install(tmp_path, monkeypatch, ext,
   for module in modules:  # None in sys.modules makes the import fail, installed or not
     monkeypatch.setitem(sys.modules, module, None)
   with pytest.raises(ImportError, match=f"pip install {modules[0]}"):
-    C.load_state_dict(tmp_path / f"w{ext}")
+    convert.load_state_dict(tmp_path / f"w{ext}")
 
 
 def _conv_nchw(x, w, stride, pad):
@@ -298,7 +298,7 @@ def _capture(model, variables, x, paths):
 def test_resnet_stem_matches_torch_semantics():
   sd = fill(torchvision_resnet(18), std=0.1)
   model, abstract = target("resnet18")
-  variables = C.convert("resnet18", sd, abstract)
+  variables = convert.convert("resnet18", sd, abstract)
   x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)  # NCHW
   _, got = _capture(model, variables, x.transpose(0, 2, 3, 1), ["stem_bn"])
   want = _conv_nchw(x.astype(np.float64), sd["conv1.weight"], 2, 3)
@@ -350,7 +350,7 @@ def test_deit_forward_matches_timm_semantics():
   cfg = dict(img_size=32, patch_size=8, dim=48, depth=2)
   sd = fill(timm_deit(num_classes=10, img=32, patch=8, dim=48, depth=2), seed=2, std=0.2)
   model, abstract = target("deit_tiny", 10, size=32, **cfg)
-  variables = C.convert("deit_tiny", sd, abstract)
+  variables = convert.convert("deit_tiny", sd, abstract)
   x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
   got, _ = _capture(model, variables, x.transpose(0, 2, 3, 1), [])
   sd64 = {k: v.astype(np.float64) for k, v in sd.items()}
@@ -364,7 +364,7 @@ def test_tinyvit_window_attention_matches_timm_semantics():
   sd = fill(timm_tinyvit(10, dims=(16, 32), depths=(1, 1), heads=(1, 2), windows=(7, 3)),
             seed=4, std=0.3)
   model, abstract = target("tinyvit_5m", 10, size=32, **cfg)
-  variables = C.convert("tinyvit_5m", sd, abstract)
+  variables = convert.convert("tinyvit_5m", sd, abstract)
   x = np.random.default_rng(5).standard_normal((2, 32, 32, 3)).astype(np.float32)
   attn = "stages_1/blocks_0/attn"
   _, got = _capture(model, variables, x, [attn + "/norm", attn])

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from baq.allocation import curvature as C
+from baq.allocation import curvature
 from baq.allocation import eigen
 
 G = 3
@@ -24,7 +24,7 @@ def _problem(seed=0):
   def apply_fn(p, x):
     return jnp.tanh(x @ p["a"]["kernel"]) @ p["b"]["kernel"] + p["b"]["bias"]
 
-  return params, C.group_loss_fn(apply_fn, batch, G)
+  return params, curvature.group_loss_fn(apply_fn, batch, G)
 
 
 def _dense_hessians(params, group_loss):
@@ -36,11 +36,11 @@ def test_group_hvp_is_exact():
   params, gl = _problem()
   flat, unravel, H = _dense_hessians(params, gl)
   v = jax.random.normal(jax.random.key(9), flat.shape)
-  got = C.group_hvp(gl, params, unravel(v))
+  got = curvature.group_hvp(gl, params, unravel(v))
   got = jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(got)
   np.testing.assert_allclose(got, H @ v, rtol=1e-5, atol=1e-6)
   for g in range(G):
-    single = C.hvp(lambda p: gl(p)[g], params, unravel(v))
+    single = curvature.hvp(lambda p: gl(p)[g], params, unravel(v))
     np.testing.assert_allclose(jax.flatten_util.ravel_pytree(single)[0], H[g] @ v,
                                rtol=1e-5, atol=1e-6)
 
@@ -48,7 +48,7 @@ def test_group_hvp_is_exact():
 def test_hutchinson_traces_and_diagonals_match_the_hessian():
   params, gl = _problem()
   flat, unravel, H = _dense_hessians(params, gl)
-  est = C.hutchinson(gl, params, jax.random.key(0), num_probes=2048, probe_chunk=256)
+  est = curvature.hutchinson(gl, params, jax.random.key(0), num_probes=2048, probe_chunk=256)
   diag = jax.vmap(lambda d: d)(jnp.diagonal(H, axis1=1, axis2=2))  # [G, P]
   true_diag = jax.vmap(unravel)(diag)
   for path in (("a", "kernel"), ("b", "kernel")):
@@ -65,19 +65,19 @@ def test_hutchinson_traces_and_diagonals_match_the_hessian():
 
 def test_layer_units_sum_whole_leaves():
   params, gl = _problem()
-  est = C.hutchinson(gl, params, jax.random.key(1), num_probes=8, probe_chunk=4,
+  est = curvature.hutchinson(gl, params, jax.random.key(1), num_probes=8, probe_chunk=4,
                      per_channel=False)
   assert est.trace["a"]["kernel"].shape == (G,)
   with pytest.raises(ValueError, match="multiple of probe_chunk"):
-    C.hutchinson(gl, params, jax.random.key(1), num_probes=10, probe_chunk=4)
+    curvature.hutchinson(gl, params, jax.random.key(1), num_probes=10, probe_chunk=4)
 
 
 def test_hutchinson_host_loop_uses_the_same_probes_as_the_batched_path():
   params, gl = _problem()
   scaled = lambda p, s: gl(p) * s  # an extra argument, as the planner passes its batch
   kw = dict(num_probes=8, probe_chunk=4)
-  batched = C.hutchinson(gl, params, jax.random.key(3), **kw)
-  host = C.hutchinson(scaled, params, jax.random.key(3), batch_groups=False,
+  batched = curvature.hutchinson(gl, params, jax.random.key(3), **kw)
+  host = curvature.hutchinson(scaled, params, jax.random.key(3), batch_groups=False,
                       args=(jnp.float32(2.0),), **kw)
   for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(host)):
     np.testing.assert_allclose(2.0 * np.asarray(a), b, rtol=1e-4, atol=1e-6)
@@ -108,9 +108,9 @@ def test_group_traces_match_exact_traces_whole_model_and_per_leaf():
   def per_example(p):
     return jnp.sum(jnp.tanh(x @ p["a"] + p["b"]) ** 2 * jnp.cos(x[:, :2]), 1)
 
-  est = C.group_traces(per_example, params, groups, 3, jax.random.key(0), mask=mask,
+  est = curvature.group_traces(per_example, params, groups, 3, jax.random.key(0), mask=mask,
                                num_probes=512, probe_chunk=64)
-  leaf = C.group_traces(per_example, params, groups, 3, jax.random.key(1), mask=mask,
+  leaf = curvature.group_traces(per_example, params, groups, 3, jax.random.key(1), mask=mask,
                                 num_probes=512, probe_chunk=64, per_leaf=True)
   flat, unravel = jax.flatten_util.ravel_pytree(params)
   for g in range(3):

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from baq.models import build_model
-from baq.quant import units as U
 from baq.train import experiment
 from baq.train.checkpoint import restore_params
 from baq.train.evaluate import predict_logits

@@ -11,7 +11,7 @@ import pytest
 
 from baq.train import experiment, trainer
 from baq.train.checkpoint import restore_params
-from baq.quant import units as U
+from baq.quant import units
 from baq.train.step import make_train_step
 
 
@@ -50,13 +50,13 @@ def test_fair_static_is_post_training_and_qat_trains_the_weights(run):
   fp = restore_params(config.init_checkpoint)
   static = restore_params(os.path.join(workdir, "fair_static"))
   qat = restore_params(os.path.join(workdir, "fair_static_qat"))
-  layers = U.find_units(static)
+  layers = units.find_units(static)
   plan = json.load(open(os.path.join(workdir, "allocation_plan.json")))
   for l in layers:
     k = l.kernel_path
     np.testing.assert_array_equal(_get(static, k), _get(fp, k))
     assert not np.array_equal(_get(qat, k), _get(fp, k))
-  np.testing.assert_array_equal(U.gather_bits(qat, layers), plan["bits"])
+  np.testing.assert_array_equal(units.gather_bits(qat, layers), plan["bits"])
 
 
 def test_baq_can_start_from_the_allocation(run, tmp_path, tiny_data):
@@ -68,7 +68,7 @@ def test_baq_can_start_from_the_allocation(run, tmp_path, tiny_data):
   plan = experiment.allocation_plan(config, workdir, fp, tiny_data)
   out = trainer.train(config, str(tmp_path / "baq"), mode="baq", data=tiny_data, steps=2,
                       lr=1e-4, init_params=fp, init_bits=plan)
-  bits = np.asarray(U.gather_bits(out.params, U.find_units(out.params)))
+  bits = np.asarray(units.gather_bits(out.params, units.find_units(out.params)))
   # Two Adam steps of bits_lr move each bit-width by at most ~2 * bits_lr.
   assert np.max(np.abs(bits - plan)) <= 2.2 * config.optim.bits_lr
   assert not np.allclose(bits, config.quant.target_bits)

@@ -13,9 +13,9 @@ from baq.data.synthetic import generate as synthetic
 from baq.data.pipeline import normalize
 from baq.models.cnn import SmallCNN
 from baq.quant import fake_quant as fq
-from baq.quant import gptq as G
+from baq.quant import gptq
 from baq.quant import hessian
-from baq.quant import gptq_model as GM
+from baq.quant import gptq_model
 
 D, M = 96, 32  # Random layers share one padded shape with the SmallCNN's.
 
@@ -77,11 +77,11 @@ def _on_grid(w_q, bits, group):
                                              (True, 32)])
 def test_gptq_beats_rtn_and_lies_on_the_grid(bits, act_order, group):
   x, w, stats = _layer()
-  r = G.gptq(w, hessian.hessian(stats), bits, act_order=act_order, group_size=group)
-  e_gptq, e_rtn = _err(x, w, r.weight), _err(x, w, G.rtn(w, bits, group))
+  r = gptq.gptq(w, hessian.hessian(stats), bits, act_order=act_order, group_size=group)
+  e_gptq, e_rtn = _err(x, w, r.weight), _err(x, w, gptq.rtn(w, bits, group))
   # Measured ratios 0.43-0.67, act_order lowest.
   assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
-  assert np.isclose(G.output_error(stats.xtx, w, r.weight), e_gptq, rtol=1e-3)
+  assert np.isclose(gptq.output_error(stats.xtx, w, r.weight), e_gptq, rtol=1e-3)
   qmax = 2 ** (bits - 1) - 1
   assert np.abs(np.asarray(r.codes)).max() == qmax
   rows = _scale_rows(r, group)
@@ -93,7 +93,7 @@ def test_gptq_beats_rtn_and_lies_on_the_grid(bits, act_order, group):
 def test_rtn_is_fake_quant():
   _, w, _ = _layer()
   bv = jnp.full((M,), 3.0)
-  assert np.array_equal(np.asarray(G.rtn(w, 3)),
+  assert np.array_equal(np.asarray(gptq.rtn(w, 3)),
                         np.asarray(_fake_quant(w, bv)))
 
 
@@ -102,12 +102,12 @@ def test_fair_with_alpha_zero_is_gptq_bitwise():
   xa, xb = _correlated(256, D, 5), _correlated(256, D, 6)
   h_pair = hessian.hessian(hessian.update_stats(hessian.init_stats(D), xa - xb))
   h = hessian.hessian(stats)
-  plain = G.gptq(w, h, 3, act_order=True)
-  fair = G.gptq(w, hessian.fair_hessian(h, h_pair, 0.0), 3, act_order=True)
+  plain = gptq.gptq(w, h, 3, act_order=True)
+  fair = gptq.gptq(w, hessian.fair_hessian(h, h_pair, 0.0), 3, act_order=True)
   for a, b in zip(plain[:3], fair[:3]):
     assert np.array_equal(np.asarray(a), np.asarray(b))
   assert plain.loss == fair.loss
-  assert not np.array_equal(np.asarray(G.gptq(w, hessian.fair_hessian(h, h_pair, 1.0), 3,
+  assert not np.array_equal(np.asarray(gptq.gptq(w, hessian.fair_hessian(h, h_pair, 1.0), 3,
                                               act_order=True).weight),
                             np.asarray(plain.weight))
 
@@ -122,14 +122,14 @@ def test_fair_term_moves_pair_differences_toward_float():
   h, h_pair = hessian.hessian(stats), hessian.hessian(hessian.update_stats(hessian.init_stats(D), xa - xb))
   pair_err, task_err = [], []
   for alpha in (0.0, 0.3, 3.0):
-    w_q = G.gptq(w, hessian.fair_hessian(h, h_pair, alpha), 3).weight
+    w_q = gptq.gptq(w, hessian.fair_hessian(h, h_pair, alpha), 3).weight
     pair_err.append(_err(xa - xb, w, w_q))
     task_err.append(_err(x, w, w_q))
   # Measured pair errors 2448, 1144, 1116 (RTN: 1167: plain GPTQ pushes its
   # error into the directions calibration never excites); task error 7982,
   # 8225, 8549 (RTN: 13914).
   assert pair_err[2] < pair_err[1] < 0.7 * pair_err[0], pair_err
-  assert task_err[0] < task_err[2] < 0.8 * _err(x, w, G.rtn(w, 3)), task_err
+  assert task_err[0] < task_err[2] < 0.8 * _err(x, w, gptq.rtn(w, 3)), task_err
 
 
 def test_failed_cholesky_raises_damping_with_a_warning():
@@ -141,12 +141,12 @@ def test_failed_cholesky_raises_damping_with_a_warning():
   h_bad[5, :] = h_bad[:, 5] = 0.0
   _, w, _ = _layer()
   with pytest.warns(UserWarning, match=r"GPTQ fc: Cholesky .* damping") as record:
-    r = G.gptq(w, h_bad, 4, percdamp=1e-5, name="fc")
+    r = gptq.gptq(w, h_bad, 4, percdamp=1e-5, name="fc")
   assert len(record) >= 2 and r.damp >= 1e-3 * mean
   assert np.isfinite(np.asarray(r.weight)).all() and _on_grid(r.weight, 4, D)
   assert np.all(np.asarray(r.weight)[5] == 0.0)
   with pytest.raises(FloatingPointError, match="GPTQ fc"), pytest.warns(UserWarning):
-    G.gptq(w, np.full((D, D), np.nan, np.float32), 4, max_tries=2, name="fc")
+    gptq.gptq(w, np.full((D, D), np.nan, np.float32), 4, max_tries=2, name="fc")
 
 
 @pytest.mark.parametrize("kw", [
@@ -159,8 +159,8 @@ def test_patches_times_kernel_is_the_convolution(kw):
   x = np.random.default_rng(0).normal(size=(2, 9, 8, 4)).astype(np.float32)
   conv = nn.Conv(use_bias=False, **kw)
   params = _init(conv, x)["params"]
-  spec = GM._spec(conv, "c", 1)
-  rows = jax.jit(GM.layer_rows, static_argnums=(1, 2))(x, spec, 4)
+  spec = gptq_model._spec(conv, "c", 1)
+  rows = jax.jit(gptq_model.layer_rows, static_argnums=(1, 2))(x, spec, 4)
   k = params["kernel"]
   groups = spec.groups
   og = k.shape[-1] // groups
@@ -182,21 +182,21 @@ def cnn():
 
 def test_gptq_beats_rtn_on_a_real_conv_layer(cnn):
   model, variables, x = cnn
-  spec = next(s for s in GM.find_layers(model, variables, x) if s.path == "Conv_1")
+  spec = next(s for s in gptq_model.find_layers(model, variables, x) if s.path == "Conv_1")
   w = np.asarray(variables["params"]["Conv_1"]["kernel"]).reshape(72, 12)
-  xtx, n = GM._layer_gram(model, variables, x, spec, 72, 64, None)
+  xtx, n = gptq_model._layer_gram(model, variables, x, spec, 72, 64, None)
   h = hessian.hessian(hessian.HessianStats(xtx[0], n))
-  e_rtn = G.output_error(xtx[0], w, G.rtn(w, 3))
-  e_gptq = G.output_error(xtx[0], w, G.gptq(w, h, 3, act_order=True).weight)
+  e_rtn = gptq.output_error(xtx[0], w, gptq.rtn(w, 3))
+  e_gptq = gptq.output_error(xtx[0], w, gptq.gptq(w, h, 3, act_order=True).weight)
   assert e_gptq < 0.5 * e_rtn, (e_gptq, e_rtn)
 
 
 def test_sequential_model_quantization(cnn):
   model, variables, x = cnn
   bits = {"Conv_0": 4, "Dense_0": np.array([3, 4] * 8)}
-  p_gptq, rec = GM.quantize_model(model, variables, x, bits=bits, default_bits=3,
+  p_gptq, rec = gptq_model.quantize_model(model, variables, x, bits=bits, default_bits=3,
                                   batch_size=64)
-  p_rtn, rec_rtn = GM.quantize_model(model, variables, x, bits=bits, default_bits=3,
+  p_rtn, rec_rtn = gptq_model.quantize_model(model, variables, x, bits=bits, default_bits=3,
                                      batch_size=64, method="rtn")
   layers = ["Conv_0", "Conv_1", "Conv_2", "Dense_0", "head"]
   assert list(rec) == layers
@@ -225,11 +225,11 @@ def test_fair_layers_float_layers_and_counterfactual_pairs(cnn):
   pairs = (normalize(cf["image"][0]), normalize(cf["image"][1]))
   kw = dict(bits=3, batch_size=64, float_layers="head", fair_layers="Conv_.*",
             pairs=pairs)
-  p0, rec0 = GM.quantize_model(model, variables, x, alpha=0.0, **kw)
-  p_plain, _ = GM.quantize_model(model, variables, x, bits=3, batch_size=64,
+  p0, rec0 = gptq_model.quantize_model(model, variables, x, alpha=0.0, **kw)
+  p_plain, _ = gptq_model.quantize_model(model, variables, x, bits=3, batch_size=64,
                                  float_layers=["head"])
   assert jax.tree.all(jax.tree.map(np.array_equal, p0, p_plain))  # alpha 0: GPTQ
-  p1, rec1 = GM.quantize_model(model, variables, x, alpha=3.0, **kw)
+  p1, rec1 = gptq_model.quantize_model(model, variables, x, alpha=3.0, **kw)
   assert "head" not in rec1
   assert np.array_equal(p1["head"]["kernel"], variables["params"]["head"]["kernel"])
   assert [k for k, r in rec1.items() if r["fair"]] == ["Conv_0", "Conv_1", "Conv_2"]
@@ -245,9 +245,9 @@ def test_bad_bits_raise(cnn):
   model, variables, x = cnn
   _, w, stats = _layer()
   with pytest.raises(ValueError, match="integer bits >= 2"):
-    G.gptq(w, hessian.hessian(stats), 3.5)
+    gptq.gptq(w, hessian.hessian(stats), 3.5)
   with pytest.raises(ValueError, match=r"unknown layers \['Conv_9'\]"):
-    GM.quantize_model(model, variables, x, bits={"Conv_9": 4})
+    gptq_model.quantize_model(model, variables, x, bits={"Conv_9": 4})
 
 
 class _Mixed(nn.Module):
@@ -268,10 +268,10 @@ def test_other_architectures_grouped_conv_tokens_shared_layer_batchnorm():
   x = normalize(synthetic.generate(32, seed=2, image_size=8)["image"])
   model = _Mixed()
   variables = _init(model, x[:2])
-  layers = GM.find_layers(model, variables, x, dict(train=False))
+  layers = gptq_model.find_layers(model, variables, x, dict(train=False))
   assert [(s.path, s.calls, s.groups) for s in layers] == [
       ("Conv_0", 1, 1), ("grouped", 1, 4), ("shared", 2, 1), ("head", 1, 1)]
-  params, rec = GM.quantize_model(model, variables, x, bits=3, batch_size=16,
+  params, rec = gptq_model.quantize_model(model, variables, x, bits=3, batch_size=16,
                                   apply_kwargs=dict(train=False))
   assert rec["shared"]["rows"] == 2 * 32 * 16  # both calls, every token
   assert rec["grouped"]["codes"].shape == (9 * 2, 8)

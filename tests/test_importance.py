@@ -9,7 +9,7 @@ import pytest
 from baq.allocation import importance, planner
 from baq.fairness import losses
 from baq.data.datasets import Split
-from baq.quant import units as U
+from baq.quant import units
 from baq.quant.inject import QuantSpec
 
 G = 3
@@ -28,9 +28,9 @@ def _mlp(params, x):
 
 
 def _layers(per_channel):
-  return [U.LayerUnits("Dense_0", ("Dense_0", "Dense_0", "bits"), ("Dense_0", "kernel"),
+  return [units.LayerUnits("Dense_0", ("Dense_0", "Dense_0", "bits"), ("Dense_0", "kernel"),
                        5 if per_channel else 1, 4 if per_channel else 20),
-          U.LayerUnits("head", ("head", "head", "bits"), ("head", "kernel"),
+          units.LayerUnits("head", ("head", "head", "bits"), ("head", "kernel"),
                        3 if per_channel else 1, 5 if per_channel else 15)]
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from baq import models
-from baq.models import convert as C
+from baq.models import convert
 from baq.quant.inject import Quantizer, QuantSpec
 from test_models import RNGS
 
@@ -121,7 +121,7 @@ def test_plugin_converts_a_torch_state_dict(plugin):
   converted = {}
   for quant in (None, QUANT):
     model = models.build_model(NAME, 5, quant)
-    converted[quant] = C.convert(NAME, sd, model.init(RNGS, X))
+    converted[quant] = convert.convert(NAME, sd, model.init(RNGS, X))
     p = converted[quant]["params"]
     np.testing.assert_array_equal(p["head"]["kernel"], sd["classifier.weight"].T)
     np.testing.assert_array_equal(p["stem"]["kernel"],
@@ -133,12 +133,12 @@ def test_plugin_converts_a_torch_state_dict(plugin):
   out = converted[None]
   np.testing.assert_allclose(models.build_model(NAME, 5).apply(out, X), _torch_forward(sd, X),
                              rtol=1e-4, atol=1e-4)
-  back = C.to_torch(NAME, out)
+  back = convert.to_torch(NAME, out)
   assert sorted(back) == sorted(sd)
   for k in sd:
     np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
   with pytest.raises(ValueError, match=r"1 unused source keys \['features.1.weight'\]"):
-    C.convert(NAME, {**sd, "features.1.weight": np.zeros((4, 4))}, out)
+    convert.convert(NAME, {**sd, "features.1.weight": np.zeros((4, 4))}, out)
 
 
 FAMILY_FILES = {"cnn", "resnet", "vit", "tinyvit"}

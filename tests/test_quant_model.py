@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from baq.models import build_model
-from baq.quant import export, units as U
+from baq.quant import export, units
 from baq.quant.inject import Quantizer, QuantSpec
 from baq.fairness import losses
 
@@ -39,18 +39,18 @@ def test_task_loss_alone_gives_every_bit_a_gradient(parametrization, granularity
   model, params, x, y = _setup(parametrization, granularity, init_bits)
   params = dict(params, Dense_0=dict(params["Dense_0"],
                                      bias=jnp.full_like(params["Dense_0"]["bias"], 0.5)))
-  layers = U.find_units(params)
+  layers = units.find_units(params)
 
   def task_loss(p):
     logits = model.apply({"params": p}, x, rngs={"quant": jax.random.key(5)})
     return jnp.mean(losses.cross_entropy(logits, y))
 
   grads = jax.jit(jax.grad(task_loss))(params)
-  g = np.asarray(U.gather_bits(grads, layers))
+  g = np.asarray(units.gather_bits(grads, layers))
   flat = tu.flatten_dict(grads)
   live = np.concatenate([np.abs(np.asarray(flat[l.kernel_path])).reshape(-1, l.count).sum(0) > 0
                          for l in layers])
-  assert g.shape == live.shape == (U.unit_numels(layers).shape[0],)
+  assert g.shape == live.shape == (units.unit_numels(layers).shape[0],)
   assert g.shape[0] == (43 if granularity == "channel" else 4)  # 8 + 16 + 16 + 3 channels
   assert live.all(), f"units without a weight gradient: {np.nonzero(~live)[0]}"
   assert np.all(g != 0) and np.all(np.isfinite(g)), f"zero bit gradients at {np.nonzero(g == 0)[0]}"
@@ -60,7 +60,7 @@ def test_rules_first_match_wins_and_none_keeps_float():
   rules = (("head", None), ("Conv_0", QuantSpec(granularity="layer", init_bits=8)),
            (".*", QuantSpec(init_bits=3)))
   model, params, x, _ = _setup(rules=rules)
-  layers = {l.name: l for l in U.find_units(params)}
+  layers = {l.name: l for l in units.find_units(params)}
   assert set(layers) == {"Conv_0", "Conv_1", "Dense_0"}
   assert layers["Conv_0"].count == 1 and layers["Conv_1"].count == 16
   flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
@@ -80,16 +80,16 @@ def test_no_quantizer_is_the_float_model():
 
 def test_average_bits_and_size_are_weighted_by_weight_count():
   model, params, _, _ = _setup(init_bits=4.0)
-  layers = U.find_units(params)
-  numel = U.unit_numels(layers)
+  layers = units.find_units(params)
+  numel = units.unit_numels(layers)
   bits = np.arange(len(numel)) % 5 + 2.0
-  p2 = U.scatter_bits(params, layers, bits)
-  np.testing.assert_allclose(U.average_bits(p2, layers), (numel * bits).sum() / numel.sum(),
+  p2 = units.scatter_bits(params, layers, bits)
+  np.testing.assert_allclose(units.average_bits(p2, layers), (numel * bits).sum() / numel.sum(),
                              rtol=1e-6)
-  size4 = U.model_bytes(params, layers)
-  size8 = U.model_bytes(U.scatter_bits(params, layers, np.full(len(numel), 8.0)), layers)
+  size4 = units.model_bytes(params, layers)
+  size8 = units.model_bytes(units.scatter_bits(params, layers, np.full(len(numel), 8.0)), layers)
   np.testing.assert_allclose(size8 - size4, numel.sum() * 4 / 8, rtol=1e-6)
-  t = U.bits_for_bytes(params, layers, float(size4))
+  t = units.bits_for_bytes(params, layers, float(size4))
   np.testing.assert_allclose(t, 4.0, rtol=1e-5)
 
 
@@ -100,7 +100,7 @@ def test_projection_meets_budget_after_rounding(seed):
   numel = rng.integers(1, 5000, n)
   cont = rng.uniform(1.5, 8.5, n)
   target = rng.uniform(2.0, 8.0)
-  ints = U.project(cont, numel, target, 2, 8)
+  ints = units.project(cont, numel, target, 2, 8)
   avg = (numel * ints).sum() / numel.sum()
   assert avg <= target + 1e-9
   assert ints.min() >= 2 and ints.max() <= 8
@@ -111,7 +111,7 @@ def test_projection_meets_budget_after_rounding(seed):
   room = (ints < 8) & (ints < cont)
   assert not np.any(numel[room] <= slack)
   # Spending: same guarantees, and no unit below max_bits could take a bit.
-  spent = U.project(cont, numel, target, 2, 8, spend=True)
+  spent = units.project(cont, numel, target, 2, 8, spend=True)
   avg_spent = (numel * spent).sum() / numel.sum()
   assert avg <= avg_spent <= target + 1e-9 and spent.min() >= 2 and spent.max() <= 8
   slack = target * numel.sum() - (numel * spent).sum()
@@ -120,18 +120,18 @@ def test_projection_meets_budget_after_rounding(seed):
 
 def test_projection_keeps_a_feasible_allocation():
   cont = np.array([2.0, 3.0, 8.0])
-  np.testing.assert_array_equal(U.project(cont, np.array([10, 10, 10]), 6.0, 2, 8), [2, 3, 8])
+  np.testing.assert_array_equal(units.project(cont, np.array([10, 10, 10]), 6.0, 2, 8), [2, 3, 8])
   # Spending the remaining 5 bits per unit-weight goes where the learned
   # values are least exceeded: alternately to the two low units.
   np.testing.assert_array_equal(
-      U.project(cont, np.array([10, 10, 10]), 6.0, 2, 8, spend=True), [5, 5, 8])
+      units.project(cont, np.array([10, 10, 10]), 6.0, 2, 8, spend=True), [5, 5, 8])
 
 
 def test_impossible_budget_names_the_bound():
   with pytest.raises(ValueError, match="below min_bits"):
-    U.project(np.array([4.0]), np.array([1]), 1.5, 2, 8)
+    units.project(np.array([4.0]), np.array([1]), 1.5, 2, 8)
   with pytest.raises(ValueError, match="above max_bits"):
-    U.check_budget(9.0, 2, 8)
+    units.check_budget(9.0, 2, 8)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -151,9 +151,9 @@ def test_pack_unpack_round_trip(symmetric):
                                                   ("channel", 4)])
 def test_exported_integer_weights_reproduce_fake_quant_logits(tmp_path, granularity, act_bits):
   model, params, x, _ = _setup(granularity=granularity, init_bits=4.7, act_bits=act_bits)
-  layers = U.find_units(params)
+  layers = units.find_units(params)
   ints, deployed = export.deploy(params, layers, 4.0, 2, 8)
-  assert (U.unit_numels(layers) * ints).sum() / U.unit_numels(layers).sum() <= 4.0
+  assert (units.unit_numels(layers) * ints).sum() / units.unit_numels(layers).sum() <= 4.0
   eval_model = model.clone(quant=model.quant.replace(training=False))
   want = eval_model.apply({"params": deployed}, x)
   captured = export.capture_codes(model, deployed, x[:1])

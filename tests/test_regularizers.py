@@ -5,14 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from baq.fairness import losses, regularizers as R
+from baq.fairness import losses, regularizers
 
 
 def _ctx(group_loss, present=None, avg_bits=5.0, target=4.0):
   gl = jnp.asarray(group_loss, jnp.float32)
   present = jnp.ones(gl.shape, bool) if present is None else jnp.asarray(present)
   z = jnp.zeros((4,))
-  return R.PenaltyContext(gl, present.astype(jnp.float32), present, z, jnp.zeros((4, 3)),
+  return regularizers.PenaltyContext(gl, present.astype(jnp.float32), present, z, jnp.zeros((4, 3)),
                           z.astype(int), z.astype(int), jnp.float32(avg_bits),
                           jnp.float32(target), jnp.int32(0))
 
@@ -29,7 +29,7 @@ def test_group_stats_segment_means_and_missing_groups():
 
 @pytest.mark.parametrize("name", ["smooth_max", "cvar", "gap", "variance", "group_dro"])
 def test_penalties_are_finite_and_ignore_absent_groups(name):
-  reg = R.build(name)
+  reg = regularizers.build(name)
   state = reg.init(4)
   v, _, _ = reg.apply(_ctx([1.0, 99.0, 3.0, 0.0], present=[True, False, True, False]), state)
   v2, _, _ = reg.apply(_ctx([1.0, 0.0, 3.0, 0.0], present=[True, False, True, False]), state)
@@ -40,7 +40,7 @@ def test_penalties_are_finite_and_ignore_absent_groups(name):
 
 def test_penalty_values():
   l = [1.0, 2.0, 4.0, 3.0]
-  val = lambda name, **kw: float(R.build(name, **kw).apply(_ctx(l), R.build(name, **kw).init(4))[0])
+  val = lambda name, **kw: float(regularizers.build(name, **kw).apply(_ctx(l), regularizers.build(name, **kw).init(4))[0])
   assert val("gap") == pytest.approx(3.0)
   assert val("variance") == pytest.approx(np.var(l))
   assert val("cvar", alpha=0.5) == pytest.approx(3.5)
@@ -52,7 +52,7 @@ def test_penalty_values():
 
 
 def test_group_dro_weights_move_to_the_worst_group():
-  reg = R.build("group_dro", step_size=0.5)
+  reg = regularizers.build("group_dro", step_size=0.5)
   q = reg.init(4)
   for _ in range(20):
     _, q, _ = reg.apply(_ctx([1.0, 2.0, 4.0, 3.0]), q)
@@ -60,7 +60,7 @@ def test_group_dro_weights_move_to_the_worst_group():
 
 
 def test_bitrate_dual_ascent_raises_multiplier_while_over_budget():
-  reg = R.build("bitrate", dual_lr=0.1, rho=0.0)
+  reg = regularizers.build("bitrate", dual_lr=0.1, rho=0.0)
   lam = reg.init(4)
   for _ in range(5):
     _, lam, m = reg.apply(_ctx([1.0] * 4, avg_bits=5.0, target=4.0), lam)
@@ -73,19 +73,19 @@ def test_bitrate_dual_ascent_raises_multiplier_while_over_budget():
 
 
 def test_bitrate_equality_form_pushes_unused_bits_back_up():
-  reg = R.build("bitrate", dual_lr=0.1, rho=2.0, equality=True)
+  reg = regularizers.build("bitrate", dual_lr=0.1, rho=2.0, equality=True)
   lam = reg.init(4)
   for _ in range(5):
     _, lam, m = reg.apply(_ctx([1.0] * 4, avg_bits=3.0, target=4.0), lam)
   assert float(lam) == pytest.approx(-0.5)  # Free in sign: under budget.
   g = jax.grad(lambda b: reg.apply(_ctx([1.0] * 4, avg_bits=b, target=4.0), lam)[0])(3.0)
   assert float(g) == pytest.approx(-0.5 + 2.0 * -1.0)  # Descent raises the bits.
-  ineq = R.build("bitrate", dual_lr=0.1, rho=2.0)
+  ineq = regularizers.build("bitrate", dual_lr=0.1, rho=2.0)
   assert float(ineq.apply(_ctx([1.0] * 4, avg_bits=3.0, target=4.0), ineq.init(4))[0]) == 0.0
 
 
 def test_unknown_regularizer_lists_valid_names():
   with pytest.raises(KeyError, match="bitrate, cvar, gap, group_dro, smooth_max, variance"):
-    R.build("worst_group")
+    regularizers.build("worst_group")
   with pytest.raises(TypeError, match="cvar"):
-    R.build("cvar", temperature=3.0)
+    regularizers.build("cvar", temperature=3.0)

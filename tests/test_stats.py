@@ -140,19 +140,3 @@ def test_verdict_rules_by_hand():
       "no significant change", "no significant change"]
   got = corrections.verdicts(change, change_p, relative, relative_p)
   assert set(got) <= set(corrections.VERDICTS)
-
-
-def test_skew_at_k_by_hand():
-  scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
-  groups = np.array([0, 0, 1, 0, 1, 1])   # population shares 1/2, 1/2; group 2 absent
-  out = stats.skew_at_k(scores, groups, 3, k=3, smoothing=0.0)
-  np.testing.assert_allclose(out["skew"][:2], [np.log(4 / 3), np.log(2 / 3)])
-  assert np.isnan(out["skew"][2])
-  assert out["max_skew"] == pytest.approx(np.log(4 / 3)) and out["max_group"] == 0
-  assert out["min_skew"] == pytest.approx(np.log(2 / 3)) and out["min_group"] == 1
-  # Top 2 are both group 0: plain formula gives -inf; smoothing 0.5 gives
-  # shares (2.5/3, 0.5/3) -> skews log(5/3), log(1/3).
-  assert stats.skew_at_k(scores, groups, 3, k=2, smoothing=0.0)["min_skew"] == -np.inf
-  sm = stats.skew_at_k(scores, groups, 3, k=2)
-  np.testing.assert_allclose(sm["skew"][:2], [np.log(5 / 3), np.log(1 / 3)])
-  assert stats.skew_at_k(scores, groups, 3, k=6, smoothing=0.0)["max_skew"] == pytest.approx(0.0)

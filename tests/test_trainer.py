@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from baq.data import pipeline
-from baq.quant import units as U
+from baq.quant import units
 from baq.train import experiment, trainer
 from baq.train.checkpoint import restore_params
 from baq.train.modes import get_mode
@@ -181,8 +181,8 @@ def test_baq_ends_at_a_frozen_integer_allocation_within_budget(tmp_path, make_ti
   assert final_at == 6
   run = trainer.train(config, str(tmp_path), mode="baq", data=tiny_data, steps=steps, lr=1e-3)
   assert "step     6 bit-widths projected to integers" in capsys.readouterr().out
-  layers = U.find_units(run.params)
-  bits, numel = np.asarray(U.gather_bits(run.params, layers)), U.unit_numels(layers)
+  layers = units.find_units(run.params)
+  bits, numel = np.asarray(units.gather_bits(run.params, layers)), units.unit_numels(layers)
   np.testing.assert_array_equal(bits, np.round(bits))
   assert bits.min() >= lo and bits.max() <= hi
   # The budget holds after rounding, exactly: an integer number of weight
@@ -195,9 +195,9 @@ def test_baq_ends_at_a_frozen_integer_allocation_within_budget(tmp_path, make_ti
   # The searched continuous bits are kept beside the checkpoints for export,
   # and the deployed allocation is their projection.
   searched = trainer.searched_params(str(tmp_path), run.params, layers)
-  cont = np.asarray(U.gather_bits(searched, layers), np.float64)
+  cont = np.asarray(units.gather_bits(searched, layers), np.float64)
   assert not np.array_equal(cont, np.round(cont))
-  np.testing.assert_array_equal(bits, U.project(cont, numel, target, lo, hi, spend=True))
+  np.testing.assert_array_equal(bits, units.project(cont, numel, target, lo, hi, spend=True))
   # They started at the budget and moved by Adam steps of bits_lr only
   # (clipping to [min_bits, max_bits] never moves them away from it).
   drift = config.optim.bits_lr * sum(_adam_step_bound(t) for t in range(1, final_at + 1))

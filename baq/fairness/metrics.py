@@ -6,6 +6,8 @@ the positive decision: demographic parity compares how often each group is
 predicted positive, equal opportunity compares true-positive rates, and
 equalized odds takes the larger of the true- and false-positive-rate gaps.
 Groups without the examples a rate needs are left out of that gap.
+`skew_at_k` measures how a ranking over-represents or under-represents
+groups (MaxSkew@k / MinSkew@k).
 """
 
 from __future__ import annotations
@@ -111,3 +113,33 @@ def format_table(methods: Mapping[str, Mapping], group_names: Optional[Sequence[
       row.append(("-" if a is None else f"{100 * a:6.2f}").rjust(8))
     lines.append(" ".join(row))
   return "\n".join(lines)
+
+
+def skew_at_k(scores, groups, num_groups: int, k: int, smoothing: float = 0.5,
+              desired: Optional[np.ndarray] = None) -> dict:
+  """Skew@k of a ranking over groups (Geyik et al., 2019), MaxSkew and MinSkew.
+
+  skew_g@k = log(p_g,k / p_g,desired), where p_g,k is group g's share of the
+  top k by score (descending; ties keep index order) and p_g,desired its
+  share of the ranked population (or `desired`). Zero counts: the top-k
+  shares are smoothed additively, p_g,k = (c_g + s) / (k + s G'), over the
+  G' groups present in the population (s = `smoothing`; s = 0 is the plain
+  formula, which gives -inf for an absent group). Groups absent from the
+  population get NaN and are left out of Max/MinSkew.
+
+  Returns:
+    dict(skew [G] list, max_skew, min_skew, max_group, min_group, k).
+  """
+  scores, groups = np.asarray(scores, np.float64), np.asarray(groups)
+  k = int(min(k, scores.size))
+  top = np.argsort(-scores, kind="stable")[:k]
+  pop = np.bincount(groups, minlength=num_groups).astype(np.float64)
+  present = pop > 0
+  want = pop / pop.sum() if desired is None else np.asarray(desired, np.float64)
+  c = np.bincount(groups[top], minlength=num_groups).astype(np.float64)
+  share = (c + smoothing) / (k + smoothing * present.sum())
+  with np.errstate(divide="ignore"):
+    skew = np.where(present, np.log(share) - np.log(np.where(present, want, 1.0)), np.nan)
+  hi, lo = int(np.nanargmax(skew)), int(np.nanargmin(skew))
+  return dict(skew=skew.tolist(), max_skew=float(skew[hi]), min_skew=float(skew[lo]),
+              max_group=hi, min_group=lo, k=k)

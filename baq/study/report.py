@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from baq.fairness.metrics import skew_at_k
 from baq.study import corrections, plots, stats
 from baq.train import workdir as wd
 
@@ -62,7 +63,7 @@ def _skew(logits_list, test, s, positive_class: int) -> dict:
     for logits in logits_list:
       z = logits - logits.max(-1, keepdims=True)
       prob = np.exp(z[:, positive_class]) / np.exp(z).sum(-1)
-      per.append(stats.skew_at_k(prob, test.groups, test.num_groups, k, s.skew_smoothing))
+      per.append(skew_at_k(prob, test.groups, test.num_groups, k, s.skew_smoothing))
     out[f"@{k}"] = dict(max_skew=float(np.mean([p["max_skew"] for p in per])),
                         min_skew=float(np.mean([p["min_skew"] for p in per])),
                         skew=np.mean([p["skew"] for p in per], 0).tolist())

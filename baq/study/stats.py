@@ -23,7 +23,6 @@ Corrections over many tests and the verdicts drawn from them are in
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import numpy as np
 from scipy import stats as sps
@@ -225,33 +224,3 @@ def across_seeds(values, alpha: float = 0.05) -> dict:
     notes.append(f"{s} seeds: the t-test has {s - 1} degree(s) of freedom and little power")
   out["note"] = "; ".join(notes) + ("." if notes else "")
   return out
-
-
-def skew_at_k(scores, groups, num_groups: int, k: int, smoothing: float = 0.5,
-              desired: Optional[np.ndarray] = None) -> dict:
-  """Skew@k of a ranking over groups (Geyik et al., 2019), MaxSkew and MinSkew.
-
-  skew_g@k = log(p_g,k / p_g,desired), where p_g,k is group g's share of the
-  top k by score (descending; ties keep index order) and p_g,desired its
-  share of the ranked population (or `desired`). Zero counts: the top-k
-  shares are smoothed additively, p_g,k = (c_g + s) / (k + s G'), over the
-  G' groups present in the population (s = `smoothing`; s = 0 is the plain
-  formula, which gives -inf for an absent group). Groups absent from the
-  population get NaN and are left out of Max/MinSkew.
-
-  Returns:
-    dict(skew [G] list, max_skew, min_skew, max_group, min_group, k).
-  """
-  scores, groups = np.asarray(scores, np.float64), np.asarray(groups)
-  k = int(min(k, scores.size))
-  top = np.argsort(-scores, kind="stable")[:k]
-  pop = np.bincount(groups, minlength=num_groups).astype(np.float64)
-  present = pop > 0
-  want = pop / pop.sum() if desired is None else np.asarray(desired, np.float64)
-  c = np.bincount(groups[top], minlength=num_groups).astype(np.float64)
-  share = (c + smoothing) / (k + smoothing * present.sum())
-  with np.errstate(divide="ignore"):
-    skew = np.where(present, np.log(share) - np.log(np.where(present, want, 1.0)), np.nan)
-  hi, lo = int(np.nanargmax(skew)), int(np.nanargmin(skew))
-  return dict(skew=skew.tolist(), max_skew=float(skew[hi]), min_skew=float(skew[lo]),
-              max_group=hi, min_group=lo, k=k)
