@@ -1,7 +1,7 @@
 """The static allocation path (FairQuant stages 1-2): curvature, importance, solver.
 
-  curvature   Hessian-vector products, Hutchinson traces/diagonals and power
-              iteration per group (pure functions of a group-loss function)
+  curvature   Hessian-vector products and Hutchinson / forward-over-forward
+              traces and diagonals per group (pure functions of a group loss)
   importance  per-unit, per-group, per-bit-width sensitivity measures and the
               reducers that combine groups
   solver      the exact budgeted choice of integer bits (dynamic programming,
