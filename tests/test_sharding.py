@@ -7,8 +7,7 @@ keeps its single device. The workers also pass XLA's cheap-compile options
 (compiling dominates these runs on CPU; every layout gets the same ones).
 With BAQ_MULTIPROCESS_TESTS=1, one more test runs a two-process
 `jax.distributed` job (2 devices each) on this machine. How a process decides
-to start `jax.distributed` is tested here in-process, against a recording
-stand-in for `jax.distributed.initialize` (no cluster is started).
+to start `jax.distributed` is tested in test_multihost.py.
 """
 
 import json
@@ -274,107 +273,6 @@ def test_batchnorm_model_trains_and_evaluates_with_its_statistics(tmp_path, data
   np.testing.assert_allclose(r["logits"], r["manual"], rtol=1e-5, atol=1e-5)
   assert np.max(np.abs(r["logits"] - r["fresh_logits"])) > 1e-2
   assert float(r["val_acc"]) == pytest.approx(float(r["eval_acc"]))
-
-
-# ---- multi-host start-up (in this process, jax.distributed faked) ----
-
-class _FakeDistributed:
-  """Records `jax.distributed.initialize` calls; `error` makes them raise."""
-
-  def __init__(self):
-    self.calls, self.started, self.error = [], False, None
-
-  def initialize(self, **kwargs):
-    self.calls.append(kwargs)
-    if self.error is not None:
-      raise self.error
-    self.started = True
-
-  def is_initialized(self):
-    return self.started
-
-
-@pytest.fixture
-def fake_distributed(monkeypatch):
-  import jax  # pylint: disable=import-outside-toplevel
-  fake = _FakeDistributed()
-  monkeypatch.setattr(jax.distributed, "initialize", fake.initialize)
-  monkeypatch.setattr(jax.distributed, "is_initialized", fake.is_initialized)
-  return fake
-
-
-EXPLICIT = dict(JAX_COORDINATOR_ADDRESS="10.0.0.1:1234", JAX_NUM_PROCESSES="4", JAX_PROCESS_ID="3")
-EXPLICIT_KW = dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3)
-SLURM4 = dict(SLURM_JOB_ID="77", SLURM_NTASKS="4")
-
-
-@pytest.mark.parametrize("env,cluster,call", [
-    ({}, False, None),
-    # BAQ_DISTRIBUTED=0 wins over everything.
-    (dict(BAQ_DISTRIBUTED="0", **EXPLICIT, **SLURM4), True, None),
-    (dict(BAQ_DISTRIBUTED="0", OMPI_COMM_WORLD_SIZE="8"), True, None),
-    # An explicit job: its three variables, as numbers, whatever else is set.
-    (EXPLICIT, False, EXPLICIT_KW),
-    (dict(EXPLICIT, **SLURM4), True, EXPLICIT_KW),
-    (dict(EXPLICIT, BAQ_DISTRIBUTED="1"), False, EXPLICIT_KW),
-    # Launchers jax detects by itself: initialize() without arguments.
-    (SLURM4, True, {}),
-    (dict(SLURM_JOB_ID="77", SLURM_NTASKS="1"), False, None),
-    (dict(SLURM_JOB_ID="77"), False, None),
-    (dict(SLURM_NTASKS="4"), False, None),  # not a SLURM job
-    (dict(OMPI_COMM_WORLD_SIZE="2"), True, {}),
-    (dict(OMPI_COMM_WORLD_SIZE="1"), False, None),
-    (dict(TPU_PROCESS_ADDRESSES="10.0.0.1:8476,10.0.0.2:8476"), True, {}),
-    (dict(TPU_PROCESS_ADDRESSES="10.0.0.1:8476"), False, None),
-    (dict(TPU_WORKER_HOSTNAMES="t-0,t-1,t-2,t-3"), True, {}),
-    (dict(TPU_WORKER_HOSTNAMES="t-0"), False, None),
-    (dict(TPU_WORKER_HOSTNAMES="t-0, ,"), False, None),  # blank entries are no hosts
-    # BAQ_DISTRIBUTED=1: jax's auto-detection whatever the environment.
-    (dict(BAQ_DISTRIBUTED="1"), False, {}),
-    (dict(BAQ_DISTRIBUTED="1", SLURM_JOB_ID="77", SLURM_NTASKS="1"), False, {}),
-])
-def test_distributed_start_follows_the_environment(fake_distributed, env, cluster, call):
-  from baq.train import sharding  # pylint: disable=import-outside-toplevel
-  assert sharding._cluster_in_env(env) is cluster  # pylint: disable=protected-access
-  started = sharding.initialize_distributed(env)
-  assert started is (call is not None)
-  assert fake_distributed.calls == ([] if call is None else [call])
-  # Idempotent: a started job is not started again, and says it is one.
-  assert sharding.initialize_distributed(env) is started
-  assert len(fake_distributed.calls) == (call is not None)
-
-
-def test_distributed_start_reads_os_environ(fake_distributed, monkeypatch):
-  from baq.train import sharding  # pylint: disable=import-outside-toplevel
-  for k in ("BAQ_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_NTASKS",
-            "OMPI_COMM_WORLD_SIZE", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
-    monkeypatch.delenv(k, raising=False)
-  assert sharding.initialize_distributed() is False and fake_distributed.calls == []
-  for k, v in EXPLICIT.items():
-    monkeypatch.setenv(k, v)
-  assert sharding.initialize_distributed() is True
-  assert fake_distributed.calls == [EXPLICIT_KW]
-
-
-def test_an_initialized_process_is_left_alone(fake_distributed):
-  from baq.train import sharding  # pylint: disable=import-outside-toplevel
-  fake_distributed.started = True  # e.g. the user's script started it
-  assert sharding.initialize_distributed(dict(BAQ_DISTRIBUTED="0")) is True
-  assert sharding.initialize_distributed(SLURM4) is True
-  assert fake_distributed.calls == []
-
-
-def test_a_failed_start_says_what_to_do(fake_distributed):
-  import re  # pylint: disable=import-outside-toplevel
-  from baq.train import sharding  # pylint: disable=import-outside-toplevel
-  cause = RuntimeError("jax.distributed.initialize() must be called before any JAX computations")
-  fake_distributed.error = cause
-  with pytest.raises(RuntimeError, match=re.escape(
-      f"jax.distributed.initialize failed ({cause}). A multi-process run must start it before "
-      "any JAX computation: call baq.train.sharding.initialize_distributed() first thing in "
-      "your script.")) as info:
-    sharding.initialize_distributed(SLURM4)
-  assert info.value.__cause__ is cause and fake_distributed.calls == [{}]
 
 
 if __name__ == "__main__":
