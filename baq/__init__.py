@@ -1,8 +1,15 @@
 """baq: fairness-aware differentiable bit allocation in JAX/Flax.
 
-Subpackages: `baq.quant` (fake quantization, injection, bit units, export),
-`baq.models`, `baq.data`; modules: `regularizers` (the penalty research API),
-`trainer`, `experiment` (the main job), `metrics`, `losses`.
+Layers, from the bottom (nothing imports upward):
+
+  baq.registry, baq.variables   named registries; a model's variables and apply
+  baq.quant                     fake quantization, parametrizations, injection,
+                                bit units and budgets, export, GPTQ
+  baq.models, baq.data          model families and datasets (registries)
+  baq.fairness                  group losses, metrics, regularizers
+  baq.allocation                curvature, importance, the exact allocator
+  baq.train                     modes, train state, step and loop, the main job
+  baq.study                     the bias study (python -m baq.study)
 """
 
 __version__ = "0.1.0"
