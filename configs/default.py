@@ -87,6 +87,12 @@ def get_config(arg=None):
   # allocation (bits projected onto the budget, then frozen), with the
   # quantizer that evaluation and export use.
   c.quant.finalize_fraction = 0.25
+  # Or, as FracBits and DiffQ report it: search the bits for search_steps
+  # steps, project them, then train the weights for `steps` steps at them
+  # with a fresh optimizer and schedule, exactly as fair_static_qat trains
+  # at its allocation (the search is a cost of its own; finalize_fraction is
+  # then unused). None: the finalize_fraction schedule within `steps`.
+  c.quant.search_steps = ml_collections.FieldReference(None, field_type=int)
   # BAQ's start: "budget" (every unit at the budget) or "allocation" (the
   # importance allocation below, then trained).
   c.quant.init_from = "budget"

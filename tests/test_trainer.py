@@ -11,7 +11,7 @@ import pytest
 
 from baq.data import pipeline
 from baq.quant import units
-from baq.train import experiment, trainer
+from baq.train import experiment, modes, trainer, validate
 from baq.train.checkpoint import restore_params
 from baq.train.modes import get_mode
 
@@ -204,3 +204,30 @@ def test_baq_ends_at_a_frozen_integer_allocation_within_budget(tmp_path, make_ti
   assert np.all(np.abs(cont - target) <= drift), (np.abs(cont - target).max(), drift)
   # Uniform QAT never trains bits, so it never projects.
   assert trainer.finalize_step(config, get_mode(config, "qat", 4), steps) == float("inf")
+
+
+def test_search_steps_then_a_fresh_finetune_at_the_integer_bits(tmp_path, make_tiny_config,
+                                                                 tiny_data, capsys):
+  """quant.search_steps: search S steps, project, then `steps` steps from a fresh optimizer."""
+  config = make_tiny_config(**{"quant.search_steps": 4})
+  spec = get_mode(config, "baq")
+  total = modes.run_steps(config, spec)
+  assert total == 4 + config.steps and modes.run_steps(config, get_mode(config, "qat", 4)) == \
+      config.steps
+  assert trainer.finalize_step(config, spec, total) == 4
+  trainer.train(config, str(tmp_path), mode="baq", data=tiny_data, steps=total, lr=1e-3)
+  assert "step     4 bit-widths projected to integers" in capsys.readouterr().out
+  state = ocp.StandardCheckpointer().restore(
+      os.path.join(tmp_path, "checkpoints", str(total), "default"))
+  assert int(state["step"]) == total
+  # Every optimizer counter restarted at the projection: the fine-tune's
+  # schedule and Adam moments span its own `steps` steps, as fair_static_qat's do.
+  counts = [int(v) for p, v in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
+            if "count" in jax.tree_util.keystr(p)]
+  assert counts and set(counts) == {config.steps}, counts
+
+
+def test_search_steps_must_be_positive(make_tiny_config):
+  config = make_tiny_config(**{"quant.search_steps": 0})
+  with pytest.raises(ValueError, match="quant.search_steps=0 must be None or a positive"):
+    validate.validate(config)

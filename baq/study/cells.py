@@ -33,6 +33,7 @@ from baq.study import pairs
 from baq.train import workdir as wd
 from baq.train.checkpoint import restore_variables
 from baq.train.evaluate import predict_logits
+from baq.train.modes import get_mode, run_steps
 from baq.train.state import create_train_state
 from baq.train.trainer import train
 from baq.variables import takes_train
@@ -198,11 +199,12 @@ def trained_cell(cell: Cell, fp: FloatRun) -> tuple[np.ndarray, dict]:
   if cell.quantizer == "baq":
     c.quant.target_bits = cell.bits
   sub = wd.method_name(c, "baq") if cell.quantizer == "baq" else wd.uniform_name(cell.bits)
-  run_dir = (reused_run(c, fp.s, cell.seed, sub, c.steps) or
+  steps = run_steps(c, get_mode(c, cell.quantizer, cell.bits))
+  run_dir = (reused_run(c, fp.s, cell.seed, sub, steps) or
              wd.path(fp.root, cell.name, wd.CELL_RUN))
-  run = dict(mode=cell.quantizer, bits=cell.bits, steps=c.steps, lr=c.optim.finetune_lr,
+  run = dict(mode=cell.quantizer, bits=cell.bits, steps=steps, lr=c.optim.finetune_lr,
              use_penalties=cell.quantizer == "baq")
-  if not wd.finished(run_dir, c.steps):
+  if not wd.finished(run_dir, steps):
     train(c, run_dir, data=fp.data, init_variables=fp.variables(), name=cell.name, **run)
   split = fp.data["train"]
   setup = create_train_state(c, num_classes=split.num_classes, num_groups=split.num_groups,
@@ -213,7 +215,7 @@ def trained_cell(cell: Cell, fp: FloatRun) -> tuple[np.ndarray, dict]:
     _, params = export.deploy(params, setup.layers, setup.budget, c.quant.min_bits,
                               c.quant.max_bits)
   info = dict(avg_bits=float(units.average_bits(params, setup.layers)), run_dir=run_dir,
-              granularity=c.quant.granularity, steps=c.steps)
+              granularity=c.quant.granularity, steps=steps)
   return predict_logits(setup.eval_model, dict(variables, params=params), fp.data["test"],
                         c.eval_batch_size), info
 

@@ -26,7 +26,7 @@ from baq.quant import units
 from baq.train import deploy, workdir as wd
 from baq.train.checkpoint import restore_variables
 from baq.train.evaluate import evaluate_split
-from baq.train.modes import budget_bits, get_mode, selected
+from baq.train.modes import budget_bits, get_mode, run_steps, selected
 from baq.train.sharding import is_primary
 from baq.train.state import merge_params
 from baq.train.trainer import train
@@ -88,7 +88,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           if spec.init_allocation else None
       name = wd.method_name(config, mode)
       train(config, wd.path(workdir, name), mode=mode, data=data,
-            steps=config.steps if spec.trains else 0, lr=config.optim.finetune_lr,
+            steps=run_steps(config, spec), lr=config.optim.finetune_lr,
             init_variables=float_vars, name=name, init_bits=bits)
   return report(config, workdir, data)
 

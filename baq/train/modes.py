@@ -164,3 +164,17 @@ def budget_bits(config: ml_collections.ConfigDict, params: Any, layers) -> float
   except ValueError as e:
     raise ValueError(f"Impossible budget {where}: {e}") from None
   return t
+
+
+def run_steps(config: ml_collections.ConfigDict, spec: ModeSpec) -> int:
+  """A mode's training steps in the main job: `steps`, plus the bit search.
+
+  With `quant.search_steps` set, a bit-training mode searches for that many
+  steps and then trains the weights `config.steps` steps at the projected
+  integer bits; every other mode trains `config.steps` steps (0 when it
+  does not train).
+  """
+  if not spec.trains:
+    return 0
+  search = config.quant.get("search_steps")
+  return config.steps + (int(search) if spec.train_bits and search is not None else 0)

@@ -113,6 +113,8 @@ class TrainSetup:
     tx: the optimizer.
     penalties: name -> (Regularizer, weight).
     state: the train state at step 0 (unsharded).
+    final_tx: the optimizer of the phase at integer bits: `tx` itself, or,
+      with `quant.search_steps`, a fresh one whose schedule spans that phase.
   """
 
   model: Any
@@ -123,6 +125,7 @@ class TrainSetup:
   tx: optax.GradientTransformation
   penalties: dict
   state: dict
+  final_tx: Optional[optax.GradientTransformation] = None
 
 
 def create_train_state(config: ml_collections.ConfigDict, mode: str, *, num_classes: int,
@@ -166,9 +169,15 @@ def create_train_state(config: ml_collections.ConfigDict, mode: str, *, num_clas
     params = units.scatter_bits(params, layers, np.asarray(init_bits, np.float32))
   elif spec.train_bits and config.quant.init_bits is None:
     params = units.scatter_bits(params, layers, np.full(len(units.unit_numels(layers)), budget))
-  tx = make_optimizer(config, params, lr=lr, steps=steps, train_bits=spec.train_bits)
+  search = config.quant.get("search_steps") if spec.train_bits else None
+  tx = make_optimizer(config, params, lr=lr, steps=steps if search is None else search,
+                      train_bits=spec.train_bits)
+  # The phase at integer bits gets a schedule of its own when the search has
+  # its own steps; the bits stay frozen there whatever this optimizer says.
+  final_tx = tx if search is None else make_optimizer(
+      config, params, lr=lr, steps=max(steps - search, 1), train_bits=True)
   penalties = build_penalties(config, spec.train_bits) if use_penalties else {}
   eval_model = model.clone(quant=spec.quantizer.replace(training=False)) \
       if spec.quantizer else model
   return TrainSetup(model, eval_model, spec, layers, budget, tx, penalties,
-                    init_state(params, batch_stats, tx, penalties, num_groups, rng))
+                    init_state(params, batch_stats, tx, penalties, num_groups, rng), final_tx)

@@ -92,8 +92,8 @@ def jit_steps(config: ml_collections.ConfigDict, setup: TrainSetup, mesh, shardi
   kw = dict(num_groups=num_groups, budget=setup.budget, group_weights=group_weights,
             bit_bounds=(config.quant.min_bits, config.quant.max_bits))
   search = make_train_step(setup.model, setup.tx, setup.penalties, setup.layers, **kw)
-  final = make_train_step(setup.eval_model, setup.tx, setup.penalties, setup.layers,
-                          freeze_bits=True, **kw)
+  final = make_train_step(setup.eval_model, setup.final_tx or setup.tx, setup.penalties,
+                          setup.layers, freeze_bits=True, **kw)
   return sh.jit_step(search, mesh, shardings), sh.jit_step(final, mesh, shardings)
 
 
@@ -204,12 +204,18 @@ def _variables(state: dict) -> dict:
 def finalize_step(config: ml_collections.ConfigDict, spec, steps: int) -> float:
   """The step from which a bit-training run trains at its integer allocation.
 
-  The last `config.quant.finalize_fraction` of the steps train the weights
-  with the bit-widths projected onto the budget at integer values and frozen,
-  with the quantizer that evaluation and export use; inf when no bits train.
+  With `config.quant.search_steps` it is that step (the run's `steps` then
+  include the search, see `modes.run_steps`); otherwise the last
+  `config.quant.finalize_fraction` of the steps train the weights with the
+  bit-widths projected onto the budget at integer values and frozen, with
+  the quantizer that evaluation and export use; inf when no bits train.
   """
+  if not spec.train_bits:
+    return float("inf")
+  if config.quant.get("search_steps") is not None:
+    return int(config.quant.search_steps)
   frac = config.quant.get("finalize_fraction", 0.0) or 0.0
-  if not spec.train_bits or frac <= 0:
+  if frac <= 0:
     return float("inf")
   return steps - max(1, int(round(frac * steps)))
 
@@ -231,7 +237,10 @@ def _finalize(state: dict, setup: TrainSetup, config, name: str, workdir: str) -
   avg = float(units.average_bits(params, layers))
   print(f"[{name}] step {int(state['step']):5d} bit-widths projected to integers: "
         f"avg_bits={avg:.4g} (target {target:.4g}); training the weights at them", flush=True)
-  return dict(state, params=jax.tree.map(jnp.asarray, params))
+  params = jax.tree.map(jnp.asarray, params)
+  if setup.final_tx is None or setup.final_tx is setup.tx:
+    return dict(state, params=params)
+  return dict(state, params=params, opt_state=setup.final_tx.init(params))  # a fresh start
 
 
 def searched_params(workdir: str, params: Any, layers) -> Any:

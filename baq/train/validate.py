@@ -80,6 +80,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("These modes allocate bits by importance: the config needs an "
                      "`importance` section (see configs/default.py).")
   group_loss_weights(config.get("group_weighting", "none"), np.zeros(1, np.int64), 1)
+  search = config.quant.get("search_steps")
+  if search is not None and not (isinstance(search, int) and search >= 1):
+    raise ValueError(f"quant.search_steps={search} must be None or a positive integer.")
   for field in ("lr", "finetune_lr"):
     lr = config.optim.get(field)
     if lr is not None and not (math.isfinite(lr) and lr > 0):
