@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from baq.models import build_model
+from baq.allocation import projection
 from baq.quant import export, units
 from baq.quant.inject import Quantizer, QuantSpec
 from baq.fairness import losses
@@ -93,47 +94,6 @@ def test_average_bits_and_size_are_weighted_by_weight_count():
   np.testing.assert_allclose(t, 4.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("seed", range(25))
-def test_projection_meets_budget_after_rounding(seed):
-  rng = np.random.default_rng(seed)
-  n = rng.integers(1, 60)
-  numel = rng.integers(1, 5000, n)
-  cont = rng.uniform(1.5, 8.5, n)
-  target = rng.uniform(2.0, 8.0)
-  ints = units.project(cont, numel, target, 2, 8)
-  avg = (numel * ints).sum() / numel.sum()
-  assert avg <= target + 1e-9
-  assert ints.min() >= 2 and ints.max() <= 8
-  assert np.all(ints == np.round(ints))
-  # Tight: no single unit could be raised a bit without breaking the budget,
-  # unless it is at max_bits or already at or above its continuous value.
-  slack = target * numel.sum() - (numel * ints).sum()
-  room = (ints < 8) & (ints < cont)
-  assert not np.any(numel[room] <= slack)
-  # Spending: same guarantees, and no unit below max_bits could take a bit.
-  spent = units.project(cont, numel, target, 2, 8, spend=True)
-  avg_spent = (numel * spent).sum() / numel.sum()
-  assert avg <= avg_spent <= target + 1e-9 and spent.min() >= 2 and spent.max() <= 8
-  slack = target * numel.sum() - (numel * spent).sum()
-  assert not np.any(numel[spent < 8] <= slack)
-
-
-def test_projection_keeps_a_feasible_allocation():
-  cont = np.array([2.0, 3.0, 8.0])
-  np.testing.assert_array_equal(units.project(cont, np.array([10, 10, 10]), 6.0, 2, 8), [2, 3, 8])
-  # Spending the remaining 5 bits per unit-weight goes where the learned
-  # values are least exceeded: alternately to the two low units.
-  np.testing.assert_array_equal(
-      units.project(cont, np.array([10, 10, 10]), 6.0, 2, 8, spend=True), [5, 5, 8])
-
-
-def test_impossible_budget_names_the_bound():
-  with pytest.raises(ValueError, match="below min_bits"):
-    units.project(np.array([4.0]), np.array([1]), 1.5, 2, 8)
-  with pytest.raises(ValueError, match="above max_bits"):
-    units.check_budget(9.0, 2, 8)
-
-
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_pack_unpack_round_trip(symmetric):
   rng = np.random.default_rng(0)
@@ -152,7 +112,7 @@ def test_pack_unpack_round_trip(symmetric):
 def test_exported_integer_weights_reproduce_fake_quant_logits(tmp_path, granularity, act_bits):
   model, params, x, _ = _setup(granularity=granularity, init_bits=4.7, act_bits=act_bits)
   layers = units.find_units(params)
-  ints, deployed = export.deploy(params, layers, 4.0, 2, 8)
+  ints, deployed = projection.deploy(params, layers, 4.0, 2, 8)
   assert (units.unit_numels(layers) * ints).sum() / units.unit_numels(layers).sum() <= 4.0
   eval_model = model.clone(quant=model.quant.replace(training=False))
   want = eval_model.apply({"params": deployed}, x)

@@ -9,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from baq.allocation import projection
 from baq.data import pipeline
 from baq.quant import units
 from baq.train import experiment, modes, trainer, validate
@@ -189,7 +190,7 @@ def test_baq_ends_at_a_frozen_integer_allocation_within_budget(tmp_path, make_ti
   # bits against 3.5 * (weight count), which is an integer or a half.
   used, total = int((bits * numel).sum()), int(numel.sum())
   assert used <= target * total
-  # And it is spent (units.project(spend=True)): what is left is less than
+  # And it is spent (projection.nearest(spend=True)): what is left is less than
   # any unit below max_bits would cost for one more bit.
   assert np.all(numel[bits < hi] > target * total - used), (target * total - used, numel)
   # The searched continuous bits are kept beside the checkpoints for export,
@@ -197,7 +198,8 @@ def test_baq_ends_at_a_frozen_integer_allocation_within_budget(tmp_path, make_ti
   searched = trainer.searched_params(str(tmp_path), run.params, layers)
   cont = np.asarray(units.gather_bits(searched, layers), np.float64)
   assert not np.array_equal(cont, np.round(cont))
-  np.testing.assert_array_equal(bits, units.project(cont, numel, target, lo, hi, spend=True))
+  np.testing.assert_array_equal(bits, projection.nearest(cont, numel, target, lo, hi,
+                                                             spend=True))
   # They started at the budget and moved by Adam steps of bits_lr only
   # (clipping to [min_bits, max_bits] never moves them away from it).
   drift = config.optim.bits_lr * sum(_adam_step_bound(t) for t in range(1, final_at + 1))

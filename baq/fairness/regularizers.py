@@ -188,7 +188,7 @@ def bitrate(dual_lr: float = 0.05, rho: float = 1.0, init_multiplier: float = 0.
   claim are pushed back up to spend the whole budget; the run then learns
   *where* the bits go, not how few it can get away with. Either way the
   exported allocation is projected onto the budget after rounding
-  (`units.project`).
+  (`baq.allocation.projection.nearest`).
   """
 
   def init(num_groups):

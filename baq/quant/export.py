@@ -27,26 +27,6 @@ from baq.quant import units
 from baq.quant.inject import BITS_LEAF, EXPORT_COLLECTION, RANGE_LEAF
 
 
-def deploy(params: Any, layers: list[units.LayerUnits], target_bits: float,
-           min_bits: int, max_bits: int) -> tuple[np.ndarray, Any]:
-  """Integer bit-widths meeting the budget, and params that hold them.
-
-  The continuous bits are projected onto the budget (`units.project`) and
-  what rounding leaves of it is spent as well. Bits that are already integers
-  within [min_bits, max_bits] meeting the budget (an exact allocation, or a
-  BAQ run past its finalize step) are kept as they are.
-  """
-  cont = np.asarray(units.gather_bits(params, layers))
-  numel = units.unit_numels(layers)
-  if (np.all(cont == np.round(cont)) and np.all((cont >= min_bits) & (cont <= max_bits))
-      and (numel * cont).sum() <= target_bits * numel.sum() + 1e-9 * numel.sum()):
-    ints = cont.astype(np.int64)
-    return ints, units.scatter_bits(params, layers, ints)
-  ints = units.project(cont, units.unit_numels(layers), target_bits, min_bits, max_bits,
-                   spend=True)
-  return ints, units.scatter_bits(params, layers, ints)
-
-
 def reference_model(model):
   """The model that runs exported weights: `dequantized_params` go in as
   they are, activations are quantized as the deployed model does."""

@@ -5,9 +5,9 @@ Its cost is the number of weights it governs (`numel`). The average bit-width
 is weighted by that count, so a 4.0-bit budget means the quantized weights
 take exactly as much memory as a uniform 4-bit model's.
 
-Training keeps bit-widths continuous; deployment needs integers. `project`
-turns continuous bit-widths into integers that meet the budget *after*
-rounding, which a soft penalty alone cannot promise.
+Training keeps bit-widths continuous; deployment needs integers:
+`baq.allocation.projection` turns them into integers that meet the budget
+*after* rounding, which a soft penalty alone cannot promise.
 """
 
 from __future__ import annotations
@@ -140,63 +140,3 @@ def check_budget(target_bits: float, min_bits: float, max_bits: float) -> None:
     raise ValueError(
         f"Target of {target_bits:.3f} average bits is above max_bits={max_bits}: "
         "the bound can never be reached. Raise max_bits or lower the target.")
-
-
-def project(bits, numel, target_bits: float, min_bits: int, max_bits: int,
-            spend: bool = False) -> np.ndarray:
-  """Integer bit-widths closest to `bits` whose weighted mean is <= target.
-
-  Minimises sum_u numel_u (B_u - b_u)^2 over integers B_u in [min, max] under
-  sum_u numel_u B_u <= target * sum_u numel_u. The Lagrangian solution is
-  B_u = round(b_u - mu) for the smallest shift mu >= 0 that meets the budget
-  (found by bisection); units are then raised one bit at a time, largest
-  remaining shortfall first, while the budget allows.
-
-  With `spend`, what rounding leaves of the budget is spent too: a bit more
-  never hurts a quantized model, and with few large units (per-layer bits)
-  rounding can leave a sizeable share unused. Units are raised beyond their
-  continuous value one bit at a time, the one whose squared distance grows
-  least per budget bit first (smallest B_u - b_u), while any fits.
-
-  Args:
-    bits: continuous bit-widths, one per unit.
-    numel: weights per unit.
-    target_bits: the weighted-average budget.
-    min_bits: lowest allowed integer bit-width.
-    max_bits: highest allowed integer bit-width.
-
-  Returns:
-    int64 array of bit-widths meeting the budget exactly (mean <= target);
-    with `spend`, no unit below max_bits could take one more bit.
-
-  Raises:
-    ValueError: the budget is infeasible (target below min_bits).
-  """
-  check_budget(target_bits, min_bits, max(max_bits, target_bits))
-  b = np.clip(np.asarray(bits, np.float64), min_bits, max_bits)
-  w = np.asarray(numel, np.float64)
-  cap = target_bits * w.sum() + 1e-9 * w.sum()
-
-  def alloc(mu):
-    return np.clip(np.round(b - mu), min_bits, max_bits)
-
-  lo, hi = 0.0, float(max_bits - min_bits) + 1.0
-  if (w * alloc(lo)).sum() > cap:
-    for _ in range(60):
-      mid = 0.5 * (lo + hi)
-      lo, hi = ((lo, mid) if (w * alloc(mid)).sum() <= cap else (mid, hi))
-    lo = hi
-  out = alloc(lo)
-  # Spend what is left one bit at a time on the unit furthest below its
-  # continuous value (the largest decrease of the squared distance per bit).
-  while True:
-    room = (out < max_bits) & (b > out) & (w <= cap - (w * out).sum())
-    if not room.any():
-      break
-    out[np.argmax(np.where(room, b - out, -np.inf))] += 1
-  while spend:
-    room = (out < max_bits) & (w <= cap - (w * out).sum())
-    if not room.any():
-      break
-    out[np.argmin(np.where(room, out - b, np.inf))] += 1
-  return out.astype(np.int64)

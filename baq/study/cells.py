@@ -26,9 +26,10 @@ from typing import Any, NamedTuple
 import ml_collections
 import numpy as np
 
+from baq.allocation import projection
 from baq.data.pipeline import normalize
 from baq.models import build_model
-from baq.quant import export, gptq_model, units
+from baq.quant import gptq_model, units
 from baq.study import pairs
 from baq.train import workdir as wd
 from baq.train.checkpoint import restore_variables
@@ -212,7 +213,7 @@ def trained_cell(cell: Cell, fp: FloatRun) -> tuple[np.ndarray, dict]:
   variables = run_variables(run_dir)
   params = variables["params"]
   if cell.quantizer == "baq":
-    _, params = export.deploy(params, setup.layers, setup.budget, c.quant.min_bits,
+    _, params = projection.deploy(params, setup.layers, setup.budget, c.quant.min_bits,
                               c.quant.max_bits)
   info = dict(avg_bits=float(units.average_bits(params, setup.layers)), run_dir=run_dir,
               granularity=c.quant.granularity, steps=steps)

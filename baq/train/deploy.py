@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from baq.allocation import projection
 from baq.models import build_model
 from baq.quant import export, units
 from baq.train import workdir as wd
@@ -51,7 +52,7 @@ def deployed_run(config: ml_collections.ConfigDict, workdir: str, mode: str,
   layers = units.find_units(params)
   target = budget_bits(config, params, layers) if spec.uses_budget else \
       float(units.average_bits(params, layers))
-  ints, deployed = export.deploy(params, layers, target, config.quant.min_bits,
+  ints, deployed = projection.deploy(params, layers, target, config.quant.min_bits,
                                  config.quant.max_bits)
   return model, run_vars, dict(run_vars, params=deployed), ints, layers, target
 

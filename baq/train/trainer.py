@@ -28,6 +28,7 @@ import numpy as np
 from baq.data.pipeline import Batcher
 from baq.quant import units
 from baq.quant.inject import QUANT_LEAF_PATTERN
+from baq.allocation.projection import deploy
 from baq.train import progress, sharding as sh
 from baq.train import workdir as wd
 from baq.train.checkpoint import Checkpointer
@@ -226,7 +227,6 @@ def _finalize(state: dict, setup: TrainSetup, config, name: str, workdir: str) -
   The searched continuous bit-widths are kept in WORKDIR/searched_bits.json
   (the train state holds the integers from here on).
   """
-  from baq.quant.export import deploy  # pylint: disable=import-outside-toplevel
   params, layers, target = sh.to_host(state["params"]), setup.layers, setup.budget
   cont = np.asarray(units.gather_bits(params, layers), np.float64)
   if sh.is_primary():

@@ -1,0 +1,96 @@
+"""Integer bit-widths nearest to searched continuous ones, under the budget: exact.
+
+`deploy` gives a model's parameters at those integer bits (training's
+finalize step, the export and the study all deploy through it).
+
+BAQ searches continuous bit-widths b; deployment needs integers B in
+[min_bits, max_bits] whose numel-weighted mean meets the budget. `nearest`
+solves
+
+    min_B  sum_u numel_u (B_u - b_u)^2   s.t.  sum_u numel_u B_u <= target * sum_u numel_u
+
+exactly, as the multiple-choice knapsack of `solver.solve` (dynamic
+programming or Lagrangian fixing + ILP), and with `spend` then raises units
+one bit at a time while one more bit fits, the unit whose squared distance
+grows least first, so that no unit below max_bits could take one more bit
+within the budget. (baq's earlier projection shifted every unit by one
+common offset, rounded and spent greedily; it was not the minimiser and could
+leave most of a bit unused: tests/test_projection.py holds the cases.)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from baq.allocation import solver
+from baq.quant import units
+
+
+def nearest(bits: Sequence[float], numel: Sequence[int], target_bits: float,
+            min_bits: int, max_bits: int, spend: bool = False,
+            method: str = "auto") -> np.ndarray:
+  """The integer allocation nearest to `bits` (numel-weighted squares) that meets the budget.
+
+  Args:
+    bits: continuous bit-widths, one per unit.
+    numel: weights per unit.
+    target_bits: the numel-weighted average-bit budget.
+    min_bits: lowest integer bit-width.
+    max_bits: highest integer bit-width.
+    spend: then spend what is left of the budget, one bit at a time.
+    method: `solver.solve`'s method ("auto", "dp" or "milp").
+
+  Returns:
+    int64 [units] bit-widths; their weighted mean never exceeds the target.
+
+  Raises:
+    ValueError: the budget is not finite or below min_bits.
+  """
+  units.check_budget(target_bits, min_bits, max(max_bits, target_bits))
+  b = np.asarray(bits, np.float64)
+  w = np.asarray(numel, np.int64)
+  choices = np.arange(int(min_bits), int(max_bits) + 1)
+  cost = w[:, None] * np.square(choices[None, :] - b[:, None])
+  out = solver.solve(cost, w, min(target_bits, float(max_bits)), choices, method=method)
+  if spend:
+    out = spend_remainder(out, b, w, target_bits, int(max_bits))
+  return out.astype(np.int64)
+
+
+def spend_remainder(out: np.ndarray, bits: np.ndarray, numel: np.ndarray,
+                    target_bits: float, max_bits: int) -> np.ndarray:
+  """Raises units one bit at a time while one fits, least squared-distance growth first.
+
+  Raising B_u by one grows numel_u (B_u + 1 - b_u)^2 - numel_u (B_u - b_u)^2
+  = numel_u (2 (B_u - b_u) + 1); the unit whose growth per budget bit,
+  2 (B_u - b_u) + 1, is smallest goes first.
+  """
+  out = np.array(out, np.int64)
+  cap = int(np.floor(target_bits * int(numel.sum()) + 1e-9))
+  while True:
+    left = cap - int((numel * out).sum())
+    room = (out < max_bits) & (numel <= left)
+    if not room.any():
+      return out
+    out[np.argmin(np.where(room, 2.0 * (out - bits) + 1.0, np.inf))] += 1
+
+
+def deploy(params: Any, layers: list[units.LayerUnits], target_bits: float,
+           min_bits: int, max_bits: int) -> tuple[np.ndarray, Any]:
+  """Integer bit-widths meeting the budget, and params that hold them.
+
+  The continuous bits are projected onto the budget (`nearest`, exact) and
+  what is left of it is spent as well. Bits that are already integers
+  within [min_bits, max_bits] meeting the budget (an exact allocation, or a
+  BAQ run past its finalize step) are kept as they are.
+  """
+  cont = np.asarray(units.gather_bits(params, layers))
+  numel = units.unit_numels(layers)
+  if (np.all(cont == np.round(cont)) and np.all((cont >= min_bits) & (cont <= max_bits))
+      and (numel * cont).sum() <= target_bits * numel.sum() + 1e-9 * numel.sum()):
+    ints = cont.astype(np.int64)
+    return ints, units.scatter_bits(params, layers, ints)
+  ints = nearest(cont, numel, target_bits, min_bits, max_bits, spend=True)
+  return ints, units.scatter_bits(params, layers, ints)
