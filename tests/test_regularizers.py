@@ -59,6 +59,21 @@ def test_group_dro_weights_move_to_the_worst_group():
   assert int(jnp.argmax(q)) == 2 and float(jnp.sum(q)) == pytest.approx(1.0)
 
 
+def test_group_dro_keeps_the_weight_of_an_absent_group():
+  reg = regularizers.build("group_dro", step_size=0.5)
+  q = jnp.array([0.1, 0.2, 0.3, 0.4])
+  _, q_new, _ = reg.apply(_ctx([1.0, 9.0, 4.0, 3.0], present=[True, False, True, True]), q)
+  assert float(q_new[1]) == pytest.approx(0.2, abs=1e-7)  # absent: unchanged
+  assert float(jnp.sum(q_new)) == pytest.approx(1.0, abs=1e-6)
+  # The present groups share their old mass (0.8) in Sagawa et al.'s proportions.
+  grown = np.array([0.1, 0.3, 0.4]) * np.exp(0.5 * np.array([1.0, 4.0, 3.0]))
+  np.testing.assert_allclose(np.asarray(q_new)[[0, 2, 3]], 0.8 * grown / grown.sum(), rtol=1e-6)
+  # With every group present it is exactly the standard exponentiated-gradient step.
+  _, q_all, _ = reg.apply(_ctx([1.0, 9.0, 4.0, 3.0]), q)
+  full = np.array([0.1, 0.2, 0.3, 0.4]) * np.exp(0.5 * np.array([1.0, 9.0, 4.0, 3.0]))
+  np.testing.assert_allclose(np.asarray(q_all), full / full.sum(), rtol=1e-6)
+
+
 def test_bitrate_dual_ascent_raises_multiplier_while_over_budget():
   reg = regularizers.build("bitrate", dual_lr=0.1, rho=0.0)
   lam = reg.init(4)

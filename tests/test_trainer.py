@@ -233,3 +233,11 @@ def test_search_steps_must_be_positive(make_tiny_config):
   config = make_tiny_config(**{"quant.search_steps": 0})
   with pytest.raises(ValueError, match="quant.search_steps=0 must be None or a positive"):
     validate.validate(config)
+
+
+def test_uniform16_keeps_its_16_bits(tmp_path, tiny_config, tiny_data):
+  """QAT's bit-widths do not train, so nothing clips them to [min_bits, max_bits]."""
+  run = trainer.train(tiny_config, str(tmp_path), mode="qat", bits=16, data=tiny_data, steps=2,
+                      lr=1e-3)
+  bits = np.asarray(units.gather_bits(run.params, units.find_units(run.params)))
+  assert bits.size and np.all(bits == 16.0), bits

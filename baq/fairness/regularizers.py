@@ -130,9 +130,12 @@ def group_dro(step_size: float = 0.01) -> Regularizer:
   """Online group DRO (Sagawa et al.): exponentiated-gradient group weights.
 
   The state q is a distribution over groups, updated q_g <- q_g exp(eta L_g)
-  for groups present in the batch and renormalised; the penalty is
-  sum_g q_g L_g over the groups present (q renormalised over them), with q
-  held constant for the gradient.
+  for the groups present in the batch and renormalised *among them*, so that
+  together they keep the mass they had: a group absent from the batch keeps
+  its weight exactly (rare groups, often the worst ones, are absent from many
+  batches). With every group present this is Sagawa et al.'s update. The
+  penalty is sum_g q_g L_g over the groups present (q renormalised over
+  them), with q held constant for the gradient.
   """
 
   def init(num_groups):
@@ -140,9 +143,10 @@ def group_dro(step_size: float = 0.01) -> Regularizer:
 
   def apply(ctx, q):
     loss = jax.lax.stop_gradient(ctx.group_loss)
-    q_new = q * jnp.exp(step_size * jnp.where(ctx.present, loss, 0.0))
-    q_new = q_new / jnp.sum(q_new)
+    grown = jnp.where(ctx.present, q * jnp.exp(step_size * loss), 0.0)
+    mass = jnp.sum(jnp.where(ctx.present, q, 0.0))
     # Absent groups keep their weight for later batches but take no part now.
+    q_new = jnp.where(ctx.present, grown * mass / jnp.maximum(jnp.sum(grown), 1e-30), q)
     qp = jnp.where(ctx.present, q_new, 0.0)
     value = jnp.sum(qp * jnp.where(ctx.present, ctx.group_loss, 0.0)) / jnp.maximum(
         jnp.sum(qp), 1e-12)

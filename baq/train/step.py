@@ -72,7 +72,8 @@ def make_loss_fn(model, penalties: dict, layers, *, num_groups: int, budget: flo
 
 
 def make_train_step(model, tx: optax.GradientTransformation, penalties: dict, layers, *,
-                    num_groups: int, budget: float, bit_bounds: tuple[float, float],
+                    num_groups: int, budget: float,
+                    bit_bounds: Optional[tuple[float, float]],
                     freeze_bits: bool = False, group_weights: Optional[jax.Array] = None):
   """The jittable update step: state, batch -> state, metrics.
 
@@ -83,7 +84,8 @@ def make_train_step(model, tx: optax.GradientTransformation, penalties: dict, la
     layers: the bit-width units (for the differentiable average bit-width).
     num_groups: groups of the data.
     budget: the average-bit budget the penalties see (nan without one).
-    bit_bounds: (lo, hi) every bit-width leaf is clipped to after the update.
+    bit_bounds: (lo, hi) every bit-width leaf is clipped to after the update,
+      or None to leave them as they are (bits that do not train).
     freeze_bits: the bit-width leaves keep their values whatever the
       optimizer (whose moments may still move them) says: the final phase of
       a BAQ run trains the weights at a fixed integer allocation.
@@ -103,7 +105,9 @@ def make_train_step(model, tx: optax.GradientTransformation, penalties: dict, la
         state["params"], state.get("batch_stats", {}), batch, key, state["penalty_state"],
         state["step"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = _clip_bits(optax.apply_updates(state["params"], updates), *bit_bounds)
+    params = optax.apply_updates(state["params"], updates)
+    if bit_bounds is not None:
+      params = _clip_bits(params, *bit_bounds)
     if freeze_bits:
       params = _keep_bits(params, state["params"])
     new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,

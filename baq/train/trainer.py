@@ -90,8 +90,11 @@ def jit_steps(config: ml_collections.ConfigDict, setup: TrainSetup, mesh, shardi
   The final step trains the deployed model (integer bits, frozen): the last
   phase of a bit-training run; other runs only use the first.
   """
+  # Only trained bit-widths are clipped to [min_bits, max_bits]: a uniform
+  # baseline's (e.g. uniform16) or an allocation's stay as they are.
+  bounds = (config.quant.min_bits, config.quant.max_bits) if setup.spec.train_bits else None
   kw = dict(num_groups=num_groups, budget=setup.budget, group_weights=group_weights,
-            bit_bounds=(config.quant.min_bits, config.quant.max_bits))
+            bit_bounds=bounds)
   search = make_train_step(setup.model, setup.tx, setup.penalties, setup.layers, **kw)
   final = make_train_step(setup.eval_model, setup.final_tx or setup.tx, setup.penalties,
                           setup.layers, freeze_bits=True, **kw)
