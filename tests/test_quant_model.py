@@ -94,6 +94,25 @@ def test_average_bits_and_size_are_weighted_by_weight_count():
   np.testing.assert_allclose(t, 4.0, rtol=1e-5)
 
 
+def test_size_counts_scales_zero_points_and_batchnorm_statistics():
+  """model_bytes by hand: codes, a scale (and a zero point) per unit, the rest in float32."""
+  kernel = np.zeros((3, 3, 2, 5), np.float32)  # 5 output channels: 5 units of 18 weights
+  params = {"conv": {"kernel": kernel, "bias": np.zeros(5, np.float32),
+                     "QuantConv_0": {"bits": np.full(5, 4.0, np.float32)}},
+            "bn": {"scale": np.ones(5, np.float32), "bias": np.zeros(5, np.float32)}}
+  stats = {"bn": {"mean": np.zeros(5, np.float32), "var": np.ones(5, np.float32)}}
+  layers = units.find_units(params)
+  assert [(l.count, l.numel) for l in layers] == [(5, 18)]
+  codes, others = 90 * 4 / 8, 4 * (5 + 10)  # 4-bit codes; conv bias, bn scale and bias
+  assert units.model_bytes(params, layers) == codes + others + 4 * 5
+  assert units.model_bytes(params, layers, symmetric=False) == codes + others + 8 * 5
+  assert units.model_bytes(params, layers, batch_stats=stats) == codes + others + 4 * 5 + 4 * 10
+  # A size budget counts the same things.
+  size = units.model_bytes(params, layers, symmetric=False, batch_stats=stats)
+  assert units.bits_for_bytes(params, layers, size, symmetric=False,
+                              batch_stats=stats) == pytest.approx(4.0)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_pack_unpack_round_trip(symmetric):
   rng = np.random.default_rng(0)

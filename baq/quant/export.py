@@ -147,8 +147,12 @@ def dequantized_params(float_params: Any, kernels: dict[str, np.ndarray]) -> Any
   return tu.unflatten_dict(flat)
 
 
-def allocation_record(params_cont: Any, params_int: Any, layers, target_bits: float) -> dict:
-  """The `bit_allocation.json` content: per-unit integer and continuous bits."""
+def allocation_record(params_cont: Any, params_int: Any, layers, target_bits: float,
+                      **size_options) -> dict:
+  """The `bit_allocation.json` content: per-unit integer and continuous bits.
+
+  `size_options` (symmetric, batch_stats) go to `units.model_bytes`.
+  """
   cont = np.asarray(units.gather_bits(params_cont, layers), np.float64)
   ints = np.asarray(units.gather_bits(params_int, layers)).round().astype(int)
   numel = units.unit_numels(layers)
@@ -166,7 +170,8 @@ def allocation_record(params_cont: Any, params_int: Any, layers, target_bits: fl
   return dict(avg_bits=avg, target_bits=float(target_bits),
               avg_bits_continuous=float((numel * cont).sum() / numel.sum()),
               quantized_weights=int(numel.sum()),
-              total_size_bytes=float(units.model_bytes(params_int, layers, avg_bits=avg)),
+              total_size_bytes=float(units.model_bytes(params_int, layers, avg_bits=avg,
+                                                         **size_options)),
               layers=per_layer, units=rows)
 
 

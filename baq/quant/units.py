@@ -23,7 +23,7 @@ import numpy as np
 from baq.quant.inject import BITS_LEAF
 
 Params = Mapping[str, Any]
-SCALE_BYTES = 4  # one float32 scale per unit (zero points fold into it)
+SCALE_BYTES = 4  # one float32 scale (and, asymmetric, one zero point) per unit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,24 +104,40 @@ def average_bits(params: Params, layers: list[LayerUnits]) -> jax.Array:
   return jnp.sum(numel * gather_bits(params, layers)) / jnp.sum(numel)
 
 
-def model_bytes(params: Params, layers: list[LayerUnits], avg_bits=None) -> Any:
-  """Deployed size in bytes: quantized kernels at their bit-widths, one
-  float32 scale per unit, everything else (biases, norms, float layers) float32.
+def model_bytes(params: Params, layers: list[LayerUnits], avg_bits=None, *,
+                symmetric: bool = True, batch_stats: Any = None) -> Any:
+  """Deployed size in bytes.
+
+  Quantized kernels at their bit-widths; one float32 scale per unit, and one
+  float32 zero point per unit more when the codes are asymmetric; everything
+  else (biases, norms, float layers and, when given, the BatchNorm
+  statistics) in float32.
+
+  Args:
+    params: the model's parameters.
+    layers: its bit-width units.
+    avg_bits: the kernels' average bit-width (default: the params' own).
+    symmetric: symmetric codes (no zero points).
+    batch_stats: the model's BatchNorm statistics, or None.
   """
   flat = tu.flatten_dict(dict(params))
   quantized = {l.kernel_path for l in layers} | {l.bits_path for l in layers}
   float_numel = sum(int(np.size(v)) for p, v in flat.items()
                     if p not in quantized and p[-1] != "log_range")
+  float_numel += sum(int(np.size(v)) for v in jax.tree.leaves(batch_stats or {}))
   q_numel = int(unit_numels(layers).sum())
   n_units = sum(l.count for l in layers)
   if avg_bits is None:
     avg_bits = average_bits(params, layers) if layers else 0.0
-  return 4 * float_numel + SCALE_BYTES * n_units + q_numel * avg_bits / 8.0
+  per_unit = SCALE_BYTES * (1 if symmetric else 2)
+  return 4 * float_numel + per_unit * n_units + q_numel * avg_bits / 8.0
 
 
-def bits_for_bytes(params: Params, layers: list[LayerUnits], target_bytes: float) -> float:
-  """The average bit-width at which `model_bytes` equals `target_bytes`."""
-  fixed = model_bytes(params, layers, avg_bits=0.0)
+def bits_for_bytes(params: Params, layers: list[LayerUnits], target_bytes: float, *,
+                   symmetric: bool = True, batch_stats: Any = None) -> float:
+  """The average bit-width at which `model_bytes` (same options) equals `target_bytes`."""
+  fixed = model_bytes(params, layers, avg_bits=0.0, symmetric=symmetric,
+                      batch_stats=batch_stats)
   q_numel = int(unit_numels(layers).sum())
   if q_numel == 0:
     raise ValueError("The model has no quantized weights; a size budget is meaningless.")

@@ -32,7 +32,9 @@ def quantized_entry(config: ml_collections.ConfigDict, model, variables, split, 
                      config.dataset.positive_class)
   params = as_variables(variables)["params"]
   avg = float(units.average_bits(params, layers))
-  m.update(avg_bits=avg, size_bytes=float(units.model_bytes(params, layers, avg_bits=avg)))
+  m.update(avg_bits=avg, size_bytes=float(units.model_bytes(
+      params, layers, avg_bits=avg, symmetric=config.quant.symmetric,
+      batch_stats=as_variables(variables).get("batch_stats"))))
   return m
 
 
@@ -50,7 +52,7 @@ def deployed_run(config: ml_collections.ConfigDict, workdir: str, mode: str,
   run_vars = restore_variables(wd.path(workdir, wd.method_name(config, mode)))
   params = run_vars["params"]
   layers = units.find_units(params)
-  target = budget_bits(config, params, layers) if spec.uses_budget else \
+  target = budget_bits(config, params, layers, run_vars.get("batch_stats")) if spec.uses_budget else \
       float(units.average_bits(params, layers))
   ints, deployed = projection.deploy(params, layers, target, config.quant.min_bits,
                                  config.quant.max_bits)
@@ -78,7 +80,7 @@ def export_method(config: ml_collections.ConfigDict, workdir: str, mode: str, te
     return m
   record = export.allocation_record(
       searched_params(wd.path(workdir, name), run_vars["params"], layers), deployed, layers,
-      target)
+      target, symmetric=config.quant.symmetric, batch_stats=run_vars.get("batch_stats"))
   export.write_allocation(os.path.join(out_dir, wd.ALLOCATION_FILE), record)
   export.plot_allocation(os.path.join(out_dir, wd.ALLOCATION_PLOT), record)
   sample = jnp.asarray(test.images[:1], jnp.float32)

@@ -121,7 +121,7 @@ def allocation_plan(config: ml_collections.ConfigDict, workdir: str, float_varia
   qparams = init_quantized(build_model(config.model.name, split.num_classes, spec.quantizer,
                                        **kw), split, fv["params"])
   layers = units.find_units(qparams)
-  budget = budget_bits(config, qparams, layers)
+  budget = budget_bits(config, qparams, layers, fv.get("batch_stats"))
   path = wd.path(workdir, wd.PLAN_FILE)
   if os.path.exists(path) and planner.matches(saved := wd.read_json(path), layers, budget):
     return np.asarray(saved["bits"], np.int64)
@@ -161,8 +161,8 @@ def report(config: ml_collections.ConfigDict, workdir: str, data: Optional[dict]
   fmodel = build_model(config.model.name, test.num_classes, None, **config.model.kwargs.to_dict())
   fm = evaluate_split(fmodel, float_vars, test, config.eval_batch_size,
                       config.dataset.positive_class)
-  fm.update(avg_bits=32.0,
-            size_bytes=float(units.model_bytes(float_vars["params"], [], avg_bits=0.0)))
+  fm.update(avg_bits=32.0, size_bytes=float(units.model_bytes(
+      float_vars["params"], [], avg_bits=0.0, batch_stats=float_vars.get("batch_stats"))))
   methods = {wd.FLOAT: fm}
   for name, model, variables in baseline_runs(config, workdir, test.num_classes, float_vars,
                                               test):

@@ -145,15 +145,20 @@ def selected(config: ml_collections.ConfigDict) -> list[str]:
   return out
 
 
-def budget_bits(config: ml_collections.ConfigDict, params: Any, layers) -> float:
+def budget_bits(config: ml_collections.ConfigDict, params: Any, layers,
+                batch_stats: Any = None) -> float:
   """The average-bit budget, from `quant.target_bits` or a `quant.target_bytes` size budget.
+
+  A size budget counts what `units.model_bytes` counts (the BatchNorm
+  statistics when given, zero points when the codes are asymmetric).
 
   Raises:
     ValueError: no budget is set, or it lies outside [min_bits, max_bits].
   """
   q = config.quant
   if q.target_bytes is not None:
-    t = units.bits_for_bytes(params, layers, q.target_bytes)
+    t = units.bits_for_bytes(params, layers, q.target_bytes, symmetric=q.symmetric,
+                             batch_stats=batch_stats)
     where = f"target_bytes={q.target_bytes} (= {t:.3f} average bits)"
   elif q.target_bits is not None:
     t, where = float(q.target_bits), f"target_bits={q.target_bits}"

@@ -164,7 +164,7 @@ def create_train_state(config: ml_collections.ConfigDict, mode: str, *, num_clas
     params = merge_params(params, start["params"])
     batch_stats = merge_params(batch_stats, start.get("batch_stats") or {})
   layers = units.find_units(params)
-  budget = budget_bits(config, params, layers) if spec.uses_budget else float("nan")
+  budget = budget_bits(config, params, layers, batch_stats) if spec.uses_budget else float("nan")
   if init_bits is not None:
     params = units.scatter_bits(params, layers, np.asarray(init_bits, np.float32))
   elif spec.train_bits and config.quant.init_bits is None:
