@@ -72,6 +72,8 @@ def get_config(arg=None):
   # diffq: pseudo-quantization noise whose scale follows the bit-width. Its
   # bit gradient keeps a curvature signal while the weights co-adapt, where
   # fracbits' first-order signal fades as the weights settle (both work).
+  # fracbits' error is not monotone in b (lowest near k + 0.8 of each
+  # interval; see baq/quant/parametrizations/fracbits.py).
   c.quant.parametrization = "diffq"  # diffq | fracbits
   # One bit-width and one scale per layer, as FairQuant allocates; "channel"
   # gives every output channel its own (then 4-bit QAT is nearly lossless

@@ -141,3 +141,17 @@ def test_fake_quant_is_idempotent_with_constant_bits(bits):
   f = jax.jit(lambda x: fq.fake_quant(x, jnp.float32(bits), symmetric=True, channel_axis=-1))
   once = f(w)
   np.testing.assert_array_equal(np.asarray(f(once)), np.asarray(once))
+
+
+def test_fracbits_error_is_not_monotone_in_the_bit_width():
+  """The documented flaw of fracbits: its error is lowest inside each interval, near k + 0.8."""
+  w = jax.random.normal(jax.random.key(0), (3, 3, 64, 128))  # a typical conv kernel
+  fs = np.linspace(0.0, 1.0, 51)
+  for k in range(2, 8):
+    err = np.array([float(jnp.mean((fq.fracbits_quant(w, jnp.float32(k + f)) - w) ** 2))
+                    for f in fs])
+    assert err[40] < err[50], k  # k + 0.8 beats k + 1
+    assert 0.6 <= fs[np.argmin(err)] <= 0.95, (k, fs[np.argmin(err)])
+    # The rounding quantizer itself is monotone: one more bit, less error.
+    assert float(jnp.mean((fq.fake_quant(w, jnp.float32(k + 1)) - w) ** 2)) < \
+        float(jnp.mean((fq.fake_quant(w, jnp.float32(k)) - w) ** 2))
