@@ -100,3 +100,28 @@ def test_reduction_is_exact_on_unstructured_sensitivities(seed):
   dp, ilp = solver.solve(s, numel, target, method="dp"), solver.solve(s, numel, target, method="milp")
   assert (numel * ilp).sum() <= target * numel.sum() + 1e-9
   assert cost(ilp) == pytest.approx(cost(dp), abs=1e-9)
+
+
+def _quantile_loop(importance, numel, target, choices=(2, 3, 4, 5, 6, 8)):
+  """FairQuant's quantile baseline as published: demote one step at a time."""
+  imp, w, c = np.asarray(importance, float), np.asarray(numel), np.asarray(sorted(choices))
+  cap = int(np.floor(target * w.sum() + 1e-9))
+  ranks = np.argsort(np.argsort(imp, kind="stable"), kind="stable")
+  k = np.minimum(ranks * len(c) // len(imp), len(c) - 1)
+  order = np.argsort(imp, kind="stable")
+  while int((w * c[k]).sum()) > cap:
+    for u in order:
+      if k[u] > 0:
+        k[u] -= 1
+        break
+  return c[k]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_quantile_assignment_is_the_one_step_at_a_time_loop(seed):
+  rng = np.random.default_rng([seed, 5])
+  n = int(rng.integers(1, 40))
+  imp = rng.random(n) if seed % 3 else rng.integers(0, 3, n).astype(float)  # ties too
+  numel, target = rng.integers(1, 100, n), float(rng.uniform(2, 8))
+  np.testing.assert_array_equal(solver.quantile_assignment(imp, numel, target),
+                                _quantile_loop(imp, numel, target))
