@@ -45,6 +45,7 @@ PACKED_FILE = "packed_weights.npz"
 DIAGNOSTICS_FILE = "diagnostics.json"
 DIAGNOSTICS_PLOT = "diagnostics.png"
 IMPORTANCE_PLOT = "bits_vs_importance.png"
+PARETO_PLOT = "pareto.png"
 METRICS_FILE = "metrics.jsonl"
 SEARCHED_BITS_FILE = "searched_bits.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -147,3 +148,8 @@ def seed_dir(root: str, seed: int) -> str:
 def budget_dir(root: str, seed: int, bits: float) -> str:
   """The seed sweep's workdir of BAQ at a further budget: ROOT/seed<S>_b<B>."""
   return path(root, f"seed{seed}_b{bits:g}")
+
+
+def variant_dir(root: str, seed: int, bits: float, variant: str) -> str:
+  """The Pareto benchmark's workdir of one budget and variant: ROOT/seed<S>_b<B>_<variant>."""
+  return path(root, f"seed{seed}_b{bits:g}_{variant}")

@@ -1,0 +1,36 @@
+"""The Pareto benchmark on the tiny config: every run, both variants, the table and the plot."""
+
+import json
+import os
+
+import pytest
+
+from baq.train import pareto, sweep, workdir as wd
+
+
+def test_without_fairness_penalties_keeps_only_the_bit_constraints(tiny_config):
+  c = pareto.without_fairness_penalties(tiny_config)
+  assert c.penalties.cvar.weight == 0.0
+  assert c.penalties.bitrate.weight == tiny_config.penalties.bitrate.weight > 0
+  assert tiny_config.penalties.cvar.weight > 0  # the original is untouched
+
+
+def test_one_seed_runs_every_method_at_every_budget(tiny_config, tmp_path):
+  root = str(tmp_path)
+  runs = {0: pareto.run_seed(tiny_config, root, 0, budgets=[3.0], uniform=[2, 4])}
+  names = list(runs[0])
+  assert names == [wd.FLOAT, "uniform2", "uniform4", "fair_static@4", "fair_static_qat@3",
+                   "baq@3", "fair_static_qat@3-nopen", "baq@3-nopen"]
+  for name in names[3:]:
+    assert runs[0][name]["avg_bits"] <= float(name.split("@")[1].split("-")[0]) + 1e-9
+  assert runs[0]["uniform2"]["avg_bits"] == 2.0
+  # The variant without penalties trained with the CVaR weight 0 and the bitrate kept.
+  for variant, cvar in (("penalty", tiny_config.penalties.cvar.weight), ("nopenalty", 0.0)):
+    with open(os.path.join(wd.variant_dir(root, 0, 3.0, variant), wd.CONFIG_FILE)) as f:
+      saved = json.load(f)
+    assert saved["penalties"]["cvar"]["weight"] == pytest.approx(cvar)
+    assert saved["quant"]["target_bits"] == 3.0 and saved["init_checkpoint"]
+  table = sweep.format_summary(runs, [0])
+  assert all(n in table for n in names)
+  pareto.plot(str(tmp_path / wd.PARETO_PLOT), runs, [0])
+  assert os.path.getsize(tmp_path / wd.PARETO_PLOT) > 10_000
