@@ -14,4 +14,5 @@
   experiment   the main job (train.py / eval.py)
   diagnostics  the "disparately skews" per-group analysis (eval.py --diagnostics)
   sweep        the main job over seeds, mean and spread (python -m baq.train.sweep)
+  pareto       accuracy against bits over seeds and budgets (python -m baq.train.pareto)
 """
