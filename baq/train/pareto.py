@@ -25,7 +25,6 @@ from typing import Sequence
 
 from absl import app, flags
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
 from baq.fairness import regularizers
@@ -116,12 +115,9 @@ def plot(path: str, runs: dict[int, dict], seeds: Sequence[int]) -> None:
 
 
 def _define_flags() -> None:
-  config_flags.DEFINE_config_file("config", "configs/default.py", "Base config.")
-  flags.DEFINE_string("root", None, "Directory of all runs.")
-  flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
+  sweep.define_seed_flags()
   flags.DEFINE_list("budgets", ["2.5", "3", "4"], "Budgets of the allocation methods.")
   flags.DEFINE_list("uniform", ["2", "3", "4", "8"], "Bit-widths of uniform QAT.")
-  flags.mark_flags_as_required(["root"])
 
 
 def main(argv: Sequence[str]) -> None:

@@ -171,15 +171,20 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int,
   return seed_methods(c, main, extra), list(main["group_names"])
 
 
-def _define_flags() -> None:
-  # Defined only when run as a program, so importing this module (the tests,
-  # beside baq.study's own flags) registers none.
+def define_seed_flags() -> None:
+  """--config, --root (required) and --seeds, shared by the seed-wise entry points."""
   config_flags.DEFINE_config_file("config", "configs/default.py", "Base config.")
   flags.DEFINE_string("root", None, "Directory of all runs.")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
+  flags.mark_flags_as_required(["root"])
+
+
+def _define_flags() -> None:
+  # Defined only when run as a program, so importing this module (the tests,
+  # beside baq.study's own flags) registers none.
+  define_seed_flags()
   flags.DEFINE_list("extra_bits", ["5.0"], "Further BAQ budgets (average bits).")
   flags.DEFINE_bool("per_group", True, "Also print EOpp, EOdds and per-group accuracy.")
-  flags.mark_flags_as_required(["root"])
 
 
 def main(argv: Sequence[str]) -> None:
