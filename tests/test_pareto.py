@@ -34,3 +34,18 @@ def test_one_seed_runs_every_method_at_every_budget(tiny_config, tmp_path):
   assert all(n in table for n in names)
   pareto.plot(str(tmp_path / wd.PARETO_PLOT), runs, [0])
   assert os.path.getsize(tmp_path / wd.PARETO_PLOT) > 10_000
+
+
+def test_the_command_line_reports_a_finished_root(tmp_path):
+  """`python -m baq.train.pareto` end to end on the tiny config (one seed, one budget)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from conftest import ROOT  # pylint: disable=import-outside-toplevel
+  out = subprocess.run(
+      [sys.executable, "-m", "baq.train.pareto", f"--root={tmp_path}", "--seeds=0",
+       "--budgets=3", "--uniform=2,4", "--config=configs/tiny.py",
+       f"--config.dataset.data_dir={tmp_path / 'tfds'}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "baq@3-nopen" in out.stdout and "seed 0: uniform2=" in out.stdout
+  assert os.path.getsize(tmp_path / wd.PARETO_PLOT) > 10_000

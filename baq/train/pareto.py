@@ -125,11 +125,11 @@ def main(argv: Sequence[str]) -> None:
   del argv
   f = flags.FLAGS
   experiment.quiet_logging()
-  seeds = [int(s) for s in f.seeds]
-  runs = {s: run_seed(f.config, f.root, s, [float(b) for b in f.budgets],
-                      [int(b) for b in f.uniform]) for s in seeds}
+  seeds, uniform = [int(s) for s in f.seeds], [int(b) for b in f.uniform]
+  runs = {s: run_seed(f.config, f.root, s, [float(b) for b in f.budgets], uniform)
+          for s in seeds}
   print("\n" + sweep.format_summary(runs, seeds))
-  print("\n" + sweep.format_per_seed(runs, seeds, [wd.uniform_name(b) for b in f.uniform]))
+  print("\n" + sweep.format_per_seed(runs, seeds, [wd.uniform_name(b) for b in uniform]))
   plot(wd.path(f.root, wd.PARETO_PLOT), runs, seeds)
   print(f"plot: {wd.path(f.root, wd.PARETO_PLOT)}")
 
