@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 
@@ -23,39 +24,14 @@ import pytest
 from baq import models
 from baq.models import convert
 from baq.quant.inject import Quantizer, QuantSpec
+from conftest import ROOT
 from test_models import RNGS
 
-NAME, MODULE = "plugin_tinynet", "baq_plugin_tinynet"
-PLUGIN = '''"""A tiny conv net family, registered by this file alone."""
-
-from typing import Any, Optional
-
-import flax.linen as nn
-import jax.numpy as jnp
-
-from baq.models import register_model
-from baq.models.convert import KeyRules
-from baq.quant.inject import Conv, Dense, Quantizer
-
-
-class TinyNet(nn.Module):
-  """3x3 conv, ReLU, global mean, linear head."""
-
-  num_classes: int
-  width: int = 4
-  quant: Optional[Quantizer] = None
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    x = nn.relu(Conv(self.quant)(self.width, (3, 3), name="stem")(x))
-    return Dense(self.quant)(self.num_classes, name="head")(jnp.mean(x, axis=(1, 2)))
-
-
-@register_model("plugin_tinynet", size_options=lambda size: dict(width=size // 8),
-                converter=KeyRules(renames=(("^features.0.", "stem."), ("^classifier.", "head."))))
-def tinynet(num_classes: int, quant: Optional[Quantizer] = None, **kwargs: Any) -> TinyNet:
-  return TinyNet(num_classes=num_classes, quant=quant, **kwargs)
-'''
+NAME, MODULE = "tinynet", "baq_plugin_tinynet"
+MARKER = "<!-- model-example -->"
+README = open(os.path.join(ROOT, "README.md")).read()
+# The README's model-family example, the whole plug-in file.
+PLUGIN = re.search(r"```python\n(.*?)```", README[README.index(MARKER):], re.S).group(1)
 QUANT = Quantizer(((".*", QuantSpec(init_bits=4.5)),))
 X = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
 
