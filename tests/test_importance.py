@@ -160,3 +160,36 @@ def test_analysis_allocates_within_budget_and_favours_sensitive_units():
   a.sensitivity[:, 0] *= 1e6
   bits = planner.allocate(a, 4.0, "cvar", dict(alpha=0.5))
   assert bits[0] == 8
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_loss_measure_is_the_measured_loss_change_of_each_unit_alone(per_channel):
+  """measure="loss": each group's calibration loss with one unit quantized, minus float."""
+  from baq.quant import fake_quant as fq
+  params, split = _mlp_params(jax.random.key(8)), _split(41, seed=4)
+  spec = QuantSpec(granularity="channel" if per_channel else "layer")
+  a = planner.analyse(_mlp, params, _layers(per_channel), lambda name: spec, split,
+                      measure="loss", choices=(2, 3, 8), batch_size=16)  # batches of 16: padded
+  base = np.asarray(_direct_group_loss(params, split))
+  u = 0
+  for name in ("Dense_0", "head"):
+    w = params[name]["kernel"]
+    count = w.shape[-1] if per_channel else 1
+    for c in range(count):
+      for j, k in enumerate((2, 3, 8)):
+        q = np.asarray(fq.fake_quant(w, jnp.float32(k), **spec.quant_kwargs()))
+        kk = np.asarray(w).copy()
+        if per_channel:
+          kk[:, c] = q[:, c]
+        else:
+          kk = q
+        got = _direct_group_loss(dict(params, **{name: dict(params[name], kernel=kk)}), split)
+        np.testing.assert_allclose(a.sensitivity[:, u, j], np.asarray(got) - base,
+                                   rtol=1e-4, atol=1e-6)
+      zeroed = np.asarray(w).copy()
+      zeroed[..., c if per_channel else slice(None)] = 0.0
+      got = _direct_group_loss(dict(params, **{name: dict(params[name], kernel=zeroed)}), split)
+      np.testing.assert_allclose(a.importance[:, u], np.asarray(got) - base, rtol=1e-4,
+                                 atol=1e-6)
+      u += 1
+  assert u == a.sensitivity.shape[1]

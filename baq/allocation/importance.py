@@ -8,9 +8,15 @@ estimates how much quantizing u to k bits raises group g's loss:
   grad_weight  (sum_i g_i dw_i)^2           GRAPE: squared first-order term
   hessian      1/2 tr(H_u)/n_u ||dw_u||^2   HAWQ-V2 (Hutchinson trace)
   hessian_diag 1/2 sum_i H_ii dw_i^2         (Hutchinson diagonal)
+  loss         L_g(w + dw) - L_g(w)           measured: the unit alone quantized,
+                                             every other weight float
 
 where g is the gradient and H the Hessian of the group's mean loss with
 respect to the kernel, and dw = Q_k(w) - w the quantization error at k bits.
+The Taylor measures extrapolate from w; `loss` evaluates the calibration
+loss at the quantized kernel itself (one forward pass of the calibration
+sample per layer and choice, per channel for channel units), so it holds
+far from w, where a second-order term need not (2 bits on a large layer).
 A unit's *importance* is the same formula with dw = -w (the cost of removing
 it), which orders units for FairQuant's quantile baseline and for plots.
 
@@ -56,7 +62,10 @@ class Measure(NamedTuple):
   Attributes:
     fn: (stats, dw, per_channel, **kwargs) -> [G] or [G, C] per unit.
     hessian: which curvature it reads: None, "trace" (the kernel's block
-      trace, or per-channel traces) or "diag" (the Hessian diagonal).
+      trace, or per-channel traces) or "diag" (the Hessian diagonal); or
+      "forward": fn's first argument is then, instead of KernelStats,
+      loss_delta(dw) -> [G], each group's calibration loss increase when dw
+      is added to the kernel (`baq.allocation.planner.analyse` builds it).
   """
 
   fn: Callable[..., jax.Array]
@@ -67,6 +76,9 @@ MEASURES: Registry[Measure] = Registry("importance measure")
 REDUCERS: Registry[Callable[..., np.ndarray]] = Registry("reducer")
 
 
+HESSIAN_KINDS = (None, "trace", "diag", "forward")
+
+
 def unit_sum(x: jax.Array, per_channel: bool) -> jax.Array:
   """[G, *shape] -> [G] (layer unit) or [G, C] (output-channel units)."""
   return curvature.unit_sum(x, per_channel, lead=1)
@@ -75,10 +87,11 @@ def unit_sum(x: jax.Array, per_channel: bool) -> jax.Array:
 def register_measure(name: str, hessian: str | None = None):
   """Decorator registering fn(stats, dw, per_channel, **kw) as measure `name`.
 
-  `hessian` says which curvature statistics it reads: None, "trace" or "diag".
+  `hessian` says which curvature statistics it reads: None, "trace" or
+  "diag"; "forward" measures get loss_delta(dw) -> [G] instead (see Measure).
   """
-  if hessian not in (None, "trace", "diag"):
-    raise ValueError(f"hessian must be None, 'trace' or 'diag', got {hessian!r}.")
+  if hessian not in HESSIAN_KINDS:
+    raise ValueError(f"hessian must be one of {HESSIAN_KINDS}, got {hessian!r}.")
 
   def wrap(fn):
     MEASURES.register(name)(Measure(fn, hessian))
@@ -122,13 +135,27 @@ def hessian_diag(stats: KernelStats, dw: jax.Array, per_channel: bool) -> jax.Ar
   return 0.5 * unit_sum(h * jnp.square(dw)[None], per_channel)
 
 
+@register_measure("loss", hessian="forward")
+def measured_loss(loss_delta: Callable[[jax.Array], jax.Array], dw: jax.Array,
+                  per_channel: bool) -> jax.Array:
+  """Each group's measured loss increase with the unit quantized, all else float.
+
+  Channel units are measured one at a time (one pass per channel and choice).
+  """
+  if not per_channel:
+    return jnp.asarray(loss_delta(dw))
+  eye = jnp.eye(dw.shape[-1], dtype=dw.dtype)
+  return jnp.stack([jnp.asarray(loss_delta(dw * eye[c])) for c in range(dw.shape[-1])], -1)
+
+
 def evaluate_measure(name: str, stats: KernelStats, w: jax.Array, dws: Sequence[jax.Array],
                      per_channel: bool, **kwargs) -> tuple[np.ndarray, np.ndarray]:
   """One kernel's importance and sensitivity table under measure `name`.
 
   Args:
     name: a registered measure.
-    stats: the kernel's per-group statistics.
+    stats: the kernel's per-group statistics (a "forward" measure's
+      loss_delta function).
     w: the float kernel.
     dws: quantization errors Q_k(w) - w, one per candidate bit-width.
     per_channel: units are output channels (else the whole kernel).

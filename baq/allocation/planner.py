@@ -140,6 +140,36 @@ def kernel_statistics(apply_fn: Callable, params: Any, layers, split, *,
   return _group_means(totals, list(kernels), G)
 
 
+def loss_deltas(apply_fn: Callable, flat: dict, layers, split, batch_size: int) -> dict:
+  """Layer name -> loss_delta(dw) -> [G]: each group's mean loss change with dw added.
+
+  The "forward" measures' statistics (`importance.Measure`): every other
+  kernel stays at its float value. Group means are over the whole split.
+  """
+  G = split.num_groups
+  batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in eval_batches(split, batch_size)]
+
+  @jax.jit
+  def group_sums(f, batch):
+    loss = losses.cross_entropy(apply_fn(tu.unflatten_dict(f), batch["image"]), batch["label"])
+    return jax.ops.segment_sum(loss * batch["mask"], batch["group"], G)
+
+  count = sum(jax.ops.segment_sum(b["mask"], b["group"], G) for b in batches)
+  denom = jnp.maximum(count, 1.0)
+
+  def mean_loss(f):
+    return sum(group_sums(f, b) for b in batches) / denom
+
+  base = mean_loss(flat)
+
+  def delta_for(path):
+    return lambda dw: mean_loss({**flat, path: flat[path] + dw}) - base
+
+  stats = {l.name: delta_for(l.kernel_path) for l in layers}
+  stats["__count__"] = np.asarray(count)
+  return stats
+
+
 @dataclasses.dataclass
 class Analysis:
   """Importance and sensitivity of every unit for every group.
@@ -195,11 +225,14 @@ def analyse(apply_fn: Callable, params: Any, layers, spec_for: Callable, split, 
   """
   m = importance.MEASURES.get(measure)
   key = jax.random.key(0) if key is None else key
-  stats = kernel_statistics(apply_fn, params, layers, split, batch_size=batch_size,
-                            hessian=m.hessian, key=key, num_probes=num_probes,
-                            probe_chunk=probe_chunk)
-  choices = tuple(sorted(int(c) for c in choices))
   flat = tu.flatten_dict(dict(params))
+  if m.hessian == "forward":
+    stats = loss_deltas(apply_fn, flat, layers, split, batch_size)
+  else:
+    stats = kernel_statistics(apply_fn, params, layers, split, batch_size=batch_size,
+                              hessian=m.hessian, key=key, num_probes=num_probes,
+                              probe_chunk=probe_chunk)
+  choices = tuple(sorted(int(c) for c in choices))
   imps, sens = [], []
   for l in layers:
     w = flat[l.kernel_path]
