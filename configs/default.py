@@ -79,7 +79,7 @@ def get_config(arg=None):
   # gives every output channel its own (then 4-bit QAT is nearly lossless
   # for this small model, and there is little left to allocate).
   c.quant.granularity = "layer"  # layer | channel
-  c.quant.scale_method = "absmax"  # absmax | percentile | learned
+  c.quant.scale_method = "absmax"  # absmax | percentile | learned | mse
   c.quant.symmetric = True
   c.quant.min_bits = 2
   c.quant.max_bits = 8

@@ -246,3 +246,23 @@ def test_converter_lookup_names_the_valid_converters():
     get_converter("small_cnn")
   with pytest.raises(KeyError, match="Unknown converter 'vgg16'. Valid converter names: "):
     get_converter("vgg16")
+
+
+@pytest.mark.parametrize("depth,layers,weights", [(8, 10, 77_360), (20, 22, 270_896)])
+def test_cifar_resnets_have_the_papers_layout(depth, layers, weights):
+  """6n+2 layers at 32 px: stem, 3 stages of n basic blocks at 16/32/64 channels, head."""
+  from baq.models.cifar_resnet import cifar_resnet  # pylint: disable=import-outside-toplevel
+  model = build_model(f"resnet{depth}_cifar", 10, QUANT)
+  shapes = jax.eval_shape(lambda: model.init(RNGS, jnp.zeros((1, 32, 32, 3))))
+  flat = _flat(shapes["params"])
+  kernels = {k[:-1]: v.shape for k, v in flat.items() if k[-1] == "kernel"}
+  assert len(kernels) == layers and sum(int(np.prod(s)) for s in kernels.values()) == weights
+  n = (depth - 2) // 6
+  assert kernels[("stem_conv",)] == (3, 3, 3, 16)
+  assert kernels[(f"layer3_{n - 1}", "conv2")] == (3, 3, 64, 64)
+  assert kernels[("layer2_0", "downsample_conv")] == (1, 1, 16, 32)
+  assert ("layer1_0", "downsample_conv") not in kernels  # identity shortcut in stage 1
+  assert jax.eval_shape(lambda: model.apply(jax.tree.map(jnp.zeros_like, shapes),
+                                            jnp.zeros((2, 32, 32, 3)))).shape == (2, 10)
+  with pytest.raises(ValueError, match="Valid: \\[8, 20, 32, 56\\]"):
+    cifar_resnet(18, 10)

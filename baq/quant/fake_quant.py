@@ -12,7 +12,13 @@ The scale is chosen by one of:
   * `percentile`: a high percentile of the magnitude, which clips outliers;
   * `learned`: a trainable range `r` (passed in), giving `scale = r / qmax`;
     because the range, not the step, is learned, it stays meaningful when the
-    bit-width changes during BAQ training.
+    bit-width changes during BAQ training;
+  * `mse`: the absmax range shrunk by the ratio, from a grid of
+    `MSE_GRID` ratios in [1 - MSE_MAX_SHRINK, 1], that minimises the squared
+    rounding error at the tensor's (or channel's) bit-width, as GPTQ's
+    `mse` option searches it. At 2 bits absmax makes the restricted
+    symmetric grid ternary with most weights at zero; the searched range
+    keeps them (it needs the bits, so `range_stats` takes them).
 Calibration statistics (`absmax`, `percentile`) are treated as constants for
 the gradient, as is usual for weight quantizers.
 
@@ -28,7 +34,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-SCALE_METHODS = ("absmax", "percentile", "learned")
+SCALE_METHODS = ("absmax", "percentile", "learned", "mse")
+MSE_GRID = 32  # clip ratios searched by the `mse` scale method
+MSE_MAX_SHRINK = 0.8  # ... from 1 down to 1 - MSE_MAX_SHRINK of the absmax range
 _EPS = 1e-8
 
 
@@ -76,6 +84,7 @@ def range_stats(
     method: str = "absmax",
     percentile: float = 99.9,
     learned_range: Optional[jax.Array] = None,
+    bits: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The real interval [lo, hi] that the quantizer maps onto its codes.
 
@@ -86,6 +95,7 @@ def range_stats(
     method: one of SCALE_METHODS.
     percentile: used by `percentile`.
     learned_range: positive range `r` (scalar or per channel) for `learned`.
+    bits: the bit-widths, broadcastable against x (`mse` only).
 
   Returns:
     (lo, hi), each broadcastable against x.
@@ -97,7 +107,7 @@ def range_stats(
     r = channel_view(jnp.abs(learned_range) + _EPS, x.ndim, channel_axis)
     return (-r, r) if symmetric else (jnp.zeros_like(r), r)
   xs = jax.lax.stop_gradient(x)
-  if method == "absmax":
+  if method in ("absmax", "mse"):
     hi, lo = jnp.max(xs, axes, keepdims=True), jnp.min(xs, axes, keepdims=True)
   elif method == "percentile":
     hi = jnp.percentile(xs, percentile, axis=axes, keepdims=True)
@@ -108,9 +118,27 @@ def range_stats(
     )
   if symmetric:
     r = jnp.maximum(jnp.abs(hi), jnp.abs(lo))
-    return -r, r
-  # The interval always contains zero so that zero is exactly representable.
-  return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+    lo, hi = -r, r
+  else:  # The interval always contains zero so that zero is exactly representable.
+    lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+  if method == "mse":
+    if bits is None:
+      raise ValueError("scale method 'mse' needs the bit-widths.")
+    lo, hi = _mse_range(xs, lo, hi, jax.lax.stop_gradient(jnp.asarray(bits, jnp.float32)),
+                        symmetric, axes)
+  return lo, hi
+
+
+def _mse_range(x, lo, hi, bits, symmetric, axes):
+  """[lo, hi] shrunk by the grid ratio of least squared rounding error (per range)."""
+  ratios = jnp.linspace(1.0, 1.0 - MSE_MAX_SHRINK, MSE_GRID)
+
+  def error(ratio):
+    q = _quant_in_range(x, ratio * lo, ratio * hi, bits, symmetric)
+    return jnp.sum(jnp.square(q - x), axes, keepdims=True)
+
+  best = ratios[jnp.argmin(jax.lax.map(error, ratios), axis=0)]  # first of ties: widest
+  return best * lo, best * hi
 
 
 def scale_and_zero_point(
@@ -149,9 +177,10 @@ def dequantize(codes: jax.Array, scale: jax.Array, zero_point: jax.Array) -> jax
 
 def _range_and_bits(x, bits, symmetric, channel_axis, method, percentile, learned_range):
   """The interval of `range_stats` and the bit-widths shaped to broadcast against x."""
+  b = channel_view(bits, x.ndim, channel_axis)
   lo, hi = range_stats(x, symmetric=symmetric, channel_axis=channel_axis, method=method,
-                       percentile=percentile, learned_range=learned_range)
-  return lo, hi, channel_view(bits, x.ndim, channel_axis)
+                       percentile=percentile, learned_range=learned_range, bits=b)
+  return lo, hi, b
 
 
 def _quant_in_range(x, lo, hi, bits, symmetric):

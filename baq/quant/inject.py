@@ -51,7 +51,7 @@ class QuantSpec:
       interpolate floor/floor+1 quantizers; "diffq": pseudo-quantization
       noise in training; "fixed": round the bit-width, for uniform QAT).
     symmetric: signed symmetric codes, else unsigned with a zero point.
-    scale_method: "absmax", "percentile" or "learned" (see fake_quant).
+    scale_method: "absmax", "percentile", "learned" or "mse" (see fake_quant).
     percentile: for the percentile scale method.
     act_bits: if set, activations entering the layer are fake-quantized
       per example at this integer bit-width (dynamic absmax range).
@@ -173,8 +173,8 @@ class _QuantOp(nn.Module):
     return self._op(lhs, fq.fake_quant(rhs, int_bits, **kw), *args, **kwargs)
 
   def _sow_codes(self, rhs, int_bits, kw):
-    lo, hi = fq.range_stats(rhs, **{k: v for k, v in kw.items()})
     b = fq.channel_view(int_bits, rhs.ndim, kw["channel_axis"])
+    lo, hi = fq.range_stats(rhs, bits=b, **kw)
     scale, zp = fq.scale_and_zero_point(lo, hi, b, kw["symmetric"])
     codes = fq.quantize_codes(rhs, scale, zp, b, kw["symmetric"])
     self.sow(EXPORT_COLLECTION, "weight",
