@@ -95,6 +95,12 @@ def get_config(arg=None):
   # at its allocation (the search is a cost of its own; finalize_fraction is
   # then unused). None: the finalize_fraction schedule within `steps`.
   c.quant.search_steps = ml_collections.FieldReference(None, field_type=int)
+  # How the searched bits become integers (baq/train/rounding.py): "nearest"
+  # (an exact knapsack on the distance to them) or "measured" (a knapsack on
+  # the deployed model's calibration loss of each unit at each bit-width;
+  # layer units only), which minimises `rounding_loss`: worst_group | mean.
+  c.quant.rounding = "nearest"
+  c.quant.rounding_loss = "worst_group"
   # BAQ's start: "budget" (every unit at the budget) or "allocation" (the
   # importance allocation below, then trained).
   c.quant.init_from = "budget"

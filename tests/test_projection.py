@@ -94,3 +94,49 @@ def test_impossible_budget_names_the_bound():
     projection.nearest(np.array([4.0]), np.array([1]), 1.5, 2, 8)
   with pytest.raises(ValueError, match="above max_bits"):
     units.check_budget(9.0, 2, 8)
+
+
+def _maximal(out, numel, target, hi):
+  cap = np.floor(target * numel.sum() + 1e-9)
+  return all(out[u] == hi or (numel * out).sum() + numel[u] > cap for u in range(len(out)))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_measured_is_the_brute_force_best_for_an_additive_loss(seed):
+  """For loss = sum_u f_u(B_u), decreasing in each B_u, it finds the best allocation."""
+  rng = np.random.default_rng([seed, 31])
+  n = int(rng.integers(2, 5))
+  numel = rng.integers(1, 60, n)
+  lo, hi = 2, 6
+  table = np.cumsum(-rng.uniform(0.01, 1.0, (n, hi - lo + 1)), axis=1)  # decreasing in k
+  target = float(rng.uniform(lo, hi))
+
+  def loss(b):
+    return float(table[np.arange(n), np.asarray(b) - lo].sum())
+
+  calls = []
+  out = projection.measured(lambda b: calls.append(1) or loss(b), rng.uniform(lo, hi, n),
+                            numel, target, lo, hi)
+  cap = np.floor(target * numel.sum() + 1e-9)
+  best = min(loss(a) for a in itertools.product(range(lo, hi + 1), repeat=n)
+             if (numel * np.array(a)).sum() <= cap)
+  assert (numel * out).sum() <= cap and _maximal(out, numel, target, hi)
+  assert loss(out) == pytest.approx(best)
+  assert len(calls) <= 2 * n * (hi - lo + 1)  # L x K evaluations per round, two rounds
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_measured_meets_the_budget_and_spends_it_for_any_loss(seed):
+  rng = np.random.default_rng([seed, 32])
+  n = int(rng.integers(2, 6))
+  numel = rng.integers(1, 60, n)
+  mix = rng.normal(size=(n, n))
+  target = float(rng.uniform(2, 8))
+
+  def loss(b):  # coupled across units, not monotone
+    b = np.asarray(b, np.float64)
+    return float(np.sin(b @ mix @ b) + np.exp(-b).sum())
+
+  out = projection.measured(loss, rng.uniform(2, 8, n), numel, target, 2, 8)
+  assert (numel * out).sum() <= np.floor(target * numel.sum() + 1e-9)
+  assert out.min() >= 2 and out.max() <= 8 and _maximal(out, numel, target, 8)

@@ -143,7 +143,7 @@ def test_incompatible_checkpoint_is_refused_and_left_alone(tmp_path, make_tiny_c
 
 @pytest.mark.parametrize("override,match", [
     ({"mode": "bq"}, "Unknown mode 'bq'. Valid mode names: baq, fair_static, fair_static_qat, float, qat"),
-    ({"model.name": "resnet"}, "Valid model names: deit_tiny, resnet18, resnet50, small_cnn, tinyvit_5m"),
+    ({"model.name": "resnet"}, "Valid model names: deit_tiny, resnet18, resnet20_cifar, resnet32_cifar, resnet50, resnet56_cifar, resnet8_cifar, small_cnn, tinyvit_5m"),
     ({"dataset.name": "isic"}, "Valid dataset names: .*synthetic_derm"),
     ({"quant.target_bits": 1.5}, "below min_bits=2"),
     ({"quant.target_bits": 9.0}, "above max_bits=8"),

@@ -35,13 +35,19 @@ VARIANTS = {"penalty": "", "nopenalty": "-nopen"}
 
 
 def without_fairness_penalties(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config` with the weight of every penalty that does not act on the bits set to 0."""
+  """`config` with the weight of every penalty that does not act on the bits set to 0.
+
+  Measured rounding (`quant.rounding_loss`) then minimises the mean loss, not
+  the worst group's.
+  """
   c = config.copy_and_resolve_references()
   for name, entry in c.penalties.to_dict().items():
     entry = dict(entry)
     entry.pop("weight", None)
     if not regularizers.build(entry.pop("kind", name), **entry).needs_bits:
       c.penalties[name].weight = 0.0
+  if "rounding_loss" in c.quant:  # measured rounding then minimises the groups' mean loss
+    c.quant.rounding_loss = "mean"
   return c
 
 

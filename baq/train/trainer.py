@@ -28,8 +28,7 @@ import numpy as np
 from baq.data.pipeline import Batcher
 from baq.quant import units
 from baq.quant.inject import QUANT_LEAF_PATTERN
-from baq.allocation.projection import deploy
-from baq.train import progress, sharding as sh
+from baq.train import progress, rounding, sharding as sh
 from baq.train import workdir as wd
 from baq.train.checkpoint import Checkpointer
 from baq.train.evaluate import evaluate_split
@@ -158,7 +157,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
       ckpt.save(0, state, force=True)
     while step < steps:
       if step == final_at:
-        state = sh.put(_finalize(state, setup, config, name, workdir), shardings)
+        state = sh.put(_finalize(state, setup, config, name, workdir, split), shardings)
       step_fn = final_step if step >= final_at else search_step
       state, metrics = step_fn(state, sh.shard_batch(batcher.batch(step), mesh))
       history.append(metrics)
@@ -224,8 +223,10 @@ def finalize_step(config: ml_collections.ConfigDict, spec, steps: int) -> float:
   return steps - max(1, int(round(frac * steps)))
 
 
-def _finalize(state: dict, setup: TrainSetup, config, name: str, workdir: str) -> dict:
-  """Projects the bit-widths onto the budget at integers (host side, once).
+def _finalize(state: dict, setup: TrainSetup, config, name: str, workdir: str,
+              split) -> dict:
+  """Projects the bit-widths onto the budget at integers (host side, once; see
+  `baq.train.rounding`, which calibrates on `split` when it measures).
 
   The searched continuous bit-widths are kept in WORKDIR/searched_bits.json
   (the train state holds the integers from here on).
@@ -236,7 +237,8 @@ def _finalize(state: dict, setup: TrainSetup, config, name: str, workdir: str) -
     wd.write_json(os.path.join(workdir, wd.SEARCHED_BITS_FILE),
                   dict(step=int(state["step"]), units=units.unit_names(layers),
                        bits=cont.tolist()), indent=None)
-  _, params = deploy(params, layers, target, config.quant.min_bits, config.quant.max_bits)
+  params = rounding.integer_params(config, setup, params, sh.to_host(state["batch_stats"]),
+                                  split)
   avg = float(units.average_bits(params, layers))
   print(f"[{name}] step {int(state['step']):5d} bit-widths projected to integers: "
         f"avg_bits={avg:.4g} (target {target:.4g}); training the weights at them", flush=True)
