@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from baq.allocation import importance, planner
+from baq.allocation import importance, planner, statistics
 from baq.fairness import losses
 from baq.data.datasets import Split
 from baq.quant import units
@@ -97,8 +97,8 @@ def test_group_statistics_are_exact_and_batching_free():
   layers = _layers(False)
   apply = _mlp
   kw = dict(hessian=None, key=jax.random.key(1))
-  a = planner.kernel_statistics(apply, params, layers, split, batch_size=8, **kw)
-  b = planner.kernel_statistics(apply, params, layers, split, batch_size=64, **kw)
+  a = statistics.kernel_statistics(apply, params, layers, split, batch_size=8, **kw)
+  b = statistics.kernel_statistics(apply, params, layers, split, batch_size=64, **kw)
   direct = jax.jacrev(_direct_group_loss)(params, split)
   for name in ("Dense_0", "head"):
     np.testing.assert_allclose(a[name].grad, direct[name]["kernel"], rtol=1e-4, atol=1e-6)
@@ -109,7 +109,7 @@ def test_group_statistics_are_exact_and_batching_free():
 def test_hutchinson_diagonal_matches_the_exact_hessian_diagonal():
   params, split = _mlp_params(jax.random.key(2)), _split(24, seed=1)
   layers = _layers(False)
-  stats = planner.kernel_statistics(_mlp, params, layers, split, batch_size=24, hessian="diag",
+  stats = statistics.kernel_statistics(_mlp, params, layers, split, batch_size=24, hessian="diag",
                                     key=jax.random.key(3), num_probes=256, probe_chunk=128)
   flat0, unravel = jax.flatten_util.ravel_pytree(
       {"Dense_0": params["Dense_0"]["kernel"], "head": params["head"]["kernel"]})
@@ -130,7 +130,7 @@ def test_hutchinson_diagonal_matches_the_exact_hessian_diagonal():
 
 def test_layer_traces_match_the_exact_hessian_block_traces():
   params, split = _mlp_params(jax.random.key(5), ), _split(24, seed=3)
-  stats = planner.kernel_statistics(_mlp, params, _layers(False), split, batch_size=24,
+  stats = statistics.kernel_statistics(_mlp, params, _layers(False), split, batch_size=24,
                                     hessian="trace", key=jax.random.key(6), num_probes=128,
                                     probe_chunk=64)
   for name in ("Dense_0", "head"):

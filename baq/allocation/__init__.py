@@ -7,5 +7,10 @@
   solver      the exact budgeted choice of integer bits (dynamic programming,
               Lagrangian fixing + ILP) and FairQuant's quantile baseline
   eigen       the top Hessian eigenvalue per group (power iteration)
+  statistics  a group-balanced calibration sample and the per-group kernel
+              statistics (gradients, curvature, measured loss changes) on it
   planner     calibration statistics -> tables -> an allocation (no file I/O)
+  projection  searched continuous bits -> integer bits under the budget
+              (nearest, or measured by the model's loss)
+  landscape   every budget-filling integer allocation of a few units
 """

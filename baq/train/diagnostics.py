@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from baq.allocation import curvature, eigen, planner
+from baq.allocation import curvature, eigen, statistics
 from baq.data.pipeline import normalize
 from baq.fairness import losses
 from baq.models import build_model
@@ -114,7 +114,7 @@ def curvature_statistics(apply_fn: Callable, params: Any, batch: dict, num_group
 
 def diagnostic_batch(split, per_group: int, seed: int) -> dict:
   """A group-balanced batch of up to `per_group` examples per group."""
-  sub = planner.calibration_split(split, per_group, seed)
+  sub = statistics.calibration_split(split, per_group, seed)
   return {"image": jnp.asarray(normalize(sub.images)), "label": jnp.asarray(sub.labels),
           "group": jnp.asarray(sub.groups)}
 

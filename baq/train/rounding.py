@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from baq.allocation import planner, projection
+from baq.allocation import projection, statistics
 from baq.data.pipeline import normalize
 from baq.fairness import losses
 from baq.quant import units
@@ -53,7 +53,7 @@ def integer_params(config: ml_collections.ConfigDict, setup, params: Any, batch_
   q, layers = config.quant, setup.layers
   if q.get("rounding", "nearest") == "nearest":
     return projection.deploy(params, layers, setup.budget, q.min_bits, q.max_bits)[1]
-  calib = planner.calibration_split(split, config.importance.calib_per_group, config.seed)
+  calib = statistics.calibration_split(split, config.importance.calib_per_group, config.seed)
   images, labels = jnp.asarray(normalize(calib.images)), jnp.asarray(calib.labels)
   groups, G = jnp.asarray(calib.groups), calib.num_groups
   count = jnp.maximum(jax.ops.segment_sum(jnp.ones_like(labels, jnp.float32), groups, G), 1)
