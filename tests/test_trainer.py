@@ -148,6 +148,10 @@ def test_incompatible_checkpoint_is_refused_and_left_alone(tmp_path, make_tiny_c
     ({"quant.target_bits": 1.5}, "below min_bits=2"),
     ({"quant.target_bits": 9.0}, "above max_bits=8"),
     ({"baselines": "uniform8,int4"}, "Unknown baseline 'int4'"),
+    ({"quant.rounding": "floor"}, "Unknown quant.rounding 'floor'. Valid: nearest, measured"),
+    ({"quant.rounding_loss": "max"}, "Valid: worst_group, mean"),
+    ({"quant.rounding": "measured", "quant.granularity": "channel"}, "needs quant.granularity='layer'"),
+    ({"quant.scale_method": "minmax"}, "absmax, percentile, learned, mse"),
 ])
 def test_bad_config_is_refused_before_training(tmp_path, make_tiny_config, override, match):
   config = make_tiny_config(**override)
@@ -227,6 +231,48 @@ def test_search_steps_then_a_fresh_finetune_at_the_integer_bits(tmp_path, make_t
   counts = [int(v) for p, v in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
             if "count" in jax.tree_util.keystr(p)]
   assert counts and set(counts) == {config.steps}, counts
+
+
+def test_measured_rounding_deploys_the_knapsack_of_the_measured_losses(tmp_path, make_tiny_config,
+                                                                     tiny_data, capsys):
+  """quant.rounding='measured': the finalize step's integers are `projection.measured`'s,
+  for the deployed model's worst-group calibration loss, and spend the budget."""
+  from baq.allocation import statistics  # pylint: disable=import-outside-toplevel
+  from baq.data.pipeline import normalize  # pylint: disable=import-outside-toplevel
+  from baq.fairness import losses  # pylint: disable=import-outside-toplevel
+  from baq.train import rounding, state as train_state  # pylint: disable=import-outside-toplevel
+  from baq.variables import apply_model  # pylint: disable=import-outside-toplevel
+  config = make_tiny_config(**{"quant.search_steps": 4, "quant.rounding": "measured",
+                               "quant.scale_method": "mse"})
+  split = tiny_data["train"]
+  setup = train_state.create_train_state(
+      config, "baq", num_classes=split.num_classes, num_groups=split.num_groups,
+      image_shape=split.images.shape[1:], steps=6, lr=1e-3)
+  params = units.scatter_bits(setup.state["params"], setup.layers,
+                              np.linspace(2.6, 6.3, len(setup.layers)))
+  stats = setup.state["batch_stats"]
+  out = rounding.integer_params(config, setup, params, stats, split)
+  ints = np.asarray(units.gather_bits(out, setup.layers))
+  calib = statistics.calibration_split(split, config.importance.calib_per_group, config.seed)
+
+  def worst(b):  # the rounding loss, computed directly
+    logits = apply_model(setup.eval_model, dict(params=units.scatter_bits(params, setup.layers, b),
+                                                batch_stats=stats), normalize(calib.images))
+    per_ex = np.asarray(losses.cross_entropy(logits, calib.labels))
+    return max(per_ex[calib.groups == g].mean() for g in np.unique(calib.groups))
+
+  numel = units.unit_numels(setup.layers)
+  want = projection.measured(worst, np.asarray(units.gather_bits(params, setup.layers)), numel,
+                             setup.budget, config.quant.min_bits, config.quant.max_bits)
+  np.testing.assert_array_equal(ints, want)
+  assert (numel * ints).sum() <= setup.budget * numel.sum()
+  cap = np.floor(setup.budget * numel.sum() + 1e-9)
+  assert all(b == config.quant.max_bits or (numel * ints).sum() + n > cap
+             for b, n in zip(ints, numel))
+  # And the trainer uses it at the finalize step.
+  total = modes.run_steps(config, get_mode(config, "baq"))
+  trainer.train(config, str(tmp_path), mode="baq", data=tiny_data, steps=total, lr=1e-3)
+  assert "bit-widths projected to integers" in capsys.readouterr().out
 
 
 def test_search_steps_must_be_positive(make_tiny_config):
