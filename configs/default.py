@@ -74,7 +74,7 @@ def get_config(arg=None):
   # fracbits' first-order signal fades as the weights settle (both work).
   # fracbits' error is not monotone in b (lowest near k + 0.8 of each
   # interval; see baq/quant/parametrizations/fracbits.py).
-  c.quant.parametrization = "diffq"  # diffq | fracbits
+  c.quant.parametrization = "diffq"  # diffq | diffq_ste | fracbits
   # One bit-width and one scale per layer, as FairQuant allocates; "channel"
   # gives every output channel its own (then 4-bit QAT is nearly lossless
   # for this small model, and there is little left to allocate).

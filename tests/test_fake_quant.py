@@ -201,3 +201,24 @@ def test_mse_scale_matches_a_numpy_grid_search_and_never_loses_to_absmax(bits, s
 def test_mse_scale_needs_the_bits():
   with pytest.raises(ValueError, match="needs the bit-widths"):
     fq.range_stats(_x(), symmetric=True, channel_axis=-1, method="mse")
+
+
+def test_diffq_ste_forward_is_the_deployed_quantizer_and_its_bit_gradient_is_diffqs():
+  """Forward: Q(x; round b); d/dx: QAT's straight-through; d/db: DiffQ's noise gradient."""
+  from baq.quant import parametrizations  # pylint: disable=import-outside-toplevel
+  p = parametrizations.get("diffq_ste")
+  assert p.trains_bits and p.needs_rng
+  x = jax.random.normal(jax.random.key(0), (3, 3, 8, 16))
+  b = jnp.linspace(2.2, 7.7, 16)
+  kw = dict(symmetric=True, channel_axis=-1, method="mse")
+  key = jax.random.key(1)
+  np.testing.assert_array_equal(np.asarray(p.quantize(x, b, key, **kw)),
+                                np.asarray(fq.fake_quant(x, jnp.round(b), **kw)))
+  probe = jax.random.normal(jax.random.key(2), x.shape)
+  gx = jax.grad(lambda v: jnp.sum(p.quantize(v, b, key, **kw) * probe))(x)
+  gx_qat = jax.grad(lambda v: jnp.sum(fq.fake_quant(v, jnp.round(b), **kw) * probe))(x)
+  np.testing.assert_allclose(np.asarray(gx), np.asarray(gx_qat))
+  gb = jax.grad(lambda c: jnp.sum(p.quantize(x, c, key, **kw) * probe))(b)
+  gb_diffq = jax.grad(lambda c: jnp.sum(fq.noise_quant(x, c, key, **kw) * probe))(b)
+  np.testing.assert_allclose(np.asarray(gb), np.asarray(gb_diffq), rtol=1e-5)
+  assert np.all(np.asarray(gb) != 0)
