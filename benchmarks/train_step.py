@@ -1,7 +1,7 @@
 """BAQ train-step time over float train-step time, same model and batch.
 
   python -m benchmarks.train_step [--batch_size=128] [--image_size=32] [--model=small_cnn]
-      [--granularity=layer|channel] [--parametrization=diffq]
+      [--granularity=layer|channel] [--parametrization=diffq] [--scale_method=mse]
 
 Both steps are the trainer's own: `state.create_train_state` and
 `step.make_train_step` with the default config's optimizer and penalties,
@@ -27,6 +27,7 @@ flags.DEFINE_string("model", "small_cnn", "Registered model.")
 flags.DEFINE_string("model_kwargs", "", 'Model options as JSON, e.g. \'{"stem_stride": 2}\'.')
 flags.DEFINE_string("parametrization", None, "BAQ parametrization (default: the config's).")
 flags.DEFINE_string("granularity", None, "Bit units, layer or channel (default: the config's).")
+flags.DEFINE_string("scale_method", None, "Scale method (default: the config's).")
 flags.DEFINE_integer("steps", 20, "Steps per timed run.")
 flags.DEFINE_integer("repeats", 7, "Timed runs per mode.")
 FLAGS = flags.FLAGS
@@ -68,6 +69,7 @@ def main(argv):
   config = default.get_config()
   config.quant.parametrization = FLAGS.parametrization or config.quant.parametrization
   config.quant.granularity = FLAGS.granularity or config.quant.granularity
+  config.quant.scale_method = FLAGS.scale_method or config.quant.scale_method
   rng = np.random.default_rng(0)
   s, b = FLAGS.image_size, FLAGS.batch_size
   batch = {"image": jnp.asarray(rng.normal(size=(b, s, s, 3)), jnp.float32),
@@ -82,7 +84,8 @@ def main(argv):
       times[m].append(t)
   med = {m: float(np.median(t)) for m, t in times.items()}
   print(f"device: {jax.devices()[0].platform}, model {FLAGS.model}, batch {b}x{s}x{s}x3, "
-        f"{config.quant.parametrization}, per {config.quant.granularity}")
+        f"{config.quant.parametrization}, per {config.quant.granularity}, "
+        f"{config.quant.scale_method} scales")
   for m, t in med.items():
     print(f"  {m:5s} train step: {1e3 * t:8.2f} ms")
   print(f"BAQ/float step-time ratio: {med['baq'] / med['float']:.3f} (target <= 1.2)")

@@ -52,3 +52,40 @@ def test_maximal_refuses_too_many_allocations():
 def test_rank_of_places_a_value_among_scores():
   r = landscape.rank_of(np.array([0.1, 0.5, 0.3, 0.9]), 0.5)
   assert r == dict(better_than=0.5, rank=2, of=4)
+
+
+def test_survey_scores_every_allocation_as_the_deployed_model_evaluates(tmp_path,
+                                                                         make_tiny_config,
+                                                                         tiny_float_run):
+  """The landscape's round-to-nearest scores are evaluate_split's on the deployed model."""
+  from baq.models import build_model  # pylint: disable=import-outside-toplevel
+  from baq.quant import units  # pylint: disable=import-outside-toplevel
+  from baq.train import experiment, landscape as train_landscape  # pylint: disable=import-outside-toplevel
+  from baq.train import workdir as wd  # pylint: disable=import-outside-toplevel
+  from baq.train.checkpoint import restore_variables  # pylint: disable=import-outside-toplevel
+  from baq.train.evaluate import evaluate_split  # pylint: disable=import-outside-toplevel
+  from baq.train.modes import get_mode  # pylint: disable=import-outside-toplevel
+  config = make_tiny_config(init_checkpoint=tiny_float_run, mode="fair_static",
+                            **{"quant.target_bits": 3.0})
+  with open(tmp_path / wd.CONFIG_FILE, "w") as f:
+    f.write(config.to_json())
+  s = train_landscape.survey(str(tmp_path), choices=(2, 3, 4, 8), top=3)
+  numel = np.asarray(s["numel"])
+  assert s["count"] == len(landscape.maximal(numel, 3.0, (2, 3, 4, 8)))
+  assert len(s["best"]) == 3 and s["placed"]["uniform3"]["bits"] == [3] * len(numel)
+  vals = [r["val_worst_group_accuracy"] for r in s["best"]]
+  assert vals == sorted(vals, reverse=True)
+  # One allocation, evaluated the ordinary way: the deployed model at those bits.
+  data = experiment.load_data(config)
+  fvars = restore_variables(tiny_float_run)
+  model = build_model(config.model.name, data["test"].num_classes,
+                      get_mode(config, "qat", 8).quantizer.replace(training=False),
+                      **config.model.kwargs.to_dict())
+  params = experiment.init_quantized(model, data["test"], fvars["params"])
+  layers = units.find_units(params)
+  best = s["best"][0]
+  m = evaluate_split(model, dict(fvars, params=units.scatter_bits(params, layers, best["bits"])),
+                     data["test"], config.eval_batch_size)
+  assert best["test_accuracy"] == pytest.approx(m["accuracy"])
+  assert best["test_worst_group_accuracy"] == pytest.approx(m["worst_group_accuracy"])
+  assert "uniform3" in train_landscape.format_survey(s)

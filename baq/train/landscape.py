@@ -67,9 +67,9 @@ def known_allocations(config, workdir: str, layers, budget: float, num_classes: 
     if plan["units"] == units.unit_names(layers) and abs(plan["target_bits"] - budget) < 1e-9:
       out["allocation_plan"] = np.asarray(plan["bits"])
   for mode in selected(config):
-    spec = get_mode(config, mode)
-    if not spec.uses_budget or (spec.trains and not wd.finished(
-        wd.path(workdir, wd.method_name(config, mode)), run_steps(config, spec))):
+    spec, run = get_mode(config, mode), wd.path(workdir, wd.method_name(config, mode))
+    done = wd.finished(run, run_steps(config, spec)) if spec.trains else wd.has_checkpoints(run)
+    if not (spec.uses_budget and done):
       continue
     ints = deploy.deployed_run(config, workdir, mode, num_classes)[3]
     if len(ints) == len(layers):
