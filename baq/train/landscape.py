@@ -147,6 +147,7 @@ def survey(workdir: str, budget: float | None = None, choices: Sequence[int] | N
               val_worst_group_quantiles=np.quantile(val[:, 1], [0, .25, .5, .75, 1]).tolist(),
               test_worst_group_quantiles=np.quantile(test[:, 1], [0, .25, .5, .75, 1]).tolist(),
               best=[row(allocs[i], val[i], test[i]) for i in order[:top]], placed=placed,
+              all=[row(allocs[i], val[i], test[i]) for i in order],
               test_worst_group_of_best_val=float(test[order[0], 1]),
               corr_val_test_worst=float(np.corrcoef(val[:, 1], test[:, 1])[0, 1]))
 
