@@ -19,4 +19,10 @@ def get_config(arg=None):
   c.float_steps, c.steps = 12, 8
   c.log_every = c.eval_every = c.checkpoint_every = 4
   c.optim.warmup_steps = 2
+  # The tests' settings, whatever the main job's defaults become: a 4-bit
+  # budget against uniform 8/4, BAQ's own schedule within `steps`.
+  c.quant.target_bits = 4.0
+  c.baselines = "uniform8,uniform4"
+  c.quant.search_steps = None
+  c.quant.init_from = "budget"
   return c
