@@ -20,7 +20,9 @@ def get_config(arg=None):
   c.log_every = c.eval_every = c.checkpoint_every = 4
   c.optim.warmup_steps = 2
   # The tests' settings, whatever the main job's defaults become: a 4-bit
-  # budget against uniform 8/4, BAQ's own schedule within `steps`.
+  # budget against uniform 8/4, abs-max scales (the numpy references of the
+  # export tests), BAQ's own schedule within `steps`.
+  c.quant.scale_method = "absmax"
   c.quant.target_bits = 4.0
   c.baselines = "uniform8,uniform4"
   c.quant.search_steps = None

@@ -157,5 +157,6 @@ def test_family_files_are_discovered_not_imported():
   owners = result["owners"]
   assert owners == {"small_cnn": "baq.models.cnn", "resnet18": "baq.models.resnet",
                     "resnet50": "baq.models.resnet", "deit_tiny": "baq.models.vit",
-                    "tinyvit_5m": "baq.models.tinyvit"}
+                    "tinyvit_5m": "baq.models.tinyvit",
+                    **{f"resnet{d}_cifar": "baq.models.resnet" for d in (8, 20, 32, 56)}}
   assert {o.rsplit(".", 1)[1] for o in owners.values()} == FAMILY_FILES

@@ -251,7 +251,7 @@ def test_converter_lookup_names_the_valid_converters():
 @pytest.mark.parametrize("depth,layers,weights", [(8, 10, 77_360), (20, 22, 270_896)])
 def test_cifar_resnets_have_the_papers_layout(depth, layers, weights):
   """6n+2 layers at 32 px: stem, 3 stages of n basic blocks at 16/32/64 channels, head."""
-  from baq.models.cifar_resnet import cifar_resnet  # pylint: disable=import-outside-toplevel
+  from baq.models.resnet import cifar_resnet  # pylint: disable=import-outside-toplevel
   model = build_model(f"resnet{depth}_cifar", 10, QUANT)
   shapes = jax.eval_shape(lambda: model.init(RNGS, jnp.zeros((1, 32, 32, 3))))
   flat = _flat(shapes["params"])

@@ -78,13 +78,13 @@ def test_built_in_parametrizations_are_discovered_and_unknown_names_list_them():
           "assert 'baq.quant.parametrizations.diffq' not in sys.modules; "
           "print(p.PARAMETRIZATIONS.names())")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-  assert out.stdout.strip() == "['diffq', 'fixed', 'fracbits']"
-  with pytest.raises(KeyError, match="Valid parametrization names: diffq, fixed, fracbits"):
+  assert out.stdout.strip() == "['diffq', 'diffq_ste', 'fixed', 'fracbits']"
+  with pytest.raises(KeyError, match="Valid parametrization names: diffq, diffq_ste, fixed, fracbits"):
     QuantSpec(parametrization="fracbit")
 
 
 def test_baq_refuses_a_parametrization_without_a_bit_gradient():
   config = tiny.get_config()
   config.quant.parametrization = "fixed"
-  with pytest.raises(ValueError, match="gives them no gradient. Use one of: diffq, fracbits"):
+  with pytest.raises(ValueError, match="gives them no gradient. Use one of: diffq, diffq_ste, fracbits"):
     modes.get_mode(config, "baq")

@@ -1,4 +1,5 @@
-"""ResNet-18 / ResNet-50 in torchvision's layout (v1.5: stride on the 3x3 conv).
+"""ResNet-18 / ResNet-50 in torchvision's layout (v1.5: stride on the 3x3 conv),
+and the CIFAR-style ResNet-8/20/32/56 (`resnet{8,20,32,56}_cifar`) built from it.
 
 The layer names follow torchvision with readable Flax paths, so quantization
 rules and the weight converter (`baq.models.convert`, with the renames in
@@ -177,3 +178,26 @@ def resnet(depth: int, num_classes: int, quant: Optional[Quantizer] = None,
 
 resnet18 = register_model("resnet18", converter=TORCHVISION)(functools.partial(resnet, 18))
 resnet50 = register_model("resnet50", converter=TORCHVISION)(functools.partial(resnet, 50))
+
+# CIFAR-style ResNets (He et al. 2016, section 4.2), depth 6n + 2 at 32 px: a
+# 3x3 stride-1 stem of 16 channels, three stages of n basic blocks at 16, 32
+# and 64 channels, global pooling and the classifier. ResNet-8 (n=1) has 10
+# quantized layers (with the two 1x1 projection shortcuts, the paper's option
+# B rather than zero-padding, so every layer is a convolution bits can be
+# allocated to) and 77k weights; ResNet-20 (n=3) 22 layers and 270k.
+CIFAR_DEPTHS = (8, 20, 32, 56)
+
+
+def cifar_resnet(depth: int, num_classes: int, quant: Optional[Quantizer] = None,
+                 **kwargs: Any) -> ResNet:
+  """A CIFAR ResNet-`depth` (6n + 2 layers; `width` and other ResNet options apply)."""
+  if depth not in CIFAR_DEPTHS:
+    raise ValueError(f"Unknown CIFAR ResNet depth {depth}. Valid: {list(CIFAR_DEPTHS)}.")
+  n = (depth - 2) // 6
+  kw = dict(block="basic", stage_sizes=(n, n, n), width=16, small_stem=True)
+  kw.update(kwargs)
+  return ResNet(num_classes=num_classes, quant=quant, **kw)
+
+
+for _depth in CIFAR_DEPTHS:
+  register_model(f"resnet{_depth}_cifar")(functools.partial(cifar_resnet, _depth))
