@@ -106,11 +106,10 @@ def get_config(arg=None):
   elif "tiny" in args:
     c = tiny.get_config()
   else:
-    c = default.get_config("runlocal" if "runlocal" in args else None)
-  # The study's BAQ cells start at the budget and train `steps` steps (they
-  # compute no allocation plan), with abs-max scales, as the study's tables
-  # were measured.
-  c.quant.init_from, c.quant.search_steps, c.quant.scale_method = "budget", None, "absmax"
+    # The study's BAQ cells start at the budget and train `steps` steps (they
+    # compute no allocation plan), with abs-max scales, as its tables were
+    # measured: the earlier defaults.
+    c = default.get_config("absmax4,runlocal" if "runlocal" in args else "absmax4")
   s = c.study = study_options()
   if "isic" in args:
     s.alphas, s.pairs = (2.0, 8.0), "penultimate"

@@ -11,7 +11,10 @@ from configs import default
 
 def get_config(arg=None):
   """Returns the tiny config (`arg` is passed to the default config)."""
-  c = default.get_config(arg)
+  # The tests' settings, whatever the main job's defaults become: the earlier
+  # defaults (a 4-bit budget against uniform 8/4, abs-max scales, the numpy
+  # references of the export tests, BAQ's own schedule within `steps`).
+  c = default.get_config(",".join(filter(None, ("absmax4", arg))))
   c.dataset.kwargs.update(dict(image_size=16, num_train=256, num_validation=64, num_test=128))
   c.model.kwargs.update(dict(widths=(4, 8), hidden=8))
   c.batch_size = 32
@@ -19,12 +22,4 @@ def get_config(arg=None):
   c.float_steps, c.steps = 12, 8
   c.log_every = c.eval_every = c.checkpoint_every = 4
   c.optim.warmup_steps = 2
-  # The tests' settings, whatever the main job's defaults become: a 4-bit
-  # budget against uniform 8/4, abs-max scales (the numpy references of the
-  # export tests), BAQ's own schedule within `steps`.
-  c.quant.scale_method = "absmax"
-  c.quant.target_bits = 4.0
-  c.baselines = "uniform8,uniform4"
-  c.quant.search_steps = None
-  c.quant.init_from = "budget"
   return c

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baq.allocation import landscape
+from baq.allocation import landscape, planner
 from baq.data.pipeline import normalize
 from baq.fairness import losses
 from baq.models import build_model
@@ -36,7 +36,7 @@ from baq.variables import apply_model
 
 
 def scorer(config, split, fvars):
-  """(fn(bits) -> (accuracy, worst-group accuracy, worst-group loss), layers, model)."""
+  """(fn(bits) -> [accuracy, worst-group accuracy, worst-group loss], layers)."""
   model = build_model(config.model.name, split.num_classes,
                       get_mode(config, "qat", 8).quantizer.replace(training=False),
                       **config.model.kwargs.to_dict())
@@ -44,16 +44,16 @@ def scorer(config, split, fvars):
   layers = units.find_units(params)
   images, labels = jnp.asarray(normalize(split.images)), jnp.asarray(split.labels)
   groups, G = jnp.asarray(split.groups), split.num_groups
-  count = jnp.maximum(jax.ops.segment_sum(jnp.ones_like(labels, jnp.float32), groups, G), 1)
 
   @jax.jit
   def stats(bits):
     logits = apply_model(model, dict(fvars, params=units.scatter_bits(params, layers, bits)),
                          images)
     hit = (logits.argmax(-1) == labels).astype(jnp.float32)
-    acc = jax.ops.segment_sum(hit, groups, G) / count
-    loss = jax.ops.segment_sum(losses.cross_entropy(logits, labels), groups, G) / count
-    return hit.mean(), acc.min(), loss.max()
+    acc = losses.group_stats(hit, groups, G)
+    loss = losses.group_stats(losses.cross_entropy(logits, labels), groups, G)
+    return (hit.mean(), jnp.min(jnp.where(acc.present, acc.mean, jnp.inf)),
+            jnp.max(jnp.where(loss.present, loss.mean, -jnp.inf)))
 
   return (lambda bits: np.asarray(stats(jnp.asarray(bits, jnp.float32)))), layers
 
@@ -64,7 +64,7 @@ def known_allocations(config, workdir: str, layers, budget: float, num_classes: 
   plan_path = wd.path(workdir, wd.PLAN_FILE)
   if os.path.exists(plan_path):
     plan = wd.read_json(plan_path)
-    if plan["units"] == units.unit_names(layers) and abs(plan["target_bits"] - budget) < 1e-9:
+    if planner.matches(plan, layers, budget):
       out["allocation_plan"] = np.asarray(plan["bits"])
   for mode in selected(config):
     spec, run = get_mode(config, mode), wd.path(workdir, wd.method_name(config, mode))

@@ -56,13 +56,13 @@ def integer_params(config: ml_collections.ConfigDict, setup, params: Any, batch_
   calib = statistics.calibration_split(split, config.importance.calib_per_group, config.seed)
   images, labels = jnp.asarray(normalize(calib.images)), jnp.asarray(calib.labels)
   groups, G = jnp.asarray(calib.groups), calib.num_groups
-  count = jnp.maximum(jax.ops.segment_sum(jnp.ones_like(labels, jnp.float32), groups, G), 1)
   worst = q.get("rounding_loss", "worst_group") == "worst_group"
 
   @jax.jit
   def loss(p):
     logits = apply_model(setup.eval_model, dict(params=p, batch_stats=batch_stats), images)
-    per_group = jax.ops.segment_sum(losses.cross_entropy(logits, labels), groups, G) / count
+    # Groups of the calibration sample (an absent group would count as 0).
+    per_group = losses.group_stats(losses.cross_entropy(logits, labels), groups, G).mean
     return jnp.max(per_group) if worst else jnp.mean(per_group)
 
   ints = projection.measured(lambda b: loss(units.scatter_bits(params, layers, b)),
