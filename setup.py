@@ -22,6 +22,9 @@ setup(
         "matplotlib>=3.8,<4",
         "pillow>=10,<14",
         "scipy>=1.11,<2",
+        "safetensors>=0.4,<1",
+        "onnx>=1.17,<2",
+        "onnxruntime>=1.20,<2",
     ],
-    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "safetensors>=0.4,<1"]},
+    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"]},
 )

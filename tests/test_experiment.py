@@ -10,6 +10,8 @@ import flax.traverse_util as tu
 import jax
 import numpy as np
 import pytest
+import safetensors
+import safetensors.numpy
 
 from baq.models import build_model
 from baq.train import experiment
@@ -54,9 +56,9 @@ def _unpack_bits(data: np.ndarray, count: int) -> np.ndarray:
 
 def _decode_layer(z, layer: str, symmetric: bool):
   """(integer codes in the kernel's shape, bits per output channel, code bytes)
-  of one layer of packed_weights.npz, decoded here.
+  of one layer of packed_weights.safetensors, decoded here.
 
-  The format (baq/quant/export.py `pack`): output channels are grouped by
+  The format (baq/export/packed.py `save_packed`): output channels are grouped by
   bit-width b; group b stores, channel after channel, every weight of the
   channel in the kernel's row-major order over its other axes, each as b
   bits, least significant first, of the code plus 2^(b-1) - 1 (symmetric).
@@ -93,19 +95,23 @@ def _quantize_np(kernel: np.ndarray, unit_bits: np.ndarray):
 
 
 def test_packed_weights_decode_to_the_deployed_kernels_and_logits(run):
-  """packed_weights.npz, decoded without baq's export code, holds the integer
+  """packed_weights.safetensors, decoded without baq's export code, holds the integer
   codes at bit_allocation.json's bit-widths, and its dequantized kernels in
   the float model give the evaluated model's logits and accuracy."""
   config, workdir, report = run
   assert config.quant.symmetric and config.quant.scale_method == "absmax"
   alloc = json.load(open(os.path.join(workdir, "bit_allocation.json")))
-  z = np.load(os.path.join(workdir, "packed_weights.npz"))
-  assert bool(z["__symmetric__"])
+  path = os.path.join(workdir, "packed_weights.safetensors")
+  z = safetensors.numpy.load_file(path)
+  with safetensors.safe_open(path, framework="numpy") as f:
+    meta = f.metadata()
+  assert meta["format"] == "baq.packed" and meta["symmetric"] == "true"
+  assert json.loads(meta["allocation"]) == alloc
   # The allocation, per layer: one unit ("Conv_0") or one per channel ("Conv_0[3]").
   by_layer = {}
   for u in alloc["units"]:
     by_layer.setdefault(u["name"].split("[")[0], []).append(u)
-  assert {k.split("::")[0] for k in z.files if "::" in k} == set(by_layer)
+  assert {k.split("::")[0] for k in z} == set(by_layer)
 
   params = restore_params(os.path.join(workdir, "baq"))  # integer bits from step 6 on
   flat = tu.flatten_dict(params)
@@ -189,10 +195,10 @@ def test_only_the_primary_process_writes_the_report(run, tmp_path, monkeypatch):
   config, workdir, report = run
   copy = str(tmp_path / "host1")
   shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(
-      "report.json", "bit_allocation.*", "packed_weights.npz"))
+      "report.json", "bit_allocation.*", "packed_weights.safetensors"))
   monkeypatch.setattr(jax, "process_index", lambda *a, **k: 1)
   again = experiment.report(config, copy)
-  assert not {"report.json", "bit_allocation.json", "packed_weights.npz"} & set(os.listdir(copy))
+  assert not {"report.json", "bit_allocation.json", "packed_weights.safetensors"} & set(os.listdir(copy))
   for name, m in report["methods"].items():  # every host still evaluates
     assert again["methods"][name]["worst_group_accuracy"] == pytest.approx(
         m["worst_group_accuracy"])

@@ -8,7 +8,9 @@ import pytest
 
 from baq.models import build_model
 from baq.allocation import projection
-from baq.quant import export, units
+from baq.export import allocation as alloc_export
+from baq.export import packed as export
+from baq.quant import units
 from baq.quant.inject import Quantizer, QuantSpec
 from baq.fairness import losses
 
@@ -136,7 +138,7 @@ def test_exported_integer_weights_reproduce_fake_quant_logits(tmp_path, granular
   eval_model = model.clone(quant=model.quant.replace(training=False))
   want = eval_model.apply({"params": deployed}, x)
   captured = export.capture_codes(model, deployed, x[:1])
-  path = str(tmp_path / "w.npz")
+  path = str(tmp_path / "w.safetensors")
   export.save_packed(path, captured, symmetric=True)
   dq = export.dequantized_params(deployed, export.unpack_kernels(path))
   got = export.reference_model(model).apply({"params": dq}, x)
@@ -146,5 +148,5 @@ def test_exported_integer_weights_reproduce_fake_quant_logits(tmp_path, granular
     np.testing.assert_allclose(fmodel.apply({"params": dq}, x), want, rtol=1e-5, atol=1e-5)
   else:  # Activations really are quantized.
     assert np.max(np.abs(fmodel.apply({"params": dq}, x) - want)) > 1e-3
-  rec = export.allocation_record(params, deployed, layers, 4.0)
+  rec = alloc_export.allocation_record(params, deployed, layers, 4.0)
   assert rec["avg_bits"] <= 4.0 and len(rec["units"]) == len(ints)

@@ -16,7 +16,9 @@ import numpy as np
 
 from baq.allocation import projection
 from baq.models import build_model
-from baq.quant import export, units
+from baq.export import allocation as alloc_export
+from baq.export import packed
+from baq.quant import units
 from baq.train import workdir as wd
 from baq.train.checkpoint import restore_variables
 from baq.train.evaluate import evaluate_split, predict_logits
@@ -63,7 +65,7 @@ def export_method(config: ml_collections.ConfigDict, workdir: str, mode: str, te
   """Deploys the method's run at integer bits, exports it and evaluates it.
 
   With one method the export files are WORKDIR/bit_allocation.json (.png) and
-  WORKDIR/packed_weights.npz; with several, each goes to its run directory.
+  WORKDIR/packed_weights.safetensors; with several, each goes to its run directory.
   Only the primary process writes and checks the files.
 
   Returns:
@@ -78,20 +80,20 @@ def export_method(config: ml_collections.ConfigDict, workdir: str, mode: str, te
   m.update(target_bits=target)
   if not is_primary():
     return m
-  record = export.allocation_record(
+  record = alloc_export.allocation_record(
       searched_params(wd.path(workdir, name), run_vars["params"], layers), deployed, layers,
       target, symmetric=config.quant.symmetric, batch_stats=run_vars.get("batch_stats"))
-  export.write_allocation(os.path.join(out_dir, wd.ALLOCATION_FILE), record)
-  export.plot_allocation(os.path.join(out_dir, wd.ALLOCATION_PLOT), record)
+  alloc_export.write_allocation(os.path.join(out_dir, wd.ALLOCATION_FILE), record)
+  alloc_export.plot_allocation(os.path.join(out_dir, wd.ALLOCATION_PLOT), record)
   sample = jnp.asarray(test.images[:1], jnp.float32)
-  captured = export.capture_codes(model, dvars, sample)
-  packed = os.path.join(out_dir, wd.PACKED_FILE)
-  code_bytes = export.save_packed(packed, captured, config.quant.symmetric)
+  captured = packed.capture_codes(model, dvars, sample)
+  packed_path = os.path.join(out_dir, wd.PACKED_FILE)
+  code_bytes = packed.save_packed(packed_path, captured, config.quant.symmetric, record)
   # The packed file must reproduce the evaluated model; check it on test images.
-  kernels = export.unpack_kernels(packed)
+  kernels = packed.unpack_kernels(packed_path)
   fq_logits = predict_logits(model, dvars, test, config.eval_batch_size)
-  dq_logits = predict_logits(export.reference_model(model),
-                             dict(run_vars, params=export.dequantized_params(deployed, kernels)),
+  dq_logits = predict_logits(packed.reference_model(model),
+                             dict(run_vars, params=packed.dequantized_params(deployed, kernels)),
                              test, config.eval_batch_size)
   m.update(avg_bits_continuous=record["avg_bits_continuous"], packed_code_bytes=code_bytes,
            export_max_abs_logit_diff=float(np.max(np.abs(fq_logits - dq_logits))))

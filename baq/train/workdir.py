@@ -8,7 +8,7 @@ A train.py workdir holds
   WORKDIR/<method>/               each method of `config.mode`
   WORKDIR/allocation_plan.json    the importance allocation, when a mode uses it
   WORKDIR/report.json             the final table
-  WORKDIR/bit_allocation.json, bit_allocation.png, packed_weights.npz
+  WORKDIR/bit_allocation.json, bit_allocation.png, packed_weights.safetensors
                                   the export (in the method's run directory
                                   when the workdir has several methods)
 
@@ -41,7 +41,7 @@ REPORT_FILE = "report.json"
 PLAN_FILE = "allocation_plan.json"
 ALLOCATION_FILE = "bit_allocation.json"
 ALLOCATION_PLOT = "bit_allocation.png"
-PACKED_FILE = "packed_weights.npz"
+PACKED_FILE = "packed_weights.safetensors"
 DIAGNOSTICS_FILE = "diagnostics.json"
 DIAGNOSTICS_PLOT = "diagnostics.png"
 IMPORTANCE_PLOT = "bits_vs_importance.png"

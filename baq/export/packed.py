@@ -1,4 +1,4 @@
-"""Export: integer bit allocation, packed integer weights and their plot.
+"""The packed export: integer codes at each unit's bit-width, in safetensors.
 
 One path serves `train.py` and `eval.py`:
   1. `deploy` projects the continuous bit-widths onto integers that meet the
@@ -7,7 +7,9 @@ One path serves `train.py` and `eval.py`:
      `capture=True`, so the integer codes come from the very quantizer that
      produced the evaluated logits;
   3. `pack` stores each layer's codes at its own bit-width (b bits per weight,
-     channels grouped by bit-width) with its scales and zero points;
+     channels grouped by bit-width) and `save_packed` writes them, with their
+     scales, zero points and the allocation, to one safetensors file (schema
+     in its docstring; `read_packed` reads it);
   4. `unpack_kernels` + `dequantized_params` rebuild float kernels that, put
      in the float model, reproduce the fake-quantized model's logits.
 """
@@ -15,7 +17,7 @@ One path serves `train.py` and `eval.py`:
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 import flax.traverse_util as tu
 import jax
@@ -23,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from baq.variables import apply_model
-from baq.quant import units
 from baq.quant.inject import BITS_LEAF, EXPORT_COLLECTION, RANGE_LEAF
 
 
@@ -96,37 +97,79 @@ def unpack(packed: dict[str, np.ndarray], symmetric: bool) -> np.ndarray:
   return np.moveaxis(rows.reshape((c,) + shape[:-1]), 0, -1)
 
 
-def save_packed(path: str, captured: dict[str, dict], symmetric: bool) -> int:
-  """Writes every layer's packed codes, scales and zero points to one .npz.
+FORMAT = "baq.packed"
+FORMAT_VERSION = "1"
+
+
+def save_packed(path: str, captured: dict[str, dict], symmetric: bool,
+                allocation: Optional[dict] = None) -> int:
+  """Writes every layer's packed codes, scales and zero points to a safetensors file.
+
+  The schema (version 1). For each quantized layer L (its module path, e.g.
+  `Conv_0` or `block1/conv/Conv_0`), with C output channels (the kernel's
+  last axis) and M weights per channel:
+    `L::shape`        int64 [ndim], the kernel's shape;
+    `L::bits`         int64 [C], each output channel's bit-width;
+    `L::b{b}_channels` int64, the channels stored at b bits, ascending;
+    `L::b{b}_data`    uint8, those channels' codes, channel after channel,
+                      each channel's M codes in row-major order of the other
+                      axes, each code as b bits, least significant first,
+                      the bit stream packed by `numpy.packbits` (most
+                      significant bit of each byte first) and zero-padded;
+                      a stored value is the code plus 2^(b-1) - 1 when
+                      symmetric, the code itself otherwise;
+    `L::scale`, `L::zero_point` float32, broadcastable to the kernel
+                      (one per tensor or one per output channel);
+  and the kernel is `(code - zero_point) * scale`. The file's metadata holds
+  `format` ("baq.packed"), `version`, `symmetric` ("true"/"false") and, when
+  given, `allocation`: the `bit_allocation.json` record as JSON.
 
   Returns:
     bytes of packed integer codes (excluding scales and container overhead).
   """
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   arrays, code_bytes = {}, 0
   for layer, rec in captured.items():
     bits = np.asarray(rec["bits"], np.int64)
     for k, v in pack(np.asarray(rec["codes"]), bits, symmetric).items():
-      arrays[f"{layer}::{k}"] = v
+      arrays[f"{layer}::{k}"] = np.ascontiguousarray(v)
       code_bytes += v.nbytes if k.endswith("_data") else 0
     arrays[f"{layer}::scale"] = np.asarray(rec["scale"], np.float32)
     arrays[f"{layer}::zero_point"] = np.asarray(rec["zero_point"], np.float32)
-  arrays["__symmetric__"] = np.asarray(symmetric)
-  np.savez_compressed(path, **arrays)
+  meta = {"format": FORMAT, "version": FORMAT_VERSION, "symmetric": str(bool(symmetric)).lower()}
+  if allocation is not None:
+    meta["allocation"] = json.dumps(allocation)
+  save_file(arrays, path, metadata=meta)
   return code_bytes
+
+
+def read_packed(path: str) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+  """Reads a `save_packed` file: (layer -> {field: array}, metadata).
+
+  The metadata's `symmetric` is a bool and `allocation` (if present) a dict.
+  """
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  with safe_open(path, framework="numpy") as f:
+    meta = dict(f.metadata() or {})
+    if meta.get("format") != FORMAT:
+      raise ValueError(f"{path} is not a baq packed export (format {meta.get('format')!r}, "
+                       f"expected {FORMAT!r}).")
+    layers: dict[str, dict] = {}
+    for key in f.keys():
+      layer, field = key.split("::")
+      layers.setdefault(layer, {})[field] = f.get_tensor(key)
+  meta["symmetric"] = meta["symmetric"] == "true"
+  if "allocation" in meta:
+    meta["allocation"] = json.loads(meta["allocation"])
+  return layers, meta
 
 
 def unpack_kernels(path: str) -> dict[str, np.ndarray]:
   """Layer name -> dequantized float kernel, from a `save_packed` file."""
-  z = np.load(path)
-  symmetric = bool(z["__symmetric__"])
-  layers: dict[str, dict] = {}
-  for key in z.files:
-    if "::" in key:
-      layer, field = key.split("::")
-      layers.setdefault(layer, {})[field] = z[key]
+  layers, meta = read_packed(path)
   out = {}
   for layer, rec in layers.items():
-    codes = unpack(rec, symmetric).astype(np.float32)
+    codes = unpack(rec, meta["symmetric"]).astype(np.float32)
     out[layer] = (codes - rec["zero_point"]) * rec["scale"]
   return out
 
@@ -147,66 +190,3 @@ def dequantized_params(float_params: Any, kernels: dict[str, np.ndarray]) -> Any
   return tu.unflatten_dict(flat)
 
 
-def allocation_record(params_cont: Any, params_int: Any, layers, target_bits: float,
-                      **size_options) -> dict:
-  """The `bit_allocation.json` content: per-unit integer and continuous bits.
-
-  `size_options` (symmetric, batch_stats) go to `units.model_bytes`.
-  """
-  cont = np.asarray(units.gather_bits(params_cont, layers), np.float64)
-  ints = np.asarray(units.gather_bits(params_int, layers)).round().astype(int)
-  numel = units.unit_numels(layers)
-  rows = [dict(name=n, numel=int(k), bits=int(b), bits_continuous=float(c))
-           for n, k, b, c in zip(units.unit_names(layers), numel, ints, cont)]
-  per_layer = []
-  off = 0
-  for l in layers:
-    sl = slice(off, off + l.count)
-    per_layer.append(dict(name=l.name, numel=int(l.count * l.numel), units=l.count,
-                          avg_bits=float(np.mean(ints[sl])),
-                          avg_bits_continuous=float(np.mean(cont[sl]))))
-    off += l.count
-  avg = float((numel * ints).sum() / numel.sum())
-  return dict(avg_bits=avg, target_bits=float(target_bits),
-              avg_bits_continuous=float((numel * cont).sum() / numel.sum()),
-              quantized_weights=int(numel.sum()),
-              total_size_bytes=float(units.model_bytes(params_int, layers, avg_bits=avg,
-                                                         **size_options)),
-              layers=per_layer, units=rows)
-
-
-def write_allocation(path: str, record: dict) -> str:
-  """Writes an `allocation_record` as JSON to `path` and returns the path."""
-  with open(path, "w") as f:
-    json.dump(record, f, indent=1)
-  return path
-
-
-def plot_allocation(path: str, record: dict) -> None:
-  """Bits per layer (integer bars, continuous markers, channel spread) as PNG."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  names = [l["name"] for l in record["layers"]]
-  x = np.arange(len(names))
-  fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(names) + 2), 3.6))
-  ax.bar(x, [l["avg_bits"] for l in record["layers"]], color="#4c72b0",
-         label="deployed (integer, mean over units)")
-  ax.plot(x, [l["avg_bits_continuous"] for l in record["layers"]], "o", color="#dd8452",
-          label="learned (continuous)")
-  by_layer: dict[str, list[int]] = {}
-  for u in record["units"]:
-    by_layer.setdefault(u["name"].split("[")[0], []).append(u["bits"])
-  for i, n in enumerate(names):
-    b = np.asarray(by_layer.get(n, []))
-    ax.scatter(np.full(b.shape, i) + np.linspace(-0.3, 0.3, len(b)), b, s=3,
-               color="k", alpha=0.3)
-  ax.axhline(record["target_bits"], ls="--", color="grey", label="budget")
-  ax.set_xticks(x, names, rotation=45, ha="right")
-  ax.set_ylabel("bits")
-  ax.set_title(f"Bit allocation: {record['avg_bits']:.2f} average bits")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
