@@ -2,10 +2,12 @@
 
   python eval.py --workdir=/tmp/baq_default
   python eval.py --workdir=/tmp/baq_default --diagnostics
+  python eval.py --workdir=/tmp/baq_default --export=onnx,safetensors
 
 Reads WORKDIR/config.json (or --config with overrides), evaluates every run
-in the workdir on the test split, re-exports the method's allocation and
-packed weights, prints the table and writes WORKDIR/report.json. With
+in the workdir on the test split, re-exports each method's allocation and
+the formats of --export (or the config's `export`), prints the table and
+writes WORKDIR/report.json. With
 --diagnostics it writes instead the per-group analysis of every model
 (logit variance, loss, accuracy, gradient norm, Hessian trace, top
 eigenvalue): WORKDIR/diagnostics.json, diagnostics.png, bits_vs_importance.png.
@@ -14,12 +16,14 @@ eigenvalue): WORKDIR/diagnostics.json, diagnostics.png, bits_vs_importance.png.
 from absl import app, flags
 from ml_collections import config_flags
 
-from baq.train import diagnostics, experiment, validate
+from baq.train import deploy, diagnostics, experiment, validate
 
 config_flags.DEFINE_config_file("config", None, "Config file; default: WORKDIR/config.json.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory of a train.py run.")
 flags.DEFINE_bool("diagnostics", False, "Write the per-group diagnostics instead of the report.")
+flags.DEFINE_string("export", None, "Comma-separated export formats (safetensors, onnx); "
+                    "default: the config's `export`.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -28,6 +32,10 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     experiment.quiet_logging()
   config = validate.load_config(flags.FLAGS.workdir, flags.FLAGS.config)
+  if flags.FLAGS.export is not None:
+    deploy.export_formats(flags.FLAGS.export)  # an unknown name fails before any work
+    with config.unlocked():
+      config.export = flags.FLAGS.export
   if flags.FLAGS.diagnostics:
     diagnostics.diagnose_workdir(config, flags.FLAGS.workdir)
   else:

@@ -195,10 +195,90 @@ def test_only_the_primary_process_writes_the_report(run, tmp_path, monkeypatch):
   config, workdir, report = run
   copy = str(tmp_path / "host1")
   shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(
-      "report.json", "bit_allocation.*", "packed_weights.safetensors"))
+      "report.json", "bit_allocation.*", "packed_weights.safetensors", "model.onnx"))
   monkeypatch.setattr(jax, "process_index", lambda *a, **k: 1)
   again = experiment.report(config, copy)
-  assert not {"report.json", "bit_allocation.json", "packed_weights.safetensors"} & set(os.listdir(copy))
+  assert not {"report.json", "bit_allocation.json", "packed_weights.safetensors",
+              "model.onnx"} & set(os.listdir(copy))
   for name, m in report["methods"].items():  # every host still evaluates
     assert again["methods"][name]["worst_group_accuracy"] == pytest.approx(
         m["worst_group_accuracy"])
+
+
+def test_onnx_export_runs_in_onnxruntime_with_the_same_predictions(run):
+  """The main job's model.onnx, run by onnxruntime here (not through baq's
+  session helper), gives the deployed model's logits, accuracy and per-group
+  accuracy on the test split."""
+  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+  config, workdir, report = run
+  baq = report["methods"]["baq"]
+  assert baq["onnx_max_abs_logit_diff"] < 1e-4
+  assert baq["onnx_prediction_agreement"] == 1.0 and baq["onnx_group_accuracy_matches"]
+  assert baq["onnx_accuracy"] == baq["accuracy"]
+  assert baq["onnx_worst_group_accuracy"] == baq["worst_group_accuracy"]
+  path = os.path.join(workdir, "model.onnx")
+  opts = ort.SessionOptions()
+  opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+  sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+  test = experiment.load_data(config)["test"]
+  assert sess.get_inputs()[0].type == "tensor(uint8)"  # raw images: normalized in the graph
+  logits = sess.run(None, {"images": test.images[:50]})[0]
+  assert np.mean(logits.argmax(-1) == test.labels[:50]) == pytest.approx(
+      np.mean(predict_logits(build_model(config.model.name, test.num_classes, get_mode(
+          config, "baq").quantizer.replace(training=False), **config.model.kwargs.to_dict()),
+          {"params": restore_params(os.path.join(workdir, "baq"))}, test,
+          config.eval_batch_size)[:50].argmax(-1) == test.labels[:50]))
+
+
+def _eval(workdir, *flags):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), f"--workdir={workdir}",
+                         *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_eval_py_export_writes_only_the_formats_asked(run, tmp_path):
+  _, workdir, _ = run
+  copy = str(tmp_path / "w")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(
+      "report.json", "bit_allocation.*", "packed_weights.safetensors", "model.onnx"))
+  out = _eval(copy, "--export=onnx")
+  assert out.returncode == 0, out.stderr[-2000:]
+  files = set(os.listdir(copy))
+  assert "model.onnx" in files and "packed_weights.safetensors" not in files
+  assert json.load(open(os.path.join(copy, "report.json")))["methods"]["baq"][
+      "onnx_prediction_agreement"] == 1.0
+
+
+def test_export_refuses_an_unknown_format_and_an_unfinished_workdir(run, tmp_path):
+  _, workdir, _ = run
+  out = _eval(workdir, "--export=onnx,tflite")
+  assert out.returncode != 0
+  assert "tflite" in out.stderr and "onnx, safetensors" in out.stderr
+  # A workdir whose method run stopped early: nothing is evaluated or written.
+  copy = str(tmp_path / "unfinished")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(
+      "report.json", "bit_allocation.*", "packed_weights.safetensors", "model.onnx"))
+  ckpts = os.path.join(copy, "baq", "checkpoints")
+  for step in sorted(os.listdir(ckpts), key=lambda x: int(x) if x.isdigit() else -1)[-1:]:
+    shutil.rmtree(os.path.join(ckpts, step))
+  before = sorted(os.listdir(copy))
+  out = _eval(copy, "--export=onnx")
+  assert out.returncode != 0
+  assert "no finished run" in out.stderr and "baq" in out.stderr
+  assert sorted(os.listdir(copy)) == before
+
+
+def test_a_failed_export_leaves_no_partial_file(run, tmp_path, monkeypatch):
+  """An export that cannot be written (here: codes no ONNX type holds) raises
+  and leaves neither the file nor its temporary."""
+  from baq.export.onnx import model as onnx_model  # pylint: disable=import-outside-toplevel
+  config, workdir, _ = run
+  copy = str(tmp_path / "w")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("model.onnx"))
+  def refuse(*a, **k):
+    raise ValueError("Codes in [0, 70000] fit no ONNX integer type up to 16 bits.")
+  monkeypatch.setattr(onnx_model, "code_type", refuse)
+  with config.unlocked():
+    config.export = "onnx"
+  with pytest.raises(ValueError, match="fit no ONNX integer type"):
+    experiment.report(config, copy)
+  assert not [f for f in os.listdir(copy) if f.startswith("model.onnx")]

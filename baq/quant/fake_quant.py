@@ -217,6 +217,33 @@ def fake_quant(
   return _quant_in_range(x, lo, hi, b, symmetric).astype(x.dtype)
 
 
+def _activation_qdq(x, bits, symmetric):
+  return fake_quant(x, bits, symmetric=symmetric, channel_axis=0, method="absmax")
+
+
+@jax.jit
+def baq_act_qdq_symmetric(x: jax.Array, bits: jax.Array) -> jax.Array:
+  return _activation_qdq(x, bits, True)
+
+
+@jax.jit
+def baq_act_qdq_asymmetric(x: jax.Array, bits: jax.Array) -> jax.Array:
+  return _activation_qdq(x, bits, False)
+
+
+def activation_fake_quant(x: jax.Array, bits: int, symmetric: bool) -> jax.Array:
+  """Activations fake-quantized with a dynamic per-example abs-max range.
+
+  Each example's codes are independent of the rest of the batch, so a
+  deployment can reproduce them. The work is a call of a function with a
+  fixed name (`baq_act_qdq_symmetric` / `_asymmetric`), which exporters
+  recognise in the traced program (the ONNX export writes it as a
+  QuantizeLinear / DequantizeLinear pair).
+  """
+  fn = baq_act_qdq_symmetric if symmetric else baq_act_qdq_asymmetric
+  return fn(x, jnp.float32(bits))
+
+
 def noise_quant(
     x: jax.Array,
     bits: jax.Array,

@@ -148,10 +148,7 @@ class _QuantOp(nn.Module):
     if spec is None:
       return self._op(lhs, rhs, *args, **kwargs)
     if spec.act_bits is not None:
-      # Dynamic per-example range: each example's codes are independent of the
-      # rest of the batch, so deployment can reproduce them.
-      lhs = fq.fake_quant(lhs, jnp.float32(spec.act_bits), symmetric=spec.symmetric,
-                          channel_axis=0, method="absmax")
+      lhs = fq.activation_fake_quant(lhs, spec.act_bits, spec.symmetric)
     if not self.quantizer.weights:
       return self._op(lhs, rhs, *args, **kwargs)
     units = () if spec.channel_axis is None else (rhs.shape[-1],)

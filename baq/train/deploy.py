@@ -1,20 +1,27 @@
 """A finished run as deployed: integer bits at its budget, evaluated and exported.
 
 `deployed_run` turns a method's run into integer bit-widths that meet its
-budget; `export_method` evaluates that model, writes the allocation, its plot
-and the bit-packed weights, and checks that the packed file reproduces the
-evaluated logits. `quantized_entry` is one row of the report.
+budget; `export_method` evaluates that model, writes the allocation and its
+plot, and then each export format of `EXPORTERS` (`config.export`, or
+eval.py --export): `safetensors` (the bit-packed codes, checked to reproduce
+the evaluated logits) and `onnx` (a graph onnxruntime runs, checked on the
+test split). A writer writes its file whole or not at all.
+`quantized_entry` is one row of the report.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Any, Callable, Optional, Sequence
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from baq.allocation import projection
+from baq.data.pipeline import MEAN_RGB, STD_RGB
+from baq.fairness import metrics
 from baq.models import build_model
 from baq.export import allocation as alloc_export
 from baq.export import packed
@@ -25,6 +32,7 @@ from baq.train.evaluate import evaluate_split, predict_logits
 from baq.train.modes import budget_bits, get_mode, selected
 from baq.train.sharding import is_primary
 from baq.train.trainer import searched_params
+from baq.registry import Registry
 from baq.variables import as_variables
 
 
@@ -61,16 +69,99 @@ def deployed_run(config: ml_collections.ConfigDict, workdir: str, mode: str,
   return model, run_vars, dict(run_vars, params=deployed), ints, layers, target
 
 
-def export_method(config: ml_collections.ConfigDict, workdir: str, mode: str, test) -> dict:
-  """Deploys the method's run at integer bits, exports it and evaluates it.
+@dataclasses.dataclass
+class Deployed:
+  """What a format writer gets: a method's deployed model and its evaluation."""
+  config: ml_collections.ConfigDict
+  model: Any  # the eval-mode quantized model
+  variables: dict  # deployed {"params", "batch_stats"}
+  captured: dict  # packed.capture_codes: each layer's codes, scale, zero point
+  record: dict  # the allocation record (bit_allocation.json)
+  test: Any  # the test split
+  logits: np.ndarray  # the deployed model's test logits
+  out_dir: str
+
+
+EXPORTERS: Registry[Callable[[Deployed], dict]] = Registry("export format")
+
+
+def export_formats(spec: str) -> list[str]:
+  """The formats of a comma-separated list, each checked (KeyError lists the valid)."""
+  names = [f.strip() for f in str(spec or "").split(",") if f.strip()]
+  for n in names:
+    EXPORTERS.get(n)
+  return names
+
+
+def _atomic(path: str, write: Callable[[str], Any]) -> Any:
+  """`write(tmp)` then renames tmp to `path`: a failed export leaves no file."""
+  tmp = path + ".partial"
+  try:
+    out = write(tmp)
+    os.replace(tmp, path)
+    return out
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _agreement(d: Deployed, logits: np.ndarray, prefix: str) -> dict:
+  """How a runtime's logits compare with the deployed model's on the test split."""
+  def group_metrics(lg):
+    return metrics.classification_metrics(lg.argmax(-1), d.test.labels, d.test.groups,
+                                          d.test.num_groups, d.config.dataset.positive_class)
+  got, want = group_metrics(logits), group_metrics(d.logits)
+  return {f"{prefix}_max_abs_logit_diff": float(np.max(np.abs(logits - d.logits))),
+          f"{prefix}_prediction_agreement": float(np.mean(logits.argmax(-1) ==
+                                                          d.logits.argmax(-1))),
+          f"{prefix}_accuracy": got["accuracy"],
+          f"{prefix}_worst_group_accuracy": got["worst_group_accuracy"],
+          f"{prefix}_group_accuracy_matches": got["group_accuracy"] == want["group_accuracy"]}
+
+
+@EXPORTERS.register("safetensors")
+def _safetensors(d: Deployed) -> dict:
+  """packed_weights.safetensors; its dequantized kernels must give the logits."""
+  path = os.path.join(d.out_dir, wd.PACKED_FILE)
+  code_bytes = _atomic(path, lambda tmp: packed.save_packed(
+      tmp, d.captured, d.config.quant.symmetric, d.record))
+  kernels = packed.unpack_kernels(path)
+  dq = predict_logits(packed.reference_model(d.model), dict(
+      d.variables, params=packed.dequantized_params(d.variables["params"], kernels)),
+      d.test, d.config.eval_batch_size)
+  return dict(packed_code_bytes=code_bytes, packed_file_bytes=os.path.getsize(path),
+              export_max_abs_logit_diff=float(np.max(np.abs(d.logits - dq))))
+
+
+@EXPORTERS.register("onnx")
+def _onnx(d: Deployed) -> dict:
+  """model.onnx (uint8 images in, logits out), run by onnxruntime on the test split."""
+  from baq.export import onnx as onnx_export  # pylint: disable=import-outside-toplevel
+  graph = onnx_export.to_onnx(d.model, d.variables, d.captured, d.test.images[:1],
+                              normalize=(MEAN_RGB, STD_RGB), metadata={"allocation": d.record})
+  path = os.path.join(d.out_dir, wd.ONNX_FILE)
+  _atomic(path, lambda tmp: open(tmp, "wb").write(graph.SerializeToString()))
+  logits = onnx_export.run(onnx_export.session(path), d.test.images, d.config.eval_batch_size)
+  return dict(onnx_file_bytes=os.path.getsize(path), **_agreement(d, logits, "onnx"))
+
+
+def export_method(config: ml_collections.ConfigDict, workdir: str, mode: str, test,
+                  formats: Optional[Sequence[str]] = None) -> dict:
+  """Deploys the method's run at integer bits, evaluates it and exports it.
 
   With one method the export files are WORKDIR/bit_allocation.json (.png) and
-  WORKDIR/packed_weights.safetensors; with several, each goes to its run directory.
-  Only the primary process writes and checks the files.
+  one file per format (packed_weights.safetensors, model.onnx, ...); with
+  several, each goes to its run directory. Only the primary process writes
+  and checks the files.
+
+  Args:
+    formats: names in `EXPORTERS`; default `config.export`.
 
   Returns:
-    The method's report entry.
+    The method's report entry (with each format's check).
   """
+  formats = export_formats(config.get("export", "safetensors") if formats is None
+                           else ",".join(formats))
   name = wd.method_name(config, mode)
   out_dir = wd.export_dir(workdir, name, len(selected(config)))
   model, run_vars, dvars, _, layers, target = deployed_run(config, workdir, mode,
@@ -86,15 +177,9 @@ def export_method(config: ml_collections.ConfigDict, workdir: str, mode: str, te
   alloc_export.write_allocation(os.path.join(out_dir, wd.ALLOCATION_FILE), record)
   alloc_export.plot_allocation(os.path.join(out_dir, wd.ALLOCATION_PLOT), record)
   sample = jnp.asarray(test.images[:1], jnp.float32)
-  captured = packed.capture_codes(model, dvars, sample)
-  packed_path = os.path.join(out_dir, wd.PACKED_FILE)
-  code_bytes = packed.save_packed(packed_path, captured, config.quant.symmetric, record)
-  # The packed file must reproduce the evaluated model; check it on test images.
-  kernels = packed.unpack_kernels(packed_path)
-  fq_logits = predict_logits(model, dvars, test, config.eval_batch_size)
-  dq_logits = predict_logits(packed.reference_model(model),
-                             dict(run_vars, params=packed.dequantized_params(deployed, kernels)),
-                             test, config.eval_batch_size)
-  m.update(avg_bits_continuous=record["avg_bits_continuous"], packed_code_bytes=code_bytes,
-           export_max_abs_logit_diff=float(np.max(np.abs(fq_logits - dq_logits))))
+  d = Deployed(config, model, dvars, packed.capture_codes(model, dvars, sample), record, test,
+               predict_logits(model, dvars, test, config.eval_batch_size), out_dir)
+  m.update(avg_bits_continuous=record["avg_bits_continuous"])
+  for f in formats:
+    m.update(EXPORTERS.get(f)(d))
   return m

@@ -155,6 +155,7 @@ def report(config: ml_collections.ConfigDict, workdir: str, data: Optional[dict]
   Returns:
     {"methods": {name: metrics}, "dataset": ..., "split": ..., ...}.
   """
+  check_finished(config, workdir)
   data = data or load_data(config)
   test = data["test"]
   float_vars = restore_variables(wd.float_dir(config, workdir))
@@ -181,6 +182,26 @@ def report(config: ml_collections.ConfigDict, workdir: str, data: Optional[dict]
     print(metrics.format_table(methods, test.group_names), flush=True)
     print(f"report: {path}", flush=True)
   return out
+
+
+def check_finished(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to report or export a workdir whose runs have not finished.
+
+  Raises:
+    FileNotFoundError: naming the run and its latest step; nothing is written.
+  """
+  runs = [(wd.float_dir(config, workdir), None)]
+  for mode in selected(config):
+    spec = get_mode(config, mode)
+    if mode != "float" and spec.trains:
+      runs.append((wd.path(workdir, wd.method_name(config, mode)), run_steps(config, spec)))
+  for run_dir, steps in runs:
+    latest = wd.latest_step(run_dir)
+    if latest is None or (steps is not None and latest != steps):
+      have = "no checkpoint" if latest is None else f"only step {latest} of {steps}"
+      raise FileNotFoundError(f"{run_dir} holds {have}: there is no finished run to evaluate "
+                              f"or export. Train it first (python train.py "
+                              f"--workdir={workdir}); nothing was written.")
 
 
 def name_note(config: ml_collections.ConfigDict) -> str:

@@ -21,6 +21,7 @@ from baq.fairness import regularizers
 from baq.models import MODELS
 from baq.quant import units
 from baq.train import modes, rounding, workdir as wd
+from baq.train.deploy import export_formats as deploy_formats
 from baq.train.trainer import group_loss_weights
 
 
@@ -81,6 +82,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "`importance` section (see configs/default.py).")
   group_loss_weights(config.get("group_weighting", "none"), np.zeros(1, np.int64), 1)
   rounding.check(config)
+  deploy_formats(config.get("export", "safetensors"))
   search = config.quant.get("search_steps")
   if search is not None and not (isinstance(search, int) and search >= 1):
     raise ValueError(f"quant.search_steps={search} must be None or a positive integer.")

@@ -8,7 +8,8 @@ A train.py workdir holds
   WORKDIR/<method>/               each method of `config.mode`
   WORKDIR/allocation_plan.json    the importance allocation, when a mode uses it
   WORKDIR/report.json             the final table
-  WORKDIR/bit_allocation.json, bit_allocation.png, packed_weights.safetensors
+  WORKDIR/bit_allocation.json, bit_allocation.png, packed_weights.safetensors,
+  WORKDIR/model.onnx
                                   the export (in the method's run directory
                                   when the workdir has several methods)
 
@@ -42,6 +43,7 @@ PLAN_FILE = "allocation_plan.json"
 ALLOCATION_FILE = "bit_allocation.json"
 ALLOCATION_PLOT = "bit_allocation.png"
 PACKED_FILE = "packed_weights.safetensors"
+ONNX_FILE = "model.onnx"
 DIAGNOSTICS_FILE = "diagnostics.json"
 DIAGNOSTICS_PLOT = "diagnostics.png"
 IMPORTANCE_PLOT = "bits_vs_importance.png"
