@@ -22,7 +22,7 @@ config_flags.DEFINE_config_file("config", None, "Config file; default: WORKDIR/c
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory of a train.py run.")
 flags.DEFINE_bool("diagnostics", False, "Write the per-group diagnostics instead of the report.")
-flags.DEFINE_string("export", None, "Comma-separated export formats (safetensors, onnx); "
+flags.DEFINE_string("export", None, "Comma-separated export formats (safetensors, onnx, qwix); "
                     "default: the config's `export`.")
 flags.mark_flags_as_required(["workdir"])
 

@@ -25,6 +25,7 @@ setup(
         "safetensors>=0.4,<1",
         "onnx>=1.17,<2",
         "onnxruntime>=1.20,<2",
+        "qwix>=0.1.8,<0.2",
     ],
     extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"]},
 )

@@ -66,7 +66,8 @@ def get_config(arg=None):
   c.qat_bits = 4  # bit-width of mode=qat
   c.baselines = "uniform8,uniform3"  # comma-separated uniform<B> names; "" for none
   # Formats each method is exported to (baq.train.deploy.EXPORTERS):
-  # safetensors (packed codes), onnx (for onnxruntime).
+  # safetensors (packed codes), onnx (for onnxruntime), qwix (Qwix rules: Dense
+  # layers, per-channel units and absmax scales only).
   c.export = "safetensors,onnx"
   c.init_checkpoint = ""  # a float run's workdir to fine-tune from; "" trains one in WORKDIR/fp32
 

@@ -252,7 +252,11 @@ def test_export_refuses_an_unknown_format_and_an_unfinished_workdir(run, tmp_pat
   _, workdir, _ = run
   out = _eval(workdir, "--export=onnx,tflite")
   assert out.returncode != 0
-  assert "tflite" in out.stderr and "onnx, safetensors" in out.stderr
+  assert "tflite" in out.stderr and "onnx, qwix, safetensors" in out.stderr
+  # Qwix cannot hold the main job's weight-only convolutions: refused, no file.
+  out = _eval(workdir, "--export=qwix")
+  assert out.returncode != 0 and "Conv_0: a convolution" in out.stderr
+  assert not [f for f in os.listdir(workdir) if f.startswith("qwix_rules")]
   # A workdir whose method run stopped early: nothing is evaluated or written.
   copy = str(tmp_path / "unfinished")
   shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(

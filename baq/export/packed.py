@@ -35,7 +35,9 @@ def reference_model(model):
 
 
 def capture_codes(model, variables: Any, sample: jax.Array) -> dict[str, dict]:
-  """Layer name -> {codes, scale, zero_point, bits} of a deployed model.
+  """Layer name -> {codes, scale, zero_point, bits, op} of a deployed model.
+
+  `op` is "conv" or "dot_general", the operation the kernel feeds.
 
   Args:
     model: the quantized model; it is re-cloned with capture on, eval mode.
@@ -46,7 +48,13 @@ def capture_codes(model, variables: Any, sample: jax.Array) -> dict[str, dict]:
   m = model.clone(quant=model.quant.replace(training=False, capture=True))
   _, state = apply_model(m, variables, sample, mutable=[EXPORT_COLLECTION])
   flat = tu.flatten_dict(state[EXPORT_COLLECTION])
-  return {"/".join(k[:-2]): jax.device_get(v) for k, v in _group(flat).items()}
+  return {"/".join(k[:-2]): dict(jax.device_get(v), op=_op_kind(k[-2]))
+          for k, v in _group(flat).items()}
+
+
+def _op_kind(module_name: str) -> str:
+  """"conv" or "dot_general": which quantized op a layer's kernel feeds."""
+  return "conv" if module_name.startswith("QuantConv") else "dot_general"
 
 
 def _group(flat: dict) -> dict:

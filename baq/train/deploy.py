@@ -4,8 +4,9 @@
 budget; `export_method` evaluates that model, writes the allocation and its
 plot, and then each export format of `EXPORTERS` (`config.export`, or
 eval.py --export): `safetensors` (the bit-packed codes, checked to reproduce
-the evaluated logits) and `onnx` (a graph onnxruntime runs, checked on the
-test split). A writer writes its file whole or not at all.
+the evaluated logits), `onnx` (a graph onnxruntime runs, checked on the
+test split) and `qwix` (Qwix rules, checked by Qwix's PTQ of the float
+weights on the test split). A writer writes its file whole or not at all.
 `quantized_entry` is one row of the report.
 """
 
@@ -20,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from baq.allocation import projection
-from baq.data.pipeline import MEAN_RGB, STD_RGB
+from baq.data.pipeline import MEAN_RGB, STD_RGB, eval_batches
 from baq.fairness import metrics
 from baq.models import build_model
 from baq.export import allocation as alloc_export
@@ -143,6 +144,24 @@ def _onnx(d: Deployed) -> dict:
   _atomic(path, lambda tmp: open(tmp, "wb").write(graph.SerializeToString()))
   logits = onnx_export.run(onnx_export.session(path), d.test.images, d.config.eval_batch_size)
   return dict(onnx_file_bytes=os.path.getsize(path), **_agreement(d, logits, "onnx"))
+
+
+@EXPORTERS.register("qwix")
+def _qwix(d: Deployed) -> dict:
+  """qwix_rules.json; Qwix's PTQ of the float weights under it, on the test split."""
+  from baq.export import qwix as qwix_export  # pylint: disable=import-outside-toplevel
+  rule_args = qwix_export.rules(d.captured, symmetric=d.config.quant.symmetric,
+                                scale_method=d.config.quant.scale_method)
+  path = os.path.join(d.out_dir, wd.QWIX_FILE)
+  _atomic(path, lambda tmp: qwix_export.write_rules(tmp, rule_args))
+  fmodel = build_model(d.config.model.name, d.test.num_classes, None,
+                       **d.config.model.kwargs.to_dict())
+  fvars = dict(d.variables, params=packed.dequantized_params(d.variables["params"], {}))
+  rule_list = qwix_export.load_rules(path)
+  logits = np.concatenate([np.asarray(qwix_export.ptq_apply(
+      fmodel, fvars, rule_list, jnp.asarray(batch["image"])))[batch["mask"] > 0]
+      for batch in eval_batches(d.test, d.config.eval_batch_size)])
+  return dict(qwix_rules=len(rule_args), **_agreement(d, logits, "qwix"))
 
 
 def export_method(config: ml_collections.ConfigDict, workdir: str, mode: str, test,

@@ -9,7 +9,7 @@ A train.py workdir holds
   WORKDIR/allocation_plan.json    the importance allocation, when a mode uses it
   WORKDIR/report.json             the final table
   WORKDIR/bit_allocation.json, bit_allocation.png, packed_weights.safetensors,
-  WORKDIR/model.onnx
+  WORKDIR/model.onnx, qwix_rules.json
                                   the export (in the method's run directory
                                   when the workdir has several methods)
 
@@ -44,6 +44,7 @@ ALLOCATION_FILE = "bit_allocation.json"
 ALLOCATION_PLOT = "bit_allocation.png"
 PACKED_FILE = "packed_weights.safetensors"
 ONNX_FILE = "model.onnx"
+QWIX_FILE = "qwix_rules.json"
 DIAGNOSTICS_FILE = "diagnostics.json"
 DIAGNOSTICS_PLOT = "diagnostics.png"
 IMPORTANCE_PLOT = "bits_vs_importance.png"
