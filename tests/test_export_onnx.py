@@ -196,3 +196,15 @@ def test_metadata_carries_each_layers_bits():
   for layer, rec in captured.items():
     assert bits[layer] == np.asarray(rec["bits"]).astype(int).ravel().tolist()
   assert json.loads(props["baq.allocation"]) == {"avg_bits": 3.9}
+
+
+def test_session_modes_exact_and_fold_keep_parity_and_unknown_modes_are_listed():
+  model, v, x, want = _deployed("deit_tiny", 32, "layer", img_size=32, patch_size=16, depth=1)
+  m = onnx_export.to_onnx(model, v, packed.capture_codes(model, v, x[:1]), x)
+  for mode in ("exact", "fold"):
+    np.testing.assert_allclose(onnx_export.run(onnx_export.session(m, mode=mode), x), want,
+                               rtol=1e-4, atol=1e-5, err_msg=mode)
+  # The runtime's default MatMulNBits arithmetic is not the deployed model's.
+  assert np.max(np.abs(onnx_export.run(onnx_export.session(m, mode="default"), x) - want)) > 1e-5
+  with pytest.raises(ValueError, match="Valid: exact, fold, default"):
+    onnx_export.session(m, mode="fast")

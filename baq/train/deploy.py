@@ -99,6 +99,7 @@ def _atomic(path: str, write: Callable[[str], Any]) -> Any:
   tmp = path + ".partial"
   try:
     out = write(tmp)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return out
   finally:

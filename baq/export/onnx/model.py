@@ -10,13 +10,14 @@ integer type that holds them and their zero point: int4 / uint4 for up to
 4 bits, else int8 / uint8 (a 5-7 bit code is stored in 8 bits with its true
 range; the allocation in the metadata says how many bits it has).
 
-What onnxruntime does with it on CPU: a weight DequantizeLinear feeding a
-MatMul (Dense layers, attention projections) becomes its MatMulNBits kernel,
-which keeps the weights packed at 4 or 8 bits (see `session` for its
-arithmetic); a DequantizeLinear feeding a convolution is evaluated to float
-weights, so convolutions run float kernels (storage only). The activation
-pairs run at every call, with no integer kernels, because their scales are
-computed per example.
+What onnxruntime does with it on CPU (`session` modes; measured in
+benchmarks/export.py): a weight DequantizeLinear feeding a MatMul (Dense
+layers, attention projections) becomes its MatMulNBits kernel, which keeps
+the weights packed; one feeding a convolution is run at every call (or,
+mode "fold", once at load), and the convolution is a float kernel: for
+convolutions the bits are storage only. The activation pairs run at every
+call, with no integer kernels, because their scales are computed per
+example.
 """
 
 from __future__ import annotations
@@ -161,19 +162,31 @@ def _plain(tree):
   return tree
 
 
-def session(model_or_path, *, exact: bool = True, threads: Optional[int] = None):
+SESSION_MODES = ("exact", "fold", "default")
+
+
+def session(model_or_path, *, mode: str = "exact", threads: Optional[int] = None):
   """An onnxruntime CPU InferenceSession of an ONNX model or file.
 
-  onnxruntime fuses a weight DequantizeLinear feeding a MatMul into its
-  MatMulNBits kernel, which by default quantizes the activations to int8
-  inside the product (accuracy level 4): faster, but not the deployed
-  model's arithmetic. `exact` asks it to compute in float32 (level 1), so
-  the logits match baq's; `exact=False` keeps the runtime's default.
+  Modes (onnxruntime's treatment of the weight DequantizeLinear nodes):
+    exact: a DequantizeLinear feeding a MatMul becomes the MatMulNBits
+      kernel (weights stay packed) computing in float32 (accuracy level 1),
+      so the logits match baq's; one feeding a convolution runs at every
+      call.
+    fold: QDQ handling off: every weight is dequantized once when the
+      session starts (float speed, float memory; logits match baq's).
+    default: onnxruntime's defaults: MatMulNBits quantizes the activations
+      to int8 inside the product (accuracy level 4): fastest for Dense
+      layers, but not the deployed model's arithmetic.
   """
   import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+  if mode not in SESSION_MODES:
+    raise ValueError(f"Unknown session mode {mode!r}. Valid: {', '.join(SESSION_MODES)}.")
   opts = ort.SessionOptions()
-  if exact:
+  if mode == "exact":
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+  elif mode == "fold":
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
   if threads:
     opts.intra_op_num_threads = threads
   src = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) \
