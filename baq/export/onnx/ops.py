@@ -229,21 +229,17 @@ def _dot_general(g, eqn, ins):
   return [g.op("Einsum", [_t(g, eqn, ins, 0), _t(g, eqn, ins, 1)], equation=_einsum_spec(eqn))]
 
 
-def _to_first(perm_spec):
-  """Permutation taking a JAX layout spec to ONNX's (batch/out, feature/in, spatial)."""
-  return list(perm_spec)
-
-
 def _conv(g, eqn, ins):
   p = eqn.params
   dn = p["dimension_numbers"]
   if any(d != 1 for d in p["lhs_dilation"]) or p["batch_group_count"] != 1:
     raise NotImplementedError("ONNX export: transposed or batch-grouped convolutions.")
-  x = g.op("Transpose", [_t(g, eqn, ins, 0)], perm=_to_first(dn.lhs_spec))
+  # A layout spec lists (batch/out, feature/in, spatial...): ONNX's order.
+  x = g.op("Transpose", [_t(g, eqn, ins, 0)], perm=list(dn.lhs_spec))
   rhs = ins[1]
   w = g.dequantize(rhs, dn.rhs_spec) if isinstance(rhs, Dequantized) else (
       g.const(np.transpose(np.asarray(rhs), dn.rhs_spec)) if not isinstance(rhs, str) else
-      g.op("Transpose", [rhs], perm=_to_first(dn.rhs_spec)))
+      g.op("Transpose", [rhs], perm=list(dn.rhs_spec)))
   pads = [lo for lo, _ in p["padding"]] + [hi for _, hi in p["padding"]]
   y = g.op("Conv", [x, w], strides=list(p["window_strides"]), pads=pads,
            dilations=list(p["rhs_dilation"]), group=int(p["feature_group_count"]))
