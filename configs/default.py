@@ -69,6 +69,9 @@ def get_config(arg=None):
   # safetensors (packed codes), onnx (for onnxruntime), qwix (Qwix rules: Dense
   # layers, per-channel units and absmax scales only).
   c.export = "safetensors,onnx"
+  # TensorBoard events beside metrics.jsonl (WORKDIR/<run>/tensorboard/):
+  # every logged scalar, each group's accuracy and the bit-width histogram.
+  c.tensorboard = True
   c.init_checkpoint = ""  # a float run's workdir to fine-tune from; "" trains one in WORKDIR/fp32
 
   c.batch_size = 128

@@ -287,3 +287,49 @@ def test_uniform16_keeps_its_16_bits(tmp_path, tiny_config, tiny_data):
                       lr=1e-3)
   bits = np.asarray(units.gather_bits(run.params, units.find_units(run.params)))
   assert bits.size and np.all(bits == 16.0), bits
+
+
+def _events(directory):
+  """Every Event in a directory's TensorBoard files, read as TFRecords here
+  (length, its CRC, the record, its CRC) with tensorboardX's Event proto."""
+  import glob  # pylint: disable=import-outside-toplevel
+  import struct  # pylint: disable=import-outside-toplevel
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  out = []
+  for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
+    data = open(path, "rb").read()
+    pos = 0
+    while pos < len(data):
+      n, = struct.unpack("<Q", data[pos:pos + 8])
+      out.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + n]))
+      pos += 12 + n + 4
+  return out
+
+
+def test_tensorboard_events_hold_the_logged_scalars_groups_and_bit_histogram(
+    tmp_path, make_tiny_config, tiny_data):
+  config = make_tiny_config(tensorboard=True)
+  trainer.train(config, str(tmp_path), mode="baq", data=tiny_data, steps=8, lr=1e-3)
+  lines = [json.loads(l) for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
+  scalars, hists = {}, {}
+  for e in _events(os.path.join(tmp_path, "tensorboard")):
+    for v in e.summary.value:
+      if v.HasField("histo"):
+        hists[(v.tag, e.step)] = v.histo
+      else:
+        scalars[(v.tag, e.step)] = v.simple_value
+  for line in lines:  # every scalar of metrics.jsonl, at its step
+    for k, x in line.items():
+      if k != "step" and isinstance(x, float):
+        assert scalars[(k, line["step"])] == pytest.approx(x, rel=1e-6), k
+    names = tiny_data["train"].group_names
+    for g, acc in enumerate(line["train_group_acc"]):
+      if acc is not None:
+        assert scalars[(f"train_group_acc/{names[g]}", line["step"])] == pytest.approx(acc)
+  assert "val_group_acc" in lines[-1] and len(lines[-1]["val_group_acc"]) == len(names)
+  # The histogram counts every unit once, within the bit range.
+  bits = hists[("bits", lines[-1]["step"])]
+  n_units = len(units.gather_bits(restore_params(str(tmp_path)),
+                                  units.find_units(restore_params(str(tmp_path)))))
+  assert bits.num == n_units
+  assert config.quant.min_bits <= bits.min <= bits.max <= config.quant.max_bits

@@ -149,7 +149,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
   final_at = finalize_step(config, setup.spec, steps)
   batcher = Batcher(split, config.batch_size, seed=config.seed,
                     sampling=config.dataset.sampling, flip=config.dataset.flip)
-  writer, history = progress.MetricWriter(workdir, name), []
+  writer = progress.MetricWriter(workdir, name, tensorboard=config.get("tensorboard", False),
+                                 group_names=split.group_names)
+  history = []
   last_saved, t0 = ckpt.latest_step(), time.time()
   step = int(state["step"])
   try:
@@ -168,13 +170,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
         progress.check_finite(history, workdir, last_saved)
       if log_now:
         validate = step % config.eval_every == 0 or step == steps
-        writer.write(step, _log_summary(history, t0, setup, state, data, config, validate))
+        writer.write(step, _log_summary(history, t0, setup, state, data, config, validate),
+                     bits=_unit_bits(state) if writer.wants_bits else None)
         history, t0 = [], time.time()
       if save_now:
         ckpt.save(step, state)
         last_saved = step
   finally:
     ckpt.close()
+    writer.close()
   return RunResult(state["params"], setup.model, setup.spec, workdir, state["batch_stats"])
 
 
@@ -196,8 +200,16 @@ def _log_summary(history: list, t0: float, setup: TrainSetup, state: dict, data:
   if validate:
     val = evaluate_split(setup.eval_model, _variables(state), data["validation"],
                          config.eval_batch_size)
-    summary.update(val_acc=val["accuracy"], val_worst_group_acc=val["worst_group_accuracy"])
+    summary.update(val_acc=val["accuracy"], val_worst_group_acc=val["worst_group_accuracy"],
+                   val_group_acc=[np.nan if a is None else a for a in val["group_accuracy"]])
   return summary
+
+
+def _unit_bits(state: dict) -> Optional[np.ndarray]:
+  """Every unit's bit-width (None for a float model), for the histogram."""
+  layers = units.find_units(state["params"])
+  return np.asarray(jax.device_get(units.gather_bits(state["params"], layers))) if layers \
+      else None
 
 
 def _variables(state: dict) -> dict:
