@@ -52,6 +52,14 @@ def get_config(arg=None):
   c.dataset.positive_class = 1  # malignant: the positive decision for DP/EOpp/EOdds
   c.dataset.sampling = "uniform"  # or "group_balanced"
   c.dataset.flip = True  # random horizontal flips in training
+  # Further training augmentation (baq/data/augment.py; each draw a function
+  # of seed, step and example): random-resized crop, flips, colour jitter.
+  # Off here; `augment.PAPER_RECIPE` is the fine-tuning recipe at 224 px.
+  c.dataset.augment = ml_collections.ConfigDict(dict(
+      random_resized_crop=False, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
+      hflip=False, vflip=False, brightness=0.0, contrast=0.0, saturation=0.0))
+  # Evaluate on the central fraction of each side, resized back (None: whole image).
+  c.dataset.eval_center_crop = ml_collections.FieldReference(None, field_type=float)
 
   # Model: a registered model (baq.models.MODELS) and its options.
   c.model = ml_collections.ConfigDict()

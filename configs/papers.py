@@ -4,9 +4,12 @@ Not a config itself: `paper_config` turns the default config into one on a
 real dataset with one of the papers' models, sized for the image size.
 """
 
+import dataclasses
+
 import ml_collections
 
 from baq import models
+from baq.data import augment
 from configs import default
 
 
@@ -24,7 +27,9 @@ def paper_config(dataset: str, dataset_kwargs: dict, model: str, image_size: int
     positive_class: the class counted as positive by DP/EOpp/EOdds.
     switches: "runlocal" shrinks steps for a smoke run; "cpu" sizes the run
       for a 2-core CPU (the small CNN with a stride-2 stem and the default
-      config's 1200 float and 400 fine-tuning steps).
+      config's 1200 float and 400 fine-tuning steps); "augment" trains with
+      `baq.data.augment.PAPER_RECIPE` (random-resized crop, both flips,
+      colour jitter) and evaluates on the central 87.5 %.
 
   Returns:
     The config.
@@ -54,12 +59,17 @@ def paper_config(dataset: str, dataset_kwargs: dict, model: str, image_size: int
       c.model.kwargs.update(widths=(16, 32, 64), hidden=64, stem_stride=2)
     c.float_steps, c.steps = 1200, 400
     c.eval_every = c.checkpoint_every = 200
+  if "augment" in switches:
+    recipe = dataclasses.asdict(augment.PAPER_RECIPE)
+    c.dataset.augment = ml_collections.ConfigDict(recipe)
+    c.dataset.flip = False  # the recipe flips
+    c.dataset.eval_center_crop = 0.875
   # Every unit its own bits per output channel, as the papers' CNN/ViT runs.
   c.quant.granularity = "channel"
   return c
 
 
-SWITCHES = ("runlocal", "cpu")
+SWITCHES = ("runlocal", "cpu", "augment")
 
 
 def parse(arg, default_model: str, default_group: str, extra_switches: tuple = ()

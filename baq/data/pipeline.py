@@ -19,10 +19,11 @@ with a `mask`, so an evaluation step compiles once.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
+from baq.data import augment as aug
 from baq.data.datasets import Split
 
 # Per-channel mean and std of uint8 pixels, measured on the synthetic_derm
@@ -35,7 +36,7 @@ _BALANCED_STREAM, _FLIP_STREAM = 1, 2
 
 
 def normalize(images: np.ndarray, mean=MEAN_RGB, std=STD_RGB) -> np.ndarray:
-  """uint8 [..., C] images to float32 (x - mean) / std."""
+  """uint8-scale [..., C] images (uint8 or float) to float32 (x - mean) / std."""
   mean = np.asarray(mean, np.float32)
   return (images.astype(np.float32) - mean) / np.asarray(std, np.float32)
 
@@ -49,7 +50,8 @@ class Batcher:
 
   def __init__(self, split: Split, batch_size: int, seed: int = 0,
                sampling: str = "uniform", drop_remainder: bool = True,
-               flip: bool = False, mean=MEAN_RGB, std=STD_RGB):
+               flip: bool = False, mean=MEAN_RGB, std=STD_RGB,
+               augment: Optional[aug.Recipe] = None):
     """Builds the batcher; it holds no state that changes with the step.
 
     Args:
@@ -62,6 +64,9 @@ class Batcher:
       flip: random horizontal flips, each a function of (seed, step).
       mean: per-channel normalisation mean (uint8 scale).
       std: per-channel normalisation std (uint8 scale).
+      augment: an augmentation recipe (`baq.data.augment`), applied after
+        `flip`; each example's draws are a function of (seed, step, its
+        position in the batch).
     """
     if sampling not in SAMPLINGS:
       raise ValueError(f"Unknown sampling {sampling!r}; valid: {SAMPLINGS}.")
@@ -70,6 +75,7 @@ class Batcher:
       raise ValueError(f"batch_size {batch_size} does not fit {n} examples.")
     self.split, self.batch_size, self.seed = split, batch_size, seed
     self.sampling, self.flip = sampling, flip
+    self.augment = augment if augment is not None and augment.active else None
     self.mean, self.std = mean, std
     self.steps_per_epoch = (n // batch_size if drop_remainder
                             else -(-n // batch_size))
@@ -113,12 +119,31 @@ class Batcher:
       rng = np.random.default_rng([self.seed, step, _FLIP_STREAM])
       flip = rng.random(len(idx)) < 0.5
       images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+    if self.augment is not None:
+      images = aug.augment(images, self.augment, self.seed, step)
     return {"image": normalize(images, self.mean, self.std),
             "label": self.split.labels[idx].astype(np.int32),
             "group": self.split.groups[idx].astype(np.int32)}
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     return self.batch(step)
+
+
+def recipe(dataset_config) -> Optional[aug.Recipe]:
+  """The augmentation recipe of a config's `dataset.augment` section (None: none)."""
+  section = dataset_config.get("augment")
+  if section is None:
+    return None
+  kw = dict(section)
+  for k in ("crop_scale", "crop_ratio"):
+    if k in kw:
+      kw[k] = tuple(float(v) for v in kw[k])
+  fields = {f for f in aug.Recipe.__dataclass_fields__}
+  unknown = set(kw) - fields
+  if unknown:
+    raise KeyError(f"Unknown dataset.augment option(s) {sorted(unknown)}. "
+                   f"Valid: {', '.join(sorted(fields))}.")
+  return aug.Recipe(**kw)
 
 
 def eval_batches(split: Split, batch_size: int, mean=MEAN_RGB, std=STD_RGB

@@ -10,6 +10,7 @@ allocation and packed weights, prints one table and writes report.json.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Iterator, Optional
 
@@ -19,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from baq.allocation import planner
-from baq.data import datasets
+from baq.data import augment, datasets
 from baq.fairness import metrics
 from baq.models import build_model
 from baq.quant import units
@@ -50,12 +51,23 @@ def quiet_logging() -> None:
 
 
 def load_data(config: ml_collections.ConfigDict) -> dict:
-  """{"train", "validation", "test"} Splits of `config.dataset`."""
+  """{"train", "validation", "test"} Splits of `config.dataset`.
+
+  With `dataset.eval_center_crop` the validation and test images are the
+  central fraction of each side, resized back (and rounded to uint8), as
+  every evaluation and export then sees them.
+  """
   d = config.dataset
   kw = dict(data_dir=d.data_dir, **d.kwargs.to_dict())
-  return {"train": datasets.load(d.name, d.train_split, **kw),
-          "validation": datasets.load(d.name, d.val_split, **kw),
-          "test": datasets.load(d.name, d.test_split, **kw)}
+  splits = {"train": datasets.load(d.name, d.train_split, **kw),
+            "validation": datasets.load(d.name, d.val_split, **kw),
+            "test": datasets.load(d.name, d.test_split, **kw)}
+  crop = d.get("eval_center_crop")
+  if crop is not None:
+    for k in ("validation", "test"):
+      images = np.clip(np.round(augment.center_crop(splits[k].images, crop)), 0, 255)
+      splits[k] = dataclasses.replace(splits[k], images=images.astype(np.uint8))
+  return splits
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from baq.data.pipeline import Batcher
+from baq.data.pipeline import Batcher, recipe
 from baq.quant import units
 from baq.quant.inject import QUANT_LEAF_PATTERN
 from baq.train import progress, rounding, sharding as sh
@@ -148,7 +148,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
                                       num_groups=split.num_groups, group_weights=weights)
   final_at = finalize_step(config, setup.spec, steps)
   batcher = Batcher(split, config.batch_size, seed=config.seed,
-                    sampling=config.dataset.sampling, flip=config.dataset.flip)
+                    sampling=config.dataset.sampling, flip=config.dataset.flip,
+                    augment=recipe(config.dataset))
   writer = progress.MetricWriter(workdir, name, tensorboard=config.get("tensorboard", False),
                                  group_names=split.group_names)
   history = []

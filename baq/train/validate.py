@@ -17,6 +17,7 @@ import numpy as np
 
 from baq.allocation import importance, planner
 from baq.data import datasets
+from baq.data.pipeline import recipe
 from baq.fairness import regularizers
 from baq.models import MODELS
 from baq.quant import units
@@ -83,6 +84,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   group_loss_weights(config.get("group_weighting", "none"), np.zeros(1, np.int64), 1)
   rounding.check(config)
   deploy_formats(config.get("export", "safetensors"))
+  recipe(config.dataset)  # unknown options and impossible ranges
+  crop = config.dataset.get("eval_center_crop")
+  if crop is not None and not 0 < crop <= 1:
+    raise ValueError(f"dataset.eval_center_crop={crop} must lie in (0, 1].")
   search = config.quant.get("search_steps")
   if search is not None and not (isinstance(search, int) and search >= 1):
     raise ValueError(f"quant.search_steps={search} must be None or a positive integer.")
