@@ -27,6 +27,7 @@ setup(
         "onnxruntime>=1.20,<2",
         "qwix>=0.1.8,<0.2",
         "tensorboardX>=2.6,<3",
+        "grain>=0.2.18,<0.3",
     ],
     extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"]},
 )

@@ -58,6 +58,11 @@ def get_config(arg=None):
   c.dataset.augment = ml_collections.ConfigDict(dict(
       random_resized_crop=False, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
       hflip=False, vflip=False, brightness=0.0, contrast=0.0, saturation=0.0))
+  # Keep the images in the prepared records and read each batch when it is
+  # needed (a split larger than memory trains; each host reads only its
+  # rows), in `workers` grain worker processes ahead of the step (0: inline).
+  c.dataset.stream = False
+  c.dataset.workers = 0
   # Evaluate on the central fraction of each side, resized back (None: whole image).
   c.dataset.eval_center_crop = ml_collections.FieldReference(None, field_type=float)
 

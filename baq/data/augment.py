@@ -138,9 +138,15 @@ def _jitter(img: np.ndarray, rngs, recipe: Recipe) -> np.ndarray:
   return img
 
 
-def augment(images: np.ndarray, recipe: Recipe, seed: int, step: int) -> np.ndarray:
-  """The recipe applied to batch `step` (uint8-scale [B, H, W, C] in, float32 out)."""
-  rngs = [np.random.default_rng([seed, step, AUGMENT_STREAM, i]) for i in range(len(images))]
+def augment(images: np.ndarray, recipe: Recipe, seed: int, step: int,
+            positions: Optional[np.ndarray] = None) -> np.ndarray:
+  """The recipe applied to batch `step` (uint8-scale [B, H, W, C] in, float32 out).
+
+  `positions`: each image's position in the global batch (default 0..B-1),
+  which seeds its draws.
+  """
+  positions = np.arange(len(images)) if positions is None else positions
+  rngs = [np.random.default_rng([seed, step, AUGMENT_STREAM, int(i)]) for i in positions]
   height, width = images.shape[1:3]
   if recipe.random_resized_crop:
     boxes = np.array([crop_box(r, height, width, recipe.crop_scale, recipe.crop_ratio)

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from baq.data import records
 from baq.data.synthetic import generate as synthetic
 from baq.registry import Registry
 
@@ -34,10 +35,11 @@ DATASETS: Registry[Callable[..., "Split"]] = Registry(
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split of a dataset, held in memory.
+  """One split of a dataset.
 
   Attributes:
-    images: uint8 [n, H, W, C] images.
+    images: uint8 [n, H, W, C] images: an array, or (loaded with
+      `stream=True`) `records.RecordImages`, which reads them when indexed.
     labels: int32 [n] class ids.
     groups: int32 [n] group ids (the attribute fairness is measured over).
     num_classes: number of classes.
@@ -65,7 +67,7 @@ class Split:
                                groups=self.groups[indices])
 
 
-def load(name: str, split: str, data_dir: str | None = None,
+def load(name: str, split: str, data_dir: str | None = None, stream: bool = False,
          **kwargs) -> Split:
   """Loads one split of a registered dataset into memory.
 
@@ -75,6 +77,9 @@ def load(name: str, split: str, data_dir: str | None = None,
     data_dir: where prepared files live (dataset-specific default if None).
     **kwargs: dataset-specific options (for 'synthetic_derm' the arguments of
       `synthetic_builder.make_config`: image_size, num_train, ..., seed).
+    stream: keep the images in the prepared records and read them when a
+      batch is cut (`baq.data.records.RecordImages`): a split larger than
+      memory loads. Datasets that are not read through `read_all` load whole.
 
   Returns:
     The `Split`.
@@ -82,7 +87,9 @@ def load(name: str, split: str, data_dir: str | None = None,
   Raises:
     KeyError: `name` is not registered; the message lists the valid names.
   """
-  return DATASETS.get(name)(split, data_dir=data_dir, **kwargs)
+  loader = DATASETS.get(name)
+  with records.load_streaming(stream):
+    return loader(split, data_dir=data_dir, **kwargs)
 
 
 def read_all(source, fast: bool = True) -> dict[str, np.ndarray]:
@@ -102,15 +109,18 @@ def read_all(source, fast: bool = True) -> dict[str, np.ndarray]:
   Returns:
     dict of feature name -> array with a leading example dimension.
   """
+  if records.streaming():  # images stay in the records, read when indexed
+    data, images = records.read_fields(source)
+    return dict(data, image=images)
   keys = range(len(source))
   if fast:
     try:
       return _read_all_fast(source, keys)
     except (AttributeError, ImportError, KeyError, ValueError):
       pass
-  records = source.__getitems__(keys)
-  return {key: np.stack([np.asarray(r[key]) for r in records])
-          for key in records[0]}
+  recs = source.__getitems__(keys)
+  return {key: np.stack([np.asarray(r[key]) for r in recs])
+          for key in recs[0]}
 
 
 def _read_all_fast(source, keys) -> dict[str, np.ndarray]:
@@ -153,7 +163,7 @@ def load_synthetic_derm(split: str, data_dir: str | None = None,
   data = read_all(source)
   order = np.argsort(data["index"], kind="stable")
   return Split(
-      images=data["image"][order],
+      images=data["image"].take(order, axis=0),
       labels=data["label"][order].astype(np.int32),
       groups=data["group"][order].astype(np.int32),
       num_classes=len(synthetic.CLASS_NAMES),

@@ -51,7 +51,7 @@ class Batcher:
   def __init__(self, split: Split, batch_size: int, seed: int = 0,
                sampling: str = "uniform", drop_remainder: bool = True,
                flip: bool = False, mean=MEAN_RGB, std=STD_RGB,
-               augment: Optional[aug.Recipe] = None):
+               augment: Optional[aug.Recipe] = None, rows: Optional[np.ndarray] = None):
     """Builds the batcher; it holds no state that changes with the step.
 
     Args:
@@ -67,6 +67,8 @@ class Batcher:
       augment: an augmentation recipe (`baq.data.augment`), applied after
         `flip`; each example's draws are a function of (seed, step, its
         position in the batch).
+      rows: the positions of the global batch this process reads and returns
+        (its shard on several hosts); None: the whole batch.
     """
     if sampling not in SAMPLINGS:
       raise ValueError(f"Unknown sampling {sampling!r}; valid: {SAMPLINGS}.")
@@ -76,6 +78,7 @@ class Batcher:
     self.split, self.batch_size, self.seed = split, batch_size, seed
     self.sampling, self.flip = sampling, flip
     self.augment = augment if augment is not None and augment.active else None
+    self.rows = None if rows is None else np.asarray(rows, np.int64)
     self.mean, self.std = mean, std
     self.steps_per_epoch = (n // batch_size if drop_remainder
                             else -(-n // batch_size))
@@ -114,19 +117,43 @@ class Batcher:
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}.")
     idx = self.indices(step)
+    pos = np.arange(len(idx)) if self.rows is None else self.rows
+    idx = idx[pos]
     images = self.split.images[idx]
     if self.flip:
       rng = np.random.default_rng([self.seed, step, _FLIP_STREAM])
-      flip = rng.random(len(idx)) < 0.5
+      flip = (rng.random(self.batch_size) < 0.5)[pos]
       images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
     if self.augment is not None:
-      images = aug.augment(images, self.augment, self.seed, step)
+      images = aug.augment(images, self.augment, self.seed, step, positions=pos)
     return {"image": normalize(images, self.mean, self.std),
             "label": self.split.labels[idx].astype(np.int32),
             "group": self.split.groups[idx].astype(np.int32)}
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     return self.batch(step)
+
+
+def batches(batcher: Batcher, start: int, stop: int, workers: int = 0
+            ) -> Iterator[dict[str, np.ndarray]]:
+  """`batcher.batch(s)` for s in [start, stop), in order.
+
+  With `workers` > 0 the batches are made (read, augmented, normalised) in
+  that many grain worker processes, ahead of the step that consumes them.
+  Every batch is a pure function of its step, so a run resumed at `start`
+  gets exactly the batches an uninterrupted one would.
+  """
+  if workers <= 0:
+    for s in range(start, stop):
+      yield batcher.batch(s)
+    return
+  import grain  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():  # grain reads its absl flags (defaults outside an app)
+    flags.FLAGS.mark_as_parsed()
+  ds = grain.MapDataset.range(start, stop).map(batcher.batch).to_iter_dataset()
+  yield from ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                          per_worker_buffer_size=2))
 
 
 def recipe(dataset_config) -> Optional[aug.Recipe]:

@@ -58,7 +58,7 @@ def load_data(config: ml_collections.ConfigDict) -> dict:
   every evaluation and export then sees them.
   """
   d = config.dataset
-  kw = dict(data_dir=d.data_dir, **d.kwargs.to_dict())
+  kw = dict(data_dir=d.data_dir, stream=bool(d.get("stream", False)), **d.kwargs.to_dict())
   splits = {"train": datasets.load(d.name, d.train_split, **kw),
             "validation": datasets.load(d.name, d.val_split, **kw),
             "test": datasets.load(d.name, d.test_split, **kw)}

@@ -214,6 +214,18 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
           for k, v in batch.items()}
 
 
+def shard_local_batch(local: Mapping[str, np.ndarray], n: int, mesh) -> dict[str, jax.Array]:
+  """This process's rows (`process_rows`) of an n-row global batch as arrays
+  split over "data": each host reads only its own examples."""
+  sharding = batch_sharding(mesh)
+  if n % mesh.shape["data"]:
+    raise ValueError(f"batch size {n} is not divisible by the mesh's data axis "
+                     f"({mesh.shape['data']} devices); change batch_size or mesh.data.")
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v),
+                                                    (n,) + np.shape(v)[1:])
+          for k, v in local.items()}
+
+
 def to_host(tree: Any) -> Any:
   """numpy copies of a tree of (possibly multi-host) arrays."""
   def get(x):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from baq.data.pipeline import Batcher, recipe
+from baq.data.pipeline import Batcher, batches, recipe
 from baq.quant import units
 from baq.quant.inject import QUANT_LEAF_PATTERN
 from baq.train import progress, rounding, sharding as sh
@@ -147,14 +147,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
   search_step, final_step = jit_steps(config, setup, mesh, shardings,
                                       num_groups=split.num_groups, group_weights=weights)
   final_at = finalize_step(config, setup.spec, steps)
+  stream = bool(config.dataset.get("stream", False))  # each host reads its own rows
   batcher = Batcher(split, config.batch_size, seed=config.seed,
                     sampling=config.dataset.sampling, flip=config.dataset.flip,
-                    augment=recipe(config.dataset))
+                    augment=recipe(config.dataset),
+                    rows=sh.process_rows(sh.batch_sharding(mesh), config.batch_size)
+                    if stream else None)
   writer = progress.MetricWriter(workdir, name, tensorboard=config.get("tensorboard", False),
                                  group_names=split.group_names)
   history = []
   last_saved, t0 = ckpt.latest_step(), time.time()
   step = int(state["step"])
+  feed = batches(batcher, step, steps, int(config.dataset.get("workers", 0)))
   try:
     if steps == 0 and last_saved is None:  # post-training only: keep the result
       ckpt.save(0, state, force=True)
@@ -162,7 +166,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
       if step == final_at:
         state = sh.put(_finalize(state, setup, config, name, workdir, split), shardings)
       step_fn = final_step if step >= final_at else search_step
-      state, metrics = step_fn(state, sh.shard_batch(batcher.batch(step), mesh))
+      batch = next(feed)
+      state, metrics = step_fn(state, sh.shard_local_batch(batch, config.batch_size, mesh)
+                               if stream else sh.shard_batch(batch, mesh))
       history.append(metrics)
       step += 1
       log_now = step % config.log_every == 0 or step == steps
@@ -178,6 +184,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
         ckpt.save(step, state)
         last_saved = step
   finally:
+    feed.close()
     ckpt.close()
     writer.close()
   return RunResult(state["params"], setup.model, setup.spec, workdir, state["batch_stats"])

@@ -123,7 +123,7 @@ def load_table(name: str, split: str, table_fn, fields: dict,
     data = {k: np.zeros((0, *features[k].shape), features[k].np_dtype)
             for k in features.keys()}
   order = np.argsort(data["index"], kind="stable")
-  return {k: v[order] for k, v in data.items()}, dict(builder.info.metadata)
+  return {k: v.take(order, axis=0) for k, v in data.items()}, dict(builder.info.metadata)
 
 
 def to_split(data: dict, meta: dict, name: str) -> Split:
