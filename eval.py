@@ -16,6 +16,7 @@ eigenvalue): WORKDIR/diagnostics.json, diagnostics.png, bits_vs_importance.png.
 from absl import app, flags
 from ml_collections import config_flags
 
+from baq import host
 from baq.train import deploy, diagnostics, experiment, validate
 
 config_flags.DEFINE_config_file("config", None, "Config file; default: WORKDIR/config.json.",
@@ -29,6 +30,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
+  host.tune_allocator()  # before JAX starts its threads
   if not flags.FLAGS["verbosity"].present:
     experiment.quiet_logging()
   config = validate.load_config(flags.FLAGS.workdir, flags.FLAGS.config)

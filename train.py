@@ -8,6 +8,7 @@ Overrides: any config field, e.g. --config.quant.target_bits=5.0.
 from absl import app, flags
 from ml_collections import config_flags
 
+from baq import host
 from baq.train import experiment
 
 config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.",
@@ -18,6 +19,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
+  host.tune_allocator()  # before JAX starts its threads
   if not flags.FLAGS["verbosity"].present:
     experiment.quiet_logging()
   experiment.run(flags.FLAGS.config, flags.FLAGS.workdir)

@@ -7,6 +7,8 @@
   17.6 s -> 4.7 s here). Every test compares numbers computed under the
   same options, or against numpy within a tolerance. A user's own
   XLA_FLAGS are kept in front of them.
+* glibc keeps XLA's per-step buffers (`baq.host.tune_allocator`), as
+  train.py does.
 * A persistent compilation cache per test worker, so a program compiled
   once (the trainer's step, the evaluation) is loaded, not compiled, by the
   next run of the same shapes in that worker (a BAQ run 17.6 s -> 1.1 s the
@@ -42,6 +44,9 @@ CHEAP = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes
          "--xla_cpu_use_fusion_emitters=false")
 if CHEAP not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CHEAP}".strip()
+
+from baq import host  # noqa: E402  pylint: disable=wrong-import-position
+host.tune_allocator()  # as train.py does, before any backend starts
 
 
 _SESSION_ENV = "BAQ_TEST_SESSION_DIR"

@@ -15,6 +15,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from baq import host
 from baq.study import runner
 from baq.train import experiment
 
@@ -27,6 +28,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   """Runs the study of --config in --root and prints how long it took."""
   del argv
+  host.tune_allocator()  # before JAX starts its threads
   experiment.quiet_logging()
   t = time.time()
   runner.run_study(FLAGS.config, FLAGS.root)

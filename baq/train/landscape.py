@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from baq import host
 from baq.allocation import landscape, planner
 from baq.data.pipeline import normalize
 from baq.fairness import losses
@@ -171,6 +172,7 @@ def format_survey(s: dict) -> str:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  host.tune_allocator()  # before JAX starts its threads
   f = flags.FLAGS
   experiment.quiet_logging()
   s = survey(f.workdir, f.budget, [int(c) for c in f.choices] if f.choices else None,

@@ -27,6 +27,7 @@ from absl import app, flags
 import ml_collections
 import numpy as np
 
+from baq import host
 from baq.fairness import regularizers
 from baq.train import experiment, sweep, workdir as wd
 
@@ -129,6 +130,7 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   """Runs every seed of the flags, prints the table and writes ROOT/pareto.png."""
   del argv
+  host.tune_allocator()  # before JAX starts its threads
   f = flags.FLAGS
   experiment.quiet_logging()
   seeds, uniform = [int(s) for s in f.seeds], [int(b) for b in f.uniform]

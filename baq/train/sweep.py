@@ -31,6 +31,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from baq import host
 from baq.train import experiment, workdir as wd
 from baq.train.modes import selected
 
@@ -190,6 +191,7 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   """Runs every seed of the flags, then prints the tables."""
   del argv
+  host.tune_allocator()  # before JAX starts its threads
   f = flags.FLAGS
   experiment.quiet_logging()
   seeds = [int(s) for s in f.seeds]
