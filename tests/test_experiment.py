@@ -286,3 +286,28 @@ def test_a_failed_export_leaves_no_partial_file(run, tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="fit no ONNX integer type"):
     experiment.report(config, copy)
   assert not [f for f in os.listdir(copy) if f.startswith("model.onnx")]
+
+
+def test_compare_pairs_runs_and_reproduces_the_reports_group_accuracies(run):
+  """`python -m baq.study.compare` of the run's BAQ against its uniform 4-bit:
+  each group's change is the difference of the report's group accuracies."""
+  from baq.study import compare  # pylint: disable=import-outside-toplevel
+  _, workdir, report = run
+  r = compare.compare([f"{workdir}:baq"], [f"{workdir}:uniform4"], num_samples=200)
+  m = report["methods"]
+  for g in range(len(r["group_names"])):
+    a, b = m["baq"]["group_accuracy"][g], m["uniform4"]["group_accuracy"][g]
+    assert r["change"]["change"][g] == pytest.approx(a - b, abs=1e-12)
+  assert r["worst_group_diff"][0] == pytest.approx(
+      m["baq"]["worst_group_accuracy"] - m["uniform4"]["worst_group_accuracy"], abs=1e-12)
+  assert 0 <= r["mcnemar_p"][0] <= 1 and len(r["holm_p"]) == len(r["group_names"])
+  assert all(h >= p for h, p in zip(r["holm_p"], r["change"]["change_p"]))
+  with pytest.raises(ValueError, match="pair them one to one"):
+    compare.compare([f"{workdir}:baq"], [])
+  with pytest.raises(ValueError, match="WORKDIR:METHOD"):
+    compare.compare(["baq"], [f"{workdir}:uniform4"])
+  out = subprocess.run([sys.executable, "-m", "baq.study.compare", f"--runs={workdir}:baq",
+                        f"--against={workdir}:fp32", "--num_samples=100"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "worst-group difference per pair" in out.stdout
