@@ -27,7 +27,8 @@ _CHILD = r"""
 import json, resource, sys
 from configs import default
 from baq.train import experiment, trainer
-stream, workdir, data_dir, n, size, steps = sys.argv[1] == "1", *sys.argv[2:4], *map(int, sys.argv[4:7])
+stream, workdir, data_dir = sys.argv[1] == "1", sys.argv[2], sys.argv[3]
+n, size, steps = map(int, sys.argv[4:7])
 c = default.get_config()
 c.dataset.data_dir = data_dir
 c.dataset.kwargs.update(dict(image_size=size, num_train=n, num_validation=64, num_test=64))

@@ -24,7 +24,8 @@ f(x).block_until_ready()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
   f(x).block_until_ready()
-print(json.dumps(dict(applied=applied, faults=resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+print(json.dumps(dict(applied=applied, faults=after - before)))
 """
 
 

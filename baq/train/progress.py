@@ -1,4 +1,4 @@
-"""Progress of a run: metrics as JSON lines, one readable line, TensorBoard events, and the finite-loss check."""
+"""Progress of a run: metrics.jsonl, a readable line, TensorBoard, the finite-loss check."""
 
 from __future__ import annotations
 

@@ -232,9 +232,9 @@ def trace_to_onnx(fn: Callable, example: jax.ShapeDtypeStruct, params: Any,
   out_aval = closed.jaxpr.outvars[0].aval
   dims = lambda s: [d if isinstance(d, int) else "N" for d in s]  # noqa: E731
   np_to_onnx = helper.np_dtype_to_tensor_dtype
+  in_type = np_to_onnx(np.dtype(example.dtype))
   graph = helper.make_graph(
-      g.nodes, "baq", [helper.make_tensor_value_info(input_name, np_to_onnx(np.dtype(example.dtype)),
-                                                     dims(shape))],
+      g.nodes, "baq", [helper.make_tensor_value_info(input_name, in_type, dims(shape))],
       [helper.make_tensor_value_info(output_name, np_to_onnx(np.dtype(out_aval.dtype)),
                                      dims(out_aval.shape))],
       initializer=g.initializers)
