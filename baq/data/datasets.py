@@ -124,23 +124,13 @@ def read_all(source, fast: bool = True) -> dict[str, np.ndarray]:
 
 
 def _read_all_fast(source, keys) -> dict[str, np.ndarray]:
-  from tensorflow_datasets.core import example_parser
-  parse = example_parser.tf_example_pb2.Example.FromString
+  parse = records.example_parser()
   protos = [parse(raw).features.feature
             for raw in source.data_source.__getitems__(keys)]
-  out = {}
   features = source.dataset_info.features
-  for name in features.keys():
-    dtype, shape = features[name].np_dtype, tuple(features[name].shape)
-    values = [f[name] for f in protos]
-    kind = values[0].WhichOneof("kind")
-    if kind == "bytes_list":   # Tensors stored with Encoding.BYTES.
-      flat = np.frombuffer(b"".join([v.bytes_list.value[0] for v in values]),
-                           dtype)
-    else:
-      flat = np.array([getattr(v, kind).value for v in values], dtype)
-    out[name] = flat.reshape((len(values),) + shape)
-  return out
+  return {name: records.feature_array([f[name] for f in protos], features[name].np_dtype,
+                                      features[name].shape)
+          for name in features.keys()}
 
 
 @DATASETS.register("synthetic_derm")

@@ -38,12 +38,14 @@ def streaming() -> bool:
   return _STREAMING.get()
 
 
-def _parse():
+def example_parser():
+  """`tf.train.Example` parsing, from tfds's bundled protos (no TensorFlow)."""
   from tensorflow_datasets.core import example_parser  # pylint: disable=import-outside-toplevel
   return example_parser.tf_example_pb2.Example.FromString
 
 
-def _feature_array(values, dtype, shape) -> np.ndarray:
+def feature_array(values, dtype, shape) -> np.ndarray:
+  """One feature of many `tf.train.Example` protos, stacked into an array."""
   kind = values[0].WhichOneof("kind")
   if kind == "bytes_list":  # Tensors stored with Encoding.BYTES
     flat = np.frombuffer(b"".join(v.bytes_list.value[0] for v in values), dtype)
@@ -90,10 +92,10 @@ class RecordImages:
   def _read(self, positions: np.ndarray) -> np.ndarray:
     if len(positions) == 0:
       return np.zeros((0,) + self._item_shape, self.dtype)
-    parse = _parse()
+    parse = example_parser()
     raw = self._source.data_source.__getitems__([int(p) for p in positions])
     values = [parse(r).features.feature[self._feature] for r in raw]
-    return _feature_array(values, self.dtype, self._item_shape)
+    return feature_array(values, self.dtype, self._item_shape)
 
   def __getitem__(self, index) -> np.ndarray:
     if isinstance(index, tuple):  # images[examples, ...]: read, then index the rest
@@ -115,7 +117,7 @@ class RecordImages:
 
 def read_fields(source, skip: str = "image") -> tuple[dict[str, np.ndarray], RecordImages]:
   """Every feature but `skip`, read a chunk of records at a time, and `skip` lazily."""
-  parse = _parse()
+  parse = example_parser()
   features = source.dataset_info.features
   names = [k for k in features.keys() if k != skip]
   cols: dict[str, list] = {k: [] for k in names}
@@ -124,7 +126,7 @@ def read_fields(source, skip: str = "image") -> tuple[dict[str, np.ndarray], Rec
     raw = source.data_source.__getitems__(list(range(start, min(n, start + CHUNK))))
     protos = [parse(r).features.feature for r in raw]
     for k in names:
-      cols[k].append(_feature_array([p[k] for p in protos], features[k].np_dtype,
+      cols[k].append(feature_array([p[k] for p in protos], features[k].np_dtype,
                                     features[k].shape))
   out = {k: np.concatenate(v) if v else np.zeros((0,) + tuple(features[k].shape),
                                                    features[k].np_dtype)
