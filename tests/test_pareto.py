@@ -15,12 +15,28 @@ def test_without_fairness_penalties_keeps_only_the_bit_constraints(tiny_config):
   assert tiny_config.penalties.cvar.weight > 0  # the original is untouched
 
 
+def test_the_equal_steps_control_trains_the_static_allocation_for_baqs_total(tiny_config):
+  assert pareto.equal_steps_control(tiny_config) is None  # no separate search: same steps
+  c = tiny_config.copy_and_resolve_references()
+  c.quant.search_steps = 5
+  control = pareto.equal_steps_control(c)
+  assert control.mode == "fair_static_qat" and control.baselines == ""
+  assert control.steps == c.steps + 5 and c.steps == tiny_config.steps
+
+
 def test_one_seed_runs_every_method_at_every_budget(tiny_config, tmp_path):
   root = str(tmp_path)
+  tiny_config.quant.search_steps = 3  # BAQ searches, so the equal-steps control runs
   runs = {0: pareto.run_seed(tiny_config, root, 0, budgets=[3.0], uniform=[2, 4])}
   names = list(runs[0])
   assert names == [wd.FLOAT, "uniform2", "uniform4", "fair_static@4", "fair_static_qat@3",
-                   "baq@3", "fair_static_qat@3-nopen", "baq@3-nopen"]
+                   "baq@3", "fair_static_qat-equal@3", "fair_static_qat@3-nopen", "baq@3-nopen",
+                   "fair_static_qat-equal@3-nopen"]
+  control = os.path.join(f"{wd.variant_dir(root, 0, 3.0, 'nopenalty')}_{pareto.EQUAL}",
+                         wd.CONFIG_FILE)
+  with open(control) as f:
+    saved = json.load(f)
+  assert saved["steps"] == tiny_config.steps + 3 and saved["penalties"]["cvar"]["weight"] == 0
   for name in names[3:]:
     assert runs[0][name]["avg_bits"] <= float(name.split("@")[1].split("-")[0]) + 1e-9
   assert runs[0]["uniform2"]["avg_bits"] == 2.0

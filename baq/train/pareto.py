@@ -11,6 +11,11 @@ For each seed it trains (or resumes), with `experiment.run`:
                                 config's penalties
   ROOT/seed<S>_b<B>_nopenalty   the same with every fairness penalty's weight
                                 0 (the bitrate constraint stays)
+  ROOT/seed<S>_b<B>_<V>_equal   with --equal_steps (the default) and BAQ's
+                                separate search (`quant.search_steps`):
+                                fair_static_qat trained `steps + search_steps`
+                                steps, BAQ's total, reported as
+                                `fair_static_qat-equal@<B>`
 so allocations are compared with allocations and penalties with penalties,
 at the same budget, steps and seeds. It prints mean +- std over seeds of
 accuracy, worst-group accuracy, gap and average bits for every method
@@ -33,6 +38,23 @@ from baq.train import experiment, sweep, workdir as wd
 
 METHODS = "fair_static_qat,baq"
 VARIANTS = {"penalty": "", "nopenalty": "-nopen"}
+EQUAL = "equal"  # the equal-total-steps control's suffix (directory and method name)
+
+
+def equal_steps_control(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  """`fair_static_qat` trained as many steps as BAQ in total, or None without a search.
+
+  BAQ with `quant.search_steps` trains `search_steps + steps` steps (search,
+  then the deployed bits), `fair_static_qat` only `steps`; the control gives
+  the static allocation the same total, so the comparison is of allocations.
+  """
+  search = config.quant.get("search_steps")
+  if search is None:
+    return None
+  c = config.copy_and_resolve_references()
+  c.mode, c.baselines = "fair_static_qat", ""
+  c.steps = int(config.steps) + int(search)
+  return c
 
 
 def without_fairness_penalties(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -53,7 +75,7 @@ def without_fairness_penalties(config: ml_collections.ConfigDict) -> ml_collecti
 
 
 def run_seed(config: ml_collections.ConfigDict, root: str, seed: int,
-             budgets: Sequence[float], uniform: Sequence[int]) -> dict:
+             budgets: Sequence[float], uniform: Sequence[int], equal_steps: bool = True) -> dict:
   """Every run of one seed (resumed where finished); name -> test metrics.
 
   Args:
@@ -62,6 +84,7 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int,
     seed: the training seed.
     budgets: average-bit budgets of the allocation methods.
     uniform: bit-widths of the uniform QAT baselines.
+    equal_steps: also train `equal_steps_control` at each budget and variant.
 
   Returns:
     Method name -> its report entry.
@@ -83,6 +106,11 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int,
       for mode in METHODS.split(","):
         name = wd.method_name(v, mode)
         methods[f"{name}{sweep.AT}{bits:g}{suffix}"] = report["methods"][name]
+      control = equal_steps_control(v) if equal_steps else None
+      if control is not None:
+        report = experiment.run(control, f"{wd.variant_dir(root, seed, bits, variant)}_{EQUAL}")
+        name = wd.method_name(control, control.mode)
+        methods[f"{name}-{EQUAL}{sweep.AT}{bits:g}{suffix}"] = report["methods"][name]
   return methods
 
 
@@ -125,6 +153,8 @@ def _define_flags() -> None:
   sweep.define_seed_flags()
   flags.DEFINE_list("budgets", ["2.5", "3", "4"], "Budgets of the allocation methods.")
   flags.DEFINE_list("uniform", ["2", "3", "4", "8"], "Bit-widths of uniform QAT.")
+  flags.DEFINE_bool("equal_steps", True, "Also train fair_static_qat for BAQ's total steps "
+                    "(search + fine-tune) at each budget: the equal-steps control.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -134,8 +164,8 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   experiment.quiet_logging()
   seeds, uniform = [int(s) for s in f.seeds], [int(b) for b in f.uniform]
-  runs = {s: run_seed(f.config, f.root, s, [float(b) for b in f.budgets], uniform)
-          for s in seeds}
+  runs = {s: run_seed(f.config, f.root, s, [float(b) for b in f.budgets], uniform,
+                      f.equal_steps) for s in seeds}
   print("\n" + sweep.format_summary(runs, seeds))
   print("\n" + sweep.format_per_seed(runs, seeds, [wd.uniform_name(b) for b in uniform]))
   plot(wd.path(f.root, wd.PARETO_PLOT), runs, seeds)
