@@ -28,6 +28,7 @@ setup(
         "qwix>=0.1.8,<0.2",
         "tensorboardX>=2.6,<3",
         "grain>=0.2.18,<0.3",
+        "tokenizers>=0.20,<1",
     ],
     extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"]},
 )
