@@ -1,0 +1,135 @@
+"""Training a causal language model: build, step, loop (the embedded LM's trainer).
+
+The state is a plain dict (step, params, opt_state) checkpointed with
+`baq.train.checkpoint.Checkpointer`; the batch of step s is a function of
+(seed, s) alone, so an interrupted run resumes exactly where it stopped and
+gives the same parameters as one that never stopped. A non-finite loss stops
+the run before that step is saved, so the last good checkpoint stays the
+latest, and raises FloatingPointError naming the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from baq.train.checkpoint import Checkpointer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMTrainConfig:
+  """Optimisation of the LM (every bound is checked before any work).
+
+  Attributes:
+    steps: optimizer steps.
+    batch_size: sequences per step.
+    lr: peak AdamW learning rate (warmup then cosine decay to 10 %).
+    warmup_steps: linear warmup.
+    weight_decay: AdamW decay.
+    seed: the initialisation and batch-order seed.
+    save_every: checkpoint period in steps (and the last step).
+  """
+  steps: int = 600
+  batch_size: int = 32
+  lr: float = 3e-3
+  warmup_steps: int = 50
+  weight_decay: float = 0.01
+  seed: int = 0
+  save_every: int = 200
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "save_every"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+    if not (np.isfinite(self.lr) and self.lr > 0):
+      raise ValueError(f"lr must be finite and > 0, got {self.lr}.")
+    if not 0 <= self.warmup_steps < self.steps:
+      raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got "
+                       f"{self.warmup_steps}.")
+
+
+def optimizer(cfg: LMTrainConfig) -> optax.GradientTransformation:
+  sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1), cfg.steps,
+                                             end_value=0.1 * cfg.lr)
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(sched, weight_decay=cfg.weight_decay))
+
+
+def lm_loss(logits: jax.Array, ids: jax.Array, lengths: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy over real (non-padding) target tokens."""
+  targets = ids[:, 1:]
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+  nll = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  mask = (jnp.arange(1, ids.shape[1])[None, :] < lengths[:, None]).astype(jnp.float32)
+  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def init_state(model, cfg: LMTrainConfig, seq_len: int) -> dict:
+  params = model.init(jax.random.key(cfg.seed), jnp.zeros((1, seq_len), jnp.int32))["params"]
+  return {"step": jnp.int32(0), "params": params, "opt_state": optimizer(cfg).init(params)}
+
+
+def make_step(model, cfg: LMTrainConfig):
+  """The jitted update: (state, ids, lengths) -> (state, loss)."""
+  tx = optimizer(cfg)
+
+  def step(state, ids, lengths):
+    loss, grads = jax.value_and_grad(
+        lambda p: lm_loss(model.apply({"params": p}, ids), ids, lengths))(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state}, loss
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def batch_indices(cfg: LMTrainConfig, step: int, n: int) -> np.ndarray:
+  """Rows of step `step`: a function of (seed, step) only, for exact resumption."""
+  return np.random.default_rng([cfg.seed, step]).integers(0, n, cfg.batch_size)
+
+
+def train(model, ids: np.ndarray, lengths: np.ndarray, cfg: LMTrainConfig,
+          workdir: Optional[str] = None) -> tuple[Any, list[float]]:
+  """Trains (or resumes, or loads when finished) the LM on right-padded sequences.
+
+  Args:
+    model: the float CausalLM.
+    ids: int32 [n, t] token ids.
+    lengths: int32 [n] real lengths.
+    cfg: the optimisation.
+    workdir: checkpoint directory (None: no checkpoints).
+
+  Returns:
+    (params, losses of the steps run in this call).
+  """
+  state = init_state(model, cfg, ids.shape[1])
+  ckpt = None if workdir is None else Checkpointer(workdir, jax.eval_shape(lambda: state))
+  if ckpt is not None and ckpt.latest_step() is not None:
+    state = ckpt.restore()
+  step_fn, losses = make_step(model, cfg), []
+  try:
+    for s in range(int(state["step"]), cfg.steps):
+      rows = batch_indices(cfg, s, len(ids))
+      new, loss = step_fn(state, jnp.asarray(ids[rows]), jnp.asarray(lengths[rows]))
+      loss = float(loss)
+      if not np.isfinite(loss):
+        raise FloatingPointError(
+            f"LM loss is {loss} at step {s}; stopped. The last good checkpoint "
+            f"(step {None if ckpt is None else ckpt.latest_step()}) is intact.")
+      state, losses = new, losses + [loss]
+      if ckpt is not None and ((s + 1) % cfg.save_every == 0 or s + 1 == cfg.steps):
+        ckpt.save(s + 1, state)
+      if (s + 1) % 100 == 0:
+        log.info("lm step %d loss %.4f", s + 1, loss)
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+  return jax.device_get(state["params"]), losses
