@@ -1,0 +1,176 @@
+"""Block-by-block GPTQ / Fair-GPTQ over a causal LM (`baq.quant.gptq_decoder`).
+
+The Hessians are rebuilt here independently: the block's LayerNorm applied
+in numpy to the embeddings (or to the previous quantized block's output),
+x x^T summed over real tokens only; GPTQ on them must give the module's
+kernels exactly.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from baq.models.lm.decoder import CausalLM, DecoderConfig
+from baq.quant import gptq, gptq_decoder as gd
+
+CFG = DecoderConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=16,
+                    norm="layernorm", norm_eps=1e-5, positions="learned", mlp="gelu_tanh",
+                    attn_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def lm():
+  model = CausalLM(CFG)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 12), jnp.int32))["params"]
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(5, 13, 24).astype(np.int32)
+  ids = rng.integers(4, 40, (24, 12)).astype(np.int32)
+  ids[np.arange(12)[None] >= lengths[:, None]] = 0
+  return model, params, gd.Tokens(ids, lengths)
+
+
+def _layernorm(x, p, eps=1e-5):
+  x = np.asarray(x, np.float64)
+  mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * np.asarray(p["scale"]) + np.asarray(p["bias"])
+
+
+def _hessian(x, mask):
+  rows = x[mask]
+  return 2.0 * rows.T @ rows / len(rows)
+
+
+def _embed(model, params, tokens):
+  return np.asarray(model.apply({"params": params}, jnp.asarray(tokens.ids),
+                                method=CausalLM.embed))
+
+
+def test_the_first_layers_are_gptq_on_the_real_tokens_inputs(lm):
+  model, params, calib = lm
+  q, rec = gd.quantize_decoder(model, {"params": params}, calib, bits=3)
+  x = _layernorm(_embed(model, params, calib), params["block_0"]["attn_norm"])
+  h = _hessian(x, calib.mask())
+  for name in ("q_proj", "k_proj", "v_proj"):
+    w = params["block_0"]["attn"][name]["kernel"]
+    want = gptq.gptq(w, jnp.asarray(h, jnp.float32), 3).weight
+    np.testing.assert_allclose(q["block_0"]["attn"][name]["kernel"], want, atol=1e-5)
+    assert rec[f"block_0/attn/{name}"]["rows"] == int(calib.lengths.sum())
+  # Everything but the block projections is untouched.
+  np.testing.assert_array_equal(q["embed"]["embedding"], params["embed"]["embedding"])
+  np.testing.assert_array_equal(q["block_0"]["attn"]["q_proj"]["bias"],
+                                params["block_0"]["attn"]["q_proj"]["bias"])
+
+
+def test_a_later_block_sees_the_quantized_earlier_block(lm):
+  model, params, calib = lm
+  q, _ = gd.quantize_decoder(model, {"params": params}, calib, bits=3)
+  h0 = _embed(model, params, calib)
+  h1 = np.asarray(model.apply({"params": q}, jnp.asarray(h0), 0, method=CausalLM.run_block))
+  x = _layernorm(h1, params["block_1"]["attn_norm"])
+  w = params["block_1"]["attn"]["q_proj"]["kernel"]
+  want = gptq.gptq(w, jnp.asarray(_hessian(x, calib.mask()), jnp.float32), 3).weight
+  np.testing.assert_allclose(q["block_1"]["attn"]["q_proj"]["kernel"], want, atol=1e-5)
+  # The float block's output gives a different Hessian, so the test can tell.
+  h1_float = np.asarray(model.apply({"params": params}, jnp.asarray(h0), 0,
+                                    method=CausalLM.run_block))
+  other = _hessian(_layernorm(h1_float, params["block_1"]["attn_norm"]), calib.mask())
+  assert np.abs(other - _hessian(x, calib.mask())).max() > 1e-4
+
+
+def test_padding_tokens_change_nothing(lm):
+  model, params, calib = lm
+  ids = calib.ids.copy()
+  ids[calib.mask() == 0] = 7  # other padding ids
+  a, _ = gd.quantize_decoder(model, {"params": params}, calib, bits=3)
+  b, _ = gd.quantize_decoder(model, {"params": params}, gd.Tokens(ids, calib.lengths), bits=3)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a, b)
+
+
+def _pairs(seed=1, unequal=True):
+  rng = np.random.default_rng(seed)
+  la = rng.integers(4, 11, 10).astype(np.int32)
+  lb = (la + (rng.integers(-1, 2, 10) if unequal else 0)).clip(3, 12).astype(np.int32)
+  a = rng.integers(4, 40, (10, 12)).astype(np.int32)
+  b = a.copy()
+  b[:, 2] = rng.integers(4, 40, 10)  # the pair differs in one word
+  for ids, ln in ((a, la), (b, lb)):
+    ids[np.arange(12)[None] >= ln[:, None]] = 0
+  return gd.Tokens(a, la), gd.Tokens(b, lb)
+
+
+@pytest.mark.parametrize("pair_rows,pair_norm", [("common", "pairs"), ("padded", "rows")])
+def test_fair_gptq_adds_alpha_times_the_pair_difference_hessian(lm, pair_rows, pair_norm):
+  model, params, calib = lm
+  pa, pb = _pairs()
+  opts = gd.Options(alpha=0.5, pair_rows=pair_rows, pair_norm=pair_norm)
+  q, rec = gd.quantize_decoder(model, {"params": params}, calib, bits=3, pairs=(pa, pb),
+                               options=opts)
+  ln = params["block_0"]["attn_norm"]
+  d = (_layernorm(_embed(model, params, pa), ln) - _layernorm(_embed(model, params, pb), ln))
+  n = (np.minimum if pair_rows == "common" else np.maximum)(pa.lengths, pb.lengths)
+  rows = d[np.arange(12)[None] < n[:, None]]
+  m = len(pa.lengths) if pair_norm == "pairs" else len(rows)
+  h = _hessian(_layernorm(_embed(model, params, calib), ln), calib.mask())
+  h_fair = h + 0.5 * 2.0 * rows.T @ rows / m
+  w = params["block_0"]["attn"]["v_proj"]["kernel"]
+  want = gptq.gptq(w, jnp.asarray(h_fair, jnp.float32), 3).weight
+  np.testing.assert_allclose(q["block_0"]["attn"]["v_proj"]["kernel"], want, atol=1e-5)
+  assert rec["block_0/attn/v_proj"]["pair_rows"] == len(rows) and rec["block_0/attn/v_proj"]["fair"]
+
+
+def test_alpha_zero_with_pairs_is_gptq_bit_for_bit(lm):
+  model, params, calib = lm
+  a, _ = gd.quantize_decoder(model, {"params": params}, calib, bits=4)
+  b, rec = gd.quantize_decoder(model, {"params": params}, calib, bits=4, pairs=_pairs(),
+                               options=gd.Options(alpha=0.0))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert "pair_err" in rec["block_1/mlp/down_proj"]
+
+
+def test_the_newton_update_is_the_reference_gradient_update(lm):
+  model, params, calib = lm
+  pa, pb = _pairs(unequal=False)
+  opts = gd.Options(alpha=0.3, fair_update="newton", fair_layers=(r"block_0/attn/q_proj",))
+  q, rec = gd.quantize_decoder(model, {"params": params}, calib, bits=4, pairs=(pa, pb),
+                               options=opts)
+  ln = params["block_0"]["attn_norm"]
+  d = _layernorm(_embed(model, params, pa), ln) - _layernorm(_embed(model, params, pb), ln)
+  rows = d[pa.mask()]
+  h = _hessian(_layernorm(_embed(model, params, calib), ln), calib.mask())
+  h_pair = 2.0 * rows.T @ rows / len(pa.lengths)
+  w = np.asarray(params["block_0"]["attn"]["q_proj"]["kernel"], np.float64)
+  w_new = w - np.linalg.solve(h + 0.01 * np.mean(np.diag(h)) * np.eye(32), 0.3 * h_pair @ w)
+  want = gptq.gptq(jnp.asarray(w_new, jnp.float32), jnp.asarray(h, jnp.float32), 4).weight
+  np.testing.assert_allclose(q["block_0"]["attn"]["q_proj"]["kernel"], want, atol=1e-5)
+  assert "fair" not in rec["block_0/attn/k_proj"]  # only the selected layer is fair
+
+
+def test_gptq_beats_round_to_nearest_and_rtn_is_rtn(lm):
+  model, params, calib = lm
+  bits = {n: (3 if "mlp" in n else 4) for n in gd.quantizable_layers(params, CFG.n_layers)}
+  _, rec = gd.quantize_decoder(model, {"params": params}, calib, bits=bits)
+  layers = [k for k in rec if not k.startswith("_")]
+  assert len(layers) == 12 and len(rec["_blocks"]["seconds"]) == 2
+  assert all(rec[k]["err"] < rec[k]["err_rtn"] for k in layers)
+  assert rec["block_0/mlp/up_proj"]["bits"] == 3 and rec["block_0/attn/o_proj"]["bits"] == 4
+  r, _ = gd.quantize_decoder(model, {"params": params}, calib, bits=3,
+                             options=gd.Options(method="rtn"))
+  w = params["block_1"]["mlp"]["down_proj"]["kernel"]
+  np.testing.assert_array_equal(r["block_1"]["mlp"]["down_proj"]["kernel"], gptq.rtn(w, 3))
+
+
+def test_bad_input_is_refused_before_any_work(lm):
+  model, params, calib = lm
+  v = {"params": params}
+  with pytest.raises(ValueError, match="needs pairs"):
+    gd.quantize_decoder(model, v, calib, options=gd.Options(alpha=0.1))
+  pa, pb = _pairs()
+  with pytest.raises(ValueError, match="one shape"):
+    gd.quantize_decoder(model, v, calib, pairs=(pa, gd.Tokens(pb.ids[:5], pb.lengths[:5])))
+  with pytest.raises(ValueError, match="unknown layers"):
+    gd.quantize_decoder(model, v, calib, bits={"block_9/attn/q_proj": 4})
+  with pytest.raises(ValueError, match=r"integer in \[2, 8\]"):
+    gd.quantize_decoder(model, v, calib, bits=9)
+  with pytest.raises(ValueError, match="Unknown pair_rows"):
+    gd.Options(pair_rows="zip")
