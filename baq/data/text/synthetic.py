@@ -130,6 +130,10 @@ class SyntheticText:
   pairs: list            # CrowS-Pairs rows: dicts keyed by CSV_COLUMNS
   stereoset: dict        # the dev.json object
   info: dict             # seed and generation parameters
+  # CrowS-Pairs-layout rows from the *training* combinations, disjoint from
+  # `pairs` and `stereoset`: calibration pairs (Fair-GPTQ, importance) that
+  # leave the evaluation sets unseen.
+  calibration_pairs: list = dataclasses.field(default_factory=list)
 
 
 def _cap(s: str) -> str:
@@ -256,9 +260,13 @@ def generate(seed: int, *, association: float = 0.85, num_train: int = 20000,
   train = _sample_lines(rng, num_train, allowed, *args)
   heldout = _sample_lines(rng, num_heldout, allowed, *args)
   pairs, stereoset = _eval_sets(rng, reserved, seed)
+  # As many calibration pairs as evaluation pairs, from the training combinations.
+  sample = {key: [combos[i] for i in sorted(rng.permutation(len(combos))[:len(reserved[key])])]
+            for key, combos in allowed.items()}
+  calibration = _eval_sets(rng, sample, seed)[0]
   info = dict(seed=seed, association=association, num_train=num_train, num_heldout=num_heldout,
               filler_frac=filler_frac, inter_frac=inter_frac, eval_frac=eval_frac)
-  return SyntheticText(train, heldout, pairs, stereoset, info)
+  return SyntheticText(train, heldout, pairs, stereoset, info, calibration)
 
 
 def write(folder: str, data: SyntheticText) -> dict:
@@ -272,15 +280,18 @@ def write(folder: str, data: SyntheticText) -> dict:
     dict of file name -> path.
   """
   os.makedirs(folder, exist_ok=True)
-  paths = {n: os.path.join(folder, n) for n in ("train.txt", "heldout.txt",
-                                                "crows_pairs_anonymized.csv", "dev.json", "README")}
+  paths = {n: os.path.join(folder, n) for n in (
+      "train.txt", "heldout.txt", "crows_pairs_anonymized.csv", "calibration_pairs.csv",
+      "dev.json", "README")}
   for name, lines in (("train.txt", data.train), ("heldout.txt", data.heldout)):
     with open(paths[name], "w") as f:
       f.write("".join(line + "\n" for line in lines))
-  with open(paths["crows_pairs_anonymized.csv"], "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(CSV_COLUMNS)
-    writer.writerows([row[c] for c in CSV_COLUMNS] for row in data.pairs)
+  for name, rows in (("crows_pairs_anonymized.csv", data.pairs),
+                     ("calibration_pairs.csv", data.calibration_pairs)):
+    with open(paths[name], "w", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(CSV_COLUMNS)
+      writer.writerows([row[c] for c in CSV_COLUMNS] for row in rows)
   with open(paths["dev.json"], "w") as f:
     json.dump(data.stereoset, f, indent=1)
   table = "\n".join(f"  {o:<13} gender: {BIAS_TYPES['gender'].groups[g]:<7} "
@@ -294,6 +305,7 @@ def write(folder: str, data: SyntheticText) -> dict:
         "train.txt / heldout.txt: one line per text (held-out is for perplexity).\n"
         "crows_pairs_anonymized.csv: CrowS-Pairs' columns; sent_more uses the stereotyped group.\n"
         "dev.json: StereoSet's layout (intrasentence with BLANK, intersentence with context).\n"
-        "Both are built from template combinations never used in train.txt or heldout.txt.\n\n"
+        "Both are built from template combinations never used in train.txt or heldout.txt.\n"
+        "calibration_pairs.csv: the same layout from training combinations (for calibration).\n\n"
         f"Stereotyped groups:\n{table}\n")
   return paths

@@ -7,7 +7,12 @@ module of this package is imported on the first lookup, so a new family is
 one new file here that calls `register_family`; no other file changes.
 
     register_family("gpt2", model_types=("gpt2",), config_from_hf=config_from_hf,
-                    to_params=to_params, from_params=from_params)
+                    to_params=to_params, from_params=from_params, hf_modules=hf_modules,
+                    hf_conv1d=True)
+
+A family may also register `hf_modules(cfg)`, its quantizable modules under
+their HF names with the baq layers each holds, which GPTQ checkpoints
+(`baq.export.gptq_lm`) are keyed by.
 
 `hf.load(folder)` picks the family by config.json's `model_type` through
 `family_for_model_type`, which is the one place that knows the valid types.
@@ -16,13 +21,15 @@ one new file here that calls `register_family`; no other file changes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
 from baq.registry import Registry
 
 StateDict = Mapping[str, np.ndarray]
+# HF quantizable module name -> the baq layer paths it is made of, in column order.
+HFModules = dict[str, tuple[str, ...]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +45,20 @@ class LMFamily:
     from_params: `from_params(params, cfg) -> state_dict` under the family's
       Hugging Face names and layouts (bit-width leaves are left out).
     model_types: the config.json `model_type` values the family reads.
+    hf_modules: optional `hf_modules(cfg) -> {HF module: (baq layer, ...)}`:
+      every quantizable torch module under the names `from_params` writes,
+      with the baq layers whose kernels are its columns, in order (GPT-2's
+      fused c_attn holds q, k and v); what GPTQ checkpoints are keyed by.
+    hf_conv1d: the hf_modules store their weight [in, out] (GPT-2's Conv1D)
+      rather than torch Linear's [out, in].
   """
 
   config_from_hf: Callable[[dict], Any]
   to_params: Callable[[StateDict, Any], dict]
   from_params: Callable[[Any, Any], dict]
   model_types: tuple[str, ...]
+  hf_modules: Optional[Callable[[Any], HFModules]] = None
+  hf_conv1d: bool = False
 
 
 LM_FAMILIES: Registry[LMFamily] = Registry("language-model family", discover="baq.models.lm")
@@ -52,7 +67,9 @@ LM_FAMILIES: Registry[LMFamily] = Registry("language-model family", discover="ba
 def register_family(name: str, *, model_types: tuple[str, ...],
                     config_from_hf: Callable[[dict], Any],
                     to_params: Callable[[StateDict, Any], dict],
-                    from_params: Callable[[Any, Any], dict]) -> LMFamily:
+                    from_params: Callable[[Any, Any], dict],
+                    hf_modules: Optional[Callable[[Any], HFModules]] = None,
+                    hf_conv1d: bool = False) -> LMFamily:
   """Registers a checkpoint family under `name`.
 
   Args:
@@ -62,11 +79,14 @@ def register_family(name: str, *, model_types: tuple[str, ...],
     config_from_hf: see `LMFamily`.
     to_params: see `LMFamily`.
     from_params: see `LMFamily`.
+    hf_modules: see `LMFamily` (optional; GPTQ checkpoints need it).
+    hf_conv1d: see `LMFamily`.
 
   Returns:
     The registered `LMFamily`.
   """
-  family = LMFamily(config_from_hf, to_params, from_params, tuple(model_types))
+  family = LMFamily(config_from_hf, to_params, from_params, tuple(model_types), hf_modules,
+                    bool(hf_conv1d))
   return LM_FAMILIES.register(name)(family)
 
 

@@ -118,5 +118,28 @@ def from_params(params, cfg: DecoderConfig) -> dict[str, np.ndarray]:
   return sd
 
 
+def hf_modules(cfg: DecoderConfig) -> dict[str, tuple[str, ...]]:
+  """GPT2LMHeadModel's quantizable Conv1D modules -> the baq layers they hold.
+
+  c_attn is one module whose columns are q | k | v, as GPTQModel and
+  AutoGPTQ quantize it; every other module is one baq layer.
+
+  Args:
+    cfg: the model's configuration.
+
+  Returns:
+    {"transformer.h.{i}.attn.c_attn": ("block_{i}/attn/q_proj", ...), ...}.
+  """
+  out = {}
+  for i in range(cfg.n_layers):
+    s, o = f"{PREFIX}h.{i}.", f"block_{i}/"
+    out[s + "attn.c_attn"] = tuple(f"{o}attn/{n}_proj" for n in "qkv")
+    out[s + "attn.c_proj"] = (o + "attn/o_proj",)
+    out[s + "mlp.c_fc"] = (o + "mlp/up_proj",)
+    out[s + "mlp.c_proj"] = (o + "mlp/down_proj",)
+  return out
+
+
 register_family("gpt2", model_types=("gpt2",), config_from_hf=config_from_hf,
-                to_params=to_params, from_params=from_params)
+                to_params=to_params, from_params=from_params, hf_modules=hf_modules,
+                hf_conv1d=True)

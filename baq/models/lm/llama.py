@@ -147,5 +147,18 @@ def from_params(params, cfg: DecoderConfig) -> dict[str, np.ndarray]:
   return sd
 
 
+def hf_modules(cfg: DecoderConfig) -> dict[str, tuple[str, ...]]:
+  """The *ForCausalLM's quantizable Linear modules -> the one baq layer each holds.
+
+  Args:
+    cfg: the model's configuration.
+
+  Returns:
+    {"model.layers.{i}.self_attn.q_proj": ("block_{i}/attn/q_proj",), ...}.
+  """
+  return {f"{PREFIX}layers.{i}.{theirs}": (f"block_{i}/{ours}",)
+          for i in range(cfg.n_layers) for ours, theirs in ATTN + MLP}
+
+
 register_family("llama", model_types=("llama", "mistral", "qwen2"), config_from_hf=config_from_hf,
-                to_params=to_params, from_params=from_params)
+                to_params=to_params, from_params=from_params, hf_modules=hf_modules)

@@ -118,5 +118,18 @@ def from_params(params, cfg: DecoderConfig) -> dict[str, np.ndarray]:
   return sd
 
 
+def hf_modules(cfg: DecoderConfig) -> dict[str, tuple[str, ...]]:
+  """OPTForCausalLM's quantizable Linear modules -> the one baq layer each holds.
+
+  Args:
+    cfg: the model's configuration.
+
+  Returns:
+    {"model.decoder.layers.{i}.self_attn.q_proj": ("block_{i}/attn/q_proj",), ...}.
+  """
+  return {f"{PREFIX}decoder.layers.{i}.{theirs}": (f"block_{i}/{ours}",)
+          for i in range(cfg.n_layers) for ours, theirs in LAYERS}
+
+
 register_family("opt", model_types=("opt",), config_from_hf=config_from_hf,
-                to_params=to_params, from_params=from_params)
+                to_params=to_params, from_params=from_params, hf_modules=hf_modules)

@@ -1,0 +1,232 @@
+r"""The language-model bias study: `python -m baq.study.lm --config=configs/lm.py --root=R`.
+
+Per seed (`--seeds`), in ROOT/seed<S>:
+  fp32/           the trained model's checkpoints (source "train"; resumed)
+  results/<setting>.json   each setting's metrics (a finished setting is reused)
+  report.json     every setting of the seed
+and ROOT/summary.json, the mean +- std over seeds, printed as a table:
+the CrowS-Pairs stereotype score, its change from full precision with the
+number of seeds whose exact McNemar test rejects at 0.05, the StereoSet SS,
+LMS and ICAT (intrasentence), and held-out perplexity.
+
+With the synthetic data (the default) the corpus is written once to
+ROOT/data; the seed varies the model's initialisation, its batches and the
+calibration sample, not the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+from absl import app, flags
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from baq import host
+from baq.data.text import crows_pairs, stereoset as stereoset_data, synthetic, tokenizer as tok
+from baq.models.lm import hf
+from baq.models.lm.decoder import CausalLM, DecoderConfig
+from baq.quant import gptq_decoder as gd
+from baq.study import lm_eval, lm_quant
+from baq.train import experiment, lm as lm_train
+
+FLOAT = "fp32"
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what}: no file {path!r}.")
+  with open(path) as f:
+    return [l.strip() for l in f if l.strip()]
+
+
+def load_texts(config, root: str) -> dict:
+  """The study's text: train / calibration lines, held-out lines, the paired sets."""
+  d = config.data
+  if d.kind == "synthetic":
+    folder = os.path.join(root, "data")
+    if not os.path.isfile(os.path.join(folder, "README")):
+      data = synthetic.generate(d.seed, association=d.association, num_train=d.num_train,
+                                num_heldout=d.num_heldout)
+      synthetic.write(folder, data)
+    files = dict(train=os.path.join(folder, "train.txt"),
+                 heldout=os.path.join(folder, "heldout.txt"),
+                 crows=os.path.join(folder, "crows_pairs_anonymized.csv"),
+                 pairs=os.path.join(folder, "calibration_pairs.csv"),
+                 stereoset=os.path.join(folder, "dev.json"))
+  elif d.kind == "files":
+    files = dict(train=d.calibration or d.heldout, heldout=d.heldout, crows=d.crows_pairs,
+                 pairs=d.get("calibration_pairs", "") or "", stereoset=d.stereoset)
+  else:
+    raise ValueError(f"Unknown data.kind {d.kind!r}. Valid: synthetic, files.")
+  out = dict(train=_read_lines(files["train"], "training / calibration text"),
+             heldout=_read_lines(files["heldout"], "held-out text"),
+             crows=crows_pairs.load_crows_pairs(files["crows"]),
+             stereoset=(stereoset_data.load_stereoset(files["stereoset"])
+                        if files["stereoset"] else None))
+  out["pairs"] = crows_pairs.load_crows_pairs(files["pairs"]) if files["pairs"] else None
+  return out
+
+
+def _model_config(config, vocab: int) -> DecoderConfig:
+  m = config.model
+  return DecoderConfig(vocab_size=vocab, d_model=m.d_model, n_layers=m.n_layers,
+                       n_heads=m.n_heads, d_ff=m.d_ff, max_len=config.data.max_len,
+                       norm="layernorm", norm_eps=1e-5, positions="learned", mlp="gelu_tanh",
+                       attn_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True)
+
+
+def build_model(config, texts: dict, seed_dir: str, seed: int):
+  """(model, params, tokenizer): trained on the text (resumed), or read from a folder."""
+  if config.model.source == "hf":
+    model, variables, tokenizer, _ = hf.load(config.model.hf_folder)
+    if tokenizer is None:
+      raise FileNotFoundError(f"{config.model.hf_folder} has no tokenizer.json.")
+    return model, variables["params"], tokenizer
+  if config.model.source != "train":
+    raise ValueError(f"Unknown model.source {config.model.source!r}. Valid: train, hf.")
+  tokenizer = tok.word_tokenizer(texts["train"])
+  ids = tok.special_ids(tokenizer)
+  x, lengths = tok.encode_batch(tokenizer, texts["train"], bos_id=ids["bos"], eos_id=ids["eos"],
+                                pad_id=ids["pad"], max_len=config.data.max_len)
+  model = CausalLM(_model_config(config, tokenizer.get_vocab_size()))
+  t = config.train
+  cfg = lm_train.LMTrainConfig(steps=t.steps, batch_size=t.batch_size, lr=t.lr,
+                               warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+                               seed=seed, save_every=t.save_every)
+  params, _ = lm_train.train(model, x, lengths, cfg, os.path.join(seed_dir, FLOAT))
+  return model, params, tokenizer
+
+
+def calibration(config, texts: dict, tokenizer, seed: int) -> lm_quant.Calibration:
+  """The calibration sequences (a seeded sample of the training text) and pairs."""
+  ids = tok.special_ids(tokenizer)
+  kw = dict(bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"] or 0,
+            max_len=config.data.max_len)
+  rows = np.random.default_rng(seed).permutation(len(texts["train"]))
+  lines = [texts["train"][i] for i in rows[:config.quant.calib_sequences]]
+  tokens = gd.Tokens(*tok.encode_batch(tokenizer, lines, **kw))
+  source = config.quant.pair_source
+  if source == "calibration":
+    if texts["pairs"] is None:
+      raise ValueError("quant.pair_source=calibration needs data.calibration_pairs "
+                       "(a CrowS-Pairs-layout CSV).")
+    a_text, b_text = texts["pairs"].sent_more, texts["pairs"].sent_less
+    types = texts["pairs"].bias_type
+  elif source == "stereoset":
+    task = texts["stereoset"].tasks["intrasentence"]
+    a_text, b_text, types = task.sentences[:, 0], task.sentences[:, 1], task.bias_type
+  else:
+    raise ValueError(f"Unknown quant.pair_source {source!r}. Valid: calibration, stereoset.")
+  both = tok.encode_batch(tokenizer, list(a_text) + list(b_text), **kw)
+  n = len(a_text)
+  pairs = (gd.Tokens(both[0][:n], both[1][:n]), gd.Tokens(both[0][n:], both[1][n:]))
+  return lm_quant.Calibration(tokens, pairs, np.asarray(types))
+
+
+def _row(summary: dict, info: dict) -> dict:
+  """The figures a table shows, from one setting's summary."""
+  intra = summary["stereoset"].get("intrasentence", {}).get("overall", {})
+  row = dict(crows=summary["crows"]["overall"]["metric_score"],
+             ppl=summary["perplexity"]["perplexity"], ss=intra.get("ss", np.nan),
+             lms=intra.get("lms", np.nan), icat=intra.get("icat", np.nan),
+             avg_bits=info.get("avg_bits", 32.0))
+  for b in summary["crows"]["per_bias_type"]:
+    row[f"crows_{b}"] = summary["crows"]["per_bias_type"][b]["metric_score"]
+  if "change" in summary:
+    row.update(change=summary["change"]["overall"]["change"],
+               p=summary["change"]["overall"]["p_value"])
+  return row
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return _jsonable(np.asarray(x).tolist())
+  if isinstance(x, (np.floating, np.integer, np.bool_)):
+    return x.item()
+  return x
+
+
+def run_seed(config, root: str, seed: int) -> dict:
+  """Every setting of one seed (finished ones reused); setting -> table row."""
+  seed_dir = os.path.join(root, f"seed{seed}")
+  res_dir = os.path.join(seed_dir, "results")
+  os.makedirs(res_dir, exist_ok=True)
+  texts = load_texts(config, root)
+  model, params, tokenizer = build_model(config, texts, seed_dir, seed)
+  enc = lm_eval.encode(texts["crows"], texts["stereoset"], texts["heldout"], tokenizer,
+                       max_len=config.data.max_len)
+  kw = dict(num_samples=config.bootstrap, seed=seed)
+  fp_scores = lm_eval.score(model, {"params": params}, enc)
+  rows = {FLOAT: _row(lm_eval.summarize(fp_scores, texts["crows"], texts["stereoset"], **kw),
+                      {})}
+  calib = calibration(config, texts, tokenizer, seed)
+  for name in lm_quant.settings(config):
+    path = os.path.join(res_dir, name.replace(":", "_") + ".json")
+    if os.path.exists(path):
+      with open(path) as f:
+        rows[name] = json.load(f)["row"]
+      continue
+    qparams, records, info = lm_quant.quantize(name, model, params, calib, config,
+                                               model.config.n_layers)
+    summary = lm_eval.summarize(lm_eval.score(model, {"params": qparams}, enc), texts["crows"],
+                                texts["stereoset"], fp_scores, **kw)
+    rows[name] = _row(summary, info)
+    layers = {k: {f: v for f, v in r.items() if f not in ("codes", "scales")}
+              for k, r in records.items()}
+    with open(path + ".tmp", "w") as f:
+      json.dump(_jsonable(dict(row=rows[name], info=info, summary=summary, layers=layers)), f)
+    os.replace(path + ".tmp", path)
+  with open(os.path.join(seed_dir, "report.json"), "w") as f:
+    json.dump(_jsonable(rows), f, indent=1)
+  return rows
+
+
+def format_table(runs: dict[int, dict]) -> str:
+  """Mean +- std over seeds per setting; `sig` counts seeds with McNemar p < 0.05."""
+  seeds = sorted(runs)
+  head = (f"{'setting':18s} {'bits':>5s} {'CrowS score':>14s} {'change':>14s} {'sig':>4s} "
+          f"{'SS':>13s} {'ICAT':>13s} {'perplexity':>14s}")
+  lines = [f"Mean +- std over seeds {seeds} (SYNTHETIC data when data.kind=synthetic)", head]
+  ms = lambda key, name: (lambda v: f"{np.mean(v):6.2f} +- {np.std(v):4.2f}")(
+      [runs[s][name].get(key, np.nan) for s in seeds])
+  for name in runs[seeds[0]]:
+    r = runs[seeds[0]][name]
+    sig = (f"{sum(runs[s][name]['p'] < 0.05 for s in seeds)}/{len(seeds)}"
+           if "p" in r else "-")
+    change = ms("change", name) if "change" in r else "-"
+    lines.append(f"{name:18s} {r['avg_bits']:5.2f} {ms('crows', name):>14s} {change:>14s} "
+                 f"{sig:>4s} {ms('ss', name):>13s} {ms('icat', name):>13s} "
+                 f"{ms('ppl', name):>14s}")
+  return "\n".join(lines)
+
+
+def _define_flags() -> None:
+  config_flags.DEFINE_config_file("config", "configs/lm.py", "The study's config.")
+  flags.DEFINE_string("root", None, "The study's directory.", required=True)
+  flags.DEFINE_list("seeds", ["0"], "Model seeds.")
+
+
+def main(argv: Sequence[str]) -> None:
+  """Runs every seed, prints the table and writes ROOT/summary.json."""
+  del argv
+  host.tune_allocator()
+  experiment.quiet_logging()
+  f = flags.FLAGS
+  lm_quant.settings(f.config)  # bad bits, budgets or alphas fail before any work
+  runs = {int(s): run_seed(f.config, f.root, int(s)) for s in f.seeds}
+  with open(os.path.join(f.root, "summary.json"), "w") as fh:
+    json.dump(_jsonable(runs), fh, indent=1)
+  print(format_table(runs))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

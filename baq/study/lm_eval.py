@@ -1,0 +1,129 @@
+"""Scoring a causal LM on the bias benchmarks: CrowS-Pairs, StereoSet and perplexity.
+
+`encode` turns the benchmarks' sentences into token ids once per tokenizer;
+`score` runs one model over them (log-likelihoods only, no statistics);
+`summarize` turns scores into the reported metrics
+(`baq.fairness.stereotype`), and, given the full-precision model's scores on
+the same sentences, the paired change of the stereotype score with its
+McNemar test and bootstrap interval.
+
+Conventions: a CrowS-Pairs sentence scores its summed log-likelihood
+log p(w_1..w_n | <bos>) (the causal-LM form of the metric; the pair differs
+in a word or two, so lengths match closely). A StereoSet candidate scores
+its mean per-token log-probability given its prefix (empty for
+intrasentence, the context for intersentence), as the official generative
+evaluation normalises by length. Perplexity is over the held-out text's
+tokens after <bos>, <eos> included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import numpy as np
+
+from baq.data.text import tokenizer as tok
+from baq.fairness import stereotype
+from baq.models.lm import scoring
+
+
+@dataclasses.dataclass
+class Encoded:
+  """Token ids of every benchmark sentence (right padded).
+
+  Attributes:
+    crows: (ids, lengths) of sent_more rows then sent_less rows ([2n, t]).
+    stereoset: task -> (ids [3m, t], lengths, prefix lengths [3m]), candidates
+      row-major (example, candidate).
+    heldout: (ids, lengths) of the held-out sentences.
+  """
+  crows: tuple
+  stereoset: dict
+  heldout: tuple
+
+
+def _ids(tokenizer, sentences, ids: dict, max_len: Optional[int]):
+  return tok.encode_batch(tokenizer, list(sentences), bos_id=ids["bos"], eos_id=ids["eos"],
+                          pad_id=ids["pad"] or 0, max_len=max_len)
+
+
+def encode(crows, stereoset, heldout, tokenizer, *, max_len: Optional[int] = None) -> Encoded:
+  """Encodes CrowS-Pairs (`CrowsPairs`), StereoSet (`StereoSet` or None) and held-out text.
+
+  The tokenizer needs a beginning-of-sequence token (every sentence is
+  scored after it): `<bos>` for baq's word tokenizer, `<|endoftext|>` for
+  GPT-2's.
+  """
+  ids = tok.special_ids(tokenizer)
+  if ids["bos"] is None:
+    raise ValueError("The tokenizer has no beginning-of-sequence token (<bos>, <s> or "
+                     "<|endoftext|>); every sentence is scored after one.")
+  crows_ids = _ids(tokenizer, list(crows.sent_more) + list(crows.sent_less), ids, max_len)
+  sets = {}
+  for name, task in ({} if stereoset is None else stereoset.tasks).items():
+    prefix, text = task.scoring_inputs()
+    full = [f"{p} {t}".strip() for p, t in zip(prefix.ravel(), text.ravel())]
+    # The prefix's tokens (with <bos>): the candidate starts after them.
+    no_eos = dict(ids, eos=None)
+    _, plen = _ids(tokenizer, [p if p else "" for p in prefix.ravel()], no_eos, max_len)
+    sets[name] = _ids(tokenizer, full, ids, max_len) + (plen,)
+  return Encoded(crows_ids, sets, _ids(tokenizer, heldout, ids, max_len))
+
+
+def score(model, variables: Any, enc: Encoded, batch_size: int = 256) -> dict:
+  """Log-likelihoods of one model on every encoded sentence.
+
+  Returns:
+    dict(ll_more [n], ll_less [n], stereoset {task: [m, 3] mean per-token
+    log-probabilities}, heldout_nll [k, t-1], heldout_mask [k, t-1]).
+  """
+  lp = lambda ids, lengths: np.asarray(scoring.token_log_probs(
+      model, variables, ids, lengths, batch_size=batch_size), np.float64)
+  ids, lengths = enc.crows
+  ll = lp(ids, lengths).sum(1)
+  n = len(ll) // 2
+  out = {"ll_more": ll[:n], "ll_less": ll[n:], "stereoset": {}}
+  for name, (ids, lengths, plen) in enc.stereoset.items():
+    t = lp(ids, lengths)  # [3m, t-1]: token j's log-probability at column j - 1
+    col = np.arange(1, ids.shape[1])[None, :]
+    cand = (col >= plen[:, None]) & (col < lengths[:, None])
+    mean = (t * cand).sum(1) / np.maximum(cand.sum(1), 1)
+    out["stereoset"][name] = mean.reshape(-1, 3)
+  ids, lengths = enc.heldout
+  out["heldout_nll"] = -lp(ids, lengths)
+  out["heldout_mask"] = np.arange(1, ids.shape[1])[None, :] < lengths[:, None]
+  return out
+
+
+def summarize(scores: dict, crows, stereoset, float_scores: Optional[dict] = None, *,
+              num_samples: int = 1000, seed: int = 0) -> dict:
+  """The metrics of one model (and its paired change from full precision).
+
+  Args:
+    scores: `score` output.
+    crows: the `CrowsPairs` scored.
+    stereoset: the `StereoSet` scored, or None.
+    float_scores: the full-precision model's `score` output on the same
+      sentences, for the paired change; None for the float model itself.
+    num_samples: bootstrap replicates.
+    seed: bootstrap seed.
+
+  Returns:
+    dict(crows, stereoset {task: ...}, perplexity[, change]).
+  """
+  kw = dict(num_samples=num_samples, seed=seed)
+  out = {"crows": stereotype.crows_pairs_score(scores["ll_more"], scores["ll_less"],
+                                               crows.direction, crows.bias_type, **kw),
+         "perplexity": stereotype.perplexity(scores["heldout_nll"], scores["heldout_mask"],
+                                             **kw),
+         "stereoset": {}}
+  for name, ll in scores["stereoset"].items():
+    task = stereoset.tasks[name]
+    out["stereoset"][name] = stereotype.stereoset_scores(ll, task.bias_type, target=task.target,
+                                                         **kw)
+  if float_scores is not None:
+    pref = lambda s: stereotype.crows_pairs_preference(s["ll_more"], s["ll_less"])[0]
+    out["change"] = stereotype.paired_stereotype_change(pref(scores), pref(float_scores),
+                                                        crows.bias_type, **kw)
+  return out

@@ -1,0 +1,92 @@
+"""The language-model study: GPTQ, Fair-GPTQ and fairness-aware mixed precision.
+
+The embedded default (SYNTHETIC data, offline, minutes on 2 CPU cores):
+
+  python -m baq.study.lm --config=configs/lm.py --root=/tmp/baq_lm --seeds=0,1,2
+
+A seeded templated corpus with a controlled occupation-group association
+(`baq.data.text.synthetic`), a word-level tokenizer and a small GPT-2-style
+model trained in the run; then, per seed, round-to-nearest, GPTQ and
+Fair-GPTQ at each of `quant.bits` (Fair-GPTQ at each of `quant.alphas`), and
+the group-aware mixed-precision allocation at each of `quant.budgets`,
+scored on the synthetic CrowS-Pairs and StereoSet sets and held-out
+perplexity, with paired tests against the full-precision model.
+
+A local Hugging Face checkpoint and the real benchmark files instead:
+
+  python -m baq.study.lm --config=configs/lm.py:hf --root=/tmp/baq_lm_opt \\
+    --config.model.hf_folder=/models/opt-125m \\
+    --config.data.crows_pairs=/data/crows_pairs_anonymized.csv \\
+    --config.data.stereoset=/data/stereoset/dev.json \\
+    --config.data.heldout=/data/wikitext2_test.txt --config.data.calibration=/data/c4_sample.txt
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  """`arg`: None for the embedded synthetic default, "hf" for a local checkpoint,
+  "tiny" for the tests' seconds-long version of the default."""
+  if arg not in (None, "hf", "tiny"):
+    raise ValueError(f"Unknown configs/lm.py argument {arg!r}. Valid: hf, tiny.")
+  c = ml_collections.ConfigDict()
+  c.data = ml_collections.ConfigDict()
+  # "synthetic": generated and written to ROOT/data; "files": the paths below.
+  c.data.kind = "synthetic" if arg != "hf" else "files"
+  c.data.seed = 0                 # the corpus seed (the same corpus for every model seed)
+  c.data.association = 0.85       # P(stereotyped group word) in the synthetic corpus
+  c.data.num_train = 20000        # synthetic training sentences
+  c.data.num_heldout = 2000       # synthetic held-out sentences (perplexity)
+  c.data.crows_pairs = ""         # crows_pairs_anonymized.csv ("files")
+  c.data.stereoset = ""           # StereoSet dev.json ("files"; empty: not scored)
+  c.data.heldout = ""             # held-out text, one sentence or line per row ("files")
+  c.data.calibration = ""         # calibration text ("files"; empty: the held-out text)
+  c.data.calibration_pairs = ""   # CrowS-Pairs-layout pairs for calibration ("files")
+  c.data.max_len = 32             # tokens per sequence (longer ones are cut)
+
+  c.model = ml_collections.ConfigDict()
+  # "train": a GPT-2-style model of the fields below, trained on the corpus;
+  # "hf": a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json).
+  c.model.source = "train" if arg != "hf" else "hf"
+  c.model.hf_folder = ""
+  c.model.d_model = 64            # multiples of 32, so GPTQ checkpoints can pack them
+  c.model.n_layers = 2
+  c.model.n_heads = 4
+  c.model.d_ff = 256
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 600
+  c.train.batch_size = 64
+  c.train.lr = 3e-3
+  c.train.warmup_steps = 50
+  c.train.weight_decay = 0.01
+  c.train.save_every = 200
+
+  c.quant = ml_collections.ConfigDict()
+  c.quant.bits = "3,4"              # uniform bit-widths of RTN, GPTQ and Fair-GPTQ
+  c.quant.alphas = "0.1,1,10"       # Fair-GPTQ's pair weights (the reference default is 0.1)
+  c.quant.budgets = "3.0,4.0"       # average-bit budgets of the mixed-precision allocation
+  c.quant.choices = "2,3,4,8"       # bit-widths a GPTQ checkpoint holds
+  c.quant.measure = "loss"          # layer importance (baq.allocation.importance.MEASURES)
+  c.quant.reducer = "max"           # across groups (the LM loss and each bias type's pair loss)
+  c.quant.mixed_alpha = 0.0         # the mixed allocation's GPTQ: 0 plain, > 0 Fair-GPTQ
+  c.quant.group_size = None         # GPTQ group size (None: per output channel)
+  c.quant.act_order = False
+  c.quant.calib_sequences = 256     # calibration sequences (from the training text)
+  c.quant.pair_rows = "common"      # Fair-GPTQ pair alignment (gptq_decoder.PAIR_ROWS)
+  c.quant.pair_norm = "pairs"       # Fair-GPTQ pair normaliser (gptq_decoder.PAIR_NORMS)
+  # The Fair-GPTQ pairs and the importance's pair losses: "calibration" reads
+  # data.calibration_pairs (the synthetic data's pairs from training
+  # combinations, disjoint from the evaluation sets); "stereoset" uses
+  # StereoSet's intrasentence stereotype / anti-stereotype candidates, as
+  # the reference calibrates (they then overlap a StereoSet evaluation).
+  c.quant.pair_source = "calibration" if arg != "hf" else "stereoset"
+  c.export = ""                     # "gptq": a GPTQ-format checkpoint per quantized setting
+  c.bootstrap = 1000                # bootstrap replicates of every interval
+  if arg == "tiny":  # seconds on 2 CPU cores: a smoke run of every setting kind
+    c.data.num_train, c.data.num_heldout = 3000, 200
+    c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.d_ff = 32, 1, 2, 64
+    c.train.steps, c.train.warmup_steps, c.train.save_every = 60, 5, 30
+    c.quant.bits, c.quant.alphas, c.quant.budgets = "4", "1", "3.0"
+    c.quant.calib_sequences, c.bootstrap = 32, 50
+  return c

@@ -1,0 +1,87 @@
+"""The LM bias study end to end on the tiny config, its scoring and its refusals."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from baq.data.text import crows_pairs, tokenizer as tok
+from baq.models.lm.decoder import CausalLM, DecoderConfig
+from baq.study import lm as study, lm_eval, lm_quant
+from configs import lm as lm_config
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("lm"))
+  c = lm_config.get_config("tiny")
+  return root, c, study.run_seed(c, root, 0)
+
+
+def test_every_setting_is_scored_and_kept(finished):
+  root, c, rows = finished
+  assert list(rows) == ["fp32", "rtn@4", "gptq@4", "fair_gptq@4:a1", "mixed@3"]
+  for name, row in rows.items():
+    assert 0 <= row["crows"] <= 100 and row["ppl"] > 1
+    assert ("change" in row) == (name != "fp32")
+    if name != "fp32":
+      assert np.isclose(row["change"], row["crows"] - rows["fp32"]["crows"])
+  assert rows["mixed@3"]["avg_bits"] <= 3.0 and rows["gptq@4"]["avg_bits"] == 4.0
+  with open(os.path.join(root, "seed0", "results", "mixed@3.json")) as f:
+    saved = json.load(f)
+  bits = saved["info"]["bits"]
+  assert set(bits.values()) <= {2, 3, 4, 8} and saved["info"]["groups"] == ["lm", "age", "gender"]
+  assert all(saved["layers"][k]["bits"] == b for k, b in bits.items())
+  assert "pair_err" in json.load(open(os.path.join(
+      root, "seed0", "results", "fair_gptq@4_a1.json")))["layers"]["block_0/attn/q_proj"]
+
+
+def test_a_finished_seed_is_reused_not_recomputed(finished, monkeypatch):
+  root, c, rows = finished
+  monkeypatch.setattr(lm_quant, "quantize", lambda *a, **k: pytest.fail("recomputed"))
+  again = study.run_seed(c, root, 0)
+  assert again == json.loads(json.dumps(rows))
+  table = study.format_table({0: again})
+  assert "fair_gptq@4:a1" in table and "SYNTHETIC" in table
+
+
+def test_scores_are_the_models_log_likelihoods(tmp_path):
+  sentences = ["the nurse said that she would be late .", "the pilot walked to the bank ."]
+  t = tok.word_tokenizer(sentences)
+  model = CausalLM(DecoderConfig(vocab_size=t.get_vocab_size(), d_model=16, n_layers=1,
+                                 n_heads=2, d_ff=32, max_len=32, norm="layernorm",
+                                 norm_eps=1e-5, positions="learned", mlp="gelu_tanh",
+                                 tie_embeddings=True))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  path = tmp_path / "pairs.csv"
+  path.write_text(",sent_more,sent_less,stereo_antistereo,bias_type\n"
+                  f"0,{sentences[0]},the nurse said that he would be late .,stereo,gender\n")
+  pairs = crows_pairs.load_crows_pairs(str(path))
+  enc = lm_eval.encode(pairs, None, sentences, t)
+  s = lm_eval.score(model, params, enc)
+  ids = tok.special_ids(t)
+  x, n = tok.encode_batch(t, [sentences[0]], bos_id=ids["bos"], eos_id=ids["eos"])
+  logp = jax.nn.log_softmax(model.apply(params, jnp.asarray(x))[0, :-1])
+  want = float(sum(logp[j - 1, x[0, j]] for j in range(1, n[0])))
+  np.testing.assert_allclose(s["ll_more"][0], want, rtol=1e-5)
+  assert s["heldout_mask"].sum() == sum(len(z.split()) + 1 for z in sentences)
+
+
+def test_bad_settings_are_refused_before_any_work():
+  c = lm_config.get_config("tiny")
+  c.quant.budgets = "9"
+  with pytest.raises(ValueError, match=r"outside the allowed bits \[2, 8\]"):
+    lm_quant.settings(c)
+  c = lm_config.get_config("tiny")
+  c.quant.choices = "2,5"
+  with pytest.raises(ValueError, match="cannot be held by a GPTQ checkpoint"):
+    lm_quant.settings(c)
+  c = lm_config.get_config("tiny")
+  c.quant.alphas = "-1"
+  with pytest.raises(ValueError, match="alpha"):
+    lm_quant.settings(c)
+  with pytest.raises(ValueError, match="Valid: hf, tiny"):
+    lm_config.get_config("huge")
