@@ -41,6 +41,11 @@ HF = {
 # (family, group_size, checkpoint_format): every family, with and without groups.
 CASES = [("gpt2", None, "gptq"), ("gpt2", 32, "gptq"), ("opt", None, "gptq_v2"),
          ("llama", 32, "gptq")]
+# One module of each family and the baq layers it holds.
+EXAMPLES = {"gpt2": ("transformer.h.0.attn.c_attn",
+                     ("block_0/attn/q_proj", "block_0/attn/k_proj", "block_0/attn/v_proj")),
+            "opt": ("model.decoder.layers.1.self_attn.out_proj", ("block_1/attn/o_proj",)),
+            "llama": ("model.layers.1.mlp.gate_proj", ("block_1/mlp/gate_proj",))}
 IDS = np.random.default_rng(0).integers(0, V, (4, 12)).astype(np.int32)
 CALIB = gd.Tokens(IDS, np.array([12, 12, 9, 7], np.int32))
 
@@ -62,6 +67,23 @@ def _tokenizer():
   tok = Tokenizer(tok_models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   return tok
+
+
+@pytest.mark.parametrize("family", list(HF))
+def test_hf_modules_are_the_from_params_weights(family):
+  """Each module's weight is its layers' kernels side by side, in the family's layout,
+  and every quantizable layer is in exactly one module."""
+  fam, cfg, _, params = _model(family)
+  modules, sd = fam.hf_modules(cfg), fam.from_params(params, cfg)
+  paths = [p for ps in modules.values() for p in ps]
+  assert sorted(paths) == sorted(gd.quantizable_layers(params, cfg.n_layers))
+  assert len(modules) == cfg.n_layers * {"gpt2": 4, "opt": 6}.get(family, 7)
+  for module, ps in modules.items():
+    kernel = _leaves(params, ps)
+    np.testing.assert_array_equal(sd[f"{module}.weight"], kernel if fam.hf_conv1d else kernel.T)
+  assert fam.hf_conv1d == (family == "gpt2")
+  module, layers = EXAMPLES[family]
+  assert modules[module] == layers
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-g{c[1]}-{c[2]}")
