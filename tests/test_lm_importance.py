@@ -77,3 +77,13 @@ def test_the_exact_allocator_meets_the_budget_on_the_analysis():
   assert (a.numel * bits).sum() / a.numel.sum() <= 3.0 + 1e-9
   with pytest.raises(ValueError, match="No kernel"):
     lm_importance.analyse(group_loss, params, ["block_1/attn/q_proj"], measure="loss")
+
+
+def test_tied_layers_become_one_unit_with_summed_costs():
+  params, group_loss = _problem()
+  a = lm_importance.analyse(group_loss, params, LAYERS, measure="loss", choices=(2, 4, 8))
+  t = lm_importance.tie(a, [tuple(LAYERS)])
+  assert t.units == ["+".join(LAYERS)] and t.numel.tolist() == [72]
+  np.testing.assert_allclose(t.sensitivity[:, 0], a.sensitivity.sum(1))
+  untied = lm_importance.tie(a, [("block_0/attn/q_proj",)])
+  assert untied.units == LAYERS

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from baq.data.text import crows_pairs, tokenizer as tok
+from baq.export import gptq_lm
 from baq.models.lm.decoder import CausalLM, DecoderConfig
 from baq.study import lm as study, lm_eval, lm_quant
 from configs import lm as lm_config
@@ -18,6 +19,7 @@ from configs import lm as lm_config
 def finished(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("lm"))
   c = lm_config.get_config("tiny")
+  c.export = "gptq"
   return root, c, study.run_seed(c, root, 0)
 
 
@@ -35,8 +37,36 @@ def test_every_setting_is_scored_and_kept(finished):
   bits = saved["info"]["bits"]
   assert set(bits.values()) <= {2, 3, 4, 8} and saved["info"]["groups"] == ["lm", "age", "gender"]
   assert all(saved["layers"][k]["bits"] == b for k, b in bits.items())
+  # GPT-2 fuses q, k and v into c_attn: one unit, one bit-width.
+  assert len({bits[f"block_0/attn/{p}_proj"] for p in "qkv"}) == 1
+  assert "block_0/attn/q_proj+block_0/attn/k_proj+block_0/attn/v_proj" in saved["info"]["units"]
   assert "pair_err" in json.load(open(os.path.join(
       root, "seed0", "results", "fair_gptq@4_a1.json")))["layers"]["block_0/attn/q_proj"]
+
+
+def test_each_setting_is_exported_as_a_gptq_checkpoint_that_loads_back(finished):
+  root, c, rows = finished
+  folder = os.path.join(root, "seed0", "gptq", "mixed@3")
+  with open(os.path.join(folder, "quantize_config.json")) as f:
+    qcfg = json.load(f)
+  assert qcfg["quant_method"] == "gptq" and qcfg["sym"]
+  model, variables, tokenizer, family = gptq_lm.load_gptq(folder)
+  assert family == "gpt2" and tokenizer.get_vocab_size() == model.config.vocab_size
+  x = jnp.asarray(tokenizer.encode("<bos> the nurse said that she would be late .").ids)[None]
+  logits = model.apply(variables, x)
+  assert np.isfinite(np.asarray(logits)).all()
+  # The exported weights are the quantized model's: a fresh quantization of the same
+  # setting gives the same logits up to float16 scales.
+  texts = study.load_texts(c, root)
+  built = study.build_model(c, texts, os.path.join(root, "seed0"), 0)
+  calib = study.calibration(c, texts, built["tokenizer"], 0)
+  fam = study.LM_FAMILIES.get("gpt2")
+  q, _, _ = lm_quant.quantize("mixed@3", built["model"], built["params"], calib, c, 1,
+                              list(fam.hf_modules(built["model"].config).values()))
+  want = built["model"].apply({"params": q}, x)
+  float_logits = built["model"].apply({"params": built["params"]}, x)
+  gap = np.abs(np.asarray(logits) - np.asarray(want)).max()
+  assert gap < 0.1 * np.abs(np.asarray(float_logits) - np.asarray(want)).max() + 1e-3
 
 
 def test_a_finished_seed_is_reused_not_recomputed(finished, monkeypatch):

@@ -105,3 +105,37 @@ def analyse(group_loss: GroupLoss, params: Any, layers: Sequence[str], *,
   return planner.Analysis(list(layers), np.asarray([kernels[l].size for l in layers]),
                           choices, np.concatenate(imps, 1), np.concatenate(sens, 1),
                           counts, measure)
+
+
+def tie(analysis: planner.Analysis, modules: Sequence[Sequence[str]]) -> planner.Analysis:
+  """Merges layers that must share one bit-width into one unit each.
+
+  A checkpoint module made of several baq layers (GPT-2's c_attn holds q, k
+  and v) carries one bit-width, so its layers are one allocation unit: their
+  weights and their per-group costs add up.
+
+  Args:
+    analysis: per-layer `analyse` output.
+    modules: the layer tuples of each module (`LMFamily.hf_modules(cfg).values()`);
+      layers in no tuple stay units of their own.
+
+  Returns:
+    An Analysis whose units are "+"-joined layer names, in first-layer order.
+  """
+  index = {u: i for i, u in enumerate(analysis.units)}
+  owner = {}
+  for members in modules:
+    for l in members:
+      owner[l] = tuple(members)
+  groups, seen = [], set()
+  for u in analysis.units:
+    g = tuple(m for m in owner.get(u, (u,)) if m in index)
+    if g not in seen:
+      seen.add(g)
+      groups.append(g)
+  cols = [[index[m] for m in g] for g in groups]
+  return planner.Analysis(
+      ["+".join(g) for g in groups], np.asarray([analysis.numel[c].sum() for c in cols]),
+      analysis.choices, np.stack([analysis.importance[:, c].sum(1) for c in cols], 1),
+      np.stack([analysis.sensitivity[:, c].sum(1) for c in cols], 1),
+      analysis.group_counts, analysis.measure)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Sequence
 
 from absl import app, flags
@@ -27,8 +28,9 @@ from ml_collections import config_flags
 
 from baq import host
 from baq.data.text import crows_pairs, stereoset as stereoset_data, synthetic, tokenizer as tok
-from baq.models.lm import hf
-from baq.models.lm.decoder import CausalLM, DecoderConfig
+from baq.export import gptq_lm
+from baq.models.lm import LM_FAMILIES, hf
+from baq.models.lm.decoder import CausalLM
 from baq.quant import gptq_decoder as gd
 from baq.study import lm_eval, lm_quant
 from baq.train import experiment, lm as lm_train
@@ -71,34 +73,42 @@ def load_texts(config, root: str) -> dict:
   return out
 
 
-def _model_config(config, vocab: int) -> DecoderConfig:
+def gpt2_config(config, vocab: int) -> dict:
+  """The config.json of the trained model: a GPT-2 of the config's size (so it exports)."""
   m = config.model
-  return DecoderConfig(vocab_size=vocab, d_model=m.d_model, n_layers=m.n_layers,
-                       n_heads=m.n_heads, d_ff=m.d_ff, max_len=config.data.max_len,
-                       norm="layernorm", norm_eps=1e-5, positions="learned", mlp="gelu_tanh",
-                       attn_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True)
+  return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab,
+          "n_embd": m.d_model, "n_layer": m.n_layers, "n_head": m.n_heads, "n_inner": m.d_ff,
+          "n_positions": config.data.max_len, "layer_norm_epsilon": 1e-5,
+          "activation_function": "gelu_new", "tie_word_embeddings": True}
 
 
-def build_model(config, texts: dict, seed_dir: str, seed: int):
-  """(model, params, tokenizer): trained on the text (resumed), or read from a folder."""
+def build_model(config, texts: dict, seed_dir: str, seed: int) -> dict:
+  """The float model, trained on the text (resumed) or read from a folder.
+
+  Returns:
+    dict(model, params, tokenizer, family, hf_config).
+  """
   if config.model.source == "hf":
-    model, variables, tokenizer, _ = hf.load(config.model.hf_folder)
+    model, variables, tokenizer, family = hf.load(config.model.hf_folder)
     if tokenizer is None:
       raise FileNotFoundError(f"{config.model.hf_folder} has no tokenizer.json.")
-    return model, variables["params"], tokenizer
+    return dict(model=model, params=variables["params"], tokenizer=tokenizer, family=family,
+                hf_config=hf.read_folder(config.model.hf_folder)[0])
   if config.model.source != "train":
     raise ValueError(f"Unknown model.source {config.model.source!r}. Valid: train, hf.")
   tokenizer = tok.word_tokenizer(texts["train"])
   ids = tok.special_ids(tokenizer)
   x, lengths = tok.encode_batch(tokenizer, texts["train"], bos_id=ids["bos"], eos_id=ids["eos"],
                                 pad_id=ids["pad"], max_len=config.data.max_len)
-  model = CausalLM(_model_config(config, tokenizer.get_vocab_size()))
+  hf_config = gpt2_config(config, tokenizer.get_vocab_size())
+  model = CausalLM(LM_FAMILIES.get("gpt2").config_from_hf(hf_config))
   t = config.train
   cfg = lm_train.LMTrainConfig(steps=t.steps, batch_size=t.batch_size, lr=t.lr,
                                warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
                                seed=seed, save_every=t.save_every)
   params, _ = lm_train.train(model, x, lengths, cfg, os.path.join(seed_dir, FLOAT))
-  return model, params, tokenizer
+  return dict(model=model, params=params, tokenizer=tokenizer, family="gpt2",
+              hf_config=hf_config)
 
 
 def calibration(config, texts: dict, tokenizer, seed: int) -> lm_quant.Calibration:
@@ -160,7 +170,10 @@ def run_seed(config, root: str, seed: int) -> dict:
   res_dir = os.path.join(seed_dir, "results")
   os.makedirs(res_dir, exist_ok=True)
   texts = load_texts(config, root)
-  model, params, tokenizer = build_model(config, texts, seed_dir, seed)
+  built = build_model(config, texts, seed_dir, seed)
+  model, params, tokenizer = built["model"], built["params"], built["tokenizer"]
+  family = LM_FAMILIES.get(built["family"])
+  modules = list(family.hf_modules(model.config).values()) if family.hf_modules else []
   enc = lm_eval.encode(texts["crows"], texts["stereoset"], texts["heldout"], tokenizer,
                        max_len=config.data.max_len)
   kw = dict(num_samples=config.bootstrap, seed=seed)
@@ -175,10 +188,20 @@ def run_seed(config, root: str, seed: int) -> dict:
         rows[name] = json.load(f)["row"]
       continue
     qparams, records, info = lm_quant.quantize(name, model, params, calib, config,
-                                               model.config.n_layers)
+                                               model.config.n_layers, modules)
     summary = lm_eval.summarize(lm_eval.score(model, {"params": qparams}, enc), texts["crows"],
                                 texts["stereoset"], fp_scores, **kw)
     rows[name] = _row(summary, info)
+    if config.export == "gptq":
+      out = os.path.join(seed_dir, "gptq", name.replace(":", "_"))
+      if os.path.isdir(out):
+        shutil.rmtree(out)  # a partial export of an interrupted run
+      gptq_lm.export_gptq(out, family, model.config, params, qparams, records,
+                          built["hf_config"], group_size=config.quant.group_size,
+                          tokenizer=tokenizer)
+      info["export"] = out
+    elif config.export:
+      raise ValueError(f"Unknown export {config.export!r}. Valid: gptq, or empty.")
     layers = {k: {f: v for f, v in r.items() if f not in ("codes", "scales")}
               for k, r in records.items()}
     with open(path + ".tmp", "w") as f:

@@ -97,32 +97,40 @@ def group_loss_fn(model, calib: Calibration, max_sequences: int = 64):
   return fn, ["lm"] + types
 
 
-def allocation(model, params, calib: Calibration, config, budget: float, n_layers: int):
-  """Per-layer bits at `budget` from the group-aware importance, and the analysis."""
+def allocation(model, params, calib: Calibration, config, budget: float, n_layers: int,
+               modules=()):
+  """Per-layer bits at `budget` from the group-aware importance, and what it used.
+
+  Layers of one checkpoint module (`modules`: tuples of layers, e.g. GPT-2's
+  fused q/k/v) are one unit with one bit-width.
+  """
   q = config.quant
   layers = gd.quantizable_layers(params, n_layers)
   loss, groups = group_loss_fn(model, calib)
   analysis = lm_importance.analyse(loss, params, layers, measure=q.measure,
                                    choices=[int(c) for c in _floats(q.choices)],
                                    group_size=q.group_size)
-  bits = planner.allocate(analysis, budget, reducer=q.reducer)
+  units = lm_importance.tie(analysis, modules)
+  unit_bits = planner.allocate(units, budget, reducer=q.reducer)
+  per_layer = {l: int(b) for u, b in zip(units.units, unit_bits) for l in u.split("+")}
+  bits = np.asarray([per_layer[l] for l in layers])
   numel = analysis.numel
-  info = dict(groups=groups, bits={l: int(b) for l, b in zip(layers, bits)},
+  info = dict(groups=groups, bits=per_layer, units=units.units,
               avg_bits=float((numel * bits).sum() / numel.sum()))
   assert info["avg_bits"] <= budget + 1e-9, "the allocator exceeded the budget"
   return info["bits"], info
 
 
 def quantize(name: str, model, params: Any, calib: Calibration, config,
-             n_layers: int) -> tuple[Any, dict, dict]:
-  """Runs one setting; (params, per-layer records, info)."""
+             n_layers: int, modules=()) -> tuple[Any, dict, dict]:
+  """Runs one setting; (params, per-layer records, info). `modules`: see `allocation`."""
   method, _, rest = name.partition("@")
   level, _, alpha = rest.partition(":a")
   q = config.quant
   alpha = float(alpha) if alpha else (float(q.mixed_alpha) if method == "mixed" else 0.0)
   info = dict(method=method, alpha=alpha)
   if method == "mixed":
-    bits, alloc = allocation(model, params, calib, config, float(level), n_layers)
+    bits, alloc = allocation(model, params, calib, config, float(level), n_layers, modules)
     info.update(alloc)
   else:
     bits = int(float(level))

@@ -85,14 +85,15 @@ def format_summary(runs: dict[int, dict], seeds: Sequence[int]) -> str:
   Returns:
     The table, a heading line first.
   """
+  width = max([16] + [len(n) + 1 for n in runs[seeds[0]]])
   lines = [f"Mean +- std over seeds {list(seeds)} (test split, percent; bits unscaled)",
-           f"{'method':16s}" + "".join(f"{k:>24s}" for k in KEYS)]
+           f"{'method':{width}s}" + "".join(f"{k:>24s}" for k in KEYS)]
   for name in runs[seeds[0]]:
     cells = []
     for k in KEYS:
       v = np.array([runs[s][name][k] for s in seeds]) * (1 if k == "avg_bits" else 100)
       cells.append(f"{v.mean():>15.2f} +- {v.std():5.2f}")
-    lines.append(f"{name:16s}" + "".join(cells))
+    lines.append(f"{name:{width}s}" + "".join(cells))
   return "\n".join(lines)
 
 
