@@ -63,7 +63,7 @@ def get_config(arg=None):
   c.train.save_every = 200
 
   c.quant = ml_collections.ConfigDict()
-  c.quant.bits = "3,4"              # uniform bit-widths of RTN, GPTQ and Fair-GPTQ
+  c.quant.bits = "2,3,4"            # uniform bit-widths of RTN, GPTQ and Fair-GPTQ
   c.quant.alphas = "0.1,1,10"       # Fair-GPTQ's pair weights (the reference default is 0.1)
   c.quant.budgets = "3.0,4.0"       # average-bit budgets of the mixed-precision allocation
   c.quant.choices = "2,3,4,8"       # bit-widths a GPTQ checkpoint holds

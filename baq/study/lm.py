@@ -143,12 +143,14 @@ def _row(summary: dict, info: dict) -> dict:
   row = dict(crows=summary["crows"]["overall"]["metric_score"],
              ppl=summary["perplexity"]["perplexity"], ss=intra.get("ss", np.nan),
              lms=intra.get("lms", np.nan), icat=intra.get("icat", np.nan),
-             avg_bits=info.get("avg_bits", 32.0))
+             avg_bits=info.get("avg_bits", 32.0), gap=summary["gap"]["mean"])
   for b in summary["crows"]["per_bias_type"]:
     row[f"crows_{b}"] = summary["crows"]["per_bias_type"][b]["metric_score"]
   if "change" in summary:
     row.update(change=summary["change"]["overall"]["change"],
-               p=summary["change"]["overall"]["p_value"])
+               p=summary["change"]["overall"]["p_value"],
+               gap_change=summary["gap_change"]["change"],
+               gap_p=summary["gap_change"]["p_wilcoxon"])
   return row
 
 
@@ -213,21 +215,34 @@ def run_seed(config, root: str, seed: int) -> dict:
 
 
 def format_table(runs: dict[int, dict]) -> str:
-  """Mean +- std over seeds per setting; `sig` counts seeds with McNemar p < 0.05."""
+  """Mean +- std over seeds per setting.
+
+  `sig` counts the seeds whose exact McNemar test of the score change rejects
+  at 0.05; `gap` is the mean stereotype gap ll(sent_more) - ll(sent_less) in
+  nats, and `gsig` the seeds whose Wilcoxon test of its change rejects.
+  """
   seeds = sorted(runs)
-  head = (f"{'setting':18s} {'bits':>5s} {'CrowS score':>14s} {'change':>14s} {'sig':>4s} "
-          f"{'SS':>13s} {'ICAT':>13s} {'perplexity':>14s}")
+  cols = ("CrowS score", "change", "sig", "gap", "gap change", "gsig", "SS", "ICAT",
+          "perplexity")
+  widths = (14, 14, 4, 15, 15, 4, 13, 13, 15)
+  head = f"{'setting':18s} {'bits':>5s}" + "".join(f" {c:>{w}s}" for c, w in zip(cols, widths))
   lines = [f"Mean +- std over seeds {seeds} (SYNTHETIC data when data.kind=synthetic)", head]
-  ms = lambda key, name: (lambda v: f"{np.mean(v):6.2f} +- {np.std(v):4.2f}")(
-      [runs[s][name].get(key, np.nan) for s in seeds])
+
+  def ms(key, name, digits=2):
+    v = [runs[s][name].get(key, np.nan) for s in seeds]
+    return "-" if np.isnan(v).all() else f"{np.mean(v):6.{digits}f} +- {np.std(v):4.{digits}f}"
+
+  def sig(key, name):
+    if key not in runs[seeds[0]][name]:
+      return "-"
+    return f"{sum(runs[s][name][key] < 0.05 for s in seeds)}/{len(seeds)}"
+
   for name in runs[seeds[0]]:
-    r = runs[seeds[0]][name]
-    sig = (f"{sum(runs[s][name]['p'] < 0.05 for s in seeds)}/{len(seeds)}"
-           if "p" in r else "-")
-    change = ms("change", name) if "change" in r else "-"
-    lines.append(f"{name:18s} {r['avg_bits']:5.2f} {ms('crows', name):>14s} {change:>14s} "
-                 f"{sig:>4s} {ms('ss', name):>13s} {ms('icat', name):>13s} "
-                 f"{ms('ppl', name):>14s}")
+    cells = (ms("crows", name), ms("change", name), sig("p", name), ms("gap", name, 3),
+             ms("gap_change", name, 3), sig("gap_p", name), ms("ss", name), ms("icat", name),
+             ms("ppl", name, 3))
+    lines.append(f"{name:18s} {runs[seeds[0]][name]['avg_bits']:5.2f}"
+                 + "".join(f" {c:>{w}s}" for c, w in zip(cells, widths)))
   return "\n".join(lines)
 
 

@@ -122,8 +122,27 @@ def summarize(scores: dict, crows, stereoset, float_scores: Optional[dict] = Non
     task = stereoset.tasks[name]
     out["stereoset"][name] = stereotype.stereoset_scores(ll, task.bias_type, target=task.target,
                                                          **kw)
+  gap = scores["ll_more"] - scores["ll_less"]
+  out["gap"] = dict(mean=float(gap.mean()), per_bias_type={
+      b: float(gap[crows.bias_type == b].mean()) for b in sorted(set(crows.bias_type))})
   if float_scores is not None:
     pref = lambda s: stereotype.crows_pairs_preference(s["ll_more"], s["ll_less"])[0]
     out["change"] = stereotype.paired_stereotype_change(pref(scores), pref(float_scores),
                                                         crows.bias_type, **kw)
+    out["gap_change"] = gap_change(gap, float_scores["ll_more"] - float_scores["ll_less"])
   return out
+
+
+def gap_change(gap_quant: np.ndarray, gap_float: np.ndarray) -> dict:
+  """The change of the per-pair stereotype gap ll(sent_more) - ll(sent_less), in nats.
+
+  The score counts pairs whose gap is positive, so a model far from 50 %
+  hides most of what quantization does; the gap is continuous. Tests: the
+  paired t-test and the Wilcoxon signed-rank test over pairs (scipy).
+  """
+  from scipy import stats as sps  # pylint: disable=import-outside-toplevel
+  d = np.asarray(gap_quant, np.float64) - np.asarray(gap_float, np.float64)
+  nonzero = d[d != 0]
+  return dict(change=float(d.mean()), abs_change=float(np.abs(d).mean()),
+              p_t=float(sps.ttest_1samp(d, 0.0).pvalue) if d.std() > 0 else 1.0,
+              p_wilcoxon=float(sps.wilcoxon(nonzero).pvalue) if len(nonzero) else 1.0)
