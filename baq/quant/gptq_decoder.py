@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from baq.models.lm import decoder
 from baq.quant import gptq, hessian
 
 # The order a decoder block computes its projections; layers in one tuple
@@ -140,10 +141,15 @@ def layer_order(block_params: Mapping[str, Any]) -> list[tuple[str, ...]]:
   return [tuple(p for p in g if p in have) for g in SEQUENTIAL if any(p in have for p in g)]
 
 
-def _block_apply(model: nn.Module, i: int):
-  """jit(params, h, target) -> (block output, input of the `target` layer or None)."""
+def _block_runner(model: nn.Module):
+  """jit(block_params, h, target) -> block output (target None) or `target`'s input.
 
-  def run(params, h, target):
+  One program per model and target for every block (the block's params are
+  an argument); a capture pass returns only the captured input, so XLA drops
+  the rest of the block.
+  """
+
+  def run(block_params, h, target):
     captured = []
 
     def intercept(next_fun, args, kwargs, context):
@@ -153,8 +159,8 @@ def _block_apply(model: nn.Module, i: int):
       return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(intercept):
-      out = model.apply({"params": params}, h, i, method=type(model).run_block)
-    return out, (captured[0] if captured else None)
+      out = decoder.apply_block(model.config, block_params, h)
+    return out if target is None else captured[0]
 
   return jax.jit(run, static_argnums=2)
 
@@ -187,9 +193,9 @@ def _grams(run, params, h, mask, target, batch_size, h_b=None):
   """Sum of masked x x^T of `target`'s input over h's chunks (of x_a - x_b with h_b)."""
   xtx, n = 0.0, 0.0
   for s in _chunks(len(h), batch_size):
-    x = run(params, h[s], target)[1]
+    x = run(params, h[s], target)
     if h_b is not None:
-      x = x - run(params, h_b[s], target)[1]
+      x = x - run(params, h_b[s], target)
     g, c = _masked_gram(x, mask[s])
     xtx, n = xtx + g, n + float(c)
   return np.asarray(xtx, np.float64), n
@@ -229,13 +235,13 @@ def _quantize_group(run, flat, group, states, opts, bits, prefix):
   with "/"); returns their records."""
   h, mask, pairs = states
   names = [f"{prefix}/{layer}" for layer in group]
-  params = tu.unflatten_dict(flat, sep="/")
-  xtx, n = _grams(run, params, h, mask, names[0], opts.batch_size)
+  params = tu.unflatten_dict(flat, sep="/")[prefix]
+  xtx, n = _grams(run, params, h, mask, group[0], opts.batch_size)
   h_full = np.asarray(hessian.hessian(hessian.HessianStats(xtx, n)))
   dtd, h_pair, rows = None, None, 0
   if pairs is not None and any(_matches(nm, opts.fair_layers) for nm in names):
     ha, hb, pmask = pairs
-    dtd, rows = _grams(run, params, ha, pmask, names[0], opts.batch_size, h_b=hb)
+    dtd, rows = _grams(run, params, ha, pmask, group[0], opts.batch_size, h_b=hb)
     h_pair = 2.0 * dtd / max(len(ha) if opts.pair_norm == "pairs" else rows, 1)
   records = {}
   for name in names:
@@ -288,7 +294,7 @@ def quantize_decoder(model: nn.Module, variables: Any, calib: Tokens, *,
 
   Args:
     model: the float `baq.models.lm.CausalLM` (quantizer None), which has
-      `embed(tokens)` and `run_block(h, i)`.
+      `embed(tokens)`; its blocks run through `decoder.apply_block`.
     variables: its {"params": ...}.
     calib: calibration sequences (right padded; padding rows are left out of
       every statistic).
@@ -325,15 +331,15 @@ def quantize_decoder(model: nn.Module, variables: Any, calib: Tokens, *,
                   _embed(model, {"params": params}, pairs[1], bs),
                   _pair_mask(pairs[0], pairs[1], options.pair_rows))
   records, block_seconds = {}, []
+  run = _block_runner(model)
   for i in range(n_layers):
     t0 = time.perf_counter()
-    run = _block_apply(model, i)
     for group in layer_order(params[f"block_{i}"]):
       records.update(_quantize_group(run, flat, group, (h, mask, pair_state), options,
                                      lookup, f"block_{i}"))
-    quantized = tu.unflatten_dict(flat, sep="/")
+    quantized = tu.unflatten_dict(flat, sep="/")[f"block_{i}"]
     forward = lambda x: np.concatenate(  # pylint: disable=cell-var-from-loop
-        [np.asarray(run(quantized, x[s], None)[0]) for s in _chunks(len(x), bs)])
+        [np.asarray(run(quantized, x[s], None)) for s in _chunks(len(x), bs)])
     h = forward(h)  # the next block sees this block's quantized output
     if pair_state is not None:
       pair_state = (forward(pair_state[0]), forward(pair_state[1]), pair_state[2])

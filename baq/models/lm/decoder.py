@@ -210,6 +210,16 @@ def _context(cfg: DecoderConfig, shape, positions, attention_mask):
   return positions, causal_mask(slots, slots, valid, cfg.sliding_window)
 
 
+def apply_block(config: DecoderConfig, block_params, h: jnp.ndarray) -> jnp.ndarray:
+  """One float block on hidden states [b, t, d] from its own params (`params["block_i"]`).
+
+  The same computation as `CausalLM.run_block`, but one traced program
+  serves every block of a model (GPTQ jits it once, not once per block).
+  """
+  positions, mask = _context(config, h.shape[:2], None, None)
+  return Block(config).apply({"params": block_params}, h, positions, mask)[0]
+
+
 class CausalLM(nn.Module):
   """The decoder with embeddings and head; see the module docstring for the contract.
 
