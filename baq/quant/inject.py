@@ -55,6 +55,13 @@ class QuantSpec:
     percentile: for the percentile scale method.
     act_bits: if set, activations entering the layer are fake-quantized
       per example at this integer bit-width (dynamic absmax range).
+    numerics: if set, a name in `baq.quant.numerics` (llm_int8, nf4,
+      dynamic_int8): the layer computes as that runtime does instead of
+      baq's fake quantization, with no `bits` leaf. A Dense layer runs the
+      numeric's product; a Conv stays float, as in the runtimes
+      (bitsandbytes and torch's dynamic quantization replace Linear layers
+      only).
+    numerics_options: (name, value) pairs passed to the numeric.
   """
 
   init_bits: float = 8.0
@@ -66,9 +73,14 @@ class QuantSpec:
   scale_method: str = "absmax"
   percentile: float = 99.9
   act_bits: Optional[int] = None
+  numerics: Optional[str] = None
+  numerics_options: tuple = ()
 
   def __post_init__(self):
     parametrizations.get(self.parametrization)  # unknown names list the valid ones
+    if self.numerics is not None:
+      from baq.quant import numerics  # pylint: disable=import-outside-toplevel
+      numerics.NUMERICS.get(self.numerics)
     for field, valid in (("granularity", GRANULARITIES),
                          ("scale_method", fq.SCALE_METHODS)):
       if getattr(self, field) not in valid:
@@ -142,11 +154,16 @@ class _QuantOp(nn.Module):
   def _op(self, lhs, rhs, *args, **kwargs):
     raise NotImplementedError
 
+  def _numerics_op(self, spec, lhs, rhs, *args, **kwargs):
+    raise NotImplementedError
+
   @nn.compact
   def __call__(self, lhs, rhs, *args, **kwargs):
     spec = self.quantizer.spec_for(_layer_path(self))
     if spec is None:
       return self._op(lhs, rhs, *args, **kwargs)
+    if spec.numerics is not None:
+      return self._numerics_op(spec, lhs, rhs, *args, **kwargs)
     if spec.act_bits is not None:
       lhs = fq.activation_fake_quant(lhs, spec.act_bits, spec.symmetric)
     if not self.quantizer.weights:
@@ -179,16 +196,33 @@ class _QuantOp(nn.Module):
              reduce_fn=lambda _, new: new)
 
 
+def _numeric(spec: QuantSpec):
+  from baq.quant import numerics  # pylint: disable=import-outside-toplevel
+  return numerics.NUMERICS.get(spec.numerics), dict(spec.numerics_options)
+
+
 class QuantDotGeneral(_QuantOp):
 
   def _op(self, lhs, rhs, *args, **kwargs):
     return jax.lax.dot_general(lhs, rhs, *args, **kwargs)
+
+  def _numerics_op(self, spec, lhs, rhs, *args, **kwargs):
+    dims = args[0] if args else kwargs["dimension_numbers"]
+    if tuple(map(tuple, dims[0])) != ((lhs.ndim - 1,), (0,)) or any(dims[1]):
+      raise NotImplementedError(f"{_layer_path(self)}: numerics {spec.numerics!r} compute "
+                                "x @ w of a Dense layer only.")
+    numeric, options = _numeric(spec)
+    return numeric.dot(lhs, rhs, **options).astype(lhs.dtype)
 
 
 class QuantConv(_QuantOp):
 
   def _op(self, lhs, rhs, *args, **kwargs):
     return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+
+  def _numerics_op(self, spec, lhs, rhs, *args, **kwargs):
+    del spec  # the runtimes keep convolutions in float
+    return self._op(lhs, rhs, *args, **kwargs)
 
 
 def Dense(quantizer: Optional[Quantizer]):  # pylint: disable=invalid-name

@@ -33,7 +33,7 @@ from baq.models.lm import LM_FAMILIES, hf
 from baq.models.lm.decoder import CausalLM
 from baq.quant import gptq_decoder as gd
 from baq.study import lm_eval, lm_quant
-from baq.train import experiment, lm as lm_train
+from baq.train import experiment, fit
 
 FLOAT = "fp32"
 
@@ -103,10 +103,10 @@ def build_model(config, texts: dict, seed_dir: str, seed: int) -> dict:
   hf_config = gpt2_config(config, tokenizer.get_vocab_size())
   model = CausalLM(LM_FAMILIES.get("gpt2").config_from_hf(hf_config))
   t = config.train
-  cfg = lm_train.LMTrainConfig(steps=t.steps, batch_size=t.batch_size, lr=t.lr,
-                               warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-                               seed=seed, save_every=t.save_every)
-  params, _ = lm_train.train(model, x, lengths, cfg, os.path.join(seed_dir, FLOAT))
+  cfg = fit.FitConfig(steps=t.steps, batch_size=t.batch_size, lr=t.lr,
+                      warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+                      seed=seed, save_every=t.save_every)
+  params, _ = fit.train_lm(model, x, lengths, cfg, os.path.join(seed_dir, FLOAT))
   return dict(model=model, params=params, tokenizer=tokenizer, family="gpt2",
               hf_config=hf_config)
 

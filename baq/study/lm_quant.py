@@ -23,7 +23,7 @@ import numpy as np
 
 from baq.allocation import lm_importance, planner
 from baq.quant import gptq_decoder as gd
-from baq.train import lm as lm_train
+from baq.train import fit
 
 METHODS = ("rtn", "gptq", "fair_gptq", "mixed")
 
@@ -90,7 +90,7 @@ def group_loss_fn(model, calib: Calibration, max_sequences: int = 64):
     return jnp.sum(tok * mask, 1)
 
   def fn(params):
-    lm = lm_train.lm_loss(model.apply({"params": params}, ids), ids, lengths)
+    lm = fit.lm_loss(model.apply({"params": params}, ids), ids, lengths)
     pair = jax.nn.softplus(seq_ll(params, a) - seq_ll(params, b))
     return jnp.concatenate([lm[None], onehot @ pair / jnp.sum(onehot, 1)])
 

@@ -1,4 +1,9 @@
-"""Training a causal language model: build, step, loop (the embedded LM's trainer).
+"""A small supervised trainer for the studies' in-run models: build, step, loop.
+
+The embedded language model (`lm_loss` on token ids) and the embedded CLIP
+(a contrastive loss on images and captions) are trained with it; a model is
+a loss function `loss(params, batch) -> scalar` and a batch function
+`batch(rows) -> batch` of the rows a step draws.
 
 The state is a plain dict (step, params, opt_state) checkpointed with
 `baq.train.checkpoint.Checkpointer`; the batch of step s is a function of
@@ -12,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +30,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class LMTrainConfig:
-  """Optimisation of the LM (every bound is checked before any work).
+class FitConfig:
+  """The optimisation (every bound is checked before any work).
 
   Attributes:
     steps: optimizer steps.
@@ -56,7 +61,7 @@ class LMTrainConfig:
                        f"{self.warmup_steps}.")
 
 
-def optimizer(cfg: LMTrainConfig) -> optax.GradientTransformation:
+def optimizer(cfg: FitConfig) -> optax.GradientTransformation:
   sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1), cfg.steps,
                                              end_value=0.1 * cfg.lr)
   return optax.chain(optax.clip_by_global_norm(1.0),
@@ -72,18 +77,12 @@ def lm_loss(logits: jax.Array, ids: jax.Array, lengths: jax.Array) -> jax.Array:
   return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def init_state(model, cfg: LMTrainConfig, seq_len: int) -> dict:
-  params = model.init(jax.random.key(cfg.seed), jnp.zeros((1, seq_len), jnp.int32))["params"]
-  return {"step": jnp.int32(0), "params": params, "opt_state": optimizer(cfg).init(params)}
-
-
-def make_step(model, cfg: LMTrainConfig):
-  """The jitted update: (state, ids, lengths) -> (state, loss)."""
+def make_step(loss_fn: Callable[[Any, Any], jax.Array], cfg: FitConfig):
+  """The jitted update: (state, batch) -> (state, loss)."""
   tx = optimizer(cfg)
 
-  def step(state, ids, lengths):
-    loss, grads = jax.value_and_grad(
-        lambda p: lm_loss(model.apply({"params": p}, ids), ids, lengths))(state["params"])
+  def step(state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
             "opt_state": opt_state}, loss
@@ -91,45 +90,55 @@ def make_step(model, cfg: LMTrainConfig):
   return jax.jit(step, donate_argnums=0)
 
 
-def batch_indices(cfg: LMTrainConfig, step: int, n: int) -> np.ndarray:
+def batch_indices(cfg: FitConfig, step: int, n: int) -> np.ndarray:
   """Rows of step `step`: a function of (seed, step) only, for exact resumption."""
   return np.random.default_rng([cfg.seed, step]).integers(0, n, cfg.batch_size)
 
 
-def train(model, ids: np.ndarray, lengths: np.ndarray, cfg: LMTrainConfig,
-          workdir: Optional[str] = None) -> tuple[Any, list[float]]:
-  """Trains (or resumes, or loads when finished) the LM on right-padded sequences.
+def fit(params: Any, loss_fn: Callable[[Any, Any], jax.Array],
+        batch_fn: Callable[[np.ndarray], Any], num_rows: int, cfg: FitConfig,
+        workdir: Optional[str] = None) -> tuple[Any, list[float]]:
+  """Trains (or resumes, or loads when finished) params on `loss_fn`.
 
   Args:
-    model: the float CausalLM.
-    ids: int32 [n, t] token ids.
-    lengths: int32 [n] real lengths.
+    params: the initial parameters.
+    loss_fn: (params, batch) -> scalar loss.
+    batch_fn: row indices [batch_size] -> the batch `loss_fn` takes.
+    num_rows: rows of the training set.
     cfg: the optimisation.
     workdir: checkpoint directory (None: no checkpoints).
 
   Returns:
     (params, losses of the steps run in this call).
   """
-  state = init_state(model, cfg, ids.shape[1])
+  state = {"step": jnp.int32(0), "params": params, "opt_state": optimizer(cfg).init(params)}
   ckpt = None if workdir is None else Checkpointer(workdir, jax.eval_shape(lambda: state))
   if ckpt is not None and ckpt.latest_step() is not None:
     state = ckpt.restore()
-  step_fn, losses = make_step(model, cfg), []
+  step_fn, losses = make_step(loss_fn, cfg), []
   try:
     for s in range(int(state["step"]), cfg.steps):
-      rows = batch_indices(cfg, s, len(ids))
-      new, loss = step_fn(state, jnp.asarray(ids[rows]), jnp.asarray(lengths[rows]))
+      new, loss = step_fn(state, batch_fn(batch_indices(cfg, s, num_rows)))
       loss = float(loss)
       if not np.isfinite(loss):
         raise FloatingPointError(
-            f"LM loss is {loss} at step {s}; stopped. The last good checkpoint "
+            f"Loss is {loss} at step {s}; stopped. The last good checkpoint "
             f"(step {None if ckpt is None else ckpt.latest_step()}) is intact.")
       state, losses = new, losses + [loss]
       if ckpt is not None and ((s + 1) % cfg.save_every == 0 or s + 1 == cfg.steps):
         ckpt.save(s + 1, state)
       if (s + 1) % 100 == 0:
-        log.info("lm step %d loss %.4f", s + 1, loss)
+        log.info("step %d loss %.4f", s + 1, loss)
   finally:
     if ckpt is not None:
       ckpt.close()
   return jax.device_get(state["params"]), losses
+
+
+def train_lm(model, ids: np.ndarray, lengths: np.ndarray, cfg: FitConfig,
+             workdir: Optional[str] = None) -> tuple[Any, list[float]]:
+  """A causal LM from its init on right-padded sequences (`fit` with `lm_loss`)."""
+  params = model.init(jax.random.key(cfg.seed), jnp.zeros((1, ids.shape[1]), jnp.int32))["params"]
+  loss = lambda p, b: lm_loss(model.apply({"params": p}, b[0]), b[0], b[1])
+  batch = lambda rows: (jnp.asarray(ids[rows]), jnp.asarray(lengths[rows]))
+  return fit(params, loss, batch, len(ids), cfg, workdir)
