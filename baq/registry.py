@@ -7,7 +7,10 @@ fails silently or deep inside a trainer.
 
 A registry built with `discover="some.package"` imports every module of that
 package the first time it is asked for a name, so a new entry is one new file
-in that package that registers itself, and no other file changes.
+in that package that registers itself, and no other file changes. Its
+subpackages are not imported: a subpackage is another kind of entry with a
+registry of its own (`baq.models.lm`, `baq.models.clip` under the image
+classifiers' `baq.models`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class Registry(Generic[T]):
       package, self._discover = self._discover, None
       try:
         for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
-          if not info.name.startswith("_"):
+          if not info.name.startswith("_") and not info.ispkg:
             importlib.import_module(f"{package}.{info.name}")
       except BaseException:
         self._discover = package  # a broken module fails every lookup, not just the first
