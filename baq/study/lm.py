@@ -22,7 +22,6 @@ import shutil
 from typing import Sequence
 
 from absl import app, flags
-import jax
 import numpy as np
 from ml_collections import config_flags
 
@@ -33,7 +32,7 @@ from baq.models.lm import LM_FAMILIES, hf
 from baq.models.lm.decoder import CausalLM
 from baq.quant import gptq_decoder as gd
 from baq.study import lm_eval, lm_quant
-from baq.train import experiment, fit
+from baq.train import experiment, fit, workdir as wd
 
 FLOAT = "fp32"
 
@@ -154,18 +153,6 @@ def _row(summary: dict, info: dict) -> dict:
   return row
 
 
-def _jsonable(x):
-  if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (np.ndarray, jax.Array)):
-    return _jsonable(np.asarray(x).tolist())
-  if isinstance(x, (np.floating, np.integer, np.bool_)):
-    return x.item()
-  return x
-
-
 def run_seed(config, root: str, seed: int) -> dict:
   """Every setting of one seed (finished ones reused); setting -> table row."""
   seed_dir = os.path.join(root, f"seed{seed}")
@@ -207,10 +194,10 @@ def run_seed(config, root: str, seed: int) -> dict:
     layers = {k: {f: v for f, v in r.items() if f not in ("codes", "scales")}
               for k, r in records.items()}
     with open(path + ".tmp", "w") as f:
-      json.dump(_jsonable(dict(row=rows[name], info=info, summary=summary, layers=layers)), f)
+      json.dump(wd.jsonable(dict(row=rows[name], info=info, summary=summary, layers=layers)), f)
     os.replace(path + ".tmp", path)
   with open(os.path.join(seed_dir, "report.json"), "w") as f:
-    json.dump(_jsonable(rows), f, indent=1)
+    json.dump(wd.jsonable(rows), f, indent=1)
   return rows
 
 
@@ -261,7 +248,7 @@ def main(argv: Sequence[str]) -> None:
   lm_quant.settings(f.config)  # bad bits, budgets or alphas fail before any work
   runs = {int(s): run_seed(f.config, f.root, int(s)) for s in f.seeds}
   with open(os.path.join(f.root, "summary.json"), "w") as fh:
-    json.dump(_jsonable(runs), fh, indent=1)
+    json.dump(wd.jsonable(runs), fh, indent=1)
   print(format_table(runs))
 
 

@@ -34,6 +34,7 @@ import os
 from typing import Any, Optional
 
 import ml_collections
+import numpy as np
 
 FLOAT = "fp32"
 PTQ_SUFFIX = "_ptq"
@@ -132,6 +133,20 @@ def write_json(file: str, obj: Any, indent: Optional[int] = 1) -> None:
   """Writes `obj` as JSON (callers decide whether this process writes)."""
   with open(file, "w") as f:
     json.dump(obj, f, indent=indent)
+
+
+def jsonable(obj: Any) -> Any:
+  """`obj` with numpy and jax arrays and scalars turned into lists and Python numbers."""
+  if isinstance(obj, dict):
+    return {str(k): jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [jsonable(v) for v in obj]
+  if hasattr(obj, "__array__") and not isinstance(obj, (str, bytes)):
+    arr = np.asarray(obj)
+    return arr.item() if arr.ndim == 0 else jsonable(arr.tolist())
+  if isinstance(obj, (np.floating, np.integer, np.bool_)):
+    return obj.item()
+  return obj
 
 
 def read_json(file: str) -> Any:
