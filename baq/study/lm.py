@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Sequence
+from typing import Optional, Sequence
 
 from absl import app, flags
 import numpy as np
@@ -72,10 +72,16 @@ def load_texts(config, root: str) -> dict:
   return out
 
 
-def gpt2_config(config, vocab: int) -> dict:
-  """The config.json of the trained model: a GPT-2 of the config's size (so it exports)."""
+def gpt2_config(config, vocab: int, special: Optional[dict] = None) -> dict:
+  """The config.json of the trained model: a GPT-2 of the config's size (so it exports).
+
+  `special`: the tokenizer's bos/eos ids (`tokenizer.special_ids`), which
+  runtimes read from config.json.
+  """
   m = config.model
-  return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab,
+  special = special or {}
+  ids = {f"{k}_token_id": special[k] for k in ("bos", "eos") if special.get(k) is not None}
+  return {**ids, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab,
           "n_embd": m.d_model, "n_layer": m.n_layers, "n_head": m.n_heads, "n_inner": m.d_ff,
           "n_positions": config.data.max_len, "layer_norm_epsilon": 1e-5,
           "activation_function": "gelu_new", "tie_word_embeddings": True}
@@ -99,7 +105,7 @@ def build_model(config, texts: dict, seed_dir: str, seed: int) -> dict:
   ids = tok.special_ids(tokenizer)
   x, lengths = tok.encode_batch(tokenizer, texts["train"], bos_id=ids["bos"], eos_id=ids["eos"],
                                 pad_id=ids["pad"], max_len=config.data.max_len)
-  hf_config = gpt2_config(config, tokenizer.get_vocab_size())
+  hf_config = gpt2_config(config, tokenizer.get_vocab_size(), ids)
   model = CausalLM(LM_FAMILIES.get("gpt2").config_from_hf(hf_config))
   t = config.train
   cfg = fit.FitConfig(steps=t.steps, batch_size=t.batch_size, lr=t.lr,

@@ -1,0 +1,64 @@
+"""The CLIP bias study end to end on the tiny config, and its refusals."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from baq.study import vlm as study, vlm_quant
+from configs import vlm as vlm_config
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("vlm"))
+  c = vlm_config.get_config("tiny")
+  return root, c, study.run_seed(c, root, 0)
+
+
+def test_every_quantizer_is_scored_against_full_precision(finished):
+  root, c, runs = finished
+  assert list(runs) == c.quantizers.split(",")
+  fp = runs["fp32"]
+  assert "cells" not in fp and fp["info"]["avg_bits"] == 32.0
+  for name, r in runs.items():
+    zs = r["zero_shot"]
+    assert 0 <= zs["accuracy"] <= 1 and len(zs["group_accuracy"]) == 6
+    assert set(r["retrieval"]) == {"10"}
+    if name == "fp32":
+      continue
+    cells = r["cells"]
+    assert {f"group{g}" for g in range(6)} | {"max_skew@10"} == set(cells)
+    for g in range(6):
+      cell = cells[f"group{g}"]
+      want = zs["group_accuracy"][g] - fp["zero_shot"]["group_accuracy"][g]
+      if cell["change"] is not None and not np.isnan(cell["change"]):
+        assert np.isclose(cell["change"], 100 * want, atol=1e-6)
+      assert cell["verdict"] in ("amplified", "reduced", "no change")
+      assert cell["p_holm"] >= cell["p_mcnemar"] - 1e-12
+  assert runs["mixed4"]["info"]["avg_bits"] <= 4.0
+  assert set(runs["mixed4"]["info"]["bits"].values()) <= {2, 3, 4, 8}
+
+
+def test_quantizers_change_the_model_and_full_precision_is_unchanged(finished):
+  root, c, runs = finished
+  again = study.run_seed(c, root, 0)  # reused from the results files
+  assert json.dumps(again, sort_keys=True) == json.dumps(runs, sort_keys=True)
+  summary = study.summarize({0: runs})
+  assert set(summary["counts"]) == set(c.quantizers.split(",")) - {"fp32"}
+  assert all(sum(v.values()) == 7 for v in summary["counts"].values())
+  table = study.format_table({0: runs}, ["I", "II", "III", "IV", "V", "VI"], "10")
+  assert "SYNTHETIC" in table and "llm_int8" in table
+  assert os.path.exists(os.path.join(root, "seed0", "report.json"))
+
+
+def test_bad_input_is_refused():
+  with pytest.raises(KeyError, match="dynamic_int8"):
+    vlm_quant.QUANTIZERS.get("int3")
+  with pytest.raises(ValueError, match="Valid: tiny"):
+    vlm_config.get_config("huge")
+  c = vlm_config.get_config("tiny")
+  c.retrieval_k = "100000"
+  with pytest.raises(ValueError, match="larger than the gallery"):
+    study.run_seed(c, "/tmp/never_written_baq_vlm", 0)
