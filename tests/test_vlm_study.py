@@ -51,6 +51,8 @@ def test_quantizers_change_the_model_and_full_precision_is_unchanged(finished):
   table = study.format_table({0: runs}, ["I", "II", "III", "IV", "V", "VI"], "10")
   assert "SYNTHETIC" in table and "llm_int8" in table
   assert os.path.exists(os.path.join(root, "seed0", "report.json"))
+  study.plot_verdicts(os.path.join(root, "verdicts.png"), {0: runs}, "I II III IV V VI".split())
+  assert os.path.getsize(os.path.join(root, "verdicts.png")) > 10_000
 
 
 def test_bad_input_is_refused():

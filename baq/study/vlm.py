@@ -175,6 +175,38 @@ def format_table(runs: dict[int, dict], group_names: Sequence[str], k: str) -> s
   return "\n".join(lines)
 
 
+def plot_verdicts(path: str, runs: dict[int, dict], group_names: Sequence[str]) -> None:
+  """ROOT/verdicts.png: mean change per (quantizer, cell) over seeds, verdict counts written in."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  seeds = sorted(runs)
+  names = [n for n in runs[seeds[0]] if "cells" in runs[seeds[0]][n]]
+  if not names:
+    return
+  cells_ = list(runs[seeds[0]][names[0]]["cells"])
+  mean = np.array([[np.nanmean([np.nan if runs[s][n]["cells"][c]["change"] is None
+                                else runs[s][n]["cells"][c]["change"] for s in seeds])
+                    for c in cells_] for n in names], np.float64)
+  # Skew changes are in log units, accuracy changes in points: scale columns apart.
+  scaled = mean / np.maximum(np.nanmax(np.abs(mean), 0, keepdims=True), 1e-12)
+  fig, ax = plt.subplots(figsize=(1.1 * len(cells_) + 2, 0.5 * len(names) + 1.5))
+  ax.imshow(scaled, cmap="coolwarm", vmin=-1, vmax=1, aspect="auto")
+  labels = [f"type {group_names[int(c[5:])]}" if c.startswith("group") else c for c in cells_]
+  ax.set_xticks(range(len(cells_)), labels, rotation=45, ha="right", fontsize=8)
+  ax.set_yticks(range(len(names)), names, fontsize=8)
+  for i, n in enumerate(names):
+    for j, c in enumerate(cells_):
+      v = [runs[s][n]["cells"][c]["verdict"] for s in seeds]
+      tag = f"{mean[i, j]:+.2f}\n{v.count('amplified')}a {v.count('reduced')}r"
+      ax.text(j, i, tag, ha="center", va="center", fontsize=6)
+  ax.set_title(f"change from fp32 (accuracy: points; MaxSkew: log) over seeds {seeds}; "
+               "a/r: seeds amplified/reduced (SYNTHETIC)", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def _define_flags() -> None:
   config_flags.DEFINE_config_file("config", "configs/vlm.py", "The study's config.")
   flags.DEFINE_string("root", None, "The study's directory.", required=True)
@@ -193,6 +225,7 @@ def main(argv: Sequence[str]) -> None:
   summary = summarize(runs)
   wd.write_json(os.path.join(f.root, "summary.json"), wd.jsonable(dict(runs=runs, **summary)))
   names = synthetic.generate(f.config.data.seed, 1).group_names
+  plot_verdicts(os.path.join(f.root, "verdicts.png"), runs, names)
   print(format_table(runs, names, str(f.config.retrieval_k).split(",")[0]))
   print(json.dumps(summary["counts"]))
   print("opposite verdicts across seeds:", json.dumps(summary["opposite_verdicts_across_seeds"]))
