@@ -22,17 +22,19 @@ def test_every_quantizer_is_scored_against_full_precision(finished):
   assert list(runs) == c.quantizers.split(",")
   fp = runs["fp32"]
   assert "cells" not in fp and fp["info"]["avg_bits"] == 32.0
+  types = ["I", "II", "III", "IV", "V", "VI"]
   for name, r in runs.items():
-    zs = r["zero_shot"]
+    assert r["data"]["groups"] == {"skin_type": types} and r["data"]["title"] == "SYNTHETIC"
+    zs = r["zero_shot"]["skin_type"]
     assert 0 <= zs["accuracy"] <= 1 and len(zs["group_accuracy"]) == 6
-    assert set(r["retrieval"]) == {"10"}
+    assert set(r["retrieval"]) == {"skin_type"} and set(r["retrieval"]["skin_type"]) == {"10"}
     if name == "fp32":
       continue
     cells = r["cells"]
-    assert {f"group{g}" for g in range(6)} | {"max_skew@10"} == set(cells)
-    for g in range(6):
-      cell = cells[f"group{g}"]
-      want = zs["group_accuracy"][g] - fp["zero_shot"]["group_accuracy"][g]
+    assert {f"skin_type/{t}" for t in types} | {"max_skew@10/skin_type"} == set(cells)
+    for g, t in enumerate(types):
+      cell = cells[f"skin_type/{t}"]
+      want = zs["group_accuracy"][g] - fp["zero_shot"]["skin_type"]["group_accuracy"][g]
       if cell["change"] is not None and not np.isnan(cell["change"]):
         assert np.isclose(cell["change"], 100 * want, atol=1e-6)
       assert cell["verdict"] in ("amplified", "reduced", "no change")
@@ -48,10 +50,10 @@ def test_quantizers_change_the_model_and_full_precision_is_unchanged(finished):
   summary = study.summarize({0: runs})
   assert set(summary["counts"]) == set(c.quantizers.split(",")) - {"fp32"}
   assert all(sum(v.values()) == 7 for v in summary["counts"].values())
-  table = study.format_table({0: runs}, ["I", "II", "III", "IV", "V", "VI"], "10")
-  assert "SYNTHETIC" in table and "llm_int8" in table
+  table = study.format_table({0: runs}, "10")
+  assert "SYNTHETIC" in table and "llm_int8" in table and "skin_type: I, II, III" in table
   assert os.path.exists(os.path.join(root, "seed0", "report.json"))
-  study.plot_verdicts(os.path.join(root, "verdicts.png"), {0: runs}, "I II III IV V VI".split())
+  study.plot_verdicts(os.path.join(root, "verdicts.png"), {0: runs})
   assert os.path.getsize(os.path.join(root, "verdicts.png")) > 10_000
 
 

@@ -15,10 +15,18 @@ Quantizers (`QUANTIZERS`; an unknown name lists the valid ones):
 The three runtimes' numerics (`baq.quant.numerics`) are injected through
 `QuantSpec.numerics` on the Dense layers of `quant.layers`; their
 convolutions stay float, as in bitsandbytes and torch.
+
+Model sources (`SOURCES`, `config.model.source`): "train" (the in-run CLIP,
+trained by `baq.study.vlm_data.prepare` on the data's captions, inputs normalised with
+`IN_RUN_STATS`), "hf" (a local Hugging Face CLIP folder) and "open_clip"
+(OpenCLIP safetensors and model config), whose texts go through the
+checkpoint's own tokenizer (`encode_texts`) and whose images are normalised
+with CLIP's mean and std (`CLIP_STATS`).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Optional
 
@@ -26,9 +34,12 @@ import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tokenizers import Tokenizer
 
 from baq.allocation import lm_importance, planner
-from baq.models.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig
+from baq.data.text import tokenizer as tok
+from baq.models.clip import convert
+from baq.models.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig, eos_positions
 from baq.quant import gptq
 from baq.quant.inject import QuantSpec, Quantizer
 from baq.registry import Registry
@@ -38,11 +49,96 @@ QUANTIZERS: Registry[str] = Registry("CLIP study quantizer")
 for _name in ("fp32", "rtn8", "rtn4", "llm_int8", "nf4", "dynamic_int8", "mixed4"):
   QUANTIZERS.register(_name)(_name)
 NUMERICS = {"llm_int8": 8.0, "nf4": 4.0, "dynamic_int8": 8.0}  # nominal weight bits
+# Per-channel (mean, std) of [0, 1] pixels: the in-run CLIP's, and OpenAI CLIP's.
+IN_RUN_STATS = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 
 
-def normalize(images: np.ndarray) -> jnp.ndarray:
-  """uint8 images -> the float inputs the in-run CLIP trains on."""
-  return (jnp.asarray(images, jnp.float32) / 255.0 - 0.5) / 0.25
+def normalize(images: np.ndarray, stats=IN_RUN_STATS) -> jnp.ndarray:
+  """uint8 images -> float model inputs, (x / 255 - mean) / std per channel."""
+  mean, std = (jnp.asarray(v, jnp.float32) for v in stats)
+  return (jnp.asarray(images, jnp.float32) / 255.0 - mean) / std
+
+
+def needs_calibration(name: str) -> bool:
+  """Whether a quantizer uses zero-shot group losses on calibration images."""
+  return QUANTIZERS.get(name).startswith("mixed")
+
+
+SOURCES: Registry = Registry("CLIP study model source")
+SOURCES.register("train")(None)  # the in-run CLIP: built and trained by vlm_data.prepare
+
+
+def _tokenizer(m, own: Optional[Tokenizer], where: str) -> Tokenizer:
+  """model.tokenizer (a tokenizer.json, or a folder holding one), else the checkpoint's own."""
+  if m.tokenizer:
+    return tok.load_tokenizer(m.tokenizer)
+  if own is None:
+    raise FileNotFoundError(f"model.source={m.source!r} needs the checkpoint's tokenizer: "
+                            f"{where} is missing; set model.tokenizer to its tokenizer.json.")
+  return own
+
+
+@SOURCES.register("hf")
+def _hf(m) -> tuple[CLIP, Any, Tokenizer]:
+  """A local Hugging Face CLIP folder: (model, params, tokenizer)."""
+  if not m.hf_folder or not os.path.isdir(m.hf_folder):
+    raise FileNotFoundError(f"model.hf_folder {m.hf_folder!r} is not a folder; point it at a "
+                            "local Hugging Face CLIP folder (config.json, model.safetensors, "
+                            "tokenizer.json).")
+  model, variables, own = convert.load(m.hf_folder)
+  return model, variables["params"], _tokenizer(m, own, os.path.join(m.hf_folder,
+                                                                     tok.FILENAME))
+
+
+@SOURCES.register("open_clip")
+def _open_clip(m) -> tuple[CLIP, Any, Tokenizer]:
+  """OpenCLIP weights and model config, with model.tokenizer: (model, params, tokenizer)."""
+  for field in ("open_clip_weights", "open_clip_config"):
+    if not m[field]:
+      raise ValueError(f"model.source='open_clip' needs model.{field}.")
+  model, variables = convert.load_open_clip(m.open_clip_weights, m.open_clip_config)
+  return model, variables["params"], _tokenizer(m, None, "model.tokenizer")
+
+
+def encode_texts(tokenizer: Tokenizer, texts, text: TextConfig) -> np.ndarray:
+  """int32 [m, context_length]: <|startoftext|> ids <|endoftext|>, then the pad id (or 0).
+
+  The tokenizer's own post-processor adds the markers (CLIP's does); they are
+  added here where it does not. A text longer than the context is cut
+  keeping its <|endoftext|>. The model's pooling rule must find that token.
+
+  Raises:
+    ValueError: the tokenizer has no <|endoftext|>, an id is outside the
+      vocabulary, or the pooling rule would read another position (the
+      first such text named).
+  """
+  tk = Tokenizer.from_str(tokenizer.to_str())  # a copy without padding / truncation
+  pad = tk.padding["pad_id"] if tk.padding else 0
+  tk.no_padding()
+  tk.no_truncation()
+  sot, eot, ctx = tk.token_to_id(SOT), tk.token_to_id(EOT), text.context_length
+  if eot is None:
+    raise ValueError(f"The tokenizer has no {EOT} token: it is not CLIP's tokenizer.")
+  out = np.full((len(texts), ctx), pad, np.int32)
+  ends = np.empty(len(texts), np.int64)
+  for i, e in enumerate(tk.encode_batch(list(texts))):
+    ids = list(e.ids)
+    ids = ids if sot is None or ids[:1] == [sot] else [sot] + ids
+    ids = ids if ids[-1:] == [eot] else ids + [eot]
+    ids = ids if len(ids) <= ctx else ids[:ctx - 1] + [eot]
+    out[i, :len(ids)], ends[i] = ids, len(ids) - 1
+  if out.size and out.max() >= text.vocab_size:
+    raise ValueError(f"Token id {out.max()} is outside the model's vocabulary "
+                     f"({text.vocab_size}): the tokenizer is not the checkpoint's.")
+  pos = np.asarray(eos_positions(jnp.asarray(out), text))
+  if np.any(pos != ends):
+    i = int(np.flatnonzero(pos != ends)[0])
+    raise ValueError(f"The text tower pools position {pos[i]} of {texts[i]!r} (rule "
+                     f"{text.pool!r}, eos id {text.eos_token_id}) but its {EOT} (id {eot}) "
+                     f"is at {ends[i]}: the tokenizer does not fit the checkpoint.")
+  return out
 
 
 def clip_config(config, vocab: int, eos_id: int) -> CLIPConfig:
@@ -79,18 +175,25 @@ def train_clip(model: CLIP, images: np.ndarray, tokens: np.ndarray, config, seed
   return fit.fit(params, loss, batch, len(images), cfg, workdir)[0]
 
 
-def embeddings(model: CLIP, params, images: np.ndarray, prompts: np.ndarray,
-               queries: np.ndarray, batch_size: int = 256) -> dict:
-  """Normalised embeddings: images [n, e], class prompts [C, T, e], queries [q, e]."""
+def embeddings(model: CLIP, params, images: np.ndarray, prompts: Optional[np.ndarray],
+               queries: Optional[np.ndarray], stats=IN_RUN_STATS, batch_size: int = 256) -> dict:
+  """Normalised embeddings: images [n, e], class prompts [C, T, e], queries [q, e].
+
+  `prompts` or `queries` None (a data kind without that task) gives None.
+  """
   img_fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=CLIP.encode_image))
   txt_fn = jax.jit(lambda p, t: model.apply({"params": p}, t, method=CLIP.encode_text))
   unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
-  img = np.concatenate([np.asarray(img_fn(params, normalize(images[i:i + batch_size])))
+  text = lambda t: np.asarray(txt_fn(params, jnp.asarray(t)))
+  img = np.concatenate([np.asarray(img_fn(params, normalize(images[i:i + batch_size], stats)))
                         for i in range(0, len(images), batch_size)])
-  c, t = prompts.shape[:2]
-  cls = np.asarray(txt_fn(params, jnp.asarray(prompts.reshape(c * t, -1)))).reshape(c, t, -1)
-  return dict(image=unit(img), classes=unit(unit(cls).mean(1)),
-              queries=unit(np.asarray(txt_fn(params, jnp.asarray(queries)))))
+  out = dict(image=unit(img), classes=None, queries=None)
+  if prompts is not None:
+    c, t = prompts.shape[:2]
+    out["classes"] = unit(unit(text(prompts.reshape(c * t, -1)).reshape(c, t, -1)).mean(1))
+  if queries is not None:
+    out["queries"] = unit(text(queries))
+  return out
 
 
 def layer_names(params, pattern: str) -> list[str]:
@@ -108,9 +211,10 @@ def rtn_params(params, bits: dict) -> Any:
   return tu.unflatten_dict(flat, sep="/")
 
 
-def zero_shot_group_loss(model: CLIP, images, labels, groups, prompts, num_groups: int):
+def zero_shot_group_loss(model: CLIP, images, labels, groups, prompts, num_groups: int,
+                         stats=IN_RUN_STATS):
   """params -> [G] mean zero-shot cross-entropy per group (the allocation's groups)."""
-  x, y = normalize(images), jnp.asarray(labels)
+  x, y = normalize(images, stats), jnp.asarray(labels)
   onehot = jnp.asarray(np.eye(num_groups)[groups].T, jnp.float32)  # [G, n]
   c, t = prompts.shape[:2]
   toks = jnp.asarray(prompts.reshape(c * t, -1))
@@ -129,8 +233,13 @@ def zero_shot_group_loss(model: CLIP, images, labels, groups, prompts, num_group
   return fn
 
 
-def quantized(name: str, model: CLIP, params, config, calib: dict) -> tuple[CLIP, Any, dict]:
-  """(model, params, info) of one quantizer; `calib` holds the allocation's images."""
+def quantized(name: str, model: CLIP, params, config,
+              calib: Optional[dict]) -> tuple[CLIP, Any, dict]:
+  """(model, params, info) of one quantizer.
+
+  `calib` (`baq.study.vlm_data.calibration`) holds the allocation's images,
+  labels, groups, prompts and normalisation; only mixed4 reads it.
+  """
   QUANTIZERS.get(name)
   layers = layer_names(params, config.quant.layers)
   if name == "fp32":
@@ -143,7 +252,7 @@ def quantized(name: str, model: CLIP, params, config, calib: dict) -> tuple[CLIP
     b = int(name[3:])
     return model, rtn_params(params, {l: b for l in layers}), dict(avg_bits=float(b))
   loss = zero_shot_group_loss(model, calib["images"], calib["labels"], calib["groups"],
-                              calib["prompts"], calib["num_groups"])
+                              calib["prompts"], calib["num_groups"], calib["stats"])
   analysis = lm_importance.analyse(loss, params, layers, measure=config.quant.measure,
                                    choices=(2, 3, 4, 8))
   bits = planner.allocate(analysis, float(name[len("mixed"):]), reducer=config.quant.reducer)

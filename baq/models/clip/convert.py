@@ -130,7 +130,10 @@ def _from_params(params, table: Table) -> dict[str, np.ndarray]:
   extra = sorted(set(flat) - {path for path, _, _ in table})
   if extra:
     raise ValueError(f"Params the checkpoint layout has no key for: {extra[:8]}.")
-  return {key: TRANSFORMS[kind][1](np.asarray(flat[path])) for path, key, kind in table}
+  # C order: safetensors' numpy writer stores an array's memory as is, so a
+  # transposed view would be written wrong.
+  return {key: np.array(TRANSFORMS[kind][1](np.asarray(flat[path])), order="C")
+          for path, key, kind in table}
 
 
 def _refuse_other_layout(state, own: str, other: str, loader: str) -> None:

@@ -170,7 +170,13 @@ def modules(params: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
 
 def torch_linear(leaves: Mapping[str, np.ndarray], name: str,
                  conv1d: bool = False) -> dict[str, np.ndarray]:
-  """{name.weight, name.bias} of a Dense's leaves, in torch Linear (or Conv1D) layout."""
+  """{name.weight, name.bias} of a Dense's leaves, in torch Linear (or Conv1D) layout.
+
+  The weights are numpy views (a transposed kernel is not copied, so
+  full-size state dicts of zero-cost arrays stay zero-cost); safetensors'
+  numpy writer stores an array's memory as is, so write
+  `np.ascontiguousarray` of them, as `baq.export.gptq_format` does.
+  """
   out = {f"{name}.weight": leaves["kernel"] if conv1d else leaves["kernel"].T}
   if "bias" in leaves:
     out[f"{name}.bias"] = leaves["bias"]
