@@ -67,6 +67,8 @@ def get_config(arg=None):
   c.quant.alphas = "0.1,1,10"       # Fair-GPTQ's pair weights (the reference default is 0.1)
   c.quant.budgets = "3.0,4.0"       # average-bit budgets of the mixed-precision allocation
   c.quant.choices = "2,3,4,8"       # bit-widths a GPTQ checkpoint holds
+  # The runtimes' numerics on every block projection (baq.quant.numerics).
+  c.quant.numerics = "llm_int8,nf4,dynamic_int8"
   c.quant.measure = "loss"          # layer importance (baq.allocation.importance.MEASURES)
   c.quant.reducer = "max"           # across groups (the LM loss and each bias type's pair loss)
   c.quant.mixed_alpha = 0.0         # the mixed allocation's GPTQ: 0 plain, > 0 Fair-GPTQ
@@ -88,5 +90,6 @@ def get_config(arg=None):
     c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.d_ff = 32, 1, 2, 64
     c.train.steps, c.train.warmup_steps, c.train.save_every = 60, 5, 30
     c.quant.bits, c.quant.alphas, c.quant.budgets = "4", "1", "3.0"
+    c.quant.numerics = "nf4"
     c.quant.calib_sequences, c.bootstrap = 32, 50
   return c

@@ -25,13 +25,14 @@ def finished(tmp_path_factory):
 
 def test_every_setting_is_scored_and_kept(finished):
   root, c, rows = finished
-  assert list(rows) == ["fp32", "rtn@4", "gptq@4", "fair_gptq@4:a1", "mixed@3"]
+  assert list(rows) == ["fp32", "rtn@4", "gptq@4", "fair_gptq@4:a1", "mixed@3", "nf4"]
   for name, row in rows.items():
     assert 0 <= row["crows"] <= 100 and row["ppl"] > 1
     assert ("change" in row) == (name != "fp32")
     if name != "fp32":
       assert np.isclose(row["change"], row["crows"] - rows["fp32"]["crows"])
   assert rows["mixed@3"]["avg_bits"] <= 3.0 and rows["gptq@4"]["avg_bits"] == 4.0
+  assert rows["nf4"]["avg_bits"] == 4.0 and rows["nf4"]["ppl"] != rows["fp32"]["ppl"]
   with open(os.path.join(root, "seed0", "results", "mixed@3.json")) as f:
     saved = json.load(f)
   bits = saved["info"]["bits"]
@@ -112,6 +113,10 @@ def test_bad_settings_are_refused_before_any_work():
   c = lm_config.get_config("tiny")
   c.quant.alphas = "-1"
   with pytest.raises(ValueError, match="alpha"):
+    lm_quant.settings(c)
+  c = lm_config.get_config("tiny")
+  c.quant.numerics = "int3"
+  with pytest.raises(KeyError, match="llm_int8"):
     lm_quant.settings(c)
   with pytest.raises(ValueError, match="Valid: hf, tiny"):
     lm_config.get_config("huge")

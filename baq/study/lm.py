@@ -182,12 +182,19 @@ def run_seed(config, root: str, seed: int) -> dict:
       with open(path) as f:
         rows[name] = json.load(f)["row"]
       continue
-    qparams, records, info = lm_quant.quantize(name, model, params, calib, config,
-                                               model.config.n_layers, modules)
-    summary = lm_eval.summarize(lm_eval.score(model, {"params": qparams}, enc), texts["crows"],
-                                texts["stereoset"], fp_scores, **kw)
+    if name in lm_quant.NUMERIC_BITS:  # the runtimes' numerics: the same params, another model
+      qmodel, qparams, records = lm_quant.numeric_model(name, model), params, {}
+      info = dict(method=name, avg_bits=lm_quant.NUMERIC_BITS[name])
+    else:
+      qmodel = model
+      qparams, records, info = lm_quant.quantize(name, model, params, calib, config,
+                                                 model.config.n_layers, modules)
+    summary = lm_eval.summarize(lm_eval.score(qmodel, {"params": qparams}, enc),
+                                texts["crows"], texts["stereoset"], fp_scores, **kw)
     rows[name] = _row(summary, info)
-    if config.export == "gptq":
+    if config.export == "gptq" and name in lm_quant.NUMERIC_BITS:
+      info["export"] = None  # a GPTQ checkpoint holds GPTQ's grid, not these numerics
+    elif config.export == "gptq":
       out = os.path.join(seed_dir, "gptq", name.replace(":", "_"))
       if os.path.isdir(out):
         shutil.rmtree(out)  # a partial export of an interrupted run

@@ -4,6 +4,10 @@ A setting is named `<method>@<bits or budget>[:a<alpha>]`:
   rtn@4            round to nearest on GPTQ's grid, every block projection
   gptq@4           GPTQ, block by block (`baq.quant.gptq_decoder`)
   fair_gptq@4:a0.1 Fair-GPTQ with pair weight 0.1
+  llm_int8, nf4, dynamic_int8
+                   the runtimes' numerics (`baq.quant.numerics`, from
+                   `quant.numerics`) on every block projection, as
+                   bitsandbytes and torch compute them (no calibration)
   mixed@3          group-aware mixed precision at 3.0 average bits: layer
                    importance from the LM loss and each bias type's pair loss
                    (`baq.allocation.lm_importance`), the config's reducer, the
@@ -22,10 +26,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from baq.allocation import lm_importance, planner
-from baq.quant import gptq_decoder as gd
+from baq.models.lm.decoder import CausalLM
+from baq.quant import gptq_decoder as gd, numerics
+from baq.quant.inject import QuantSpec, Quantizer
 from baq.train import fit
 
 METHODS = ("rtn", "gptq", "fair_gptq", "mixed")
+NUMERIC_BITS = {"llm_int8": 8.0, "nf4": 4.0, "fp4": 4.0, "dynamic_int8": 8.0}  # nominal
+PROJECTIONS = r"block_\d+/(attn|mlp)/.*"
+
+
+def numeric_model(name: str, model: CausalLM) -> CausalLM:
+  """The LM with a runtime's numerics injected into every block projection."""
+  numerics.NUMERICS.get(name)  # an unknown name lists the valid ones
+  quant = Quantizer(rules=((PROJECTIONS, QuantSpec(numerics=name)),), training=False)
+  return CausalLM(model.config, quant)
 
 
 def _floats(text: str) -> list[float]:
@@ -49,6 +64,9 @@ def settings(config) -> list[str]:
       raise ValueError(f"quant.budgets holds {budget}, outside the allowed bits "
                        f"[{min(choices)}, {max(choices)}] of quant.choices.")
     out.append(f"mixed@{budget:g}")
+  for name in [n.strip() for n in str(q.get("numerics", "")).split(",") if n.strip()]:
+    numerics.NUMERICS.get(name)  # an unknown name lists the valid ones
+    out.append(name)
   for a in _floats(q.alphas) + [q.mixed_alpha]:
     if not (np.isfinite(a) and a >= 0):
       raise ValueError(f"Fair-GPTQ alpha {a} must be finite and >= 0.")
