@@ -23,7 +23,6 @@ from typing import Optional, Sequence
 
 from absl import app, flags
 import numpy as np
-from ml_collections import config_flags
 
 from baq import host
 from baq.data.text import crows_pairs, stereoset as stereoset_data, synthetic, tokenizer as tok
@@ -32,7 +31,7 @@ from baq.models.lm import LM_FAMILIES, hf
 from baq.models.lm.decoder import CausalLM
 from baq.quant import gptq_decoder as gd
 from baq.study import lm_eval, lm_quant
-from baq.train import experiment, fit, workdir as wd
+from baq.train import experiment, fit, sweep, workdir as wd
 
 FLOAT = "fp32"
 
@@ -247,9 +246,7 @@ def format_table(runs: dict[int, dict]) -> str:
 
 
 def _define_flags() -> None:
-  config_flags.DEFINE_config_file("config", "configs/lm.py", "The study's config.")
-  flags.DEFINE_string("root", None, "The study's directory.", required=True)
-  flags.DEFINE_list("seeds", ["0"], "Model seeds.")
+  sweep.define_seed_flags("configs/lm.py", seeds=("0",))
 
 
 def main(argv: Sequence[str]) -> None:

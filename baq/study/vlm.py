@@ -37,12 +37,11 @@ from typing import Optional, Sequence
 from absl import app, flags
 import flax.traverse_util as tu
 import numpy as np
-from ml_collections import config_flags
 
 from baq import host
 from baq.fairness import vlm_metrics
 from baq.study import corrections, stats, vlm_data, vlm_quant
-from baq.train import experiment, workdir as wd
+from baq.train import experiment, sweep, workdir as wd
 
 
 def metrics(emb: dict, data: vlm_data.VLMData, rows, ks: Sequence[int]) -> dict:
@@ -263,9 +262,7 @@ def plot_verdicts(path: str, runs: dict[int, dict]) -> None:
 
 
 def _define_flags() -> None:
-  config_flags.DEFINE_config_file("config", "configs/vlm.py", "The study's config.")
-  flags.DEFINE_string("root", None, "The study's directory.", required=True)
-  flags.DEFINE_list("seeds", ["0"], "Model seeds.")
+  sweep.define_seed_flags("configs/vlm.py", seeds=("0",))
 
 
 def main(argv: Sequence[str]) -> None:

@@ -173,11 +173,12 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int,
   return seed_methods(c, main, extra), list(main["group_names"])
 
 
-def define_seed_flags() -> None:
+def define_seed_flags(config: str = "configs/default.py",
+                      seeds: Sequence[str] = ("0", "1", "2")) -> None:
   """--config, --root (required) and --seeds, shared by the seed-wise entry points."""
-  config_flags.DEFINE_config_file("config", "configs/default.py", "Base config.")
+  config_flags.DEFINE_config_file("config", config, "Base config.")
   flags.DEFINE_string("root", None, "Directory of all runs.")
-  flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
+  flags.DEFINE_list("seeds", list(seeds), "Training seeds.")
   flags.mark_flags_as_required(["root"])
 
 
