@@ -1,0 +1,84 @@
+"""Published quantized-matmul numerics: LLM.int8, NF4/FP4 and torch's dynamic int8.
+
+Each registered `Numeric` has `dot(x, w, **options)`: `x @ w` (x [..., d_in],
+w [d_in, d_out], the Flax Dense layout) as that runtime computes it, and
+`quantize_weight(w, **options)`: the weight as the runtime stores it,
+dequantized. Integer products are exact (int8 x int8 -> int32 in
+`lax.dot_general`) and every float rounding of the runtime happens here in
+its dtype and order, so results are the runtime's to float32 round-off.
+
+  * `llm_int8`: bitsandbytes' MatMul8bitLt (Dettmers et al. 2022): fp16
+    activations; columns with an |x| >= threshold multiplied in fp16, the
+    rest vector-wise int8 (row absmax x output-channel absmax).
+  * `nf4` / `fp4` (weight-only, QLoRA): bitsandbytes' quantize_4bit, nearest
+    code per `blocksize` weights of the torch [out, in] weight, optional
+    double quantization of the absmaxes, matmul in compute_dtype.
+  * `dynamic_int8`: torch.ao.nn.quantized.dynamic.Linear on fbgemm: uint8
+    activations from the tensor's min/max, symmetric qint8 weights.
+
+Options are static Python values (bind them before `jax.jit`); a bad value
+raises a ValueError naming the option and its bound. `ste=True` gives the
+float matmul's gradient (straight-through), the forward unchanged.
+
+The runtimes live one per module (`llm_int8`, `four_bit`, `dynamic_int8`);
+this package registers them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional
+
+import jax
+
+from baq.quant.numerics.dynamic_int8 import (SMALL_SCALE, WEIGHT_EPS, _dynamic_int8_dot,
+                                             _dynamic_int8_weight)
+from baq.quant.numerics.four_bit import (BLOCKSIZES, COMPUTE_DTYPES, DYNAMIC_CODE, FP4_CODE,
+                                         NESTED_BLOCKSIZE, NF4_CODE, _four_bit_dot,
+                                         _four_bit_weight)
+from baq.quant.numerics.llm_int8 import (INT8_DEQUANT, LLM_INT8_THRESHOLD, MM_DEQUANT_CONST,
+                                         OUTLIER_WEIGHTS, _llm_int8_dot, _llm_int8_weight)
+from baq.registry import Registry
+
+__all__ = ["BLOCKSIZES", "COMPUTE_DTYPES", "DYNAMIC_CODE", "FP4_CODE", "INT8_DEQUANT",
+           "LLM_INT8_THRESHOLD", "MM_DEQUANT_CONST", "NESTED_BLOCKSIZE", "NF4_CODE",
+           "NUMERICS", "Numeric", "OUTLIER_WEIGHTS", "SMALL_SCALE", "WEIGHT_EPS"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Numeric:
+  """One runtime's quantized matmul (`baq.quant.inject` runs it for a Dense layer).
+
+  Attributes:
+    name: the registry name (`QuantSpec.numerics`).
+    weight_only: True if only the weight is quantized (activations stay float).
+    dot: (x [..., d_in], w [d_in, d_out], **options) -> x @ w as the runtime computes it.
+    quantize_weight: (w, **options) -> w as the runtime stores it, dequantized.
+    source: the published implementation transcribed.
+  """
+
+  name: str
+  weight_only: bool
+  dot: Callable[..., jax.Array]
+  quantize_weight: Optional[Callable[..., jax.Array]]
+  source: str
+
+
+NUMERICS: Registry[Numeric] = Registry("quantizer numerics")
+
+
+for _numeric in (
+    Numeric("llm_int8", False, _llm_int8_dot, _llm_int8_weight,
+            "bitsandbytes autograd/_functions.py MatMul8bitLt, nn/modules.py Linear8bitLt"),
+    Numeric("nf4", True, functools.partial(_four_bit_dot, "nf4"),
+            functools.partial(_four_bit_weight, "nf4"),
+            "bitsandbytes functional.py quantize_4bit/dequantize_4bit, Linear4bit (QLoRA)"),
+    Numeric("fp4", True, functools.partial(_four_bit_dot, "fp4"),
+            functools.partial(_four_bit_weight, "fp4"),
+            "bitsandbytes functional.py quantize_4bit(quant_type='fp4'), Linear4bit"),
+    Numeric("dynamic_int8", False, _dynamic_int8_dot, _dynamic_int8_weight,
+            "torch.ao.nn.quantized.dynamic.Linear, quantized::linear_dynamic (fbgemm)"),
+):
+  NUMERICS.register(_numeric.name)(_numeric)
+del _numeric
