@@ -183,8 +183,7 @@ def _chunks(n: int, size: int):
   return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _embed(model, variables, tokens: Tokens, batch_size: int) -> np.ndarray:
-  fn = jax.jit(lambda v, ids: model.apply(v, ids, method=type(model).embed))
+def _embed(fn, variables, tokens: Tokens, batch_size: int) -> np.ndarray:
   return np.concatenate([np.asarray(fn(variables, tokens.ids[s]))
                          for s in _chunks(len(tokens.ids), batch_size)])
 
@@ -218,9 +217,11 @@ def _quantize_kernel(w, bits, h, h_pair, opts: Options, name: str):
 
 
 def _record(w, w_q, bits, opts, xtx, n, dtd, m, r, seconds):
-  rec = dict(bits=int(bits), rows=int(n), seconds=seconds, method=opts.method,
-             err=gptq.output_error(xtx, w, w_q) / n,
-             err_rtn=gptq.output_error(xtx, w, np.asarray(gptq.rtn(w, bits, opts.group_size))) / n)
+  err = gptq.output_error(xtx, w, w_q) / n
+  if opts.method != "rtn":  # with RTN, w_q is round to nearest's kernel already
+    err_rtn = gptq.output_error(xtx, w, np.asarray(gptq.rtn(w, bits, opts.group_size))) / n
+  rec = dict(bits=int(bits), rows=int(n), seconds=seconds, method=opts.method, err=err,
+             err_rtn=err if opts.method == "rtn" else err_rtn)
   if dtd is not None:
     rec.update(fair=opts.alpha > 0, pair_rows=int(m),
                pair_err=gptq.output_error(dtd, w, w_q) / m)
@@ -323,12 +324,13 @@ def quantize_decoder(model: nn.Module, variables: Any, calib: Tokens, *,
   lookup = _bits_lookup(bits, quantizable_layers(params, n_layers))
   flat = tu.flatten_dict(params, sep="/")
   bs = options.batch_size
-  h = _embed(model, {"params": params}, calib, bs)
+  embed = jax.jit(lambda v, ids: model.apply(v, ids, method=type(model).embed))
+  h = _embed(embed, {"params": params}, calib, bs)
   mask = calib.mask()
   pair_state = None
   if pairs is not None:
-    pair_state = (_embed(model, {"params": params}, pairs[0], bs),
-                  _embed(model, {"params": params}, pairs[1], bs),
+    pair_state = (_embed(embed, {"params": params}, pairs[0], bs),
+                  _embed(embed, {"params": params}, pairs[1], bs),
                   _pair_mask(pairs[0], pairs[1], options.pair_rows))
   records, block_seconds = {}, []
   run = _block_runner(model)
