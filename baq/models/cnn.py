@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from baq.models import register_model
+from baq.models.layers import max_pool
 from baq.quant.inject import Conv, Dense, Quantizer
 
 
@@ -42,7 +43,7 @@ class SmallCNN(nn.Module):
       strides = (self.stem_stride,) * 2 if i == 0 else 1
       x = nn.relu(conv(w, (3, 3), strides=strides)(x))
       if i < len(self.widths) - 1:
-        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = max_pool(x, (2, 2), (2, 2))
     x = jnp.mean(x, axis=(1, 2))
     if self.hidden:
       x = nn.relu(dense(self.hidden)(x))

@@ -4,9 +4,13 @@ PyTorch's conventions, so converted torchvision / timm weights behave as in
 PyTorch: BatchNorm's momentum and epsilon, the exact (erf) GELU, timm's
 stochastic depth and dense initializer, and the bicubic resize of a ViT
 position table to another patch grid (used by the models and the converter).
+`max_pool` is Flax's, computed without XLA's select-and-scatter on CPU.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -71,3 +75,62 @@ def resize_pos_embed(pos: jnp.ndarray, num_prefix: int, grid: tuple[int, int]) -
   dim = patches.shape[-1]
   patches = jax.image.resize(patches.reshape(1, old, old, dim), (1, *grid, dim), "bicubic")
   return jnp.concatenate([prefix, patches.reshape(1, -1, dim)], axis=1)
+
+
+def max_pool(x: jnp.ndarray, window: Sequence[int], strides: Sequence[int],
+             padding="VALID") -> jnp.ndarray:
+  """`nn.max_pool` of [B, H, W, C], with the same values and the same gradient.
+
+  Non-overlapping windows (window == strides, no padding) are a reshape and
+  a max, and the gradient goes to the first maximum of each window in
+  row-major order, as XLA's select-and-scatter (nn.max_pool's gradient)
+  sends it. That gradient took 31 ms of the main job's 57 ms CPU train step;
+  this one takes a few (benchmarks/train_step.py). Other windows are
+  nn.max_pool's.
+
+  Args:
+    x: [B, H, W, C] activations.
+    window: (rows, cols) of each window.
+    strides: (rows, cols) steps between windows.
+    padding: as nn.max_pool.
+
+  Returns:
+    [B, H', W', C], H' = H // rows (VALID).
+  """
+  window, strides = tuple(window), tuple(strides)
+  if window != strides or padding != "VALID" or x.ndim != 4:
+    return nn.max_pool(x, window, strides, padding=padding)
+  return _tiled_max(x, window)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _tiled_max(x: jnp.ndarray, window: tuple[int, int]) -> jnp.ndarray:
+  return _tiles(x, window).max(axis=(2, 4))
+
+
+def _tiles(x: jnp.ndarray, window: tuple[int, int]) -> jnp.ndarray:
+  """[B, h, rows, w, cols, C]: the windows, the remainder VALID drops cut off."""
+  (r, c), (b, height, width, ch) = window, x.shape
+  h, w = height // r, width // c
+  return x[:, :h * r, :w * c].reshape(b, h, r, w, c, ch)
+
+
+@_tiled_max.defjvp
+def _tiled_max_jvp(window, primals, tangents):
+  # The first maximum of each window in row-major order is selected, as
+  # nn.max_pool's select-and-gather does: the tangent is that element's, and
+  # its transpose (the gradient) sends each window's cotangent to it, as
+  # select-and-scatter does. The output is selected the same way, so a jvp
+  # of this rule (an HVP, jvp of grad) differentiates the same element.
+  (x,), (dx,) = primals, tangents
+  tiles, dtiles = _tiles(x, window), _tiles(dx, window)
+  peak = jax.lax.stop_gradient(tiles.max(axis=(2, 4)))
+  taken = jnp.zeros(peak.shape, bool)
+  y, dy = jnp.full_like(peak, jnp.nan), jnp.zeros_like(peak)  # NaN windows stay NaN
+  for i in range(window[0]):
+    for j in range(window[1]):
+      first = (tiles[:, :, i, :, j] == peak) & ~taken
+      taken = taken | first
+      y = jnp.where(first, tiles[:, :, i, :, j], y)
+      dy = jnp.where(first, dtiles[:, :, i, :, j], dy)
+  return y, dy
