@@ -129,6 +129,10 @@ class CroppedImages:
   whatever is read: an example's pixels do not depend on what else is read
   with it, so any batch equals those rows of the whole split cropped at
   once. Nothing is read or cropped until indexed.
+
+  Args:
+    images: uint8 [n, H, W, C] images, an array or `RecordImages`.
+    fraction: the central fraction of each side kept, in (0, 1].
   """
 
   def __init__(self, images: Any, fraction: float):
