@@ -51,16 +51,18 @@ def test_crop_boxes_follow_the_scale_and_ratio_bounds():
 
 def test_jitter_factors_act_as_written():
   imgs = _images(n=4).astype(np.float32)
-  rngs = [np.random.default_rng(i) for i in range(4)]
   f = np.array([np.random.default_rng(i).uniform(0.5, 1.5) for i in range(4)], np.float32)
-  got = aug._jitter(imgs, rngs, aug.Recipe(brightness=0.5))
+
+  def jitter(recipe, rngs):  # in place: on copies
+    return np.stack([aug.jitter(im.copy(), r, recipe) for im, r in zip(imgs, rngs)])
+  got = jitter(aug.Recipe(brightness=0.5), [np.random.default_rng(i) for i in range(4)])
   np.testing.assert_allclose(got, np.clip(imgs * f[:, None, None, None], 0, 255), rtol=1e-6)
   # Saturation 0 factor turns every pixel to its grey (here forced by a 1-strength draw of 0).
   grey = imgs @ np.array([0.299, 0.587, 0.114], np.float32)
-  out = aug._jitter(imgs, [_Fixed(0.0)] * 4, aug.Recipe(saturation=1.0))
+  out = jitter(aug.Recipe(saturation=1.0), [_Fixed(0.0)] * 4)
   np.testing.assert_allclose(out, np.repeat(grey[..., None], 3, -1), rtol=1e-5, atol=1e-3)
   # Contrast 0 factor: every pixel at the image's mean grey.
-  out = aug._jitter(imgs, [_Fixed(0.0)] * 4, aug.Recipe(contrast=1.0))
+  out = jitter(aug.Recipe(contrast=1.0), [_Fixed(0.0)] * 4)
   np.testing.assert_allclose(out, np.broadcast_to(grey.mean((1, 2))[:, None, None, None],
                                                   imgs.shape), rtol=1e-5)
 
@@ -130,3 +132,70 @@ def test_config_section_to_recipe_and_unknown_options(make_tiny_config):
   c = make_tiny_config(**{"dataset.eval_center_crop": 1.5})
   with pytest.raises(ValueError, match="eval_center_crop=1.5"):
     validate.validate(c)
+
+
+# The batched numpy implementation this module had before it worked one image
+# at a time (take_along_axis gathers over the whole batch): the reference the
+# faster one must match to 1e-3 on the uint8 scale.
+def _old_resize_crops(images, boxes, size):
+  def coords(start, extent, n):
+    c = (np.arange(n)[None, :] + 0.5) * extent[:, None] / n - 0.5
+    c = np.clip(c, 0, extent[:, None] - 1)
+    lo = np.floor(c).astype(np.int64)
+    hi = np.minimum(lo + 1, extent[:, None] - 1)
+    return start[:, None] + lo, start[:, None] + hi, (c - lo).astype(np.float32)
+  y0, y1, fy = coords(boxes[:, 0], boxes[:, 2], size[0])
+  x0, x1, fx = coords(boxes[:, 1], boxes[:, 3], size[1])
+  img = images.astype(np.float32)
+  rows = lambda y: np.take_along_axis(img, y[:, :, None, None], axis=1)  # noqa: E731
+  fy = fy[:, :, None, None]
+  tall = rows(y0) * (1 - fy) + rows(y1) * fy
+  cols = lambda x: np.take_along_axis(tall, x[:, None, :, None], axis=2)  # noqa: E731
+  fx = fx[:, None, :, None]
+  return cols(x0) * (1 - fx) + cols(x1) * fx
+
+
+def _old_augment(images, recipe, seed, step):
+  rngs = [np.random.default_rng([seed, step, aug.AUGMENT_STREAM, i]) for i in range(len(images))]
+  height, width = images.shape[1:3]
+  img = images.astype(np.float32)
+  if recipe.random_resized_crop:
+    boxes = np.array([aug.crop_box(r, height, width, recipe.crop_scale, recipe.crop_ratio)
+                      for r in rngs])
+    img = _old_resize_crops(images, boxes, (height, width))
+  for axis, on in ((2, recipe.hflip), (1, recipe.vflip)):
+    if on:
+      flip = np.array([r.random() < 0.5 for r in rngs])
+      img = np.where(flip[:, None, None, None], np.flip(img, axis), img)
+  grey = np.array([0.299, 0.587, 0.114], np.float32)
+  def factors(strength):
+    return np.array([r.uniform(1 - strength, 1 + strength) for r in rngs],
+                    np.float32)[:, None, None, None]
+  if recipe.brightness:
+    img = np.clip(img * factors(recipe.brightness), 0, 255)
+  if recipe.contrast:
+    mean = (img @ grey).mean(axis=(1, 2))[:, None, None, None]
+    img = np.clip((img - mean) * factors(recipe.contrast) + mean, 0, 255)
+  if recipe.saturation:
+    g = (img @ grey)[..., None]
+    img = np.clip((img - g) * factors(recipe.saturation) + g, 0, 255)
+  return img
+
+
+@pytest.mark.parametrize("recipe", [
+    aug.PAPER_RECIPE, aug.Recipe(hflip=True, vflip=True), aug.Recipe(contrast=0.5),
+    aug.Recipe(random_resized_crop=True, crop_scale=(0.01, 0.05), crop_ratio=(0.2, 5.0),
+               vflip=True, saturation=0.9)])
+def test_augment_matches_the_batched_reference(recipe):
+  imgs = _images(n=12, h=40, w=36, seed=1)
+  for step in (0, 7):
+    got = aug.augment(imgs, recipe, 5, step)
+    want = _old_augment(imgs, recipe, 5, step)
+    assert got.dtype == np.float32 and got.shape == imgs.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+  boxes = np.array([[0, 0, 40, 36], [1, 2, 3, 4], [10, 0, 30, 36], [0, 35, 40, 1]] * 3)
+  for size in ((40, 36), (7, 50)):
+    np.testing.assert_allclose(aug.resize_crops(imgs, boxes, size),
+                               _old_resize_crops(imgs, boxes, size), rtol=0, atol=1e-3)
+  np.testing.assert_allclose(aug.center_crop(imgs, 0.875), _old_resize_crops(
+      imgs, np.array([[2, 2, 35, 32]] * 12), (40, 36)), rtol=0, atol=1e-3)

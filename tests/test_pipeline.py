@@ -133,3 +133,15 @@ def test_bad_arguments_raise():
     pipeline.Batcher(split, 32)
   with pytest.raises(ValueError, match="step"):
     pipeline.Batcher(split, 4).batch(-1)
+
+
+def test_normalize_is_the_per_channel_formula_bit_for_bit():
+  """The row-tiled constants change the loop, not the values."""
+  mean, std = np.float32(pipeline.MEAN_RGB), np.float32(pipeline.STD_RGB)
+  x = np.random.default_rng(0).integers(0, 256, (3, 5, 7, 3)).astype(np.uint8)
+  for im in (x, x.astype(np.float32) / 3, x.astype(np.float64) + 0.1, x[:, ::2, ::-1], x[0, 0, 0]):
+    got = pipeline.normalize(im)
+    assert got.dtype == np.float32 and got.shape == im.shape
+    np.testing.assert_array_equal(got, (im.astype(np.float32) - mean) / std)
+  got = pipeline.normalize(x, mean=(1.0, 2.0, 3.0), std=(2.0, 4.0, 8.0))
+  np.testing.assert_array_equal(got[..., 2], (x[..., 2] - np.float32(3)) / np.float32(8))

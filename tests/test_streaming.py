@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from baq.data import augment, datasets, records
-from baq.data.pipeline import Batcher, batches
+from baq.data.pipeline import Batcher, batches, eval_batches
+from baq.models import build_model
 from baq.train import experiment, sharding, trainer
+from baq.train.evaluate import evaluate_split
 from baq.train.checkpoint import restore_variables
 
 
@@ -61,6 +63,47 @@ def test_worker_processes_make_the_same_batches_in_order(both):
   for g, w in zip(got, want):
     for k in w:
       np.testing.assert_array_equal(g[k], w[k])
+
+
+def test_streamed_centre_crop_evaluation_is_lazy_and_equals_the_in_memory_one(
+    make_tiny_config, monkeypatch):
+  """`dataset.eval_center_crop` on a streamed split crops each batch as it is
+  read (no image is read when the data load, none but a batch's at a time
+  later) and gives the in-memory path's batches and metrics exactly."""
+  reads = []
+  original = records.RecordImages._read
+  monkeypatch.setattr(records.RecordImages, "_read",
+                      lambda self, p: reads.append(len(p)) or original(self, p))
+  crop = {"dataset.eval_center_crop": 0.75}
+  mem = experiment.load_data(make_tiny_config(**crop))
+  lazy = experiment.load_data(make_tiny_config(**crop, **{"dataset.stream": True}))
+  assert reads == []
+  for k in ("validation", "test"):
+    assert isinstance(lazy[k].images, records.CroppedImages)
+    assert isinstance(mem[k].images, np.ndarray) and mem[k].images.dtype == np.uint8
+    assert lazy[k].images.shape == mem[k].images.shape
+  test, batch = mem["test"], 48
+  # The in-memory crop is the reference's: centre crop, rounded to uint8.
+  c = make_tiny_config()
+  raw = datasets.load(c.dataset.name, c.dataset.test_split, data_dir=c.dataset.data_dir,
+                      **c.dataset.kwargs.to_dict())
+  want = np.clip(np.round(augment.center_crop(raw.images, 0.75)), 0, 255).astype(np.uint8)
+  np.testing.assert_array_equal(test.images, want)
+  assert not np.array_equal(test.images, raw.images)
+  got = list(eval_batches(lazy["test"], batch))
+  assert max(reads) == batch and sum(reads) == batch * len(got)  # a batch per read
+  for g, w in zip(got, eval_batches(test, batch)):
+    for k in w:
+      np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+  idx = np.array([3, 0, 100, 3])
+  np.testing.assert_array_equal(lazy["test"].images[idx], test.images[idx])
+  np.testing.assert_array_equal(lazy["test"].images[-1], test.images[-1])
+  np.testing.assert_array_equal(lazy["test"].images.take(idx)[1:3], test.images[idx][1:3])
+  np.testing.assert_array_equal(np.asarray(lazy["validation"].images), mem["validation"].images)
+  model = build_model(c.model.name, test.num_classes, None, **c.model.kwargs.to_dict())
+  variables = model.init(jax.random.key(0), np.zeros((1,) + test.images.shape[1:], np.float32))
+  a, b = (evaluate_split(model, variables, d["test"], batch) for d in (mem, lazy))
+  assert a == b and 0 < a["accuracy"] < 1
 
 
 class Preempted(Exception):

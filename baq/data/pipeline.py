@@ -36,9 +36,21 @@ _BALANCED_STREAM, _FLIP_STREAM = 1, 2
 
 
 def normalize(images: np.ndarray, mean=MEAN_RGB, std=STD_RGB) -> np.ndarray:
-  """uint8-scale [..., C] images (uint8 or float) to float32 (x - mean) / std."""
-  mean = np.asarray(mean, np.float32)
-  return (images.astype(np.float32) - mean) / np.asarray(std, np.float32)
+  """uint8-scale [..., C] images (uint8 or float) to float32 (x - mean) / std.
+
+  The per-channel constants are tiled along whole rows ([..., W * C]): with
+  a [C] operand numpy's inner loop runs over 3-long pixels, several times
+  slower than over rows, and the cast happens inside the subtraction
+  instead of in a pass of its own. Same operations, same values.
+  """
+  images = np.asarray(images)
+  ch = images.shape[-1]
+  lane = ch * (images.shape[-2] if images.ndim > 1 else 1)
+  mean = np.tile(np.asarray(mean, np.float32), lane // ch)
+  std = np.tile(np.asarray(std, np.float32), lane // ch)
+  out = np.subtract(images.reshape(-1, lane), mean, dtype=np.float32)
+  out /= std
+  return out.reshape(images.shape)
 
 
 class Batcher:

@@ -7,6 +7,11 @@ integer array) reads just those examples from the tfds array_record files.
 from `split.images` (the batcher, evaluation, export) then works on a split
 larger than memory, reading each batch when it is needed.
 
+`CroppedImages` is a view of the same kind over any images (an array or
+`RecordImages`): each read is centre-cropped (`augment.center_crop`) and
+rounded back to uint8 on the way out, so centre-crop evaluation of a
+streamed split reads one batch at a time as well.
+
 `load_streaming()` is the switch: inside it, `baq.data.datasets.read_all`
 returns `RecordImages` for the image feature (the other fields are read, a
 chunk of records at a time, and kept).
@@ -16,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
+
+from baq.data import augment
 
 _STREAMING = contextvars.ContextVar("baq_streaming", default=False)
 CHUNK = 1024  # records parsed per read while collecting the small fields
@@ -113,6 +120,84 @@ class RecordImages:
   def __array__(self, dtype=None, copy=None) -> np.ndarray:
     out = self[:]
     return out if dtype is None else out.astype(dtype)
+
+
+class CroppedImages:
+  """Images whose reads come back centre-cropped, as uint8 (see the module docstring).
+
+  `augment.center_crop(images, fraction)`, rounded and clipped to uint8, of
+  whatever is read: an example's pixels do not depend on what else is read
+  with it, so any batch equals those rows of the whole split cropped at
+  once. Nothing is read or cropped until indexed.
+
+  Args:
+    images: uint8 [n, H, W, C] images, an array or `RecordImages`.
+    fraction: the central fraction of each side kept, in (0, 1].
+  """
+
+  def __init__(self, images: Any, fraction: float):
+    if not 0 < fraction <= 1:
+      raise ValueError(f"center crop fraction={fraction} must lie in (0, 1].")
+    self._images, self.fraction = images, float(fraction)
+    self.dtype, self.shape = np.dtype(np.uint8), tuple(images.shape)
+    self.ndim = len(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """What the cropped images would take in memory (none of it is held)."""
+    return int(np.prod(self.shape))
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def take(self, order, axis: int = 0) -> "CroppedImages":
+    """The same images in `order` (nothing is read)."""
+    if axis != 0:
+      raise ValueError("CroppedImages can only be re-ordered along the example axis.")
+    return CroppedImages(self._images.take(np.asarray(order), axis=0), self.fraction)
+
+  def _crop(self, images: np.ndarray) -> np.ndarray:
+    out = augment.center_crop(np.asarray(images), self.fraction)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+  def __getitem__(self, index) -> np.ndarray:
+    if isinstance(index, tuple):  # images[examples, ...]: crop, then index the rest
+      head, rest = index[0], index[1:]
+      out = self[head]
+      return out[(slice(None),) + rest] if out.ndim == self.ndim else out[rest]
+    if isinstance(index, (int, np.integer)):
+      return self._crop(self._images[[int(index)]])[0]
+    return self._crop(self._images[index])
+
+  def astype(self, dtype) -> np.ndarray:
+    """Every image, cropped (the whole split in memory)."""
+    return np.asarray(self).astype(dtype)
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    out = np.empty(self.shape, np.uint8)
+    for start in range(0, len(self), CHUNK):  # a chunk's float32 crop at a time
+      out[start:start + CHUNK] = self[start:start + CHUNK]
+    return out if dtype is None else out.astype(dtype)
+
+
+def center_cropped(images: Any, fraction: Optional[float]) -> Any:
+  """`images` centre-cropped on every read (None or 1: `images` itself).
+
+  The one place evaluation's centre crop is applied: lazy images
+  (`RecordImages`) stay lazy behind a `CroppedImages` view; an in-memory
+  array is cropped once, through the same view, a chunk at a time.
+
+  Args:
+    images: uint8 [n, H, W, C], an array or a lazy view.
+    fraction: the central fraction of each side kept.
+
+  Returns:
+    uint8 images of the same shape: an array for an array, else a view.
+  """
+  if fraction is None or fraction == 1:
+    return images
+  view = CroppedImages(images, fraction)
+  return np.asarray(view) if isinstance(images, np.ndarray) else view
 
 
 def read_fields(source, skip: str = "image") -> tuple[dict[str, np.ndarray], RecordImages]:

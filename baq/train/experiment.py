@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from baq.allocation import planner
-from baq.data import augment, datasets
+from baq.data import datasets, records
 from baq.fairness import metrics
 from baq.models import build_model
 from baq.quant import units
@@ -55,7 +55,8 @@ def load_data(config: ml_collections.ConfigDict) -> dict:
 
   With `dataset.eval_center_crop` the validation and test images are the
   central fraction of each side, resized back (and rounded to uint8), as
-  every evaluation and export then sees them.
+  every evaluation and export then sees them: cropped at once in memory,
+  or, streamed, on each read (`records.center_cropped`).
   """
   d = config.dataset
   kw = dict(data_dir=d.data_dir, stream=bool(d.get("stream", False)), **d.kwargs.to_dict())
@@ -65,8 +66,8 @@ def load_data(config: ml_collections.ConfigDict) -> dict:
   crop = d.get("eval_center_crop")
   if crop is not None:
     for k in ("validation", "test"):
-      images = np.clip(np.round(augment.center_crop(splits[k].images, crop)), 0, 255)
-      splits[k] = dataclasses.replace(splits[k], images=images.astype(np.uint8))
+      splits[k] = dataclasses.replace(splits[k],
+                                      images=records.center_cropped(splits[k].images, crop))
   return splits
 
 
