@@ -167,3 +167,25 @@ def test_bad_names_and_options_are_refused_before_any_work(make_tiny_config, tmp
   assert not os.path.exists(os.path.join(workdir, "fp32"))  # nothing trained
   with pytest.raises(error, match=match):  # eval.py's config check
     validate.load_config(workdir, config)
+
+
+def test_the_bias_study_runs_a_runtime_as_one_setting(tiny_data_dir, tmp_path):
+  """configs/bias_study.py:tiny with study.quantizers=nf4: one cell per seed,
+  at 4 bits, whose predictions are the hand-built nf4 model's on the cell's
+  float model and whose bits are the main job's, by hand."""
+  from baq.study import runner  # pylint: disable=import-outside-toplevel
+  from configs import bias_study  # pylint: disable=import-outside-toplevel
+  c = bias_study.get_config("tiny")
+  c.dataset.data_dir = tiny_data_dir
+  c.study.quantizers, c.study.seeds = "nf4", (0,)
+  assert [(x.name, x.bits) for x in runner.grid(c)] == [("nf4_s0", 4.0)]
+  root = str(tmp_path / "study")
+  out = runner.run_study(c, root)
+  assert "nf4" in out["settings"]
+  rec = json.load(open(os.path.join(root, "nf4_s0", "metrics.json")))
+  assert rec["avg_bits"] == pytest.approx((4 * DENSE + 32 * CONV) / (DENSE + CONV))
+  test = experiment.load_data(c)["test"]
+  hand, variables = _hand_nf4(c, os.path.join(root, "fp32_s0", "run"), test)
+  want = predict_logits(hand, variables, test, c.eval_batch_size).argmax(-1)
+  got = np.load(os.path.join(root, "nf4_s0", "predictions.npz"))["logits"].argmax(-1)
+  np.testing.assert_array_equal(got, want)
