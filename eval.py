@@ -3,11 +3,14 @@
   python eval.py --workdir=/tmp/baq_default
   python eval.py --workdir=/tmp/baq_default --diagnostics
   python eval.py --workdir=/tmp/baq_default --export=onnx,safetensors
+  python eval.py --config=configs/default.py --workdir=/tmp/baq_default \
+    --config.baselines=uniform8,uniform3,llm_int8,nf4,dynamic_int8
 
 Reads WORKDIR/config.json (or --config with overrides), evaluates every run
 in the workdir on the test split, re-exports each method's allocation and
 the formats of --export (or the config's `export`), prints the table and
-writes WORKDIR/report.json. With
+writes WORKDIR/report.json; the runtimes' numerics of `config.baselines`
+(the last command) need nothing trained, only fp32. With
 --diagnostics it writes instead the per-group analysis of every model
 (logit variance, loss, accuracy, gradient norm, Hessian trace, top
 eigenvalue): WORKDIR/diagnostics.json, diagnostics.png, bits_vs_importance.png.

@@ -55,7 +55,9 @@ def study_options() -> ml_collections.ConfigDict:
     A ConfigDict of every option the runner reads (baq.study.runner.OPTIONS).
   """
   s = ml_collections.ConfigDict()
-  s.quantizers = "rtn,gptq,fair_gptq,qat,baq"  # comma-separated, from baq.study.runner.QUANTIZERS
+  # Comma-separated, from baq.study.runner.QUANTIZERS; the runtimes' numerics
+  # (llm_int8, nf4, fp4, dynamic_int8) are one setting each.
+  s.quantizers = "rtn,gptq,fair_gptq,qat,baq"
   s.bits = (8, 4)  # bit-widths of rtn, gptq, fair_gptq, qat
   s.baq_bits = (4.0,)  # BAQ's average-bit budgets; () = `bits`
   s.seeds = (0, 1, 2)  # training seeds (config.seed); each has its own float model

@@ -20,6 +20,8 @@ Any field can be overridden, e.g. `--config.quant.target_bits=5.0`
 
 import ml_collections
 
+from baq.quant import numerics
+
 
 # Over 60 lines: one commented line per config field, as big_vision's configs are.
 def get_config(arg=None):
@@ -79,7 +81,19 @@ def get_config(arg=None):
   # fine-tuned from the same float model, and compared in the report.
   c.mode = "baq"
   c.qat_bits = 4  # bit-width of mode=qat
-  c.baselines = "uniform8,uniform3"  # comma-separated uniform<B> names; "" for none
+  # Comma-separated baselines ("" for none): uniform<B> (B-bit QAT fine-tuned
+  # from fp32, and its round-to-nearest PTQ) and any runtime's numerics of
+  # baq.quant.numerics (llm_int8, nf4, fp4, dynamic_int8): fp32's weights
+  # with every quantized Dense layer computing as that runtime, no training
+  # (baq/train/runtime_baselines.py), e.g. "uniform8,uniform3,llm_int8,nf4".
+  c.baselines = "uniform8,uniform3"
+  # The runtimes' options, name -> {option: value}, at the runtimes' defaults
+  # (baq.quant.numerics.default_options): llm_int8 threshold (outliers |x| >=
+  # it; 0: none) and outlier_weights (int8 | float16); nf4/fp4 blocksize
+  # (32..4096, powers of two), double_quant and compute_dtype (float16 |
+  # bfloat16 | float32); dynamic_int8 reduce_range and per_channel. E.g.
+  # --config.numerics_options.nf4.blocksize=128.
+  c.numerics_options = ml_collections.ConfigDict(numerics.default_options())
   # Formats each method is exported to (baq.train.deploy.EXPORTERS):
   # safetensors (packed codes), onnx (for onnxruntime), qwix (Qwix rules: Dense
   # layers, per-channel units and absmax scales only).

@@ -10,6 +10,8 @@
   * `trained_cell`: uniform QAT or BAQ fine-tuned from the float model by the
     trainer (`train`, resuming from its checkpoints), set up for evaluation by
     `create_train_state`, BAQ deployed at integer bits.
+  * `numerics_cell`: a runtime's numerics (llm_int8, nf4, fp4, dynamic_int8)
+    on the float model, as the main job's runtime baselines.
 
 Each cell function takes the Cell and the seed's FloatRun and returns the
 test split's logits and what the cell's metrics.json records; `COMPUTE` maps
@@ -31,7 +33,8 @@ from baq.data.pipeline import normalize
 from baq.models import build_model
 from baq.quant import gptq_model, units
 from baq.study import pairs
-from baq.train import workdir as wd
+from baq.quant.numerics import NUMERICS
+from baq.train import runtime_baselines, workdir as wd
 from baq.train.checkpoint import restore_variables
 from baq.train.evaluate import predict_logits
 from baq.train.modes import get_mode, run_steps
@@ -221,9 +224,24 @@ def trained_cell(cell: Cell, fp: FloatRun) -> tuple[np.ndarray, dict]:
                         c.eval_batch_size), info
 
 
+def numerics_cell(cell: Cell, fp: FloatRun) -> tuple[np.ndarray, dict]:
+  """A runtime's numerics (`cell.quantizer`, e.g. nf4) on the float model's Dense layers,
+  as the main job's runtime baseline (`baq.train.runtime_baselines`, its bits and size).
+
+  Returns:
+    ([n, C] test logits, the record for the cell's metrics.json).
+  """
+  test, variables = fp.data["test"], fp.variables()
+  model = runtime_baselines.model(fp.config, cell.quantizer, test.num_classes)
+  info = runtime_baselines.storage(fp.config, cell.quantizer, model, variables,
+                                   np.zeros((1,) + test.images.shape[1:], np.float32))
+  return predict_logits(model, variables, test, fp.config.eval_batch_size), info
+
+
 # quantizer -> how its cell is computed (wd.FLOAT: the float model itself).
 COMPUTE = {wd.FLOAT: float_cell, "rtn": ptq_cell, "gptq": ptq_cell, "fair_gptq": ptq_cell,
-           "qat": trained_cell, "baq": trained_cell}
+           "qat": trained_cell, "baq": trained_cell,
+           **{name: numerics_cell for name in NUMERICS.names()}}
 
 # Fields that change no cell's predictions: they may differ when a study resumes.
 NOT_IN_CELLS = ("study", "diagnostics", "imports", "log_every", "eval_every",

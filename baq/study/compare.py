@@ -5,8 +5,9 @@ r"""Paired tests between two methods' finished runs, one pair per seed.
     --against=R/seed0:uniform3,R/seed1:uniform3,...
 
 Each entry is WORKDIR:METHOD, where METHOD is `fp32`, a uniform baseline
-(`uniform<B>`, read from WORKDIR/uniform<B>) or a mode of the workdir's
-config (deployed at its integer bits, as the report evaluates it). Entry i
+(`uniform<B>`, read from WORKDIR/uniform<B>), a runtime baseline (`nf4`,
+`llm_int8`, ...: fp32 under that runtime's matmul) or a mode of the
+workdir's config (deployed at its integer bits, as the report evaluates it). Entry i
 of --runs is paired with entry i of --against (the same seed); both must
 be evaluated on the same test examples. Printed, for the runs minus the
 reference (`baq.study.stats`):
@@ -30,7 +31,7 @@ import numpy as np
 from baq import host
 from baq.models import build_model
 from baq.study import corrections, stats
-from baq.train import deploy, experiment, validate, workdir as wd
+from baq.train import deploy, experiment, runtime_baselines, validate, workdir as wd
 from baq.train.checkpoint import restore_variables
 from baq.train.evaluate import predict_logits
 from baq.train.modes import get_mode
@@ -46,6 +47,9 @@ def correct(entry: str) -> tuple[np.ndarray, object]:
   kw = config.model.kwargs.to_dict()
   if method == wd.FLOAT:
     model = build_model(config.model.name, test.num_classes, None, **kw)
+    variables = restore_variables(wd.float_dir(config, workdir))
+  elif wd.is_runtime(method):  # a runtime baseline: fp32's weights under its matmul
+    model = runtime_baselines.model(config, method, test.num_classes)
     variables = restore_variables(wd.float_dir(config, workdir))
   elif method.startswith(wd.UNIFORM):
     bits = wd.parse_uniform(method)

@@ -34,6 +34,11 @@ Quantizers (weights only; `config.quant.float_layers` stay float):
              (trainer mode qat, `config.steps`; granularity from
              `config.quant.granularity`, per-layer by default).
   baq        BAQ at B average bits (trainer mode baq, deployed at integers).
+  llm_int8, nf4, fp4, dynamic_int8
+             a runtime's numerics on the float model's Dense layers (one
+             setting each, at the runtime's code bits; convolutions float;
+             options from `config.numerics_options`), as the main job's
+             runtime baselines (`baq.train.runtime_baselines`).
 The PTQ methods are per-channel, as GPTQ's grid is; QAT and BAQ follow the
 config. `study.reuse` (e.g. "/tmp/baq_claims/seed{seed}", a train.py workdir
 per seed) reuses its finished fp32/, uniform<B>/ and baq/ (when that run's
@@ -54,7 +59,8 @@ import numpy as np
 from baq.fairness import metrics
 from baq.study import cells as study_cells, corrections, report
 from baq.study.cells import Cell
-from baq.train import experiment, workdir as wd
+from baq.quant.numerics import NUMERICS
+from baq.train import experiment, runtime_baselines, workdir as wd
 from baq.train.validate import validate
 
 QUANTIZERS = tuple(q for q in study_cells.COMPUTE if q != wd.FLOAT)
@@ -116,6 +122,10 @@ def grid(config: ml_collections.ConfigDict) -> list[Cell]:
   """
   s, out = settings(config), []
   for q in _quantizers(s):
+    if q in NUMERICS:  # no bit-width of its own: the runtime's code bits
+      b = NUMERICS.get(q).storage(1, 1, **runtime_baselines.options(config, q))[0]
+      out += [Cell(wd.cell_name(q, seed), q, q, b, int(seed)) for seed in s.seeds]
+      continue
     for b in (s.baq_bits or s.bits) if q == "baq" else s.bits:
       for a in s.alphas if q == "fair_gptq" else (0.0,):
         setting = (f"baq_b{b:g}" if q == "baq" else

@@ -206,7 +206,8 @@ def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Diagnostics of every model in a train.py workdir (eval.py --diagnostics).
 
   Models: fp32, each uniform<B> baseline (QAT) and its round-to-nearest
-  version (_ptq), and each method, all evaluated as deployed; the settings
+  version (_ptq), each runtime baseline (nf4, ...: straight-through
+  gradients) and each method, all evaluated as deployed; the settings
   are `config.diagnostics`.
 
   Returns:

@@ -4,8 +4,10 @@
 the layout of `baq.train.workdir` (fp32/, uniform<B>/, one directory per
 method of `config.mode`, allocation_plan.json), and then `report` (also
 eval.py) evaluates every run on the test split, adds the
-post-training-quantized uniform figures, exports each method's integer
-allocation and packed weights, prints one table and writes report.json.
+post-training-quantized uniform figures and the runtime baselines
+(`baq.train.runtime_baselines`: llm_int8, nf4, ... of `config.baselines`,
+computed from fp32), exports each method's integer allocation and packed
+weights, prints one table and writes report.json.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from baq.data import datasets, records
 from baq.fairness import metrics
 from baq.models import build_model
 from baq.quant import units
-from baq.train import deploy, workdir as wd
+from baq.train import deploy, runtime_baselines, workdir as wd
 from baq.train.checkpoint import restore_variables
 from baq.train.evaluate import evaluate_split
 from baq.train.modes import budget_bits, get_mode, run_steps, selected
@@ -149,14 +151,22 @@ def allocation_plan(config: ml_collections.ConfigDict, workdir: str, float_varia
 
 def baseline_runs(config: ml_collections.ConfigDict, workdir: str, num_classes: int,
                   float_vars: dict, split) -> Iterator[tuple]:
-  """(name, eval-mode model, variables) of each uniform baseline and its PTQ version."""
-  if selected(config) == ["float"]:
-    return
-  for b in wd.baseline_bits(config):
+  """(name, eval-mode model, variables) of each baseline, in `config.baselines` order.
+
+  A uniform baseline (trained beside a quantized method only) gives its run
+  and its PTQ version; a runtime baseline, fp32's weights under that
+  runtime's matmul (`runtime_baselines.model`), whatever the mode.
+  """
+  trained = selected(config) != ["float"]
+  for name in wd.baseline_names(config):
+    if wd.is_runtime(name):
+      yield name, runtime_baselines.model(config, name, num_classes), float_vars
+      continue
+    if not trained:
+      continue
     model = build_model(config.model.name, num_classes,
-                        get_mode(config, "qat", b).quantizer.replace(training=False),
-                        **config.model.kwargs.to_dict())
-    name = wd.uniform_name(b)
+                        get_mode(config, "qat", wd.parse_uniform(name)).quantizer.replace(
+                            training=False), **config.model.kwargs.to_dict())
     yield name, model, restore_variables(wd.path(workdir, name))
     yield wd.ptq_name(name), model, dict(float_vars,
                                          params=init_quantized(model, split, float_vars["params"]))
@@ -180,19 +190,25 @@ def report(config: ml_collections.ConfigDict, workdir: str, data: Optional[dict]
   methods = {wd.FLOAT: fm}
   for name, model, variables in baseline_runs(config, workdir, test.num_classes, float_vars,
                                               test):
-    layers = units.find_units(variables["params"])
-    methods[name] = deploy.quantized_entry(config, model, variables, test, layers)
+    methods[name] = (runtime_baselines.entry(config, name, model, variables, test)
+                     if wd.is_runtime(name) else deploy.quantized_entry(
+                         config, model, variables, test, units.find_units(variables["params"])))
   for mode in selected(config):
     if mode != "float":
       methods[wd.method_name(config, mode)] = deploy.export_method(config, workdir, mode, test)
   out = {"methods": methods, "dataset": config.dataset.name, "split": config.dataset.test_split,
          "group_names": list(test.group_names), "seed": config.seed,
          "note": "fp32: float; uniformB: B-bit QAT fine-tuned from fp32; uniformB_ptq: "
-                 "B-bit round-to-nearest of fp32, no training; " + name_note(config)}
+                 "B-bit round-to-nearest of fp32, no training; " +
+                 runtime_baselines.note(config) + name_note(config)}
   if is_primary():  # every host evaluates; one writes
     path = wd.path(workdir, wd.REPORT_FILE)
     wd.write_json(path, out)
     print(metrics.format_table(methods, test.group_names), flush=True)
+    skipped = runtime_baselines.export_note(
+        config, deploy.export_formats(config.get("export", "safetensors")))
+    if skipped:
+      print(skipped, flush=True)
     print(f"report: {path}", flush=True)
   return out
 
@@ -204,10 +220,16 @@ def check_finished(config: ml_collections.ConfigDict, workdir: str) -> None:
     FileNotFoundError: naming the run and its latest step; nothing is written.
   """
   runs = [(wd.float_dir(config, workdir), None)]
-  for mode in selected(config):
+  quantized = [m for m in selected(config) if m != "float"]
+  for mode in quantized:
     spec = get_mode(config, mode)
-    if mode != "float" and spec.trains:
+    if spec.trains:
       runs.append((wd.path(workdir, wd.method_name(config, mode)), run_steps(config, spec)))
+  # Uniform baselines train beside a quantized method; a runtime baseline
+  # needs fp32 alone.
+  for b in wd.baseline_bits(config) if quantized else ():
+    runs.append((wd.path(workdir, wd.uniform_name(b)),
+                 run_steps(config, get_mode(config, "qat", b))))
   for run_dir, steps in runs:
     latest = wd.latest_step(run_dir)
     if latest is None or (steps is not None and latest != steps):

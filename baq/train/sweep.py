@@ -104,7 +104,7 @@ def format_per_seed(runs: dict[int, dict], seeds: Sequence[int],
   Args:
     runs: seed -> `seed_methods` of that seed.
     seeds: the seeds, in order.
-    baselines: the uniform baselines' names (those missing are left out).
+    baselines: the baselines' names (those missing are left out).
 
   Returns:
     A heading line and one line per seed.
@@ -200,7 +200,7 @@ def main(argv: Sequence[str]) -> None:
   runs, group_names = {}, []
   for s in seeds:
     runs[s], group_names = run_seed(f.config, f.root, s, [float(b) for b in f.extra_bits])
-  baselines = [wd.uniform_name(b) for b in wd.baseline_bits(f.config)]
+  baselines = wd.baseline_names(f.config)  # uniform<B> and runtime baselines alike
   print("\n" + format_summary(runs, seeds))
   print("\n" + format_per_seed(runs, seeds, baselines))
   if f.per_group:

@@ -21,7 +21,7 @@ from baq.data.pipeline import recipe
 from baq.fairness import regularizers
 from baq.models import MODELS
 from baq.quant import units
-from baq.train import modes, rounding, workdir as wd
+from baq.train import modes, rounding, runtime_baselines, workdir as wd
 from baq.train.deploy import export_formats as deploy_formats
 from baq.train.trainer import group_loss_weights
 
@@ -69,7 +69,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   datasets.DATASETS.get(config.dataset.name)
   for name, entry in config.penalties.to_dict().items():
     regularizers.REGULARIZERS.get(dict(entry).get("kind", name))
-  wd.baseline_bits(config)
+  wd.baseline_names(config)  # uniform<B> or a runtime's numerics; others list the valid ones
+  runtime_baselines.check(config)
   if any(s.uses_budget for s in specs) and config.quant.target_bytes is None:
     try:
       units.check_budget(float(config.quant.target_bits), config.quant.min_bits,

@@ -5,6 +5,8 @@ A train.py workdir holds
   WORKDIR/config.json             the config it was trained with
   WORKDIR/fp32/                   the float run (or `config.init_checkpoint`)
   WORKDIR/uniform<B>/             uniform B-bit QAT, one per `config.baselines`
+                                  (a runtime baseline of `config.baselines`,
+                                  e.g. nf4, has no directory: it trains nothing)
   WORKDIR/<method>/               each method of `config.mode`
   WORKDIR/allocation_plan.json    the importance allocation, when a mode uses it
   WORKDIR/report.json             the final table
@@ -35,6 +37,8 @@ from typing import Any, Optional
 
 import ml_collections
 import numpy as np
+
+from baq.quant.numerics import NUMERICS
 
 FLOAT = "fp32"
 PTQ_SUFFIX = "_ptq"
@@ -79,16 +83,40 @@ def parse_uniform(name: str) -> int:
   """The bit-width of a uniform baseline's name ("uniform8" -> 8).
 
   Raises:
-    ValueError: `name` is not uniform<B>.
+    ValueError: `name` is not uniform<B>; the message lists every valid baseline.
   """
   if not name.startswith(UNIFORM) or not name[len(UNIFORM):].isdigit():
-    raise ValueError(f"Unknown baseline {name!r}. Valid: uniform<B>, e.g. uniform8,uniform4.")
+    raise ValueError(f"Unknown baseline {name!r}. Valid: uniform<B> (e.g. uniform8, "
+                     f"uniform4) or a runtime's numerics: {', '.join(NUMERICS.names())}.")
   return int(name[len(UNIFORM):])
 
 
+def is_runtime(name: str) -> bool:
+  """Whether a baseline name is a runtime's numerics (`baq.quant.numerics`), not uniform<B>."""
+  return name in NUMERICS
+
+
+def baseline_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The names of `config.baselines`, in order, each checked.
+
+  Raises:
+    ValueError: a name is neither uniform<B> nor a registered numeric.
+  """
+  names = [s.strip() for s in config.baselines.split(",") if s.strip()]
+  for n in names:
+    if not is_runtime(n):
+      parse_uniform(n)
+  return names
+
+
 def baseline_bits(config: ml_collections.ConfigDict) -> list[int]:
-  """Bit-widths of `config.baselines` ("uniform8,uniform4" -> [8, 4])."""
-  return [parse_uniform(n) for n in filter(None, (s.strip() for s in config.baselines.split(",")))]
+  """Bit-widths of the uniform baselines ("uniform8,nf4,uniform4" -> [8, 4])."""
+  return [parse_uniform(n) for n in baseline_names(config) if not is_runtime(n)]
+
+
+def runtime_baselines(config: ml_collections.ConfigDict) -> list[str]:
+  """The runtime baselines of `config.baselines` ("uniform8,nf4,llm_int8" -> [nf4, llm_int8])."""
+  return [n for n in baseline_names(config) if is_runtime(n)]
 
 
 def method_name(config: ml_collections.ConfigDict, mode: str) -> str:

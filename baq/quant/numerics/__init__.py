@@ -19,6 +19,9 @@ its dtype and order, so results are the runtime's to float32 round-off.
 Options are static Python values (bind them before `jax.jit`); a bad value
 raises a ValueError naming the option and its bound. `ste=True` gives the
 float matmul's gradient (straight-through), the forward unchanged.
+`storage(d_in, d_out, **options)` is what the runtime stores for a kernel:
+(bits per weight code, bits of its scales and statistics), and
+`default_options()` every numeric's options at the runtime's defaults.
 
 The runtimes live one per module (`llm_int8`, `four_bit`, `dynamic_int8`);
 this package registers them.
@@ -28,22 +31,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Callable, Optional
 
 import jax
 
 from baq.quant.numerics.dynamic_int8 import (SMALL_SCALE, WEIGHT_EPS, _dynamic_int8_dot,
-                                             _dynamic_int8_weight)
+                                             _dynamic_int8_storage, _dynamic_int8_weight)
 from baq.quant.numerics.four_bit import (BLOCKSIZES, COMPUTE_DTYPES, DYNAMIC_CODE, FP4_CODE,
                                          NESTED_BLOCKSIZE, NF4_CODE, _four_bit_dot,
-                                         _four_bit_weight)
+                                         _four_bit_storage, _four_bit_weight)
 from baq.quant.numerics.llm_int8 import (INT8_DEQUANT, LLM_INT8_THRESHOLD, MM_DEQUANT_CONST,
-                                         OUTLIER_WEIGHTS, _llm_int8_dot, _llm_int8_weight)
+                                         OUTLIER_WEIGHTS, _llm_int8_dot, _llm_int8_storage,
+                                         _llm_int8_weight)
 from baq.registry import Registry
 
 __all__ = ["BLOCKSIZES", "COMPUTE_DTYPES", "DYNAMIC_CODE", "FP4_CODE", "INT8_DEQUANT",
            "LLM_INT8_THRESHOLD", "MM_DEQUANT_CONST", "NESTED_BLOCKSIZE", "NF4_CODE",
-           "NUMERICS", "Numeric", "OUTLIER_WEIGHTS", "SMALL_SCALE", "WEIGHT_EPS"]
+           "NUMERICS", "Numeric", "OUTLIER_WEIGHTS", "SMALL_SCALE", "WEIGHT_EPS",
+           "default_options"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +62,8 @@ class Numeric:
     dot: (x [..., d_in], w [d_in, d_out], **options) -> x @ w as the runtime computes it.
     quantize_weight: (w, **options) -> w as the runtime stores it, dequantized.
     source: the published implementation transcribed.
+    storage: (d_in, d_out, **options) -> (bits per weight code, bits of the
+      kernel's scales and statistics), as the runtime stores it.
   """
 
   name: str
@@ -63,6 +71,13 @@ class Numeric:
   dot: Callable[..., jax.Array]
   quantize_weight: Optional[Callable[..., jax.Array]]
   source: str
+  storage: Callable[..., tuple[float, float]]
+
+  def options(self) -> dict:
+    """The runtime's options of `dot` at their defaults, less `ste` (a gradient switch)."""
+    params = inspect.signature(self.dot).parameters.values()
+    return {p.name: p.default for p in params
+            if p.kind == p.KEYWORD_ONLY and p.name != "ste"}
 
 
 NUMERICS: Registry[Numeric] = Registry("quantizer numerics")
@@ -70,15 +85,24 @@ NUMERICS: Registry[Numeric] = Registry("quantizer numerics")
 
 for _numeric in (
     Numeric("llm_int8", False, _llm_int8_dot, _llm_int8_weight,
-            "bitsandbytes autograd/_functions.py MatMul8bitLt, nn/modules.py Linear8bitLt"),
+            "bitsandbytes autograd/_functions.py MatMul8bitLt, nn/modules.py Linear8bitLt",
+            _llm_int8_storage),
     Numeric("nf4", True, functools.partial(_four_bit_dot, "nf4"),
             functools.partial(_four_bit_weight, "nf4"),
-            "bitsandbytes functional.py quantize_4bit/dequantize_4bit, Linear4bit (QLoRA)"),
+            "bitsandbytes functional.py quantize_4bit/dequantize_4bit, Linear4bit (QLoRA)",
+            functools.partial(_four_bit_storage, "nf4")),
     Numeric("fp4", True, functools.partial(_four_bit_dot, "fp4"),
             functools.partial(_four_bit_weight, "fp4"),
-            "bitsandbytes functional.py quantize_4bit(quant_type='fp4'), Linear4bit"),
+            "bitsandbytes functional.py quantize_4bit(quant_type='fp4'), Linear4bit",
+            functools.partial(_four_bit_storage, "fp4")),
     Numeric("dynamic_int8", False, _dynamic_int8_dot, _dynamic_int8_weight,
-            "torch.ao.nn.quantized.dynamic.Linear, quantized::linear_dynamic (fbgemm)"),
+            "torch.ao.nn.quantized.dynamic.Linear, quantized::linear_dynamic (fbgemm)",
+            _dynamic_int8_storage),
 ):
   NUMERICS.register(_numeric.name)(_numeric)
 del _numeric
+
+
+def default_options() -> dict[str, dict]:
+  """name -> {option: the runtime's default} of every registered numeric."""
+  return {name: NUMERICS.get(name).options() for name in NUMERICS.names()}

@@ -68,6 +68,20 @@ def _dynamic_int8_weight(w: jax.Array, *, per_channel: bool = False) -> jax.Arra
   return (q.astype(_F32) * scale).astype(w.dtype)
 
 
+def _dynamic_int8_storage(d_in: int, d_out: int, *, per_channel: bool = False,
+                          **compute_options) -> tuple[float, float]:
+  """What the dynamic Linear's packed weight holds for a [d_in, d_out] kernel.
+
+  Returns:
+    (8 bits per qint8 code, a float32 scale per tensor, or per output
+    channel with per_channel). The zero points of the symmetric codes are 0
+    and not counted, as baq counts its own symmetric codes; reduce_range
+    touches only the activations.
+  """
+  del d_in, compute_options
+  return 8.0, 32.0 * (d_out if per_channel else 1)
+
+
 def _dynamic_int8_dot(x, w, *, reduce_range: bool = True, per_channel: bool = False,
                       ste: bool = False) -> jax.Array:
   """quantized::linear_dynamic (fbgemm PackedLinearWeight::apply_dynamic), bias-free.

@@ -85,6 +85,23 @@ def _four_bit_weight(quant_type: str, w: jax.Array, *, blocksize: int = 64,
   return dq.reshape(w.shape[1], w.shape[0]).T.astype(w.dtype)
 
 
+def _four_bit_storage(quant_type: str, d_in: int, d_out: int, *, blocksize: int = 64,
+                      double_quant: bool = False, **compute_options) -> tuple[float, float]:
+  """What Linear4bit stores for a [d_in, d_out] kernel (the compute options change nothing).
+
+  Returns:
+    (4 bits per weight code, bits of the absmaxes): one float32 absmax per
+    block; with double_quant one 8-bit code per block, one float32 absmax
+    per NESTED_BLOCKSIZE blocks and the float32 offset. The fixed code
+    tables are the format's constants, not the weight's, and are not counted.
+  """
+  del quant_type, compute_options
+  blocks = -(-d_in * d_out // blocksize)
+  if not double_quant:
+    return 4.0, 32.0 * blocks
+  return 4.0, 8.0 * blocks + 32.0 * -(-blocks // NESTED_BLOCKSIZE) + 32.0
+
+
 def _four_bit_dot(quant_type: str, x, w, *, blocksize: int = 64, double_quant: bool = False,
                   compute_dtype="float32", ste: bool = False) -> jax.Array:
   """Linear4bit.forward: x and the dequantized weight in compute_dtype, float32 accumulation.

@@ -32,6 +32,20 @@ def _llm_int8_weight(w: jax.Array) -> jax.Array:
   return ((cb.astype(_F32) * scb) * INT8_DEQUANT).astype(w.dtype)  # int8_vectorwise_dequant
 
 
+def _llm_int8_storage(d_in: int, d_out: int, *, outlier_weights: str = "int8",
+                      **compute_options) -> tuple[float, float]:
+  """What Linear8bitLt stores for a [d_in, d_out] kernel (the threshold changes nothing).
+
+  Returns:
+    "int8": (8 bits per weight code, a float32 absmax per output channel:
+    Int8Params' CB and SCB). "float16": (16, 0): the fp16 weight, which the
+    outlier columns need and whose int8 copy is made per call
+    (has_fp16_weights).
+  """
+  del d_in, compute_options
+  return (8.0, 32.0 * d_out) if outlier_weights == "int8" else (16.0, 0.0)
+
+
 def _llm_int8_dot(x, w, *, threshold: float = LLM_INT8_THRESHOLD,
                   outlier_weights: str = "int8", ste: bool = False) -> jax.Array:
   """MatMul8bitLt.forward (bias-free), x cast to float16.
