@@ -111,7 +111,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def init_quantized(model, split, float_params) -> Any:
   """A quantized model's parameters at init with the float weights merged in."""
   sample = jnp.zeros((1,) + split.images.shape[1:], jnp.float32)
-  init = model.init({"params": jax.random.key(0), "quant": jax.random.key(0)}, sample)["params"]
+  # Jitted: eagerly, each initializer compiles op by op (seconds per model);
+  # the float weights replace the initial ones anyway.
+  init = jax.jit(model.init)({"params": jax.random.key(0), "quant": jax.random.key(0)},
+                             sample)["params"]
   return merge_params(init, float_params)
 
 
