@@ -74,6 +74,11 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict()
   c.model.name = "small_cnn"
   c.model.kwargs = ml_collections.ConfigDict(dict(widths=(16, 32, 64), hidden=64))
+  # Compute dtype of the train step (and its validation): float32 | bfloat16.
+  # bfloat16 is mixed precision: parameters, bit-widths, the quantizer's
+  # scales and rounding, norm statistics, softmaxes and logits stay float32.
+  # The final evaluation, export and diagnostics compute in float32.
+  c.model.dtype = "float32"
 
   # What to train. `mode` is the method under study (float | qat | baq |
   # fair_static | fair_static_qat; comma-separated for several, e.g.

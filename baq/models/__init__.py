@@ -8,6 +8,10 @@ Each non-underscore module of this package is imported on the first lookup
 
     @register_model("resnet18", converter=TORCHVISION_RESNET)
     def resnet18(num_classes, quant, **kwargs): ...
+
+`build_model(..., dtype="bfloat16")` builds a family in mixed precision
+(`COMPUTE_DTYPES`, `config.model.dtype`): the family's `dtype` attribute,
+which baq's families hand to every layer (see `layers.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from baq.quant.inject import Quantizer
 from baq.registry import Registry
@@ -49,6 +54,15 @@ class ModelEntry:
 
 MODELS: Registry[ModelEntry] = Registry("model", discover="baq.models")
 
+# Compute dtypes of the image models (`config.model.dtype`). Parameters stay
+# float32 in all of them; see `baq/models/layers.py` for what runs in which.
+COMPUTE_DTYPES: Registry[Any] = Registry("compute dtype")
+COMPUTE_DTYPES.register("float32")(jnp.float32)
+COMPUTE_DTYPES.register("bfloat16")(jnp.bfloat16)
+# What every family computes in when built without the option, so a family
+# with no `dtype` attribute (a plug-in's) builds at it.
+DEFAULT_DTYPE = "float32"
+
 
 def register_model(name: str, *, size_options: Optional[Callable[[int], dict]] = None,
                    converter: Optional["KeyRules"] = None
@@ -72,19 +86,24 @@ def register_model(name: str, *, size_options: Optional[Callable[[int], dict]] =
 
 
 def build_model(name: str, num_classes: int, quant: Optional[Quantizer] = None,
-                **kwargs: Any) -> nn.Module:
+                dtype: str = DEFAULT_DTYPE, **kwargs: Any) -> nn.Module:
   """Builds the registered model `name`.
 
   Args:
     name: registry name (unknown names raise, listing the valid ones).
     num_classes: number of output logits.
     quant: quantization factory, or None for the float baseline.
-    **kwargs: model-specific options from `config.model_kwargs`.
+    dtype: a `COMPUTE_DTYPES` name (`config.model.dtype`); unknown names
+      raise, listing the valid ones.
+    **kwargs: model-specific options from `config.model.kwargs`.
 
   Returns:
     An (unbound) Flax module.
   """
-  return MODELS.get(name).build(num_classes, quant, **kwargs)
+  entry, compute = MODELS.get(name), COMPUTE_DTYPES.get(dtype)
+  if dtype != DEFAULT_DTYPE:
+    kwargs["dtype"] = compute
+  return entry.build(num_classes, quant, **kwargs)
 
 
 def size_options(name: str, image_size: int) -> dict:

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from baq.models import register_model
-from baq.models.layers import max_pool
+from baq.models.layers import float32_logits, max_pool
 from baq.quant.inject import Conv, Dense, Quantizer
 
 
@@ -28,6 +28,7 @@ class SmallCNN(nn.Module):
     stem_stride: stride of the first conv (2 runs 64x64 images at the cost of
       32x32 ones; the parameters do not change).
     quant: quantization factory, or None for the float model.
+    dtype: compute dtype of the layers (parameters stay float32).
   """
 
   num_classes: int
@@ -35,10 +36,11 @@ class SmallCNN(nn.Module):
   hidden: int = 64
   stem_stride: int = 1
   quant: Optional[Quantizer] = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    conv, dense = Conv(self.quant), Dense(self.quant)
+    conv, dense = Conv(self.quant, self.dtype), Dense(self.quant, self.dtype)
     for i, w in enumerate(self.widths):
       strides = (self.stem_stride,) * 2 if i == 0 else 1
       x = nn.relu(conv(w, (3, 3), strides=strides)(x))
@@ -47,7 +49,7 @@ class SmallCNN(nn.Module):
     x = jnp.mean(x, axis=(1, 2))
     if self.hidden:
       x = nn.relu(dense(self.hidden)(x))
-    return dense(self.num_classes, name="head")(x)
+    return float32_logits(dense(self.num_classes, name="head")(x))
 
 
 @register_model("small_cnn", size_options=lambda size: dict(widths=(32, 64, 128), hidden=128))

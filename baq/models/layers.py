@@ -5,6 +5,12 @@ PyTorch: BatchNorm's momentum and epsilon, the exact (erf) GELU, timm's
 stochastic depth and dense initializer, and the bicubic resize of a ViT
 position table to another patch grid (used by the models and the converter).
 `max_pool` is Flax's, computed without XLA's select-and-scatter on CPU.
+
+Every family takes a compute `dtype` (`config.model.dtype`) that it hands to
+each Conv, Dense, BatchNorm and LayerNorm: parameters stay float32, the norms
+reduce in float32 (Flax's rule), attention softmaxes run in float32 and the
+logits come out in float32 (`float32_logits`), as big_vision and the flax
+examples do mixed precision.
 """
 
 from __future__ import annotations
@@ -20,19 +26,31 @@ import jax.numpy as jnp
 DENSE_INIT = nn.initializers.truncated_normal(0.02)
 
 
-def batch_norm(train: bool, name: str, scale_init=nn.initializers.ones) -> nn.BatchNorm:
+def batch_norm(train: bool, name: str, scale_init=nn.initializers.ones,
+               dtype=None) -> nn.BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.1, i.e. Flax 0.9; eps 1e-5).
 
   Args:
     train: batch statistics (and their update) instead of running ones.
     name: the module's name (torchvision's, for the converter).
     scale_init: initializer of the scale.
+    dtype: the output dtype; the statistics are float32 whatever it is.
 
   Returns:
     The unbound `nn.BatchNorm`.
   """
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      scale_init=scale_init, name=name)
+                      scale_init=scale_init, dtype=dtype, name=name)
+
+
+def softmax(x: jnp.ndarray, axis: int = -1, dtype=None) -> jnp.ndarray:
+  """Softmax computed in float32 (attention under bf16), returned in `dtype` (None: x's)."""
+  return jax.nn.softmax(x.astype(jnp.float32), axis=axis).astype(dtype or x.dtype)
+
+
+def float32_logits(x: jnp.ndarray) -> jnp.ndarray:
+  """A model's logits in float32 (the loss and penalties see float32 always)."""
+  return x.astype(jnp.float32)
 
 
 def gelu(x: jnp.ndarray) -> jnp.ndarray:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from baq.models import register_model
 from baq.models.convert import KeyRules
-from baq.models.layers import batch_norm
+from baq.models.layers import batch_norm, float32_logits
 from baq.quant.inject import Conv, Dense, Quantizer
 
 # torchvision initialises convolutions with kaiming_normal(fan_out, relu).
@@ -39,11 +39,11 @@ TORCHVISION = KeyRules(renames=(("^conv1.", "stem_conv."), ("^bn1.", "stem_bn.")
 
 
 def _conv(quant: Optional[Quantizer], features: int, kernel: int, stride: int, name: str,
-          groups: int = 1) -> nn.Module:
+          dtype: Any, groups: int = 1) -> nn.Module:
   # Explicit symmetric padding k//2, as PyTorch does: Flax's "SAME" pads
   # (k-1)//2 before and k//2 after on stride 2, shifting the sampling grid.
   pad = kernel // 2
-  return Conv(quant)(features, (kernel, kernel), strides=(stride, stride),
+  return Conv(quant, dtype)(features, (kernel, kernel), strides=(stride, stride),
                      padding=((pad, pad), (pad, pad)), feature_group_count=groups,
                      use_bias=False, kernel_init=_CONV_INIT, name=name)
 
@@ -55,19 +55,22 @@ class BasicBlock(nn.Module):
     features: output channels.
     stride: stride of the first convolution (and of the projection).
     quant: quantization factory, or None for the float model.
+    dtype: compute dtype (parameters and BatchNorm statistics stay float32).
   """
 
   features: int
   stride: int = 1
   quant: Optional[Quantizer] = None
+  dtype: Any = jnp.float32
   expansion = 1
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    y = _conv(self.quant, self.features, 3, self.stride, "conv1")(x)
-    y = nn.relu(batch_norm(train, "bn1")(y))
-    y = _conv(self.quant, self.features, 3, 1, "conv2")(y)
-    y = batch_norm(train, "bn2")(y)
+    q, dt = self.quant, self.dtype
+    y = _conv(q, self.features, 3, self.stride, "conv1", dt)(x)
+    y = nn.relu(batch_norm(train, "bn1", dtype=dt)(y))
+    y = _conv(q, self.features, 3, 1, "conv2", dt)(y)
+    y = batch_norm(train, "bn2", dtype=dt)(y)
     return nn.relu(y + _shortcut(self, x, self.features, train))
 
 
@@ -78,22 +81,24 @@ class Bottleneck(nn.Module):
     features: width of the 3x3 convolution; the block outputs 4x as many.
     stride: stride of the 3x3 convolution (and of the projection).
     quant: quantization factory, or None for the float model.
+    dtype: compute dtype (parameters and BatchNorm statistics stay float32).
   """
 
   features: int
   stride: int = 1
   quant: Optional[Quantizer] = None
+  dtype: Any = jnp.float32
   expansion = 4
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    out = self.features * self.expansion
-    y = _conv(self.quant, self.features, 1, 1, "conv1")(x)
-    y = nn.relu(batch_norm(train, "bn1")(y))
-    y = _conv(self.quant, self.features, 3, self.stride, "conv2")(y)
-    y = nn.relu(batch_norm(train, "bn2")(y))
-    y = _conv(self.quant, out, 1, 1, "conv3")(y)
-    y = batch_norm(train, "bn3")(y)
+    out, q, dt = self.features * self.expansion, self.quant, self.dtype
+    y = _conv(q, self.features, 1, 1, "conv1", dt)(x)
+    y = nn.relu(batch_norm(train, "bn1", dtype=dt)(y))
+    y = _conv(q, self.features, 3, self.stride, "conv2", dt)(y)
+    y = nn.relu(batch_norm(train, "bn2", dtype=dt)(y))
+    y = _conv(q, out, 1, 1, "conv3", dt)(y)
+    y = batch_norm(train, "bn3", dtype=dt)(y)
     return nn.relu(y + _shortcut(self, x, out, train))
 
 
@@ -101,8 +106,8 @@ def _shortcut(block: nn.Module, x: jnp.ndarray, out: int, train: bool) -> jnp.nd
   # Called inside the block's compact __call__, so the layers are its children.
   if block.stride == 1 and x.shape[-1] == out:
     return x
-  x = _conv(block.quant, out, 1, block.stride, "downsample_conv")(x)
-  return batch_norm(train, "downsample_bn")(x)
+  x = _conv(block.quant, out, 1, block.stride, "downsample_conv", block.dtype)(x)
+  return batch_norm(train, "downsample_bn", dtype=block.dtype)(x)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -119,6 +124,8 @@ class ResNet(nn.Module):
     small_stem: a 3x3 stride-1 stem without max-pooling, for 32x32 inputs
       (not torchvision's layout; the converter leaves such a stem unmatched).
     quant: quantization factory, or None for the float model.
+    dtype: compute dtype (parameters and BatchNorm statistics stay float32;
+      the logits are float32).
   """
 
   num_classes: int
@@ -127,6 +134,7 @@ class ResNet(nn.Module):
   width: int = 64
   small_stem: bool = False
   quant: Optional[Quantizer] = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -139,21 +147,19 @@ class ResNet(nn.Module):
     Returns:
       (batch, num_classes) logits.
     """
-    block_cls = BLOCKS[self.block]
-    if self.small_stem:
-      x = _conv(self.quant, self.width, 3, 1, "stem_conv")(x)
-      x = nn.relu(batch_norm(train, "stem_bn")(x))
-    else:
-      x = _conv(self.quant, self.width, 7, 2, "stem_conv")(x)
-      x = nn.relu(batch_norm(train, "stem_bn")(x))
+    block_cls, dt = BLOCKS[self.block], self.dtype
+    stem = (3, 1) if self.small_stem else (7, 2)
+    x = _conv(self.quant, self.width, *stem, "stem_conv", dt)(x)
+    x = nn.relu(batch_norm(train, "stem_bn", dtype=dt)(x))
+    if not self.small_stem:
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     for s, size in enumerate(self.stage_sizes):
       for b in range(size):
         stride = 2 if s > 0 and b == 0 else 1
-        x = block_cls(self.width * 2**s, stride, self.quant,
+        x = block_cls(self.width * 2**s, stride, self.quant, dt,
                       name=f"layer{s + 1}_{b}")(x, train)
     x = jnp.mean(x, axis=(1, 2))
-    return Dense(self.quant)(self.num_classes, name="head")(x)
+    return float32_logits(Dense(self.quant, dt)(self.num_classes, name="head")(x))
 
 
 def resnet(depth: int, num_classes: int, quant: Optional[Quantizer] = None,

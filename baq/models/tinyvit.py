@@ -24,13 +24,12 @@ import itertools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from baq.models import register_model
 from baq.models.convert import KeyRules
-from baq.models.layers import DENSE_INIT, DropPath, batch_norm, gelu
+from baq.models.layers import DENSE_INIT, DropPath, batch_norm, float32_logits, gelu, softmax
 from baq.quant.inject import Conv, Dense, Quantizer
 
 # timm's names that differ from the Flax paths: only the head.
@@ -63,6 +62,7 @@ class ConvNorm(nn.Module):
     groups: feature groups (= channels for depthwise).
     bn_scale: initial BatchNorm scale (timm zero-inits MBConv's last one).
     quant: quantization factory, or None for the float model.
+    dtype: compute dtype (every TinyViT module's `dtype`; statistics stay float32).
   """
 
   features: int
@@ -71,14 +71,15 @@ class ConvNorm(nn.Module):
   groups: int = 1
   bn_scale: float = 1.0
   quant: Optional[Quantizer] = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     pad = self.kernel // 2
-    x = Conv(self.quant)(self.features, (self.kernel, self.kernel), strides=self.stride,
+    x = Conv(self.quant, self.dtype)(self.features, (self.kernel, self.kernel), strides=self.stride,
                          padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
                          use_bias=False, name="conv")(x)
-    return batch_norm(train, "bn", nn.initializers.constant(self.bn_scale))(x)
+    return batch_norm(train, "bn", nn.initializers.constant(self.bn_scale), self.dtype)(x)
 
 
 class MBConv(nn.Module):
@@ -87,14 +88,15 @@ class MBConv(nn.Module):
   expand: float = 4.0
   drop_path: float = 0.0
   quant: Optional[Quantizer] = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    c, q = x.shape[-1], self.quant
+    c, kw = x.shape[-1], dict(quant=self.quant, dtype=self.dtype)
     mid = int(c * self.expand)
-    y = gelu(ConvNorm(mid, 1, quant=q, name="conv1")(x, train))
-    y = gelu(ConvNorm(mid, 3, groups=mid, quant=q, name="conv2")(y, train))
-    y = ConvNorm(c, 1, bn_scale=0.0, quant=q, name="conv3")(y, train)
+    y = gelu(ConvNorm(mid, 1, **kw, name="conv1")(x, train))
+    y = gelu(ConvNorm(mid, 3, groups=mid, **kw, name="conv2")(y, train))
+    y = ConvNorm(c, 1, bn_scale=0.0, **kw, name="conv3")(y, train)
     return gelu(x + DropPath(self.drop_path)(y, train))
 
 
@@ -105,24 +107,26 @@ class Attention(nn.Module):
     num_heads: attention heads (key dim = value dim = width / heads).
     window: window side; sets the bias table.
     quant: quantization factory, or None for the float model.
+    dtype: compute dtype (the softmax runs in float32).
   """
 
   num_heads: int
   window: int
   quant: Optional[Quantizer] = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     b, n, dim = x.shape
-    hd = dim // self.num_heads
+    hd, dense = dim // self.num_heads, Dense(self.quant, self.dtype)
     idx, table = attention_bias_index(self.window)
     biases = self.param("attention_biases", nn.initializers.zeros, (self.num_heads, table))
-    x = nn.LayerNorm(epsilon=1e-5, name="norm")(x)
-    qkv = Dense(self.quant)(3 * dim, kernel_init=DENSE_INIT, name="qkv")(x)
+    x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x)
+    qkv = dense(3 * dim, kernel_init=DENSE_INIT, name="qkv")(x)
     q, k, v = jnp.split(qkv.reshape(b, n, self.num_heads, 3 * hd).transpose(0, 2, 1, 3), 3, -1)
-    attn = (q * hd**-0.5) @ k.swapaxes(-1, -2) + biases[:, idx]
-    x = (jax.nn.softmax(attn, axis=-1) @ v).transpose(0, 2, 1, 3).reshape(b, n, dim)
-    return Dense(self.quant)(dim, kernel_init=DENSE_INIT, name="proj")(x)
+    attn = ((q * hd**-0.5) @ k.swapaxes(-1, -2)).astype(jnp.float32) + biases[:, idx]
+    x = (softmax(attn, axis=-1, dtype=v.dtype) @ v).transpose(0, 2, 1, 3).reshape(b, n, dim)
+    return dense(dim, kernel_init=DENSE_INIT, name="proj")(x)
 
 
 class TinyVitBlock(nn.Module):
@@ -133,20 +137,21 @@ class TinyVitBlock(nn.Module):
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
   quant: Optional[Quantizer] = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     b, h, w, c = x.shape
-    ws, q = self.window, self.quant
+    ws, q, dt = self.window, self.quant, self.dtype
     ph, pw = -h % ws, -w % ws
     y = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
     nh, nw = (h + ph) // ws, (w + pw) // ws
     y = y.reshape(b, nh, ws, nw, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
-    y = Attention(self.num_heads, ws, q, name="attn")(y)
+    y = Attention(self.num_heads, ws, q, dt, name="attn")(y)
     y = y.reshape(b, nh, nw, ws, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h + ph, w + pw, c)
     x = x + DropPath(self.drop_path)(y[:, :h, :w], train)
-    x = ConvNorm(c, 3, groups=c, quant=q, name="local_conv")(x, train)
-    y = _NormMlp(int(c * self.mlp_ratio), q, name="mlp")(x)
+    x = ConvNorm(c, 3, groups=c, quant=q, dtype=dt, name="local_conv")(x, train)
+    y = _NormMlp(int(c * self.mlp_ratio), q, dt, name="mlp")(x)
     return x + DropPath(self.drop_path)(y, train)
 
 
@@ -155,11 +160,12 @@ class _NormMlp(nn.Module):
 
   hidden: int
   quant: Optional[Quantizer] = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    dense, out = Dense(self.quant), x.shape[-1]
-    x = nn.LayerNorm(epsilon=1e-5, name="norm")(x)
+    dense, out = Dense(self.quant, self.dtype), x.shape[-1]
+    x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x)
     x = gelu(dense(self.hidden, kernel_init=DENSE_INIT, name="fc1")(x))
     return dense(out, kernel_init=DENSE_INIT, name="fc2")(x)
 
@@ -174,18 +180,19 @@ class _Stage(nn.Module):
   mlp_ratio: float = 4.0
   drop_paths: Sequence[float] = ()
   quant: Optional[Quantizer] = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    q = self.quant
+    q, dt = self.quant, self.dtype
     if self.num_heads:
-      x = _PatchMerging(self.dim, q, name="downsample")(x, train)
+      x = _PatchMerging(self.dim, q, dt, name="downsample")(x, train)
     for j in range(self.depth):
       if self.num_heads:
-        x = TinyVitBlock(self.num_heads, self.window, self.mlp_ratio, self.drop_paths[j], q,
+        x = TinyVitBlock(self.num_heads, self.window, self.mlp_ratio, self.drop_paths[j], q, dt,
                          name=f"blocks_{j}")(x, train)
       else:
-        x = MBConv(4.0, self.drop_paths[j], q, name=f"blocks_{j}")(x, train)
+        x = MBConv(4.0, self.drop_paths[j], q, dt, name=f"blocks_{j}")(x, train)
     return x
 
 
@@ -194,13 +201,14 @@ class _PatchMerging(nn.Module):
 
   dim: int
   quant: Optional[Quantizer] = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    d, q = self.dim, self.quant
-    x = gelu(ConvNorm(d, 1, quant=q, name="conv1")(x, train))
-    x = gelu(ConvNorm(d, 3, 2, groups=d, quant=q, name="conv2")(x, train))
-    return ConvNorm(d, 1, quant=q, name="conv3")(x, train)
+    d, kw = self.dim, dict(quant=self.quant, dtype=self.dtype)
+    x = gelu(ConvNorm(d, 1, **kw, name="conv1")(x, train))
+    x = gelu(ConvNorm(d, 3, 2, groups=d, **kw, name="conv2")(x, train))
+    return ConvNorm(d, 1, **kw, name="conv3")(x, train)
 
 
 class _PatchEmbed(nn.Module):
@@ -208,11 +216,13 @@ class _PatchEmbed(nn.Module):
 
   dim: int
   quant: Optional[Quantizer] = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    x = gelu(ConvNorm(self.dim // 2, 3, 2, quant=self.quant, name="conv1")(x, train))
-    return ConvNorm(self.dim, 3, 2, quant=self.quant, name="conv2")(x, train)
+    kw = dict(quant=self.quant, dtype=self.dtype)
+    x = gelu(ConvNorm(self.dim // 2, 3, 2, **kw, name="conv1")(x, train))
+    return ConvNorm(self.dim, 3, 2, **kw, name="conv2")(x, train)
 
 
 class TinyViT(nn.Module):
@@ -227,6 +237,7 @@ class TinyViT(nn.Module):
     mlp_ratio: MLP hidden width over the stage width.
     drop_path_rate: stochastic depth, rising linearly to this over all blocks.
     quant: quantization factory, or None for the float model.
+    dtype: compute dtype (parameters stay float32, the logits are float32).
   """
 
   num_classes: int
@@ -237,6 +248,7 @@ class TinyViT(nn.Module):
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.0
   quant: Optional[Quantizer] = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -249,16 +261,16 @@ class TinyViT(nn.Module):
     Returns:
       (batch, num_classes) logits.
     """
-    q, dims = self.quant, self.embed_dims
-    x = _PatchEmbed(dims[0], q, name="patch_embed")(x, train)
+    q, dims, dt = self.quant, self.embed_dims, self.dtype
+    x = _PatchEmbed(dims[0], q, dt, name="patch_embed")(x, train)
     total = sum(self.depths)
     rates = [self.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
     for s, depth in enumerate(self.depths):
       start = sum(self.depths[:s])
       x = _Stage(dims[s], depth, self.num_heads[s] if s else 0, self.window_sizes[s],
-                 self.mlp_ratio, rates[start:start + depth], q, name=f"stages_{s}")(x, train)
-    x = nn.LayerNorm(epsilon=1e-5, name="head_norm")(jnp.mean(x, axis=(1, 2)))
-    return Dense(self.quant)(self.num_classes, kernel_init=DENSE_INIT, name="head")(x)
+                 self.mlp_ratio, rates[start:start + depth], q, dt, name=f"stages_{s}")(x, train)
+    x = nn.LayerNorm(epsilon=1e-5, dtype=dt, name="head_norm")(jnp.mean(x, axis=(1, 2)))
+    return float32_logits(Dense(q, dt)(self.num_classes, kernel_init=DENSE_INIT, name="head")(x))
 
 
 @register_model("tinyvit_5m", converter=TIMM)

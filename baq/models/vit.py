@@ -18,12 +18,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from baq.models import register_model
 from baq.models.convert import KeyRules
-from baq.models.layers import DENSE_INIT, DropPath, gelu, resize_pos_embed
+from baq.models.layers import (DENSE_INIT, DropPath, float32_logits, gelu, resize_pos_embed,
+                               softmax)
 from baq.quant.inject import Conv, Dense, Quantizer
 
 # timm's names that differ from the Flax paths; two heads when distilled.
@@ -36,19 +36,21 @@ class Attention(nn.Module):
   Attributes:
     num_heads: attention heads; the width must divide by it.
     quant: quantization factory, or None for the float model.
+    dtype: compute dtype (the softmax runs in float32).
   """
 
   num_heads: int
   quant: Optional[Quantizer] = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     b, n, dim = x.shape
     head_dim = dim // self.num_heads
-    dense = Dense(self.quant)
+    dense = Dense(self.quant, self.dtype)
     qkv = dense(3 * dim, kernel_init=DENSE_INIT, name="qkv")(x)
     q, k, v = qkv.reshape(b, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-    attn = jax.nn.softmax((q * head_dim**-0.5) @ k.swapaxes(-1, -2), axis=-1)
+    attn = softmax((q * head_dim**-0.5) @ k.swapaxes(-1, -2), axis=-1)
     x = (attn @ v).transpose(0, 2, 1, 3).reshape(b, n, dim)
     return dense(dim, kernel_init=DENSE_INIT, name="proj")(x)
 
@@ -59,14 +61,16 @@ class Mlp(nn.Module):
   Attributes:
     hidden: width of the hidden layer.
     quant: quantization factory, or None for the float model.
+    dtype: compute dtype.
   """
 
   hidden: int
   quant: Optional[Quantizer] = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    dense, out = Dense(self.quant), x.shape[-1]
+    dense, out = Dense(self.quant, self.dtype), x.shape[-1]
     x = gelu(dense(self.hidden, kernel_init=DENSE_INIT, name="fc1")(x))
     return dense(out, kernel_init=DENSE_INIT, name="fc2")(x)
 
@@ -79,20 +83,22 @@ class Block(nn.Module):
     mlp_ratio: MLP hidden width over the model width.
     drop_path: stochastic depth rate of both branches.
     quant: quantization factory, or None for the float model.
+    dtype: compute dtype (LayerNorm statistics stay float32).
   """
 
   num_heads: int
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
   quant: Optional[Quantizer] = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    dim = x.shape[-1]
-    y = nn.LayerNorm(epsilon=1e-6, name="norm1")(x)
-    x = x + DropPath(self.drop_path)(Attention(self.num_heads, self.quant, name="attn")(y), train)
-    y = nn.LayerNorm(epsilon=1e-6, name="norm2")(x)
-    y = Mlp(int(dim * self.mlp_ratio), self.quant, name="mlp")(y)
+    dim, q, dt = x.shape[-1], self.quant, self.dtype
+    y = nn.LayerNorm(epsilon=1e-6, dtype=dt, name="norm1")(x)
+    x = x + DropPath(self.drop_path)(Attention(self.num_heads, q, dt, name="attn")(y), train)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=dt, name="norm2")(x)
+    y = Mlp(int(dim * self.mlp_ratio), q, dt, name="mlp")(y)
     return x + DropPath(self.drop_path)(y, train)
 
 
@@ -112,6 +118,7 @@ class DeiT(nn.Module):
     drop_rate: dropout on the embedded tokens.
     drop_path_rate: stochastic depth, rising linearly to this over the blocks.
     quant: quantization factory, or None for the float model.
+    dtype: compute dtype (parameters stay float32, the logits are float32).
   """
 
   num_classes: int
@@ -125,6 +132,7 @@ class DeiT(nn.Module):
   drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   quant: Optional[Quantizer] = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -138,29 +146,31 @@ class DeiT(nn.Module):
     Returns:
       (batch, num_classes) logits.
     """
-    p = self.patch_size
-    x = Conv(self.quant)(self.dim, (p, p), strides=(p, p), padding="VALID",
-                         name="patch_embed")(x)
+    p, dt = self.patch_size, self.dtype
+    x = Conv(self.quant, dt)(self.dim, (p, p), strides=(p, p), padding="VALID",
+                             name="patch_embed")(x)
     b, gh, gw, _ = x.shape
     x = x.reshape(b, gh * gw, self.dim)
     tokens = ["cls_token"] + (["dist_token"] if self.distilled else [])
+    # The float32 tokens and table join the stream in its dtype (else they would promote it).
     prefix = [jnp.broadcast_to(self.param(t, nn.initializers.normal(1e-6), (1, 1, self.dim)),
-                               (b, 1, self.dim)) for t in tokens]
+                               (b, 1, self.dim)).astype(x.dtype) for t in tokens]
     grid = self.img_size // p
     pos = self.param("pos_embed", nn.initializers.normal(0.02),
                      (1, len(tokens) + grid * grid, self.dim))
-    x = jnp.concatenate(prefix + [x], axis=1) + resize_pos_embed(pos, len(tokens), (gh, gw))
+    pos = resize_pos_embed(pos, len(tokens), (gh, gw)).astype(x.dtype)
+    x = jnp.concatenate(prefix + [x], axis=1) + pos
     x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
     for i in range(self.depth):
       rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-      x = Block(self.num_heads, self.mlp_ratio, rate, self.quant, name=f"blocks_{i}")(x, train)
-    x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
-    dense = Dense(self.quant)
+      x = Block(self.num_heads, self.mlp_ratio, rate, self.quant, dt, name=f"blocks_{i}")(x, train)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=dt, name="norm")(x)
+    dense = Dense(self.quant, dt)
     logits = dense(self.num_classes, kernel_init=DENSE_INIT, name="head")(x[:, 0])
     if self.distilled:
       dist = dense(self.num_classes, kernel_init=DENSE_INIT, name="head_dist")(x[:, 1])
       logits = (logits + dist) / 2
-    return logits
+    return float32_logits(logits)
 
 
 def _deit_size_options(image_size: int) -> dict:

@@ -12,6 +12,12 @@ Which layers are quantized, and how, is decided by `rules`: (regex, spec)
 pairs matched with `re.fullmatch` against the layer's module path ("Conv_0",
 "block1/Dense_0"); the first match wins and a spec of None keeps that layer in
 float. Layers that match no rule stay in float as well.
+
+Mixed precision (a layer built with `dtype=jnp.bfloat16`): the input and
+bias are cast to that dtype as Flax does, but the kernel reaches the injected
+op in its float32 parameter dtype (`_promote_keep_kernel`), so its scale,
+rounding and bit-width parametrization are computed in float32; only the
+quantized kernel is cast to the input's dtype for the matmul or convolution.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import re
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+from flax.linen import dtypes as flax_dtypes
 import jax
 import jax.numpy as jnp
 
@@ -157,17 +164,26 @@ class _QuantOp(nn.Module):
   def _numerics_op(self, spec, lhs, rhs, *args, **kwargs):
     raise NotImplementedError
 
+  def _compute(self, lhs, rhs, *args, **kwargs):
+    # The op runs in the input's dtype (bfloat16 under mixed precision) on the
+    # kernel as quantized in float32; without preferred_element_type its
+    # output stays in that dtype too: accelerators accumulate bf16 products in
+    # float32 inside the op anyway, a bf16 output halves the activations'
+    # memory traffic, and the norms after it reduce in float32 (Flax's rule).
+    return self._op(lhs, rhs.astype(lhs.dtype), *args, **kwargs)
+
   @nn.compact
   def __call__(self, lhs, rhs, *args, **kwargs):
     spec = self.quantizer.spec_for(_layer_path(self))
     if spec is None:
-      return self._op(lhs, rhs, *args, **kwargs)
+      return self._compute(lhs, rhs, *args, **kwargs)
     if spec.numerics is not None:
       return self._numerics_op(spec, lhs, rhs, *args, **kwargs)
-    if spec.act_bits is not None:
-      lhs = fq.activation_fake_quant(lhs, spec.act_bits, spec.symmetric)
+    if spec.act_bits is not None:  # the activation's range and rounding in float32 too
+      lhs = fq.activation_fake_quant(lhs.astype(jnp.float32), spec.act_bits,
+                                     spec.symmetric).astype(lhs.dtype)
     if not self.quantizer.weights:
-      return self._op(lhs, rhs, *args, **kwargs)
+      return self._compute(lhs, rhs, *args, **kwargs)
     units = () if spec.channel_axis is None else (rhs.shape[-1],)
     bits = self.param(BITS_LEAF, nn.initializers.constant(spec.init_bits),
                       units, jnp.float32)
@@ -179,12 +195,12 @@ class _QuantOp(nn.Module):
     if self.quantizer.training:
       param = parametrizations.get(spec.parametrization)
       key = self.make_rng("quant") if param.needs_rng else None
-      return self._op(lhs, param.quantize(rhs, bits, key, **kw), *args, **kwargs)
+      return self._compute(lhs, param.quantize(rhs, bits, key, **kw), *args, **kwargs)
     # As deployed: the rounding quantizer at integer bits, whatever trained them.
     int_bits = jax.lax.stop_gradient(jnp.round(bits))
     if self.quantizer.capture:
       self._sow_codes(rhs, int_bits, kw)
-    return self._op(lhs, fq.fake_quant(rhs, int_bits, **kw), *args, **kwargs)
+    return self._compute(lhs, fq.fake_quant(rhs, int_bits, **kw), *args, **kwargs)
 
   def _sow_codes(self, rhs, int_bits, kw):
     b = fq.channel_view(int_bits, rhs.ndim, kw["channel_axis"])
@@ -222,20 +238,44 @@ class QuantConv(_QuantOp):
 
   def _numerics_op(self, spec, lhs, rhs, *args, **kwargs):
     del spec  # the runtimes keep convolutions in float
-    return self._op(lhs, rhs, *args, **kwargs)
+    return self._compute(lhs, rhs, *args, **kwargs)
 
 
-def Dense(quantizer: Optional[Quantizer]):  # pylint: disable=invalid-name
-  """`nn.Dense`, with quantization injected when a quantizer is given."""
+def _promote_keep_kernel(inputs, kernel, bias=None, *, dtype=None):
+  """Flax's `promote_dtype` for the input and bias; the kernel keeps its dtype.
+
+  Flax would cast the kernel to the compute dtype before the injected op sees
+  it, and a bfloat16 kernel (8 significant bits) would be rounded before its
+  scale and codes are computed. The op casts it after quantizing instead.
+  """
+  if dtype is None:  # Flax's inference, from all three
+    dtype = flax_dtypes.canonicalize_dtype(inputs, kernel, bias)
+  inputs, bias = flax_dtypes.promote_dtype(inputs, bias, dtype=dtype)
+  return inputs, kernel, bias
+
+
+def _layer(cls, hook: str, op_cls, quantizer: Optional[Quantizer], dtype):
+  kw = {} if dtype is None else dict(dtype=dtype)
   if quantizer is None:
-    return nn.Dense
-  return functools.partial(
-      nn.Dense, dot_general_cls=functools.partial(QuantDotGeneral, quantizer))
+    return functools.partial(cls, **kw) if kw else cls
+  return functools.partial(cls, promote_dtype=_promote_keep_kernel,
+                           **{hook: functools.partial(op_cls, quantizer)}, **kw)
 
 
-def Conv(quantizer: Optional[Quantizer]):  # pylint: disable=invalid-name
-  """`nn.Conv`, with quantization injected when a quantizer is given."""
-  if quantizer is None:
-    return nn.Conv
-  return functools.partial(
-      nn.Conv, conv_general_dilated_cls=functools.partial(QuantConv, quantizer))
+def Dense(quantizer: Optional[Quantizer], dtype=None):  # pylint: disable=invalid-name
+  """`nn.Dense`, with quantization injected when a quantizer is given.
+
+  Args:
+    quantizer: the quantization factory, or None for a float layer.
+    dtype: the compute dtype (None: Flax's, from the input and parameters);
+      parameters stay float32 and are quantized in float32.
+
+  Returns:
+    The (partially applied) layer class.
+  """
+  return _layer(nn.Dense, "dot_general_cls", QuantDotGeneral, quantizer, dtype)
+
+
+def Conv(quantizer: Optional[Quantizer], dtype=None):  # pylint: disable=invalid-name
+  """`nn.Conv`, with quantization injected when a quantizer is given (Args as `Dense`)."""
+  return _layer(nn.Conv, "conv_general_dilated_cls", QuantConv, quantizer, dtype)

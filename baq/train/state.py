@@ -22,7 +22,7 @@ import optax
 
 from baq.variables import as_variables
 from baq.fairness import regularizers
-from baq.models import build_model
+from baq.models import DEFAULT_DTYPE, build_model
 from baq.quant import units
 from baq.quant.inject import BITS_LEAF, QUANT_LEAVES
 from baq.train.modes import ModeSpec, budget_bits, get_mode
@@ -154,8 +154,9 @@ def create_train_state(config: ml_collections.ConfigDict, mode: str, *, num_clas
     The TrainSetup.
   """
   spec = get_mode(config, mode, bits)
+  # A workdir's config.json from before `model.dtype` trains as it did.
   model = build_model(config.model.name, num_classes, spec.quantizer,
-                      **config.model.kwargs.to_dict())
+                      config.model.get("dtype", DEFAULT_DTYPE), **config.model.kwargs.to_dict())
   init_key, rng = jax.random.split(jax.random.key(config.seed))
   variables = model_variables(model, init_key, jnp.zeros((1,) + tuple(image_shape), jnp.float32))
   params, batch_stats = variables["params"], variables.get("batch_stats", {})

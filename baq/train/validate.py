@@ -19,7 +19,7 @@ from baq.allocation import importance, planner
 from baq.data import datasets
 from baq.data.pipeline import recipe
 from baq.fairness import regularizers
-from baq.models import MODELS
+from baq.models import COMPUTE_DTYPES, DEFAULT_DTYPE, MODELS
 from baq.quant import units
 from baq.train import modes, rounding, runtime_baselines, workdir as wd
 from baq.train.deploy import export_formats as deploy_formats
@@ -66,6 +66,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   selected = modes.selected(config)
   specs = [modes.get_mode(config, m) for m in selected]
   MODELS.get(config.model.name)
+  COMPUTE_DTYPES.get(config.model.get("dtype", DEFAULT_DTYPE))
   datasets.DATASETS.get(config.dataset.name)
   for name, entry in config.penalties.to_dict().items():
     regularizers.REGULARIZERS.get(dict(entry).get("kind", name))
