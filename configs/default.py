@@ -106,6 +106,11 @@ def get_config(arg=None):
   # TensorBoard events beside metrics.jsonl (WORKDIR/<run>/tensorboard/):
   # every logged scalar, each group's accuracy and the bit-width histogram.
   c.tensorboard = True
+  # Fine-tuning runs trained at once, in threads, after the float model: the
+  # baselines in one lane, the methods in another (baq/train/lanes.py). On
+  # CPU two fill the cores one XLA step leaves idle; results are identical to
+  # 1 (one run after another), which an accelerator run may prefer.
+  c.concurrent_runs = 2
   c.init_checkpoint = ""  # a float run's workdir to fine-tune from; "" trains one in WORKDIR/fp32
 
   c.batch_size = 128

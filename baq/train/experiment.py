@@ -13,6 +13,7 @@ weights, prints one table and writes report.json.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Iterator, Optional
 
@@ -26,7 +27,7 @@ from baq.data import datasets, records
 from baq.fairness import metrics
 from baq.models import build_model
 from baq.quant import units
-from baq.train import deploy, runtime_baselines, workdir as wd
+from baq.train import deploy, lanes, runtime_baselines, workdir as wd
 from baq.train.checkpoint import restore_variables
 from baq.train.evaluate import evaluate_split
 from baq.train.modes import budget_bits, get_mode, run_steps, selected
@@ -92,19 +93,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   quantized = [m for m in selected(config) if m != "float"]
   if quantized:
     float_vars = restore_variables(fp_dir)
-    for b in wd.baseline_bits(config):
+    common = dict(data=data, lr=config.optim.finetune_lr, init_variables=float_vars)
+
+    def uniform(b):
       name = wd.uniform_name(b)
-      train(config, wd.path(workdir, name), mode="qat", bits=b, data=data,
-            steps=config.steps, lr=config.optim.finetune_lr, init_variables=float_vars,
-            use_penalties=False, name=name)
-    for mode in quantized:
+      train(config, wd.path(workdir, name), mode="qat", bits=b, steps=config.steps,
+            use_penalties=False, name=name, **common)
+
+    def method(mode):
       spec = get_mode(config, mode)
       bits = allocation_plan(config, workdir, float_vars, data) \
           if spec.init_allocation else None
       name = wd.method_name(config, mode)
-      train(config, wd.path(workdir, name), mode=mode, data=data,
-            steps=run_steps(config, spec), lr=config.optim.finetune_lr,
-            init_variables=float_vars, name=name, init_bits=bits)
+      train(config, wd.path(workdir, name), mode=mode, steps=run_steps(config, spec),
+            name=name, init_bits=bits, **common)
+
+    # Two lanes, both from the float weights alone: the baselines, and the
+    # methods (which share the allocation plan, so they stay in one lane).
+    lanes.run_lanes([[functools.partial(uniform, b) for b in wd.baseline_bits(config)],
+                     [functools.partial(method, m) for m in quantized]],
+                    concurrent=config.get("concurrent_runs", 1))
   return report(config, workdir, data)
 
 

@@ -93,6 +93,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   search = config.quant.get("search_steps")
   if search is not None and not (isinstance(search, int) and search >= 1):
     raise ValueError(f"quant.search_steps={search} must be None or a positive integer.")
+  lanes = config.get("concurrent_runs", 1)
+  if not (isinstance(lanes, int) and lanes >= 1):
+    raise ValueError(f"concurrent_runs={lanes} must be an integer >= 1.")
   for field in ("lr", "finetune_lr"):
     lr = config.optim.get(field)
     if lr is not None and not (math.isfinite(lr) and lr > 0):
