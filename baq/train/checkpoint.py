@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import Any, Optional
 
 import jax
@@ -35,6 +36,14 @@ def signature(state: Any) -> dict[str, str]:
           for p, v in flat}
 
 
+# orbax keeps process-wide state for its asynchronous saves (the temporary
+# directories it finalises in the background): two managers saving the same
+# step at once from two threads (`baq.train.lanes`) collided on them. Saves
+# made off the main thread are therefore serialised and finished before the
+# next begins (a small model's save takes well under a second).
+_LANE_LOCK = threading.RLock()
+
+
 class Checkpointer:
   """Saves and restores one run's train state under `workdir/checkpoints`.
 
@@ -52,9 +61,10 @@ class Checkpointer:
     self.abstract_state = abstract_state
     os.makedirs(self.workdir, exist_ok=True)
     self._check_signature(signature(abstract_state))
-    self.manager = ocp.CheckpointManager(
-        os.path.join(self.workdir, wd.CHECKPOINT_DIR),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+    with _LANE_LOCK:
+      self.manager = ocp.CheckpointManager(
+          os.path.join(self.workdir, wd.CHECKPOINT_DIR),
+          options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
   def _check_signature(self, sig: dict[str, str]) -> None:
     path = os.path.join(self.workdir, SIGNATURE_FILE)
@@ -83,14 +93,22 @@ class Checkpointer:
   def restore(self, step: Optional[int] = None) -> Any:
     """The state saved at `step` (default: latest), typed like abstract_state."""
     step = self.manager.latest_step() if step is None else step
-    return self.manager.restore(step, args=ocp.args.StandardRestore(self.abstract_state))
+    with _LANE_LOCK:
+      return self.manager.restore(step, args=ocp.args.StandardRestore(self.abstract_state))
 
   def save(self, step: int, state: Any, force: bool = False) -> None:
-    self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    """Saves asynchronously; from a lane's thread, under a process-wide lock and finished."""
+    if threading.current_thread() is threading.main_thread():
+      self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+      return
+    with _LANE_LOCK:
+      self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    with _LANE_LOCK:
+      self.manager.wait_until_finished()
+      self.manager.close()
 
 
 def restore_variables(workdir: str) -> dict:
@@ -108,6 +126,11 @@ def restore_variables(workdir: str) -> dict:
     FileNotFoundError: the workdir holds no checkpoint.
   """
   ckpt_dir = os.path.join(os.path.abspath(workdir), wd.CHECKPOINT_DIR)
+  with _LANE_LOCK:
+    return _restore_host(ckpt_dir, workdir)
+
+
+def _restore_host(ckpt_dir: str, workdir: str) -> dict:
   mgr = ocp.CheckpointManager(ckpt_dir, item_handlers=ocp.StandardCheckpointHandler(),
                               options=ocp.CheckpointManagerOptions(create=False)) \
       if os.path.isdir(ckpt_dir) else None
