@@ -110,8 +110,9 @@ def _run(stream: bool) -> dict:
       out = subprocess.run([sys.executable, "-c", _CHILD, "1" if stream else "0", workdir,
                             FLAGS.data_dir, str(FLAGS.num_train), str(FLAGS.image_size),
                             str(FLAGS.steps), str(FLAGS.workers)], capture_output=True,
-                           text=True, check=group is None,
-                           preexec_fn=group.enter if group else None)
+                           text=True, preexec_fn=group.enter if group else None)
+    if out.returncode and group is None:
+      raise SystemExit(f"The training process failed:\n{out.stderr[-3000:]}")
     if out.returncode:
       killed = out.returncode in (-signal.SIGKILL, 137)
       res = dict(finished=False, killed=killed, returncode=out.returncode,

@@ -4,11 +4,11 @@ After the float model, the main job's fine-tuning runs (the uniform
 baselines; the methods, with the allocation some of them start from) depend
 on nothing but the float weights. On a CPU one XLA train step keeps about
 1.5 of 2 cores busy (its serial parts leave the rest idle), so two runs in
-threads of one process fill the cores: measured on the main job's steps, two
-at once finish in about 0.7 of the time one after the other (README,
-"Training at scale"). Each XLA computation's arithmetic depends on its
-program and the machine's thread count, not on what runs beside it, so the
-results are bit for bit those of the runs in order (tested).
+threads of one process fill more of them: in the main job two steps at once
+ran at about 1.2x the throughput of one (README, "Speed"). Each XLA
+computation's arithmetic depends on its program and the machine's thread
+count, not on what runs beside it, so the results are bit for bit those of
+the runs in order (tested).
 
 Threads, not processes: the data, the compiled programs and the float
 weights are shared, and nothing is imported twice. The lanes are daemon

@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from baq.data import datasets
+from baq.data import datasets, tfds_shuffle
 from baq.data.datasets import Split
 from baq.data.manual.files import SPLITS, assign_splits, choose, load_image, require
 
@@ -114,6 +114,7 @@ def load_table(name: str, split: str, table_fn, fields: dict,
       description=description or name, image_size=image_size,
       center_crop=center_crop, options_json=json.dumps(options, sort_keys=True))
   builder = cls(config=config, data_dir=data_dir, table_fn=table_fn)
+  tfds_shuffle.use_local_buckets()  # a split over 1 GB prepares without TensorFlow
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=manual_dir, try_download_gcs=False))
   if split in builder.info.splits:

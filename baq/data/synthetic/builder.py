@@ -33,6 +33,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from baq.data import tfds_shuffle
 from baq.data.synthetic import generate as synthetic
 
 DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
@@ -179,6 +180,7 @@ def make_builder(data_dir: str | None = None, **config_kwargs
     An unprepared-or-prepared builder; call `download_and_prepare()` (a no-op
     once prepared) before `as_data_source()`.
   """
+  tfds_shuffle.use_local_buckets()  # a split over 1 GB prepares without TensorFlow
   data_dir = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
   config = make_config(**config_kwargs)
   # tfds refuses a config object that shares a name with a listed config, so
