@@ -11,20 +11,28 @@ compilation, on SmallCNN's shapes at 32 px (baq/models/cnn.py):
   * each 3x3 convolution's forward, input-gradient and kernel-gradient pass;
   * the float train step of the default config (`make_train_step`), for
     scale.
+
+The allocator is left as train.py leaves it (`baq.host`); `BAQ_MALLOC=1`
+measures the tuned one (one arena, no mmap, no trim) instead.
 """
 
 import time
 
 from absl import app, flags
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
 
-from baq.models.layers import max_pool
-from baq.train import state as train_state
-from baq.train.step import make_train_step
-from configs import default
+from baq import host
+
+host.tune_allocator()  # before JAX starts its threads, as train.py does
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from baq.models.layers import max_pool  # noqa: E402
+from baq.train import state as train_state  # noqa: E402
+from baq.train.step import make_train_step  # noqa: E402
+from configs import default  # noqa: E402
 
 flags.DEFINE_integer("batch_size", 128, "Examples per batch.")
 flags.DEFINE_integer("repeats", 30, "Timed calls per measurement.")

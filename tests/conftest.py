@@ -7,8 +7,8 @@
   17.6 s -> 4.7 s here). Every test compares numbers computed under the
   same options, or against numpy within a tolerance. A user's own
   XLA_FLAGS are kept in front of them.
-* glibc keeps XLA's per-step buffers (`baq.host.tune_allocator`), as
-  train.py does.
+* glibc's allocator as train.py leaves it (`baq.host.tune_allocator`, opt-in
+  with BAQ_MALLOC=1), as train.py does.
 * A persistent compilation cache per test worker, so a program compiled
   once (the trainer's step, the evaluation) is loaded, not compiled, by the
   next run of the same shapes in that worker (a BAQ run 17.6 s -> 1.1 s the

@@ -37,7 +37,8 @@ def _faults(env):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_tuned_allocator_reuses_large_buffers_instead_of_faulting_them_in():
-  plain, tuned = _faults({"BAQ_MALLOC": "0"}), _faults({})
+  plain, tuned = _faults({"BAQ_MALLOC": "0"}), _faults({"BAQ_MALLOC": "1"})
+  assert not _faults({})["applied"]  # opt-in: off by default
   assert not plain["applied"] and tuned["applied"]
   # Untuned, each call maps and faults its 128 MB temporary (32,768 pages);
   # tuned, the heap keeps it.
