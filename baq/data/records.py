@@ -7,8 +7,8 @@ integer array) reads just those examples from the tfds array_record files.
 from `split.images` (the batcher, evaluation, export) then works on a split
 larger than memory, reading each batch when it is needed.
 
-`CroppedImages` is a view of the same kind over any images (an array or
-`RecordImages`): each read is centre-cropped (`augment.center_crop`) and
+`CroppedImages` is a view of the same kind (both are `LazyImages`) over any
+images (an array or `RecordImages`): each read is centre-cropped (`augment.center_crop`) and
 rounded back to uint8 on the way out, so centre-crop evaluation of a
 streamed split reads one batch at a time as well.
 
@@ -61,7 +61,62 @@ def feature_array(values, dtype, shape) -> np.ndarray:
   return flat.reshape((len(values),) + tuple(shape))
 
 
-class RecordImages:
+class LazyImages:
+  """What a lazy image view shares: the array's `shape`, `dtype`, `ndim`,
+  `nbytes` and `len`, and indexing (an int, a slice, an integer array, or
+  a tuple whose first entry picks examples). A subclass sets `shape` and
+  `dtype` and reads the examples an index picks (`_rows`), and re-orders
+  itself without reading (`_reordered`).
+  """
+
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """What the images would take in memory (none of it is held)."""
+    return int(np.prod(self.shape)) * self.dtype.itemsize
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def _rows(self, index) -> np.ndarray:
+    raise NotImplementedError
+
+  def _reordered(self, order: np.ndarray) -> "LazyImages":
+    raise NotImplementedError
+
+  def take(self, order, axis: int = 0) -> "LazyImages":
+    """The same images in `order` (nothing is read)."""
+    if axis != 0:
+      raise ValueError(f"{type(self).__name__} can only be re-ordered along the example axis.")
+    return self._reordered(np.asarray(order))
+
+  def __getitem__(self, index) -> np.ndarray:
+    if isinstance(index, tuple):  # images[examples, ...]: read, then index the rest
+      head, rest = index[0], index[1:]
+      out = self[head]
+      return out[(slice(None),) + rest] if out.ndim == self.ndim else out[rest]
+    if isinstance(index, (int, np.integer)):
+      return self._rows(np.array([int(index)]))[0]
+    return self._rows(index)
+
+  def astype(self, dtype) -> np.ndarray:
+    """Every image, read (the whole split in memory)."""
+    return np.asarray(self).astype(dtype)
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    out = np.empty(self.shape, self.dtype)
+    for start in range(0, len(self), CHUNK):  # a chunk of examples at a time
+      out[start:start + CHUNK] = self[start:start + CHUNK]
+    return out if dtype is None else out.astype(dtype)
+
+
+class RecordImages(LazyImages):
   """A split's images, read from its records when indexed.
 
   Pickles with its data source, so worker processes can read batches.
@@ -78,23 +133,11 @@ class RecordImages:
   def shape(self) -> tuple[int, ...]:
     return (len(self._positions),) + self._item_shape
 
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
+  def _reordered(self, order: np.ndarray) -> "RecordImages":
+    return RecordImages(self._source, self._positions[order], self._feature)
 
-  @property
-  def nbytes(self) -> int:
-    """What the images would take in memory (none of it is held)."""
-    return int(np.prod(self.shape)) * self.dtype.itemsize
-
-  def __len__(self) -> int:
-    return len(self._positions)
-
-  def take(self, order, axis: int = 0) -> "RecordImages":
-    """The same images in `order` (nothing is read)."""
-    if axis != 0:
-      raise ValueError("RecordImages can only be re-ordered along the example axis.")
-    return RecordImages(self._source, self._positions[np.asarray(order)], self._feature)
+  def _rows(self, index) -> np.ndarray:
+    return self._read(self._positions[index])
 
   def _read(self, positions: np.ndarray) -> np.ndarray:
     if len(positions) == 0:
@@ -104,25 +147,8 @@ class RecordImages:
     values = [parse(r).features.feature[self._feature] for r in raw]
     return feature_array(values, self.dtype, self._item_shape)
 
-  def __getitem__(self, index) -> np.ndarray:
-    if isinstance(index, tuple):  # images[examples, ...]: read, then index the rest
-      head, rest = index[0], index[1:]
-      out = self[head]
-      return out[(slice(None),) + rest] if out.ndim == self.ndim else out[rest]
-    if isinstance(index, (int, np.integer)):
-      return self._read(self._positions[[int(index)]])[0]
-    return self._read(self._positions[index])
 
-  def astype(self, dtype) -> np.ndarray:
-    """Every image, read (the whole split in memory)."""
-    return np.asarray(self).astype(dtype)
-
-  def __array__(self, dtype=None, copy=None) -> np.ndarray:
-    out = self[:]
-    return out if dtype is None else out.astype(dtype)
-
-
-class CroppedImages:
+class CroppedImages(LazyImages):
   """Images whose reads come back centre-cropped, as uint8 (see the module docstring).
 
   `augment.center_crop(images, fraction)`, rounded and clipped to uint8, of
@@ -140,44 +166,13 @@ class CroppedImages:
       raise ValueError(f"center crop fraction={fraction} must lie in (0, 1].")
     self._images, self.fraction = images, float(fraction)
     self.dtype, self.shape = np.dtype(np.uint8), tuple(images.shape)
-    self.ndim = len(self.shape)
 
-  @property
-  def nbytes(self) -> int:
-    """What the cropped images would take in memory (none of it is held)."""
-    return int(np.prod(self.shape))
+  def _reordered(self, order: np.ndarray) -> "CroppedImages":
+    return CroppedImages(self._images.take(order, axis=0), self.fraction)
 
-  def __len__(self) -> int:
-    return self.shape[0]
-
-  def take(self, order, axis: int = 0) -> "CroppedImages":
-    """The same images in `order` (nothing is read)."""
-    if axis != 0:
-      raise ValueError("CroppedImages can only be re-ordered along the example axis.")
-    return CroppedImages(self._images.take(np.asarray(order), axis=0), self.fraction)
-
-  def _crop(self, images: np.ndarray) -> np.ndarray:
-    out = augment.center_crop(np.asarray(images), self.fraction)
+  def _rows(self, index) -> np.ndarray:
+    out = augment.center_crop(np.asarray(self._images[index]), self.fraction)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
-
-  def __getitem__(self, index) -> np.ndarray:
-    if isinstance(index, tuple):  # images[examples, ...]: crop, then index the rest
-      head, rest = index[0], index[1:]
-      out = self[head]
-      return out[(slice(None),) + rest] if out.ndim == self.ndim else out[rest]
-    if isinstance(index, (int, np.integer)):
-      return self._crop(self._images[[int(index)]])[0]
-    return self._crop(self._images[index])
-
-  def astype(self, dtype) -> np.ndarray:
-    """Every image, cropped (the whole split in memory)."""
-    return np.asarray(self).astype(dtype)
-
-  def __array__(self, dtype=None, copy=None) -> np.ndarray:
-    out = np.empty(self.shape, np.uint8)
-    for start in range(0, len(self), CHUNK):  # a chunk's float32 crop at a time
-      out[start:start + CHUNK] = self[start:start + CHUNK]
-    return out if dtype is None else out.astype(dtype)
 
 
 def center_cropped(images: Any, fraction: Optional[float]) -> Any:
