@@ -26,7 +26,6 @@ and each runtime stores its own format.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
 
 import flax.traverse_util as tu
 import jax
@@ -103,13 +102,6 @@ def model(config: ml_collections.ConfigDict, name: str, num_classes: int):
   """The config's model with runtime baseline `name` injected (its params are fp32's)."""
   return build_model(config.model.name, num_classes, quantizer(config, name),
                      **config.model.kwargs.to_dict())
-
-
-def runs(config: ml_collections.ConfigDict, num_classes: int,
-         float_vars: dict) -> Iterator[tuple]:
-  """(name, eval-mode model, fp32's variables) of each runtime baseline, in config order."""
-  for name in wd.runtime_baselines(config):
-    yield name, model(config, name, num_classes), float_vars
 
 
 def quantized_layers(qmodel, variables, sample) -> dict[str, bool]:
