@@ -4,11 +4,12 @@ A family is the knowledge of one kind of Hugging Face checkpoint: how its
 config.json becomes a `DecoderConfig` and how its state dict's names and
 layouts map onto the decoder's parameters (and back). Every non-underscore
 module of this package is imported on the first lookup, so a new family is
-one new file here that calls `register_family`; no other file changes.
+one new file here that calls `register_family`; no other file changes. A
+family describes its state dict as one `keys.Table`, whose generic
+converters read it both ways:
 
     register_family("gpt2", model_types=("gpt2",), config_from_hf=config_from_hf,
-                    to_params=to_params, from_params=from_params, hf_modules=hf_modules,
-                    hf_conv1d=True)
+                    hf_conv1d=True, **keys.converters(TABLE))
 
 A family may also register `hf_modules(cfg)`, its quantizable modules under
 their HF names with the baq layers each holds, which GPTQ checkpoints

@@ -14,16 +14,23 @@ mask buffers attn.bias / attn.masked_bias of older checkpoints are skipped.
 
 from __future__ import annotations
 
-import numpy as np
-
 from baq.models.lm import register_family
 from baq.models.lm.decoder import DecoderConfig
-from baq.models.lm.hf import Checkpoint, config_value, modules, nest, torch_linear, torch_norm
+from baq.models.lm.hf import config_value
+from baq.models.lm.keys import Key, Table, converters
 
-PREFIX = "transformer."
-BUFFERS = (r"h\.\d+\.attn\.(bias|masked_bias)",)
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
                "relu": "relu"}
+# GPT-2 has biases everywhere, whatever the config says (Key's default bias=True).
+TABLE = Table(
+    prefix="transformer.", block="h.{i}.",
+    first=(Key("embed", "wte", "embed"), Key("pos_embed", "wpe", "embed")),
+    blocks=(Key("attn_norm", "ln_1", "norm"),
+            Key(("attn/q_proj", "attn/k_proj", "attn/v_proj"), "attn.c_attn", "qkv"),
+            Key("attn/o_proj", "attn.c_proj", "conv1d"), Key("mlp_norm", "ln_2", "norm"),
+            Key("mlp/up_proj", "mlp.c_fc", "conv1d"), Key("mlp/down_proj", "mlp.c_proj", "conv1d")),
+    last=(Key("final_norm", "ln_f", "norm"),),
+    buffers=(r"h\.\d+\.attn\.(bias|masked_bias)",))
 
 
 def config_from_hf(hf: dict) -> DecoderConfig:
@@ -54,92 +61,5 @@ def config_from_hf(hf: dict) -> DecoderConfig:
       tie_embeddings=config_value(hf, "tie_word_embeddings", True))
 
 
-def to_params(state_dict, cfg: DecoderConfig) -> dict:
-  """GPT-2 state dict -> `CausalLM` params (numpy views where possible).
-
-  Args:
-    state_dict: HF names -> arrays.
-    cfg: from `config_from_hf`.
-
-  Returns:
-    Nested params.
-
-  Raises:
-    KeyError: a key the model needs is missing.
-    ValueError: a key is left unused (other than the mask buffers).
-  """
-  ck, d = Checkpoint(state_dict, PREFIX), cfg.d_model
-  p = {"embed": {"embedding": ck.take("wte.weight")},
-       "pos_embed": {"embedding": ck.take("wpe.weight")},
-       "final_norm": ck.norm("ln_f", bias=True)}
-  for i in range(cfg.n_layers):
-    s, o = f"h.{i}.", f"block_{i}/"
-    qkv = ck.linear(s + "attn.c_attn", bias=True, conv1d=True)
-    for j, name in enumerate("qkv"):
-      cols = slice(j * d, (j + 1) * d)
-      p[f"{o}attn/{name}_proj"] = {"kernel": qkv["kernel"][:, cols], "bias": qkv["bias"][cols]}
-    p[o + "attn/o_proj"] = ck.linear(s + "attn.c_proj", bias=True, conv1d=True)
-    p[o + "attn_norm"] = ck.norm(s + "ln_1", bias=True)
-    p[o + "mlp_norm"] = ck.norm(s + "ln_2", bias=True)
-    p[o + "mlp/up_proj"] = ck.linear(s + "mlp.c_fc", bias=True, conv1d=True)
-    p[o + "mlp/down_proj"] = ck.linear(s + "mlp.c_proj", bias=True, conv1d=True)
-  if not cfg.tie_embeddings:
-    p["lm_head"] = {"kernel": ck.take("lm_head.weight").T}
-  # A tied head saved anyway is the embedding again.
-  ck.finish(BUFFERS + ((r"lm_head\.weight",) if cfg.tie_embeddings else ()))
-  return nest(p)
-
-
-def from_params(params, cfg: DecoderConfig) -> dict[str, np.ndarray]:
-  """`CausalLM` params -> GPT2LMHeadModel state dict ("transformer." names, no buffers).
-
-  Args:
-    params: nested params (quantizer leaves are ignored).
-    cfg: the model's configuration.
-
-  Returns:
-    HF names -> numpy arrays (lm_head.weight only when untied).
-  """
-  m, t = modules(params), PREFIX
-  sd = {t + "wte.weight": m["embed"]["embedding"], t + "wpe.weight": m["pos_embed"]["embedding"]}
-  for i in range(cfg.n_layers):
-    s, o = f"{t}h.{i}.", f"block_{i}/"
-    sd.update(torch_norm(m[o + "attn_norm"], s + "ln_1"))
-    parts = [m[f"{o}attn/{n}_proj"] for n in "qkv"]
-    sd[s + "attn.c_attn.weight"] = np.concatenate([q["kernel"] for q in parts], axis=1)
-    sd[s + "attn.c_attn.bias"] = np.concatenate([q["bias"] for q in parts])
-    sd.update(torch_linear(m[o + "attn/o_proj"], s + "attn.c_proj", conv1d=True))
-    sd.update(torch_norm(m[o + "mlp_norm"], s + "ln_2"))
-    sd.update(torch_linear(m[o + "mlp/up_proj"], s + "mlp.c_fc", conv1d=True))
-    sd.update(torch_linear(m[o + "mlp/down_proj"], s + "mlp.c_proj", conv1d=True))
-  sd.update(torch_norm(m["final_norm"], t + "ln_f"))
-  if not cfg.tie_embeddings:
-    sd["lm_head.weight"] = m["lm_head"]["kernel"].T
-  return sd
-
-
-def hf_modules(cfg: DecoderConfig) -> dict[str, tuple[str, ...]]:
-  """GPT2LMHeadModel's quantizable Conv1D modules -> the baq layers they hold.
-
-  c_attn is one module whose columns are q | k | v, as GPTQModel and
-  AutoGPTQ quantize it; every other module is one baq layer.
-
-  Args:
-    cfg: the model's configuration.
-
-  Returns:
-    {"transformer.h.{i}.attn.c_attn": ("block_{i}/attn/q_proj", ...), ...}.
-  """
-  out = {}
-  for i in range(cfg.n_layers):
-    s, o = f"{PREFIX}h.{i}.", f"block_{i}/"
-    out[s + "attn.c_attn"] = tuple(f"{o}attn/{n}_proj" for n in "qkv")
-    out[s + "attn.c_proj"] = (o + "attn/o_proj",)
-    out[s + "mlp.c_fc"] = (o + "mlp/up_proj",)
-    out[s + "mlp.c_proj"] = (o + "mlp/down_proj",)
-  return out
-
-
 register_family("gpt2", model_types=("gpt2",), config_from_hf=config_from_hf,
-                to_params=to_params, from_params=from_params, hf_modules=hf_modules,
-                hf_conv1d=True)
+                hf_conv1d=True, **converters(TABLE))

@@ -20,19 +20,26 @@ on only some layers), naming the field. Both the old config.json fields
 
 from __future__ import annotations
 
-import numpy as np
-
 from baq.models.lm import register_family
 from baq.models.lm.decoder import DecoderConfig
-from baq.models.lm.hf import Checkpoint, config_value, modules, nest, torch_linear, torch_norm
+from baq.models.lm.hf import config_value
+from baq.models.lm.keys import Key, Table, converters
 
-PREFIX = "model."
-BUFFERS = (r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
-ATTN = (("attn/q_proj", "self_attn.q_proj"), ("attn/k_proj", "self_attn.k_proj"),
-        ("attn/v_proj", "self_attn.v_proj"), ("attn/o_proj", "self_attn.o_proj"))
-MLP = (("mlp/gate_proj", "mlp.gate_proj"), ("mlp/up_proj", "mlp.up_proj"),
-       ("mlp/down_proj", "mlp.down_proj"))
-NORMS = (("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm"))
+# RMSNorm has no bias; rotary positions have no weights (only old inv_freq buffers).
+TABLE = Table(
+    prefix="model.", block="layers.{i}.",
+    first=(Key("embed", "embed_tokens", "embed"),),
+    blocks=(Key("attn/q_proj", "self_attn.q_proj", "linear", "attn_bias"),
+            Key("attn/k_proj", "self_attn.k_proj", "linear", "attn_bias"),
+            Key("attn/v_proj", "self_attn.v_proj", "linear", "attn_bias"),
+            Key("attn/o_proj", "self_attn.o_proj", "linear", "out_bias"),
+            Key("mlp/gate_proj", "mlp.gate_proj", "linear", "mlp_bias"),
+            Key("mlp/up_proj", "mlp.up_proj", "linear", "mlp_bias"),
+            Key("mlp/down_proj", "mlp.down_proj", "linear", "mlp_bias"),
+            Key("attn_norm", "input_layernorm", "norm", False),
+            Key("mlp_norm", "post_attention_layernorm", "norm", False)),
+    last=(Key("final_norm", "norm", "norm", False),),
+    buffers=(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",))
 DEFAULT_KV_HEADS = {"mistral": 8}  # HF's default when config.json omits it; else n_heads
 
 
@@ -92,73 +99,5 @@ def config_from_hf(hf: dict) -> DecoderConfig:
       tie_embeddings=config_value(hf, "tie_word_embeddings", False))
 
 
-def to_params(state_dict, cfg: DecoderConfig) -> dict:
-  """Llama-layout state dict -> `CausalLM` params (numpy views where possible).
-
-  Args:
-    state_dict: HF names -> arrays.
-    cfg: from `config_from_hf`.
-
-  Returns:
-    Nested params.
-
-  Raises:
-    KeyError: a key the model needs is missing.
-    ValueError: a key is left unused (other than rotary buffers).
-  """
-  ck = Checkpoint(state_dict, PREFIX)
-  p = {"embed": {"embedding": ck.take("embed_tokens.weight")},
-       "final_norm": ck.norm("norm", bias=False)}
-  for i in range(cfg.n_layers):
-    s, o = f"layers.{i}.", f"block_{i}/"
-    for ours, theirs in ATTN:
-      p[o + ours] = ck.linear(s + theirs, cfg.out_bias if ours == "attn/o_proj" else cfg.attn_bias)
-    for ours, theirs in MLP:
-      p[o + ours] = ck.linear(s + theirs, cfg.mlp_bias)
-    for ours, theirs in NORMS:
-      p[o + ours] = ck.norm(s + theirs, bias=False)
-  if not cfg.tie_embeddings:
-    p["lm_head"] = {"kernel": ck.take("lm_head.weight").T}
-  ck.finish(BUFFERS + ((r"lm_head\.weight",) if cfg.tie_embeddings else ()))
-  return nest(p)
-
-
-def from_params(params, cfg: DecoderConfig) -> dict[str, np.ndarray]:
-  """`CausalLM` params -> the *ForCausalLM state dict ("model." names).
-
-  Args:
-    params: nested params (quantizer leaves are ignored).
-    cfg: the model's configuration.
-
-  Returns:
-    HF names -> numpy arrays (lm_head.weight only when untied).
-  """
-  m, t = modules(params), PREFIX
-  sd = {t + "embed_tokens.weight": m["embed"]["embedding"]}
-  for i in range(cfg.n_layers):
-    s, o = f"{t}layers.{i}.", f"block_{i}/"
-    for ours, theirs in ATTN + MLP:
-      sd.update(torch_linear(m[o + ours], s + theirs))
-    for ours, theirs in NORMS:
-      sd.update(torch_norm(m[o + ours], s + theirs))
-  sd.update(torch_norm(m["final_norm"], t + "norm"))
-  if not cfg.tie_embeddings:
-    sd["lm_head.weight"] = m["lm_head"]["kernel"].T
-  return sd
-
-
-def hf_modules(cfg: DecoderConfig) -> dict[str, tuple[str, ...]]:
-  """The *ForCausalLM's quantizable Linear modules -> the one baq layer each holds.
-
-  Args:
-    cfg: the model's configuration.
-
-  Returns:
-    {"model.layers.{i}.self_attn.q_proj": ("block_{i}/attn/q_proj",), ...}.
-  """
-  return {f"{PREFIX}layers.{i}.{theirs}": (f"block_{i}/{ours}",)
-          for i in range(cfg.n_layers) for ours, theirs in ATTN + MLP}
-
-
 register_family("llama", model_types=("llama", "mistral", "qwen2"), config_from_hf=config_from_hf,
-                to_params=to_params, from_params=from_params, hf_modules=hf_modules)
+                **converters(TABLE))

@@ -18,19 +18,26 @@ embedding), _remove_final_layer_norm and layer_norm_elementwise_affine=false.
 
 from __future__ import annotations
 
-import numpy as np
-
 from baq.models.lm import register_family
 from baq.models.lm.decoder import DecoderConfig
-from baq.models.lm.hf import Checkpoint, config_value, modules, nest, torch_linear, torch_norm
+from baq.models.lm.hf import config_value
+from baq.models.lm.keys import Key, Table, converters
 
-PREFIX = "model."
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh"}
-# The baq layer, and OPT's name for it, in each decoder layer.
-LAYERS = (("attn/q_proj", "self_attn.q_proj"), ("attn/k_proj", "self_attn.k_proj"),
-          ("attn/v_proj", "self_attn.v_proj"), ("attn/o_proj", "self_attn.out_proj"),
-          ("mlp/up_proj", "fc1"), ("mlp/down_proj", "fc2"))
-NORMS = (("attn_norm", "self_attn_layer_norm"), ("mlp_norm", "final_layer_norm"))
+# enable_bias sets attn_bias, out_bias and mlp_bias alike; every Linear reads attn_bias.
+TABLE = Table(
+    prefix="model.", block="decoder.layers.{i}.",
+    first=(Key("embed", "decoder.embed_tokens", "embed"),
+           Key("pos_embed", "decoder.embed_positions", "embed")),
+    blocks=(Key("attn/q_proj", "self_attn.q_proj", "linear", "attn_bias"),
+            Key("attn/k_proj", "self_attn.k_proj", "linear", "attn_bias"),
+            Key("attn/v_proj", "self_attn.v_proj", "linear", "attn_bias"),
+            Key("attn/o_proj", "self_attn.out_proj", "linear", "attn_bias"),
+            Key("mlp/up_proj", "fc1", "linear", "attn_bias"),
+            Key("mlp/down_proj", "fc2", "linear", "attn_bias"),
+            Key("attn_norm", "self_attn_layer_norm", "norm"),
+            Key("mlp_norm", "final_layer_norm", "norm")),
+    last=(Key("final_norm", "decoder.final_layer_norm", "norm"),))
 
 
 def config_from_hf(hf: dict) -> DecoderConfig:
@@ -63,73 +70,5 @@ def config_from_hf(hf: dict) -> DecoderConfig:
       tie_embeddings=config_value(hf, "tie_word_embeddings", True))
 
 
-def to_params(state_dict, cfg: DecoderConfig) -> dict:
-  """OPT state dict -> `CausalLM` params (numpy views where possible).
-
-  Args:
-    state_dict: HF names -> arrays.
-    cfg: from `config_from_hf`.
-
-  Returns:
-    Nested params.
-
-  Raises:
-    KeyError: a key the model needs is missing.
-    ValueError: a key is left unused.
-  """
-  ck, bias = Checkpoint(state_dict, PREFIX), cfg.attn_bias
-  p = {"embed": {"embedding": ck.take("decoder.embed_tokens.weight")},
-       "pos_embed": {"embedding": ck.take("decoder.embed_positions.weight")},
-       "final_norm": ck.norm("decoder.final_layer_norm", bias=True)}
-  for i in range(cfg.n_layers):
-    s, o = f"decoder.layers.{i}.", f"block_{i}/"
-    for ours, theirs in LAYERS:
-      p[o + ours] = ck.linear(s + theirs, bias=bias)
-    for ours, theirs in NORMS:
-      p[o + ours] = ck.norm(s + theirs, bias=True)
-  if not cfg.tie_embeddings:
-    p["lm_head"] = {"kernel": ck.take("lm_head.weight").T}
-  ck.finish((r"lm_head\.weight",) if cfg.tie_embeddings else ())  # a tied head is wte again
-  return nest(p)
-
-
-def from_params(params, cfg: DecoderConfig) -> dict[str, np.ndarray]:
-  """`CausalLM` params -> OPTForCausalLM state dict ("model." names).
-
-  Args:
-    params: nested params (quantizer leaves are ignored).
-    cfg: the model's configuration.
-
-  Returns:
-    HF names -> numpy arrays (lm_head.weight only when untied).
-  """
-  m, t = modules(params), PREFIX + "decoder."
-  sd = {t + "embed_tokens.weight": m["embed"]["embedding"],
-        t + "embed_positions.weight": m["pos_embed"]["embedding"]}
-  for i in range(cfg.n_layers):
-    s, o = f"{t}layers.{i}.", f"block_{i}/"
-    for ours, theirs in LAYERS:
-      sd.update(torch_linear(m[o + ours], s + theirs))
-    for ours, theirs in NORMS:
-      sd.update(torch_norm(m[o + ours], s + theirs))
-  sd.update(torch_norm(m["final_norm"], t + "final_layer_norm"))
-  if not cfg.tie_embeddings:
-    sd["lm_head.weight"] = m["lm_head"]["kernel"].T
-  return sd
-
-
-def hf_modules(cfg: DecoderConfig) -> dict[str, tuple[str, ...]]:
-  """OPTForCausalLM's quantizable Linear modules -> the one baq layer each holds.
-
-  Args:
-    cfg: the model's configuration.
-
-  Returns:
-    {"model.decoder.layers.{i}.self_attn.q_proj": ("block_{i}/attn/q_proj",), ...}.
-  """
-  return {f"{PREFIX}decoder.layers.{i}.{theirs}": (f"block_{i}/{ours}",)
-          for i in range(cfg.n_layers) for ours, theirs in LAYERS}
-
-
 register_family("opt", model_types=("opt",), config_from_hf=config_from_hf,
-                to_params=to_params, from_params=from_params, hf_modules=hf_modules)
+                **converters(TABLE))
