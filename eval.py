@@ -17,34 +17,28 @@ eigenvalue): WORKDIR/diagnostics.json, diagnostics.png, bits_vs_importance.png.
 """
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from baq import host
-from baq.train import deploy, diagnostics, experiment, validate
+from baq import launch
+from baq.experiment import checks, deploy, diagnostics, job
 
-config_flags.DEFINE_config_file("config", None, "Config file; default: WORKDIR/config.json.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory of a train.py run.")
+launch.define_flags(None, config_help="Config file; default: WORKDIR/config.json.",
+                    workdir_help="Directory of a train.py run.")
 flags.DEFINE_bool("diagnostics", False, "Write the per-group diagnostics instead of the report.")
 flags.DEFINE_string("export", None, "Comma-separated export formats (safetensors, onnx, qwix); "
                     "default: the config's `export`.")
-flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
-  del argv
-  host.tune_allocator()  # before JAX starts its threads
-  if not flags.FLAGS["verbosity"].present:
-    experiment.quiet_logging()
-  config = validate.load_config(flags.FLAGS.workdir, flags.FLAGS.config)
+  _, workdir = launch.start(argv)
+  config = checks.load_config(workdir, flags.FLAGS.config)
   if flags.FLAGS.export is not None:
     deploy.export_formats(flags.FLAGS.export)  # an unknown name fails before any work
     with config.unlocked():
       config.export = flags.FLAGS.export
   if flags.FLAGS.diagnostics:
-    diagnostics.diagnose_workdir(config, flags.FLAGS.workdir)
+    diagnostics.diagnose_workdir(config, workdir)
   else:
-    experiment.report(config, flags.FLAGS.workdir)
+    job.report(config, workdir)
 
 
 if __name__ == "__main__":

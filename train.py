@@ -2,27 +2,24 @@
 
   python train.py --config=configs/default.py --workdir=/tmp/baq_default
 
-Overrides: any config field, e.g. --config.quant.target_bits=5.0.
+Overrides: any config field, e.g. --config.quant.target_bits=5.0. Several
+hosts: start one process per host with JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or under SLURM, Open MPI or a TPU
+pod slice); `baq.launch.start` starts `jax.distributed` first.
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
-from baq import host
-from baq.train import experiment
+from baq import launch
+from baq.experiment import checks, job
 
-config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
-flags.mark_flags_as_required(["workdir"])
+launch.define_flags("configs/default.py", config_help="Experiment config file.",
+                    workdir_help="Directory for checkpoints, metrics and reports.")
 
 
 def main(argv):
-  del argv
-  host.tune_allocator()  # before JAX starts its threads
-  if not flags.FLAGS["verbosity"].present:
-    experiment.quiet_logging()
-  experiment.run(flags.FLAGS.config, flags.FLAGS.workdir)
+  config, workdir = launch.start(argv, check=checks.validate)
+  job.run(config, workdir)
 
 
 if __name__ == "__main__":

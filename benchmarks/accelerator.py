@@ -46,7 +46,7 @@ import numpy as np
 from baq.data import augment
 from baq.data.datasets import Split
 from baq.data.pipeline import Batcher, batches
-from baq.train import sharding as sh, state as train_state, trainer
+from baq.train import sharding as sh, state as train_state, loop as trainer
 from configs import default
 
 flags.DEFINE_bool("smoke", False, "Shrink everything to run on CPU in seconds.")

@@ -12,17 +12,14 @@ compilation, on SmallCNN's shapes at 32 px (baq/models/cnn.py):
   * the float train step of the default config (`make_train_step`), for
     scale.
 
-The allocator is left as train.py leaves it (`baq.host`); `BAQ_MALLOC=1`
-measures the tuned one (one arena, no mmap, no trim) instead.
+glibc's allocator runs at its defaults, as in train.py.
 """
 
 import time
 
 from absl import app, flags
 
-from baq import host
 
-host.tune_allocator()  # before JAX starts its threads, as train.py does
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baq.quant import gptq, gptq_model, hessian
+from baq.quant import gptq, hessian
+from baq.ptq import sequential as gptq_model
 
 flags.DEFINE_list("widths", ["128", "256", "512", "1024", "2048"], "Dense widths d (d x d).")
 flags.DEFINE_integer("bits", 4, "Bit-width.")

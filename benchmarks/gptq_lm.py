@@ -55,9 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baq import host
 from baq.models.lm.decoder import CausalLM, DecoderConfig
-from baq.quant import gptq_decoder as gd
+from baq.ptq import decoder as gd
 
 flags.DEFINE_list("widths", ["64", "128", "256", "512"], "d_model values.")
 flags.DEFINE_integer("seqs", 32, "Calibration sequences (and pairs for Fair-GPTQ).")
@@ -131,7 +130,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 def _reset_peak() -> bool:
   """Returns freed heap to the system and resets VmHWM to the current RSS."""
   gc.collect()
-  _libc.malloc_trim(0)  # tune_allocator keeps freed blocks resident otherwise
+  _libc.malloc_trim(0)  # glibc keeps freed blocks resident otherwise
   try:
     with open("/proc/self/clear_refs", "w") as f:
       f.write("5")
@@ -250,5 +249,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  host.tune_allocator()  # before JAX starts its threads
   app.run(main)

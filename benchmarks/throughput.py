@@ -43,7 +43,7 @@ def measure(model: str, mode: str, batch_size: int, image_size: int, num_classes
             steps: int, repeats: int, mesh_model: int) -> dict:
   """Median examples/s of `mode`'s update step on this process's devices."""
   import jax  # pylint: disable=import-outside-toplevel
-  from baq.train import sharding as sh, state as train_state, trainer  # pylint: disable=import-outside-toplevel
+  from baq.train import sharding as sh, state as train_state, loop as trainer  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
 
   config = default.get_config()

@@ -24,10 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baq import host
 from baq.models.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from baq.quant.inject import QuantSpec, Quantizer
-from baq.study import vlm_quant
+from baq.study.vlm import quant as vlm_quant
 
 LAYERS = r"(vision|text)/block_\d+/(attn|mlp)/.*|visual_projection|text_projection"
 SIZES = {
@@ -87,5 +86,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  host.tune_allocator()
   app.run(main)

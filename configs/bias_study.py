@@ -8,11 +8,11 @@ against the float model of its seed on the same test examples, with
 bootstrap intervals, paired tests, Holm correction and a verdict per
 (setting, group):
 
-  python -m baq.study --config=configs/bias_study.py --root=/tmp/baq_study
+  python -m baq.study.bias --config=configs/bias_study.py --workdir=/tmp/baq_study
 
 A smoke run (small data, few steps, 2 seeds, 4 bits):
 
-  python -m baq.study --config=configs/bias_study.py:runlocal --root=/tmp/baq_study_rl
+  python -m baq.study.bias --config=configs/bias_study.py:runlocal --workdir=/tmp/baq_study_rl
 
 The ISIC 2019 files (ISIC_DIR, the shared 64x64 HAM subset, or
 `--config.dataset.kwargs.manual_dir=...`): the CPU-sized ISIC config
@@ -21,16 +21,16 @@ diagnosis with melanoma the positive class) with Fair-GPTQ pairs matched on
 the float model's penultimate features, reusing the 3-seed runs of its
 docstring command (README, "ISIC 2019 on CPU"):
 
-  python -m baq.study --config=configs/bias_study.py:isic --root=/tmp/baq_study_isic \
+  python -m baq.study.bias --config=configs/bias_study.py:isic --workdir=/tmp/baq_study_isic \
     '--config.study.reuse=/tmp/baq_ham_age/seed{seed}'
 
 Reusing the float, uniform QAT and BAQ runs of the seed sweep
-(`python -m baq.train.sweep --root=/tmp/baq_claims`):
+(`python -m baq.experiment.sweep --workdir=/tmp/baq_claims`):
 `--config.study.reuse=/tmp/baq_claims/seed{seed}`. Any field can be
 overridden, e.g. `--config.study.alphas="(0.25,1.0,4.0)" --config.steps=200`.
 
 This file is the one source of the study's options and their defaults: the
-runner (baq.study.runner) reads `config.study` and nothing else, and refuses
+runner (baq.study.bias.runner) reads `config.study` and nothing else, and refuses
 a config without this section.
 """
 
@@ -52,15 +52,14 @@ def study_options() -> ml_collections.ConfigDict:
   """The `study` section at its defaults.
 
   Returns:
-    A ConfigDict of every option the runner reads (baq.study.runner.OPTIONS).
+    A ConfigDict of every option the runner reads (baq.study.bias.runner.OPTIONS).
   """
   s = ml_collections.ConfigDict()
-  # Comma-separated, from baq.study.runner.QUANTIZERS; the runtimes' numerics
+  # Comma-separated, from baq.study.bias.runner.QUANTIZERS; the runtimes' numerics
   # (llm_int8, nf4, fp4, dynamic_int8) are one setting each.
   s.quantizers = "rtn,gptq,fair_gptq,qat,baq"
   s.bits = (8, 4)  # bit-widths of rtn, gptq, fair_gptq, qat
   s.baq_bits = (4.0,)  # BAQ's average-bit budgets; () = `bits`
-  s.seeds = (0, 1, 2)  # training seeds (config.seed); each has its own float model
   s.alphas = (0.5, 2.0, 8.0)  # Fair-GPTQ weights of the pair term
   s.calib_size = 512  # GPTQ calibration examples from the train split
   s.calib_batch = 128  # examples per calibration forward pass
@@ -77,7 +76,7 @@ def study_options() -> ml_collections.ConfigDict:
   s.level = 0.95  # confidence level of the intervals
   s.significance = 0.05  # after correction
   s.correction = "holm"  # holm | bh | none, over all (setting, group) tests
-  s.verdict_rule = "differential"  # differential | strict (baq.study.corrections.verdicts)
+  s.verdict_rule = "differential"  # differential | strict (baq.stats.corrections.verdicts)
   s.skew_k = (100,)  # MaxSkew/MinSkew@k of the positive-class ranking
   s.skew_smoothing = 0.5  # additive smoothing of top-k counts
   return s
@@ -116,14 +115,16 @@ def get_config(arg=None):
   if "isic" in args:
     s.alphas, s.pairs = (2.0, 8.0), "penultimate"
   if "runlocal" in args:
-    s.bits, s.baq_bits, s.seeds, s.alphas = (4,), (4.0,), (0, 1), (2.0,)
+    s.bits, s.baq_bits, s.alphas = (4,), (4.0,), (2.0,)
+    c.seeds = (0, 1)
     s.calib_size = s.num_pairs = 128
     s.num_bootstrap = 500
     s.skew_k = (50,)
   if "tiny" in args:
     c.float_steps, c.steps = 8, 4
     c.log_every = c.eval_every = c.checkpoint_every = 100  # one save, one evaluation
-    s.quantizers, s.bits, s.seeds, s.alphas = "rtn,gptq,fair_gptq,qat", (4,), (0, 1), (1.0,)
+    s.quantizers, s.bits, s.alphas = "rtn,gptq,fair_gptq,qat", (4,), (1.0,)
+    c.seeds = (0, 1)
     s.calib_size = s.calib_batch = 64
     s.num_pairs, s.num_bootstrap, s.skew_k = 40, 300, (20,)
   return c

@@ -41,6 +41,9 @@ def get_config(arg=None):
                      f"Valid: {', '.join(sorted(valid))}.")
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Training seeds of the multi-seed drivers (baq.experiment.sweep, .pareto, the
+  # studies); one run (train.py) uses `seed`.
+  c.seeds = (0, 1, 2)
   # Comma-separated modules imported first, for their registrations (your own
   # regularizers, models, datasets), e.g. "my_penalties".
   c.imports = ""
@@ -90,7 +93,7 @@ def get_config(arg=None):
   # from fp32, and its round-to-nearest PTQ) and any runtime's numerics of
   # baq.quant.numerics (llm_int8, nf4, fp4, dynamic_int8): fp32's weights
   # with every quantized Dense layer computing as that runtime, no training
-  # (baq/train/runtime_baselines.py), e.g. "uniform8,uniform3,llm_int8,nf4".
+  # (baq/experiment/runtime_baselines.py), e.g. "uniform8,uniform3,llm_int8,nf4".
   c.baselines = "uniform8,uniform3"
   # The runtimes' options, name -> {option: value}, at the runtimes' defaults
   # (baq.quant.numerics.default_options): llm_int8 threshold (outliers |x| >=
@@ -99,7 +102,7 @@ def get_config(arg=None):
   # bfloat16 | float32); dynamic_int8 reduce_range and per_channel. E.g.
   # --config.numerics_options.nf4.blocksize=128.
   c.numerics_options = ml_collections.ConfigDict(numerics.default_options())
-  # Formats each method is exported to (baq.train.deploy.EXPORTERS):
+  # Formats each method is exported to (baq.experiment.deploy.EXPORTERS):
   # safetensors (packed codes), onnx (for onnxruntime), qwix (Qwix rules: Dense
   # layers, per-channel units and absmax scales only).
   c.export = "safetensors,onnx"
@@ -107,10 +110,11 @@ def get_config(arg=None):
   # every logged scalar, each group's accuracy and the bit-width histogram.
   c.tensorboard = True
   # Fine-tuning runs trained at once, in threads, after the float model: the
-  # baselines in one lane, the methods in another (baq/train/lanes.py). On
-  # CPU two fill the cores one XLA step leaves idle; results are identical to
-  # 1 (one run after another), which an accelerator run may prefer.
-  c.concurrent_runs = 2
+  # baselines in one lane, the methods in another (baq/experiment/lanes.py).
+  # "auto": 2 on a CPU backend with one device (they fill the cores one XLA
+  # step leaves idle), else 1; or a number ("1": one run after another).
+  # Results are identical either way.
+  c.concurrent_runs = "auto"
   c.init_checkpoint = ""  # a float run's workdir to fine-tune from; "" trains one in WORKDIR/fp32
 
   c.batch_size = 128
@@ -195,7 +199,7 @@ def get_config(arg=None):
   c.importance.num_probes = 32  # Hutchinson probes per calibration batch
   c.importance.probe_chunk = 8  # probes vmapped at once (memory bound)
 
-  # eval.py --diagnostics: per-group statistics of every model (baq/train/diagnostics.py).
+  # eval.py --diagnostics: per-group statistics of every model (baq/experiment/diagnostics.py).
   c.diagnostics = ml_collections.ConfigDict()
   c.diagnostics.per_group = 64  # test examples per group in the curvature batch
   c.diagnostics.num_probes = 64  # Hutchinson probes of the Hessian trace

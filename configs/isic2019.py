@@ -14,8 +14,8 @@ the positive class) instead of malignant vs benign; "cpu" sizes the run for a
 2-core CPU; "runlocal" is a smoke run. The CPU pipeline on the shared 64x64
 HAM subset, 3 seeds (README, "ISIC 2019 on CPU"):
 
-  python -m baq.train.sweep --config=configs/isic2019.py:small_cnn,age,diagnosis,cpu \
-    --root=/tmp/baq_ham_age --extra_bits= \
+  python -m baq.experiment.sweep --config=configs/isic2019.py:small_cnn,age,diagnosis,cpu \
+    --workdir=/tmp/baq_ham_age --extra_bits= \
     --config.dataset.kwargs.manual_dir=../shared/data/isic2019_ham_subset
 """
 

@@ -2,7 +2,7 @@
 
 The embedded default (SYNTHETIC data, offline, minutes on 2 CPU cores):
 
-  python -m baq.study.lm --config=configs/lm.py --root=/tmp/baq_lm --seeds=0,1,2
+  python -m baq.study.lm --config=configs/lm.py --workdir=/tmp/baq_lm --config.seeds="(0,1,2)"
 
 A seeded templated corpus with a controlled occupation-group association
 (`baq.data.text.synthetic`), a word-level tokenizer and a small GPT-2-style
@@ -14,7 +14,7 @@ perplexity, with paired tests against the full-precision model.
 
 A local Hugging Face checkpoint and the real benchmark files instead:
 
-  python -m baq.study.lm --config=configs/lm.py:hf --root=/tmp/baq_lm_opt \\
+  python -m baq.study.lm --config=configs/lm.py:hf --workdir=/tmp/baq_lm_opt \\
     --config.model.hf_folder=/models/opt-125m \\
     --config.data.crows_pairs=/data/crows_pairs_anonymized.csv \\
     --config.data.stereoset=/data/stereoset/dev.json \\
@@ -30,6 +30,7 @@ def get_config(arg=None):
   if arg not in (None, "hf", "tiny"):
     raise ValueError(f"Unknown configs/lm.py argument {arg!r}. Valid: hf, tiny.")
   c = ml_collections.ConfigDict()
+  c.seeds = (0,)  # model seeds: each trains (or loads) and quantizes its own model
   c.data = ml_collections.ConfigDict()
   # "synthetic": generated and written to ROOT/data; "files": the paths below.
   c.data.kind = "synthetic" if arg != "hf" else "files"

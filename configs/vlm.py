@@ -2,7 +2,7 @@
 
 The embedded default (SYNTHETIC data, offline, minutes on 2 CPU cores):
 
-  python -m baq.study.vlm --config=configs/vlm.py --root=/tmp/baq_vlm --seeds=0,1,2
+  python -m baq.study.vlm --config=configs/vlm.py --workdir=/tmp/baq_vlm --config.seeds="(0,1,2)"
 
 A small CLIP is trained in the run on synthetic lesion images and captions
 that name the class ("a dermoscopic image of a malignant lesion"); then
@@ -13,9 +13,9 @@ paired tests. `configs/vlm.py:tiny` is the tests' seconds-long version.
 
 A pretrained checkpoint on real data (local files only; nothing is downloaded):
 
-  python -m baq.study.vlm --config=configs/vlm.py:fairface --root=/tmp/baq_vlm_fairface \\
+  python -m baq.study.vlm --config=configs/vlm.py:fairface --workdir=/tmp/baq_vlm_fairface \\
     --config.model.hf_folder=/models/clip-vit-base-patch32 --config.data.root=/data/fairface
-  python -m baq.study.vlm --config=configs/vlm.py:facet --root=/tmp/baq_vlm_facet \\
+  python -m baq.study.vlm --config=configs/vlm.py:facet --workdir=/tmp/baq_vlm_facet \\
     --config.model.hf_folder=/models/clip-vit-base-patch32 --config.data.root=/data/facet
 
 FairFace is scored on retrieval skew of `data.queries` over gender, race and
@@ -42,8 +42,9 @@ def get_config(arg=None):
   if arg not in (None, "tiny", "fairface", "facet"):
     raise ValueError(f"Unknown configs/vlm.py argument {arg!r}. Valid: tiny, fairface, facet.")
   c = ml_collections.ConfigDict()
+  c.seeds = (0,)  # model seeds: each trains (or loads) its own CLIP
   c.data = ml_collections.ConfigDict()
-  # baq.study.vlm_data.DATA_KINDS: synthetic (labelled SYNTHETIC everywhere), fairface,
+  # baq.study.vlm.data.DATA_KINDS: synthetic (labelled SYNTHETIC everywhere), fairface,
   # facet, image_folder (labels.csv with image,label,group columns and images/).
   c.data.kind = "synthetic" if arg in (None, "tiny") else arg
   c.data.root = ""                # the dataset folder (fairface, facet, image_folder)
@@ -62,7 +63,7 @@ def get_config(arg=None):
   c.data.max_len = 16             # caption tokens (longer ones are cut; source "train")
 
   c.model = ml_collections.ConfigDict()
-  # baq.study.vlm_quant.SOURCES: "train" (the in-run CLIP of the fields below, trained on
+  # baq.study.vlm.quant.SOURCES: "train" (the in-run CLIP of the fields below, trained on
   # the synthetic captions), "hf" (hf_folder: config.json, model.safetensors,
   # tokenizer.json) or "open_clip" (open_clip_weights .safetensors, open_clip_config
   # ViT-B-32.json, and tokenizer).
@@ -85,7 +86,7 @@ def get_config(arg=None):
   c.train.weight_decay = 0.01
   c.train.save_every = 400
 
-  # baq.study.vlm_quant.QUANTIZERS; an unknown name lists the valid ones.
+  # baq.study.vlm.quant.QUANTIZERS; an unknown name lists the valid ones.
   c.quantizers = "fp32,rtn8,rtn4,llm_int8,nf4,dynamic_int8,mixed4"
   c.quant = ml_collections.ConfigDict()
   # Layers every quantizer quantizes: the towers' blocks and the projections.

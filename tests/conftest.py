@@ -1,14 +1,13 @@
 """Shared test set-up: paths, cheap compilation, and the tiny run's fixtures.
 
 * The repository root goes on sys.path (for `configs`).
-* XLA's cheap-compile options (`CHEAP`), set before any backend starts:
+* XLA's cheap-compile options (`CHEAP`), set before any backend starts, on
+  a CPU-only machine (they are XLA:CPU's):
   compiling dominates these CPU tests, and they cut the tiny trainer's
   compile time about fourfold (a float run 9.6 s -> 2.6 s, a BAQ run
   17.6 s -> 4.7 s here). Every test compares numbers computed under the
   same options, or against numpy within a tolerance. A user's own
   XLA_FLAGS are kept in front of them.
-* glibc's allocator as train.py leaves it (`baq.host.tune_allocator`, opt-in
-  with BAQ_MALLOC=1), as train.py does.
 * A persistent compilation cache per test worker, so a program compiled
   once (the trainer's step, the evaluation) is loaded, not compiled, by the
   next run of the same shapes in that worker (a BAQ run 17.6 s -> 1.1 s the
@@ -42,11 +41,23 @@ if ROOT not in sys.path:
 
 CHEAP = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
          "--xla_cpu_use_fusion_emitters=false")
-if CHEAP not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CHEAP}".strip()
 
-from baq import host  # noqa: E402  pylint: disable=wrong-import-position
-host.tune_allocator()  # as train.py does, before any backend starts
+
+def _cpu_only() -> bool:
+  """True when JAX will run on the CPU: JAX_PLATFORMS says cpu, or no
+  accelerator plugin (CUDA, ROCm, TPU) is installed. XLA reads its flags
+  when the backend starts, before JAX can be asked which one it is."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin",
+             "libtpu")
+  return not any(importlib.util.find_spec(p) for p in plugins)
+
+
+if _cpu_only() and CHEAP not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CHEAP}".strip()
 
 
 _SESSION_ENV = "BAQ_TEST_SESSION_DIR"
@@ -128,7 +139,7 @@ def tiny_config_with(data_dir: str, **overrides):
 @pytest.fixture(scope="session")
 def tiny_data_dir() -> str:
   """The tiny config's dataset, generated once per session."""
-  from baq.train import experiment  # pylint: disable=import-outside-toplevel
+  from baq.experiment import job as experiment  # pylint: disable=import-outside-toplevel
   return build_once("tfds", lambda d: experiment.load_data(tiny_config_with(d)))
 
 
@@ -147,7 +158,7 @@ def tiny_config(make_tiny_config):
 @pytest.fixture(scope="session")
 def tiny_data(make_tiny_config) -> dict:
   """The tiny config's train, validation and test splits."""
-  from baq.train import experiment  # pylint: disable=import-outside-toplevel
+  from baq.experiment import job as experiment  # pylint: disable=import-outside-toplevel
   return experiment.load_data(make_tiny_config())
 
 
@@ -155,7 +166,9 @@ def tiny_data(make_tiny_config) -> dict:
 def tiny_float_run(make_tiny_config) -> str:
   """Workdir of the tiny config's float model, trained once per session exactly
   as `experiment.run` trains WORKDIR/fp32. Read-only: copy it to write."""
-  from baq.train import experiment, trainer, workdir  # pylint: disable=import-outside-toplevel
+  from baq.experiment import job as experiment
+  from baq.train import loop as trainer
+  from baq import workdir  # pylint: disable=import-outside-toplevel
 
   def build(path):
     c = make_tiny_config()

@@ -121,7 +121,7 @@ def test_impossible_recipes_are_refused(option, value, match):
 
 
 def test_config_section_to_recipe_and_unknown_options(make_tiny_config):
-  from baq.train import validate  # pylint: disable=import-outside-toplevel
+  from baq.experiment import checks as validate  # pylint: disable=import-outside-toplevel
   c = make_tiny_config(**{"dataset.augment.random_resized_crop": True,
                           "dataset.augment.crop_scale": (0.5, 1.0)})
   assert recipe(c.dataset) == aug.Recipe(random_resized_crop=True, crop_scale=(0.5, 1.0))

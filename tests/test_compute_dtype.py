@@ -18,7 +18,8 @@ import pytest
 
 from baq.models import MODELS, build_model
 from baq.quant.inject import BITS_LEAF, Quantizer, QuantSpec
-from baq.train import state as train_state, validate
+from baq.train import state as train_state
+from baq.experiment import checks as validate
 from baq.train.step import make_loss_fn, make_train_step
 from baq.variables import apply_model
 from configs import default

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from baq.study import cells as study_cells
+from baq.study.bias import cells as study_cells
 from baq.models.cnn import SmallCNN
 from configs import bias_study, fitzpatrick17k, isic2019, papers
 

@@ -14,7 +14,7 @@ import safetensors
 import safetensors.numpy
 
 from baq.models import build_model
-from baq.train import experiment
+from baq.experiment import job as experiment
 from baq.train.checkpoint import restore_params
 from baq.train.evaluate import predict_logits
 from baq.train.modes import get_mode

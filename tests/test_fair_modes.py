@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from baq.train import experiment, trainer
+from baq.experiment import job as experiment
+from baq.train import loop as trainer
 from baq.train.checkpoint import restore_params
 from baq.quant import units
 from baq.train.step import make_train_step
@@ -111,7 +112,7 @@ def test_weighted_task_loss_is_the_group_weighted_mean():
 
 
 def test_diagnostics_cover_every_model_and_group(run):
-  from baq.train import diagnostics
+  from baq.experiment import diagnostics
   config, workdir, _ = run
   config = config.copy_and_resolve_references()
   config.diagnostics.update(dict(per_group=6, num_probes=8, probe_chunk=8, max_iters=5))

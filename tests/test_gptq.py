@@ -8,14 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from baq.study import pairs
+from baq.study.bias import pairs
 from baq.data.synthetic import generate as synthetic
 from baq.data.pipeline import normalize
 from baq.models.cnn import SmallCNN
 from baq.quant import fake_quant as fq
 from baq.quant import gptq
 from baq.quant import hessian
-from baq.quant import gptq_model
+from baq.ptq import sequential as gptq_model
 
 D, M = 96, 32  # Random layers share one padded shape with the SmallCNN's.
 

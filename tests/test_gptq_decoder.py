@@ -1,4 +1,4 @@
-"""Block-by-block GPTQ / Fair-GPTQ over a causal LM (`baq.quant.gptq_decoder`).
+"""Block-by-block GPTQ / Fair-GPTQ over a causal LM (`baq.ptq.decoder`).
 
 The Hessians are rebuilt here independently: the block's LayerNorm applied
 in numpy to the embeddings (or to the previous quantized block's output),
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from baq.models.lm.decoder import CausalLM, DecoderConfig
-from baq.quant import gptq, gptq_decoder as gd
+from baq.quant import gptq
+from baq.ptq import decoder as gd
 
 CFG = DecoderConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=16,
                     norm="layernorm", norm_eps=1e-5, positions="learned", mlp="gelu_tanh",

@@ -24,7 +24,8 @@ from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 from baq.export import gptq_lm
 from baq.models.lm import LM_FAMILIES
 from baq.models.lm.decoder import CausalLM
-from baq.quant import gptq, gptq_decoder as gd
+from baq.quant import gptq
+from baq.ptq import decoder as gd
 
 V = 61
 HF = {

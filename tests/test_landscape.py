@@ -60,8 +60,8 @@ def test_survey_scores_every_allocation_as_the_deployed_model_evaluates(tmp_path
   """The landscape's round-to-nearest scores are evaluate_split's on the deployed model."""
   from baq.models import build_model  # pylint: disable=import-outside-toplevel
   from baq.quant import units  # pylint: disable=import-outside-toplevel
-  from baq.train import experiment, landscape as train_landscape  # pylint: disable=import-outside-toplevel
-  from baq.train import workdir as wd  # pylint: disable=import-outside-toplevel
+  from baq.experiment import job as experiment, exhaustive as train_landscape  # pylint: disable=import-outside-toplevel
+  from baq import workdir as wd  # pylint: disable=import-outside-toplevel
   from baq.train.checkpoint import restore_variables  # pylint: disable=import-outside-toplevel
   from baq.train.evaluate import evaluate_split  # pylint: disable=import-outside-toplevel
   from baq.train.modes import get_mode  # pylint: disable=import-outside-toplevel

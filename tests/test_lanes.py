@@ -1,4 +1,4 @@
-"""baq.train.lanes: independent runs side by side, with the results of runs in order."""
+"""baq.experiment.lanes: independent runs side by side, with the results of runs in order."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from baq.train import experiment, lanes
+from baq.experiment import job as experiment, lanes
 from baq.train.checkpoint import restore_variables
 
 
@@ -58,7 +58,7 @@ def test_concurrent_runs_give_the_results_of_runs_in_order(tmp_path, make_tiny_c
   out = {}
   for n in (1, 2):
     workdir = str(tmp_path / f"lanes{n}")
-    config = make_tiny_config(init_checkpoint=tiny_float_run, concurrent_runs=n)
+    config = make_tiny_config(init_checkpoint=tiny_float_run, concurrent_runs=str(n))
     out[n] = (workdir, experiment.run(config, workdir))
   (w1, r1), (w2, r2) = out[1], out[2]
   assert json.dumps(r1["methods"], sort_keys=True) == json.dumps(r2["methods"], sort_keys=True)
@@ -70,7 +70,24 @@ def test_concurrent_runs_give_the_results_of_runs_in_order(tmp_path, make_tiny_c
       np.testing.assert_array_equal(x, y, err_msg=d)
 
 
-def test_concurrent_runs_must_be_a_positive_integer(make_tiny_config, tmp_path):
-  with pytest.raises(ValueError, match="concurrent_runs=0 must be an integer >= 1"):
-    experiment.run(make_tiny_config(concurrent_runs=0), str(tmp_path))
+def test_concurrent_runs_must_be_auto_or_a_positive_integer(make_tiny_config, tmp_path):
+  for bad in ("0", "two", "-1"):
+    with pytest.raises(ValueError, match=f"concurrent_runs='{bad}' must be 'auto' or an integer"):
+      experiment.run(make_tiny_config(concurrent_runs=bad), str(tmp_path))
   assert os.listdir(tmp_path) == []
+
+
+def test_auto_lanes_follow_the_backend(monkeypatch):
+  """auto: 2 on a one-device CPU process, 1 on an accelerator or with
+  several local devices; more than one lane over several devices is refused."""
+  assert lanes.concurrency("auto") == 2 and lanes.concurrency("3") == 3
+  assert lanes.concurrency(1) == 1
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert lanes.concurrency("auto") == 1 and lanes.concurrency("2") == 2
+  monkeypatch.setattr(jax, "local_device_count", lambda: 8)
+  assert lanes.concurrency("auto") == 1 and lanes.concurrency("1") == 1
+  with pytest.raises(ValueError, match="drives 8 local devices"):
+    lanes.concurrency("2")
+  monkeypatch.setattr(jax, "local_device_count", lambda: 1)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  assert lanes.concurrency("2") == 1  # several processes: lanes in order

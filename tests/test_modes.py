@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from baq.train import modes, validate
+from baq.train import modes
+from baq.experiment import checks as validate
 from configs import tiny
 
 

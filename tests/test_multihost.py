@@ -1,6 +1,6 @@
 """How a process decides to start `jax.distributed` (multi-host start-up).
 
-`baq.train.sharding._cluster_in_env` and `initialize_distributed` are tested
+`baq.launch._cluster_in_env` and `initialize_distributed` are tested
 in this process against a recording stand-in for `jax.distributed.initialize`
 (no cluster is started): which environments (an explicit coordinator,
 SLURM, Open MPI, TPU hosts, BAQ_DISTRIBUTED) start a job and with which
@@ -67,44 +67,44 @@ SLURM4 = dict(SLURM_JOB_ID="77", SLURM_NTASKS="4")
     (dict(BAQ_DISTRIBUTED="1", SLURM_JOB_ID="77", SLURM_NTASKS="1"), False, {}),
 ])
 def test_distributed_start_follows_the_environment(fake_distributed, env, cluster, call):
-  from baq.train import sharding  # pylint: disable=import-outside-toplevel
-  assert sharding._cluster_in_env(env) is cluster  # pylint: disable=protected-access
-  started = sharding.initialize_distributed(env)
+  from baq import launch  # pylint: disable=import-outside-toplevel
+  assert launch._cluster_in_env(env) is cluster  # pylint: disable=protected-access
+  started = launch.initialize_distributed(env)
   assert started is (call is not None)
   assert fake_distributed.calls == ([] if call is None else [call])
   # Idempotent: a started job is not started again, and says it is one.
-  assert sharding.initialize_distributed(env) is started
+  assert launch.initialize_distributed(env) is started
   assert len(fake_distributed.calls) == (call is not None)
 
 
 def test_distributed_start_reads_os_environ(fake_distributed, monkeypatch):
-  from baq.train import sharding  # pylint: disable=import-outside-toplevel
+  from baq import launch  # pylint: disable=import-outside-toplevel
   for k in ("BAQ_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_NTASKS",
             "OMPI_COMM_WORLD_SIZE", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
     monkeypatch.delenv(k, raising=False)
-  assert sharding.initialize_distributed() is False and fake_distributed.calls == []
+  assert launch.initialize_distributed() is False and fake_distributed.calls == []
   for k, v in EXPLICIT.items():
     monkeypatch.setenv(k, v)
-  assert sharding.initialize_distributed() is True
+  assert launch.initialize_distributed() is True
   assert fake_distributed.calls == [EXPLICIT_KW]
 
 
 def test_an_initialized_process_is_left_alone(fake_distributed):
-  from baq.train import sharding  # pylint: disable=import-outside-toplevel
+  from baq import launch  # pylint: disable=import-outside-toplevel
   fake_distributed.started = True  # e.g. the user's script started it
-  assert sharding.initialize_distributed(dict(BAQ_DISTRIBUTED="0")) is True
-  assert sharding.initialize_distributed(SLURM4) is True
+  assert launch.initialize_distributed(dict(BAQ_DISTRIBUTED="0")) is True
+  assert launch.initialize_distributed(SLURM4) is True
   assert fake_distributed.calls == []
 
 
 def test_a_failed_start_says_what_to_do(fake_distributed):
   import re  # pylint: disable=import-outside-toplevel
-  from baq.train import sharding  # pylint: disable=import-outside-toplevel
+  from baq import launch  # pylint: disable=import-outside-toplevel
   cause = RuntimeError("jax.distributed.initialize() must be called before any JAX computations")
   fake_distributed.error = cause
   with pytest.raises(RuntimeError, match=re.escape(
       f"jax.distributed.initialize failed ({cause}). A multi-process run must start it before "
-      "any JAX computation: call baq.train.sharding.initialize_distributed() first thing in "
-      "your script.")) as info:
-    sharding.initialize_distributed(SLURM4)
+      "any JAX computation: call baq.launch.start() (or baq.launch.initialize_distributed()) "
+      "first thing in your script.")) as info:
+    launch.initialize_distributed(SLURM4)
   assert info.value.__cause__ is cause and fake_distributed.calls == [{}]

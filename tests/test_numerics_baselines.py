@@ -12,7 +12,7 @@ from baq.models import build_model
 from baq.quant.inject import Quantizer, QuantSpec
 from baq.quant.numerics import NUMERICS
 from baq.study import compare
-from baq.train import experiment, runtime_baselines, validate
+from baq.experiment import job as experiment, runtime_baselines, checks as validate
 from baq.train.checkpoint import restore_variables
 from baq.train.evaluate import predict_logits
 
@@ -173,11 +173,11 @@ def test_the_bias_study_runs_a_runtime_as_one_setting(tiny_data_dir, tmp_path):
   """configs/bias_study.py:tiny with study.quantizers=nf4: one cell per seed,
   at 4 bits, whose predictions are the hand-built nf4 model's on the cell's
   float model and whose bits are the main job's, by hand."""
-  from baq.study import runner  # pylint: disable=import-outside-toplevel
+  from baq.study.bias import runner  # pylint: disable=import-outside-toplevel
   from configs import bias_study  # pylint: disable=import-outside-toplevel
   c = bias_study.get_config("tiny")
   c.dataset.data_dir = tiny_data_dir
-  c.study.quantizers, c.study.seeds = "nf4", (0,)
+  c.study.quantizers, c.seeds = "nf4", (0,)
   assert [(x.name, x.bits) for x in runner.grid(c)] == [("nf4_s0", 4.0)]
   root = str(tmp_path / "study")
   out = runner.run_study(c, root)

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from baq.train import pareto, sweep, workdir as wd
+from baq.experiment import pareto, sweep
+from baq import workdir as wd
 
 
 def test_without_fairness_penalties_keeps_only_the_bit_constraints(tiny_config):
@@ -53,13 +54,13 @@ def test_one_seed_runs_every_method_at_every_budget(tiny_config, tmp_path):
 
 
 def test_the_command_line_reports_a_finished_root(tmp_path):
-  """`python -m baq.train.pareto` end to end on the tiny config (one seed, one budget)."""
+  """`python -m baq.experiment.pareto` end to end on the tiny config (one seed, one budget)."""
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   from conftest import ROOT  # pylint: disable=import-outside-toplevel
   out = subprocess.run(
-      [sys.executable, "-m", "baq.train.pareto", f"--root={tmp_path}", "--seeds=0",
-       "--budgets=3", "--uniform=2,4", "--config=configs/tiny.py",
+      [sys.executable, "-m", "baq.experiment.pareto", f"--workdir={tmp_path}",
+       "--budgets=3", "--uniform=2,4", "--config=configs/tiny.py", "--config.seeds=(0,)",
        f"--config.dataset.data_dir={tmp_path / 'tfds'}"],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]

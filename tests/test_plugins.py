@@ -18,7 +18,8 @@ import pytest
 
 from baq.quant import parametrizations, units
 from baq.quant.inject import Dense, Quantizer, QuantSpec
-from baq.train import modes, trainer, validate
+from baq.train import modes, loop as trainer
+from baq.experiment import checks as validate
 from baq.train.checkpoint import restore_variables
 from conftest import ROOT
 from configs import tiny

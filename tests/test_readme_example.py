@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from baq.fairness import regularizers
-from baq.train import trainer, validate
+from baq.train import loop as trainer
+from baq.experiment import checks as validate
 from conftest import ROOT
 
 MARKER = "<!-- regularizer-example -->"

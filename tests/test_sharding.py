@@ -62,7 +62,8 @@ def _losses(workdir):
 def worker_train(data_dir, out, runs):
   """Trains (or resumes) tiny BAQ runs: runs = [(workdir, data, model)]."""
   import jax  # pylint: disable=import-outside-toplevel
-  from baq.train import experiment, sharding, trainer  # pylint: disable=import-outside-toplevel
+  from baq.experiment import job as experiment
+  from baq.train import sharding, loop as trainer  # pylint: disable=import-outside-toplevel
   data = experiment.load_data(_config(data_dir))
   result = {}
   for workdir, d, m in runs:
@@ -107,7 +108,8 @@ def worker_batchnorm(data_dir, out, workdir):
   """A cut-down ResNet-18 (BatchNorm) trained float, then BAQ from it, on a 4x2 mesh."""
   import functools  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from baq.train import experiment, trainer  # pylint: disable=import-outside-toplevel
+  from baq.experiment import job as experiment
+  from baq.train import loop as trainer  # pylint: disable=import-outside-toplevel
   from baq.train.checkpoint import restore_variables  # pylint: disable=import-outside-toplevel
   from baq.data.pipeline import eval_batches  # pylint: disable=import-outside-toplevel
   from baq.train.evaluate import evaluate_split, predict_logits  # pylint: disable=import-outside-toplevel

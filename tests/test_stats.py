@@ -1,11 +1,11 @@
-"""baq.study.stats and baq.study.corrections against hand-computed values, scipy,
+"""baq.stats.significance and baq.stats.corrections against hand-computed values, scipy,
 and coverage on simulated data."""
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
-from baq.study import corrections, stats
+from baq.stats import corrections, significance as stats
 
 
 def test_group_accuracy_by_hand_with_seeds_averaged_per_example():

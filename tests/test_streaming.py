@@ -10,7 +10,8 @@ import pytest
 from baq.data import augment, datasets, records
 from baq.data.pipeline import Batcher, batches, eval_batches
 from baq.models import build_model
-from baq.train import experiment, sharding, trainer
+from baq.experiment import job as experiment
+from baq.train import sharding, loop as trainer
 from baq.train.evaluate import evaluate_split
 from baq.train.checkpoint import restore_variables
 

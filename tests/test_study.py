@@ -1,6 +1,6 @@
 """The bias study end to end on the tiny config: outputs, numbers, resuming, the CLI.
 
-The sweep over seeds and budgets (baq.train.sweep) is tested in test_sweep.py.
+The sweep over seeds and budgets (baq.experiment.sweep) is tested in test_sweep.py.
 """
 
 import json
@@ -11,9 +11,11 @@ import sys
 import numpy as np
 import pytest
 
-from baq.quant import gptq_model
-from baq.study import cells as study_cells, corrections, pairs, plots, runner
-from baq.train import experiment, workdir as wd
+from baq.ptq import sequential as gptq_model
+from baq.study.bias import cells as study_cells, pairs, plots, runner
+from baq.stats import corrections
+from baq.experiment import job as experiment
+from baq import workdir as wd
 from configs import bias_study, tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +54,7 @@ def test_a_root_refuses_another_experiment_but_not_other_study_options(config, t
   with open(tmp_path / wd.CONFIG_FILE, "w") as f:
     f.write(config.to_json())
   other = config.copy_and_resolve_references()
-  other.study.seeds, other.eval_batch_size, other.dataset.data_dir = (0, 1, 2), 7, "/x"
+  other.seeds, other.eval_batch_size, other.dataset.data_dir = (0, 1, 2), 7, "/x"
   runner._check_root(other, str(tmp_path))
   other.model.kwargs.hidden = 9
   with pytest.raises(ValueError, match=r"differs in \['model.kwargs.hidden'\]"):
@@ -102,7 +104,12 @@ def test_the_config_is_the_one_source_of_the_options(config):
   # The study's options are the config's, untouched (e.g. alphas and baq_bits
   # of the full config, which the runner once overrode with its own defaults).
   full = bias_study.get_config()
-  assert runner.settings(full).to_dict() == full.study.to_dict()
+  assert runner.settings(full).to_dict() == dict(full.study.to_dict(), seeds=full.seeds)
+  # The seeds are config.seeds, one place for every driver: not a study option.
+  bad = full.copy_and_resolve_references()
+  bad.study.seeds = (0,)
+  with pytest.raises(ValueError, match="config.seeds now"):
+    runner.settings(bad)
   assert {c.setting for c in runner.grid(full) if c.quantizer == "baq"} == {"baq_b4"}
 
 
@@ -189,13 +196,13 @@ def test_matched_pairs_on_penultimate_features(config, done, monkeypatch):
 
 
 def test_the_command_line_resumes_a_finished_study(config, done):
-  # `python -m baq.study` on the finished root: every cell is skipped, the
+  # `python -m baq.study.bias` on the finished root: every cell is skipped, the
   # analysis is redone and the same study.json comes out.
   root, _ = done
   before = json.load(open(os.path.join(root, wd.STUDY_FILE)))
   out = subprocess.run(
-      [sys.executable, "-m", "baq.study", "--config=configs/bias_study.py:tiny",
-       f"--config.dataset.data_dir={config.dataset.data_dir}", f"--root={root}"],
+      [sys.executable, "-m", "baq.study.bias", "--config=configs/bias_study.py:tiny",
+       f"--config.dataset.data_dir={config.dataset.data_dir}", f"--workdir={root}"],
       cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.count("finished, skipped") == 10
@@ -207,7 +214,7 @@ def test_the_command_line_resumes_a_finished_study(config, done):
 
 def test_the_command_line_refuses_a_config_without_a_study(tmp_path):
   out = subprocess.run(
-      [sys.executable, "-m", "baq.study", "--config=configs/tiny.py", f"--root={tmp_path}"],
+      [sys.executable, "-m", "baq.study.bias", "--config=configs/tiny.py", f"--workdir={tmp_path}"],
       cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
   assert out.returncode != 0
   assert "no `study` section" in out.stderr and "configs/bias_study.py" in out.stderr

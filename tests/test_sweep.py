@@ -1,16 +1,17 @@
-"""The seed sweep's summaries and command line (baq.train.sweep).
+"""The seed sweep's summaries and command line (baq.experiment.sweep).
 
 Hand-made per-seed results of the tiny config (its baselines and one extra
 BAQ budget) are named per budget by `seed_methods` and printed as mean +- std
 over seeds, per seed against the baselines, and per group; `python -m
-baq.train.sweep` documents its flags and refuses to run without --root.
+baq.experiment.sweep` documents its flags and refuses to run without --workdir.
 """
 
 import os
 import subprocess
 import sys
 
-from baq.train import sweep, workdir as wd
+from baq.experiment import sweep
+from baq import workdir as wd
 from configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,13 +69,13 @@ def test_the_sweep_prints_each_seed_against_the_baselines_and_per_group():
 
 
 def test_the_sweep_command_line_has_the_documented_flags():
-  out = subprocess.run([sys.executable, "-m", "baq.train.sweep", "--help"], cwd=REPO,
+  out = subprocess.run([sys.executable, "-m", "baq.experiment.sweep", "--help"], cwd=REPO,
                        capture_output=True, text=True, timeout=120, check=False)
-  assert "baq.train.sweep --root=" in out.stdout, out.stderr[-2000:]  # absl's --help exits 1
-  for flag in ("--config", "--root", "--seeds", "--extra_bits", "--[no]per_group"):
+  assert "baq.experiment.sweep --workdir=" in out.stdout, out.stderr[-2000:]  # absl's --help exits 1
+  for flag in ("--config", "--workdir", "--extra_bits", "--[no]per_group"):
     assert flag in out.stdout
-  assert "(default: '0,1,2')" in out.stdout and "(default: '5.0')" in out.stdout
+  assert "--seeds" not in out.stdout and "(default: '5.0')" in out.stdout
   assert "(default: 'configs/default.py')" in out.stdout
-  missing = subprocess.run([sys.executable, "-m", "baq.train.sweep"], cwd=REPO,
+  missing = subprocess.run([sys.executable, "-m", "baq.experiment.sweep"], cwd=REPO,
                            capture_output=True, text=True, timeout=120, check=False)
-  assert missing.returncode != 0 and "--root" in missing.stderr
+  assert missing.returncode != 0 and "--workdir" in missing.stderr

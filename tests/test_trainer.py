@@ -12,7 +12,8 @@ import pytest
 from baq.allocation import projection
 from baq.data import pipeline
 from baq.quant import units
-from baq.train import experiment, modes, trainer, validate
+from baq.experiment import job as experiment, checks as validate
+from baq.train import modes, loop as trainer
 from baq.train.checkpoint import restore_params
 from baq.train.modes import get_mode
 

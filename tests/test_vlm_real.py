@@ -4,7 +4,7 @@ A random Hugging Face CLIP folder (config.json, model.safetensors from
 `convert.hf_from_params`, a WordLevel tokenizer.json whose post-processor adds
 <|startoftext|> / <|endoftext|>, as CLIP's does) and tiny FairFace, FACET and
 labelled image folders written with PIL (random-noise images) are run through
-`baq.study.vlm.run_seed` with source "hf" and fp32, rtn4 and llm_int8; the
+`baq.study.vlm.study.run_seed` with source "hf" and fp32, rtn4 and llm_int8; the
 FairFace retrieval skew is checked against an independent computation.
 """
 
@@ -23,7 +23,7 @@ from baq.data.vlm import facet, fairface
 from baq.fairness import vlm_metrics
 from baq.models.clip import CLIP, TextConfig, convert
 from baq.models.clip.model import dummy_inputs
-from baq.study import vlm as study, vlm_data, vlm_quant
+from baq.study.vlm import study, data as vlm_data, quant as vlm_quant
 from configs import vlm as vlm_config
 
 WORDS = "a photo of person doctor criminal guitarist nurse cat dog".split()

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from baq.study import vlm as study, vlm_quant
+from baq.study.vlm import study, quant as vlm_quant
 from configs import vlm as vlm_config
 
 

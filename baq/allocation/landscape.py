@@ -3,7 +3,7 @@
 An allocator can only be judged against what was possible. For a model with
 a handful of layer units, `maximal` lists every integer allocation from
 `choices` that meets an average-bit budget and wastes none of it (no unit
-could move up to its next choice within the budget); `baq.train.landscape`
+could move up to its next choice within the budget); `baq.experiment.exhaustive`
 scores each after round-to-nearest and places the allocators' choices in
 that distribution.
 """

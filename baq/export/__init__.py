@@ -10,5 +10,5 @@
                           for onnxruntime
   baq.export.qwix         the allocation as Qwix quantization rules
 
-`baq.train.deploy` runs them on a finished workdir (`eval.py --export=...`).
+`baq.experiment.deploy` runs them on a finished workdir (`eval.py --export=...`).
 """

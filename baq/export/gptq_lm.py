@@ -1,4 +1,4 @@
-"""GPTQ checkpoints of language models quantized by `baq.quant.gptq_decoder`, and back.
+"""GPTQ checkpoints of language models quantized by `baq.ptq.decoder`, and back.
 
 `export_gptq` turns `quantize_decoder`'s (params, records) into a GPTQ
 folder (`baq.export.gptq_format`) under the checkpoint's own Hugging Face

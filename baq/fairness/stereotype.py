@@ -27,8 +27,8 @@ StereoSet (moinnadeem/StereoSet, code/evaluation.py, `ScoreEvaluator`): per
 
 Intervals are percentile bootstraps that resample pairs/examples/sentences.
 A quantized model is compared with the float model on the same pairs
-(`paired_stereotype_change`), reusing `baq.study.stats` and
-`baq.study.corrections`.
+(`paired_stereotype_change`), reusing `baq.stats.significance` and
+`baq.stats.corrections`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import warnings
 
 import numpy as np
 
-from baq.study import corrections, stats
+from baq.stats import corrections, significance as stats
 
 DIRECTIONS = ("stereo", "antistereo")
 
@@ -243,7 +243,7 @@ def paired_stereotype_change(pref_quant, pref_float, bias_type, *, num_samples: 
 
   Both models are scored on the same pairs; change = score(quantized) -
   score(float) in percentage points (positive: more stereotyped). The
-  interval is the paired, stratified bootstrap of `baq.study.stats.paired_change`;
+  interval is the paired, stratified bootstrap of `baq.stats.significance.paired_change`;
   the test is the exact McNemar test (`stats.mcnemar_exact`): b = pairs only
   the float model prefers sent_more on, c = pairs only the quantized one does.
   The per-bias-type p-values are adjusted together (`corrections.adjust`);

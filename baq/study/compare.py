@@ -10,7 +10,7 @@ Each entry is WORKDIR:METHOD, where METHOD is `fp32`, a uniform baseline
 workdir's config (deployed at its integer bits, as the report evaluates it). Entry i
 of --runs is paired with entry i of --against (the same seed); both must
 be evaluated on the same test examples. Printed, for the runs minus the
-reference (`baq.study.stats`):
+reference (`baq.stats.significance`):
   * each group's accuracy change, pooled over the pairs, with its paired
     bootstrap interval (examples resampled within groups) and p-value;
   * the overall change;
@@ -28,10 +28,11 @@ from typing import Sequence
 from absl import app, flags
 import numpy as np
 
-from baq import host
+from baq import launch
 from baq.models import build_model
-from baq.study import corrections, stats
-from baq.train import deploy, experiment, runtime_baselines, validate, workdir as wd
+from baq.stats import corrections, significance as stats
+from baq.experiment import deploy, job as experiment, runtime_baselines, checks as validate
+from baq import workdir as wd
 from baq.train.checkpoint import restore_variables
 from baq.train.evaluate import predict_logits
 from baq.train.modes import get_mode
@@ -113,20 +114,17 @@ def format_result(r: dict) -> str:
   return "\n".join(lines)
 
 
-flags.DEFINE_list("runs", None, "WORKDIR:METHOD entries, one per seed.")
-flags.DEFINE_list("against", None, "The reference WORKDIR:METHOD entries, paired in order.")
-flags.DEFINE_integer("num_samples", 2000, "Bootstrap replicates.")
-flags.DEFINE_integer("holm", 0, "Tests in the Holm family (default: the groups).")
-
-
 def main(argv: Sequence[str]) -> None:
-  del argv
-  host.tune_allocator()  # before JAX starts its threads
-  experiment.quiet_logging()
+  launch.start(argv)
   f = flags.FLAGS
-  print(format_result(compare(f.runs, f.against, f.num_samples, f.holm)))
+  if launch.is_primary():
+    print(format_result(compare(f.runs, f.against, f.num_samples, f.holm)))
 
 
 if __name__ == "__main__":
+  flags.DEFINE_list("runs", None, "WORKDIR:METHOD entries, one per seed.")
+  flags.DEFINE_list("against", None, "The reference WORKDIR:METHOD entries, paired in order.")
+  flags.DEFINE_integer("num_samples", 2000, "Bootstrap replicates.")
+  flags.DEFINE_integer("holm", 0, "Tests in the Holm family (default: the groups).")
   flags.mark_flags_as_required(["runs", "against"])
   app.run(main)

@@ -13,6 +13,6 @@
   workdir      the one owner of run names, file names and checkpoints
   experiment   the main job (train.py / eval.py)
   diagnostics  the "disparately skews" per-group analysis (eval.py --diagnostics)
-  sweep        the main job over seeds, mean and spread (python -m baq.train.sweep)
-  pareto       accuracy against bits over seeds and budgets (python -m baq.train.pareto)
+  sweep        the main job over seeds, mean and spread (python -m baq.experiment.sweep)
+  pareto       accuracy against bits over seeds and budgets (python -m baq.experiment.pareto)
 """

@@ -23,8 +23,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from baq.train import workdir as wd
-from baq.train.sharding import is_primary
+from baq import workdir as wd
+from baq.launch import is_primary
 
 SIGNATURE_FILE = wd.SIGNATURE_FILE
 
@@ -38,7 +38,7 @@ def signature(state: Any) -> dict[str, str]:
 
 # orbax keeps process-wide state for its asynchronous saves (the temporary
 # directories it finalises in the background): two managers saving the same
-# step at once from two threads (`baq.train.lanes`) collided on them. Saves
+# step at once from two threads (`baq.experiment.lanes`) collided on them. Saves
 # made off the main thread are therefore serialised and finished before the
 # next begins (a small model's save takes well under a second).
 _LANE_LOCK = threading.RLock()

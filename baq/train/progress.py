@@ -9,8 +9,8 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from baq.train import sharding as sh
-from baq.train import workdir as wd
+from baq import launch
+from baq import workdir as wd
 
 
 # Progress-line order and short names; metrics.jsonl keeps the full names.
@@ -41,7 +41,7 @@ class MetricWriter:
     self.path, self.name = os.path.join(workdir, wd.METRICS_FILE), name
     self.group_names = list(group_names)
     self._tb = None
-    if tensorboard and sh.is_primary():
+    if tensorboard and launch.is_primary():
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       except ImportError:
@@ -56,7 +56,7 @@ class MetricWriter:
 
   def write(self, step: int, metrics: dict, bits: Optional[np.ndarray] = None) -> None:
     """One line of metrics; `bits` (every unit's bit-width) goes to the histogram."""
-    if not sh.is_primary():  # one writer on several hosts
+    if not launch.is_primary():  # one writer on several hosts
       return
     metrics = {k: (float(v) if np.ndim(v) == 0 else [None if x is None or np.isnan(x)
                                                      else float(x) for x in np.ravel(v)])

@@ -20,8 +20,8 @@ The computation is written over the global batch, so group statistics
 (segment sums over the batch) are the same whatever the layout: XLA inserts
 the cross-device reductions.
 
-Several hosts: `initialize_distributed` starts `jax.distributed` when the
-environment describes a multi-process job; each process then contributes
+Several hosts: `baq.launch.initialize_distributed` (every entry point's
+first step) starts `jax.distributed`; each process then contributes
 its rows of every global batch (`shard_batch`) and the checkpoint manager
 coordinates the processes' writes.
 """
@@ -29,7 +29,6 @@ coordinates the processes' writes.
 from __future__ import annotations
 
 import math
-import os
 import re
 from typing import Any, Mapping
 
@@ -43,64 +42,6 @@ REPLICATED, FSDP = "replicated", "fsdp"
 # (regex fully matching a leaf path, REPLICATED | FSDP | a PartitionSpec).
 RULES = ((r".*", FSDP),)
 DEFAULT_MESH = dict(data=-1, model=1, fsdp_min_numel=2**18)
-
-
-def is_primary() -> bool:
-  """True on the one process that writes reports, plans and exports."""
-  return jax.process_index() == 0
-
-
-def _cluster_in_env(env: Mapping[str, str]) -> bool:
-  """A multi-process launcher that `jax.distributed` detects by itself."""
-  if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-    return True
-  if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-    return True
-  hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
-  return len([h for h in hosts.split(",") if h.strip()]) > 1
-
-
-def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
-  """Starts `jax.distributed` when the environment asks for it (idempotent).
-
-  Checked in order:
-    * BAQ_DISTRIBUTED=0: never (a single-process run on a cluster node).
-    * JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID: an
-      explicit job (any machines; JAX_LOCAL_DEVICE_IDS is honoured by jax).
-    * a SLURM job with SLURM_NTASKS > 1, Open MPI with
-      OMPI_COMM_WORLD_SIZE > 1, or a Cloud TPU pod slice
-      (TPU_PROCESS_ADDRESSES / TPU_WORKER_HOSTNAMES with several hosts):
-      jax detects the coordinator, process count and id itself.
-    * BAQ_DISTRIBUTED=1: jax's auto-detection whatever the environment
-      (e.g. Kubernetes JobSets).
-
-  Must run before any JAX computation; the trainer calls it first.
-
-  Returns:
-    True when the process is part of a multi-process job.
-  """
-  env = os.environ if env is None else env
-  if jax.distributed.is_initialized():
-    return True
-  flag = env.get("BAQ_DISTRIBUTED", "")
-  if flag == "0":
-    return False
-  if "JAX_COORDINATOR_ADDRESS" in env:
-    kw = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-              num_processes=int(env["JAX_NUM_PROCESSES"]),
-              process_id=int(env["JAX_PROCESS_ID"]))
-  elif flag == "1" or _cluster_in_env(env):
-    kw = {}
-  else:
-    return False
-  try:
-    jax.distributed.initialize(**kw)
-  except RuntimeError as e:
-    raise RuntimeError(
-        f"jax.distributed.initialize failed ({e}). A multi-process run must "
-        "start it before any JAX computation: call baq.train.sharding."
-        "initialize_distributed() first thing in your script.") from e
-  return True
 
 
 def mesh_config(config: ml_collections.ConfigDict) -> dict:

@@ -1,0 +1,1 @@
+"""baq.study.bias."""
