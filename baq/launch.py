@@ -100,6 +100,30 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def primary_first(fn: Callable[[], Any], name: str) -> Any:
+  """`fn()` on process 0 first, then, after a barrier, on the others.
+
+  For work that leaves files behind the first time (a dataset prepared
+  under its data_dir, a corpus written to a workdir): one process writes
+  them, the others find them made, so processes sharing a disk never race.
+  With one process it is just `fn()`.
+
+  Args:
+    fn: what every process runs.
+    name: the barrier's name (the same on every process).
+
+  Returns:
+    This process's `fn()`.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  out = fn() if is_primary() else None
+  multihost_utils.sync_global_devices(name)
+  return out if is_primary() else fn()
+
+
 def quiet_logging() -> None:
   """Keeps the console to baq's progress lines: libraries log warnings only,
   and tensorflow-datasets shows no progress bars."""

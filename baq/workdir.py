@@ -67,6 +67,18 @@ STUDY_PARETO_PLOT = "pareto.png"
 PREDICTIONS_FILE = "predictions.npz"
 CELL_METRICS_FILE = "metrics.json"
 CELL_RUN = "run"
+# The language-model and CLIP studies' workdirs: WORKDIR/seed<S>/ per seed.
+SUMMARY_FILE = "summary.json"
+VERDICTS_PLOT = "verdicts.png"
+STUDY_DATA_DIR = "data"  # the LM study's generated corpus
+RESULTS_DIR = "results"  # one JSON per setting of a seed
+SEED_REPORT_FILE = "report.json"
+GPTQ_DIR = "gptq"  # the LM study's GPTQ checkpoints, one folder per setting
+
+
+def result_path(seed_dir: str, setting: str) -> str:
+  """A study setting's results file: SEED_DIR/results/<setting>.json (":" -> "_")."""
+  return path(seed_dir, RESULTS_DIR, setting.replace(":", "_") + ".json")
 
 
 def uniform_name(bits: float) -> str:

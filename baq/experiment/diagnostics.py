@@ -33,6 +33,7 @@ from baq import workdir as wd
 from baq.train.checkpoint import restore_variables
 from baq.train.evaluate import predict_logits
 from baq.train.modes import selected
+from baq import launch
 from baq.launch import is_primary
 from baq.variables import apply_model
 
@@ -241,8 +242,10 @@ def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logits = predict_logits(model, variables, test, config.eval_batch_size)
     models[name] = model_diagnostics(apply_fn, variables["params"], test, batch, dc,
                                      jax.random.key(config.seed * 1000 + i), logits)
-    print(f"[diagnostics] {name}: worst-group acc {np.nanmin(models[name]['accuracy']):.4f}, "
-          f"trace per group {np.round(models[name]['hessian_trace'], 3).tolist()}", flush=True)
+    if launch.is_primary():
+      print(f"[diagnostics] {name}: worst-group acc {np.nanmin(models[name]['accuracy']):.4f}, "
+            f"trace per group {np.round(models[name]['hessian_trace'], 3).tolist()}",
+            flush=True)
   out = dict(group_names=list(test.group_names), split=config.dataset.test_split,
              diagnostic_batch_per_group=np.bincount(np.asarray(batch["group"]),
                                                     minlength=test.num_groups).tolist(),

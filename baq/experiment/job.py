@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from baq import launch
 from baq.allocation import planner
 from baq.data import datasets, records
 from baq.fairness import metrics
@@ -49,9 +50,11 @@ def load_data(config: ml_collections.ConfigDict) -> dict:
   """
   d = config.dataset
   kw = dict(data_dir=d.data_dir, stream=bool(d.get("stream", False)), **d.kwargs.to_dict())
-  splits = {"train": datasets.load(d.name, d.train_split, **kw),
-            "validation": datasets.load(d.name, d.val_split, **kw),
-            "test": datasets.load(d.name, d.test_split, **kw)}
+  # A dataset is prepared on first use: by process 0 alone, the others then read it.
+  splits = launch.primary_first(
+      lambda: {"train": datasets.load(d.name, d.train_split, **kw),
+               "validation": datasets.load(d.name, d.val_split, **kw),
+               "test": datasets.load(d.name, d.test_split, **kw)}, "baq: dataset prepared")
   crop = d.get("eval_center_crop")
   if crop is not None:
     for k in ("validation", "test"):

@@ -197,7 +197,8 @@ def _restore_or_place(ckpt: Checkpointer, state: dict, shardings, name: str,
   if ckpt.latest_step() is None:
     return sh.put(state, shardings)
   state = ckpt.restore()  # onto this run's shardings, whatever layout saved it
-  print(f"[{name}] resumed from step {int(state['step'])} in {workdir}", flush=True)
+  if launch.is_primary():
+    print(f"[{name}] resumed from step {int(state['step'])} in {workdir}", flush=True)
   return state
 
 
@@ -261,8 +262,9 @@ def _finalize(state: dict, setup: TrainSetup, config, name: str, workdir: str,
   params = rounding.integer_params(config, setup, params, sh.to_host(state["batch_stats"]),
                                   split)
   avg = float(units.average_bits(params, layers))
-  print(f"[{name}] step {int(state['step']):5d} bit-widths projected to integers: "
-        f"avg_bits={avg:.4g} (target {target:.4g}); training the weights at them", flush=True)
+  if launch.is_primary():
+    print(f"[{name}] step {int(state['step']):5d} bit-widths projected to integers: "
+          f"avg_bits={avg:.4g} (target {target:.4g}); training the weights at them", flush=True)
   params = jax.tree.map(jnp.asarray, params)
   if setup.final_tx is None or setup.final_tx is setup.tx:
     return dict(state, params=params)

@@ -47,11 +47,14 @@ def load_texts(config, root: str) -> dict:
   """The study's text: train / calibration lines, held-out lines, the paired sets."""
   d = config.data
   if d.kind == "synthetic":
-    folder = os.path.join(root, "data")
-    if not os.path.isfile(os.path.join(folder, "README")):
-      data = synthetic.generate(d.seed, association=d.association, num_train=d.num_train,
-                                num_heldout=d.num_heldout)
-      synthetic.write(folder, data)
+    folder = wd.path(root, wd.STUDY_DATA_DIR)
+
+    def make():  # once, by process 0; the others read what it wrote
+      if not os.path.isfile(os.path.join(folder, "README")):
+        synthetic.write(folder, synthetic.generate(d.seed, association=d.association,
+                                                   num_train=d.num_train,
+                                                   num_heldout=d.num_heldout))
+    launch.primary_first(make, "baq: LM corpus written")
     files = dict(train=os.path.join(folder, "train.txt"),
                  heldout=os.path.join(folder, "heldout.txt"),
                  crows=os.path.join(folder, "crows_pairs_anonymized.csv"),
@@ -160,9 +163,8 @@ def _row(summary: dict, info: dict) -> dict:
 
 def run_seed(config, root: str, seed: int) -> dict:
   """Every setting of one seed (finished ones reused); setting -> table row."""
-  seed_dir = os.path.join(root, f"seed{seed}")
-  res_dir = os.path.join(seed_dir, "results")
-  os.makedirs(res_dir, exist_ok=True)
+  seed_dir = wd.seed_dir(root, seed)
+  os.makedirs(wd.path(seed_dir, wd.RESULTS_DIR), exist_ok=True)
   texts = load_texts(config, root)
   built = build_model(config, texts, seed_dir, seed)
   model, params, tokenizer = built["model"], built["params"], built["tokenizer"]
@@ -176,7 +178,7 @@ def run_seed(config, root: str, seed: int) -> dict:
                       {})}
   calib = calibration(config, texts, tokenizer, seed)
   for name in lm_quant.settings(config):
-    path = os.path.join(res_dir, name.replace(":", "_") + ".json")
+    path = wd.result_path(seed_dir, name)
     if os.path.exists(path):
       with open(path) as f:
         rows[name] = json.load(f)["row"]
@@ -194,22 +196,25 @@ def run_seed(config, root: str, seed: int) -> dict:
     if config.export == "gptq" and name in lm_quant.NUMERIC_BITS:
       info["export"] = None  # a GPTQ checkpoint holds GPTQ's grid, not these numerics
     elif config.export == "gptq":
-      out = os.path.join(seed_dir, "gptq", name.replace(":", "_"))
-      if os.path.isdir(out):
-        shutil.rmtree(out)  # a partial export of an interrupted run
-      gptq_lm.export_gptq(out, family, model.config, params, qparams, records,
-                          built["hf_config"], group_size=config.quant.group_size,
-                          tokenizer=tokenizer)
+      out = wd.path(seed_dir, wd.GPTQ_DIR, name.replace(":", "_"))
+      if launch.is_primary():  # one writer of shared files
+        if os.path.isdir(out):
+          shutil.rmtree(out)  # a partial export of an interrupted run
+        gptq_lm.export_gptq(out, family, model.config, params, qparams, records,
+                            built["hf_config"], group_size=config.quant.group_size,
+                            tokenizer=tokenizer)
       info["export"] = out
     elif config.export:
       raise ValueError(f"Unknown export {config.export!r}. Valid: gptq, or empty.")
     layers = {k: {f: v for f, v in r.items() if f not in ("codes", "scales")}
               for k, r in records.items()}
-    with open(path + ".tmp", "w") as f:
-      json.dump(wd.jsonable(dict(row=rows[name], info=info, summary=summary, layers=layers)), f)
-    os.replace(path + ".tmp", path)
-  with open(os.path.join(seed_dir, "report.json"), "w") as f:
-    json.dump(wd.jsonable(rows), f, indent=1)
+    if launch.is_primary():
+      with open(path + ".tmp", "w") as f:
+        json.dump(wd.jsonable(dict(row=rows[name], info=info, summary=summary, layers=layers)),
+                  f)
+      os.replace(path + ".tmp", path)
+  if launch.is_primary():
+    wd.write_json(wd.path(seed_dir, wd.SEED_REPORT_FILE), wd.jsonable(rows))
   return rows
 
 
@@ -260,6 +265,6 @@ def run(config, root: str) -> dict:
   check(config)
   runs = {int(s): run_seed(config, root, int(s)) for s in config.seeds}
   if launch.is_primary():
-    wd.write_json(os.path.join(root, "summary.json"), wd.jsonable(runs))
+    wd.write_json(wd.path(root, wd.SUMMARY_FILE), wd.jsonable(runs))
     print(format_table(runs), flush=True)
   return runs

@@ -152,26 +152,28 @@ def _score(config, seed_dir: str, seed: int, names: Sequence[str], setting: dict
                               for k, r in by_k.items()} for a, by_k in m["retrieval"].items()})
     if name != "fp32":
       res["cells"] = cells(m, fp, data, test, config, seed)
-    path = os.path.join(seed_dir, "results", f"{name}.json")
-    wd.write_json(path + ".tmp", wd.jsonable(res))
-    os.replace(path + ".tmp", path)
-    out[name] = wd.read_json(path)
+    path = wd.result_path(seed_dir, name)
+    out[name] = json.loads(json.dumps(wd.jsonable(res)))  # as a reader of the file sees it
+    if launch.is_primary():
+      wd.write_json(path + ".tmp", out[name])
+      os.replace(path + ".tmp", path)
   return out
 
 
 def run_seed(config, root: str, seed: int) -> dict:
   """Every quantizer of one seed (finished ones reused): name -> result."""
-  seed_dir = os.path.join(root, f"seed{seed}")
-  os.makedirs(os.path.join(seed_dir, "results"), exist_ok=True)
+  seed_dir = wd.seed_dir(root, seed)
+  os.makedirs(wd.path(seed_dir, wd.RESULTS_DIR), exist_ok=True)
   names = [q.strip() for q in config.quantizers.split(",") if q.strip()]
   setting = _setting(config)
-  paths = {n: os.path.join(seed_dir, "results", f"{n}.json") for n in names}
+  paths = {n: wd.result_path(seed_dir, n) for n in names}
   out = {n: _reuse(p, setting) for n, p in paths.items() if os.path.exists(p)}
   todo = [n for n in names if n not in out]
   if todo:
     out.update(_score(config, seed_dir, seed, todo, setting))
   out = {n: out[n] for n in names}
-  wd.write_json(os.path.join(seed_dir, "report.json"), out)
+  if launch.is_primary():
+    wd.write_json(wd.path(seed_dir, wd.SEED_REPORT_FILE), out)
   return out
 
 
@@ -280,8 +282,8 @@ def run(config, root: str) -> dict:
   runs = {int(s): run_seed(config, root, int(s)) for s in config.seeds}
   if launch.is_primary():
     summary = summarize(runs)
-    wd.write_json(os.path.join(root, "summary.json"), wd.jsonable(dict(runs=runs, **summary)))
-    plot_verdicts(os.path.join(root, "verdicts.png"), runs)
+    wd.write_json(wd.path(root, wd.SUMMARY_FILE), wd.jsonable(dict(runs=runs, **summary)))
+    plot_verdicts(wd.path(root, wd.VERDICTS_PLOT), runs)
     print(format_table(runs, str(config.retrieval_k).split(",")[0]))
     print(json.dumps(summary["counts"]))
     print("opposite verdicts across seeds:",
