@@ -15,7 +15,8 @@ A setting is named `<method>@<bits or budget>[:a<alpha>]`:
                    quant.mixed_alpha > 0) at the allocated bits
 The grammar, the kinds and the nominal bits are `baq.quant.methods`' (`METHODS`
 is the subset this study runs: these four by name and every method of kind
-"numerics"); `settings(config)` lists them and `quantize(name, ...)` runs one.
+"numerics"); `settings(config)` lists them and `quantize(name, ...)` runs one
+(`numeric_setting` a runtime's numerics).
 """
 
 from __future__ import annotations
@@ -39,11 +40,15 @@ METHODS = methods.Choices("LM study method", ("rtn", "gptq", "fair_gptq", "mixed
 PROJECTIONS = r"block_\d+/(attn|mlp)/.*"
 
 
-def numeric_model(name: str, model: CausalLM) -> CausalLM:
-  """The LM with a runtime's numerics injected into every block projection."""
+def numeric_setting(name: str, model: CausalLM) -> tuple[CausalLM, dict]:
+  """A runtime's numerics on every block projection: (the LM running them, info).
+
+  The params stay the float model's; info's avg_bits is the numeric's code
+  bits (`methods.nominal_bits`, from its storage).
+  """
   methods.RUNTIMES.get(name)  # an unknown name lists the valid ones
   quant = Quantizer(rules=((PROJECTIONS, QuantSpec(numerics=name)),), training=False)
-  return CausalLM(model.config, quant)
+  return CausalLM(model.config, quant), dict(method=name, avg_bits=methods.nominal_bits(name))
 
 
 def _floats(text: str) -> list[float]:

@@ -29,7 +29,6 @@ from baq.export import gptq_lm
 from baq.models.lm import LM_FAMILIES, hf
 from baq.models.lm.decoder import CausalLM
 from baq.ptq import decoder as gd
-from baq.quant import methods
 from baq.registry import Registry
 from baq.study.lm import evaluate as lm_eval, quant as lm_quant
 from baq.train import fit
@@ -196,8 +195,7 @@ def run_seed(config, root: str, seed: int) -> dict:
       continue
     numeric = lm_quant.METHODS.parse(name)[0].kind == "numerics"
     if numeric:  # a runtime's numerics: the same params, another model
-      qmodel, qparams, records = lm_quant.numeric_model(name, model), params, {}
-      info = dict(method=name, avg_bits=methods.nominal_bits(name))
+      (qmodel, info), qparams, records = lm_quant.numeric_setting(name, model), params, {}
     else:
       qmodel = model
       qparams, records, info = lm_quant.quantize(name, model, params, calib, config,
