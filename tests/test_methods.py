@@ -3,7 +3,6 @@ registered in one place reaching the main job and all three studies."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from baq import workdir as wd
