@@ -172,8 +172,8 @@ def parse(text: str) -> tuple[Method, Optional[float], Optional[float]]:
   return (method,) + _check(method, text, m["level"], m["alpha"])
 
 
-def format(method: Union[Method, str], bits: Optional[float] = None,  # pylint: disable=redefined-builtin
-           alpha: Optional[float] = None) -> str:
+def format(method: Union[Method, str],  # pylint: disable=redefined-builtin
+           bits: Optional[float] = None, alpha: Optional[float] = None) -> str:
   """The setting `parse` reads back: format("fair_gptq", 4, 0.5) -> "fair_gptq@4:a0.5".
 
   Raises:
