@@ -11,6 +11,10 @@ in that package that registers itself, and no other file changes. Its
 subpackages are not imported: a subpackage is another kind of entry with a
 registry of its own (`baq.models.lm`, `baq.models.clip` under the image
 classifiers' `baq.models`).
+
+A registry built with `derive=fn` also holds the entries `fn()` returns,
+asked at every lookup: entries made from another registry (a quantization
+method per runtime numeric, `baq.quant.methods`) stay in step with it.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ T = TypeVar("T")
 class Registry(Generic[T]):
   """Maps names to objects; `get` on an unknown name lists the valid ones."""
 
-  def __init__(self, kind: str, discover: Optional[str] = None):
+  def __init__(self, kind: str, discover: Optional[str] = None,
+               derive: Optional[Callable[[], Dict[str, T]]] = None):
     self.kind = kind
     self._items: Dict[str, T] = {}
     self._discover = discover
+    self._derive = derive
 
   def _discovered(self) -> Dict[str, T]:
     """The entries, after importing every module of the `discover` package once."""
@@ -41,7 +47,13 @@ class Registry(Generic[T]):
       except BaseException:
         self._discover = package  # a broken module fails every lookup, not just the first
         raise
-    return self._items
+    if self._derive is None:
+      return self._items
+    derived = self._derive()
+    clash = sorted(set(derived) & set(self._items))
+    if clash:
+      raise ValueError(f"{self.kind} {clash} registered twice: by name and derived.")
+    return {**self._items, **derived}
 
   def register(self, name: str) -> Callable[[T], T]:
     """Decorator that registers `obj` under `name` and returns it unchanged."""
@@ -72,6 +84,8 @@ class Registry(Generic[T]):
   def unregister(self, name: str) -> None:
     """Removes `name` (e.g. to re-register while editing in a notebook)."""
     self.get(name)  # Raises, listing the valid names, if unknown.
+    if name not in self._items:
+      raise ValueError(f"{self.kind} {name!r} is derived: remove it from its source.")
     del self._items[name]
 
   def names(self) -> list[str]:

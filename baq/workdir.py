@@ -38,7 +38,7 @@ from typing import Any, Optional
 import ml_collections
 import numpy as np
 
-from baq.quant.numerics import NUMERICS
+from baq.quant import methods
 
 FLOAT = "fp32"
 PTQ_SUFFIX = "_ptq"
@@ -73,7 +73,6 @@ VERDICTS_PLOT = "verdicts.png"
 STUDY_DATA_DIR = "data"  # the LM study's generated corpus
 RESULTS_DIR = "results"  # one JSON per setting of a seed
 SEED_REPORT_FILE = "report.json"
-GPTQ_DIR = "gptq"  # the LM study's GPTQ checkpoints, one folder per setting
 
 
 def result_path(seed_dir: str, setting: str) -> str:
@@ -99,13 +98,14 @@ def parse_uniform(name: str) -> int:
   """
   if not name.startswith(UNIFORM) or not name[len(UNIFORM):].isdigit():
     raise ValueError(f"Unknown baseline {name!r}. Valid: uniform<B> (e.g. uniform8, "
-                     f"uniform4) or a runtime's numerics: {', '.join(NUMERICS.names())}.")
+                     f"uniform4) or a runtime's numerics: {', '.join(methods.RUNTIMES.names())}.")
   return int(name[len(UNIFORM):])
 
 
 def is_runtime(name: str) -> bool:
-  """Whether a baseline name is a runtime's numerics (`baq.quant.numerics`), not uniform<B>."""
-  return name in NUMERICS
+  """Whether a baseline name is a method of kind "numerics" (`baq.quant.methods`: a
+  runtime's numerics), not uniform<B> (the main job's spelling of qat@B)."""
+  return name in methods.RUNTIMES
 
 
 def baseline_names(config: ml_collections.ConfigDict) -> list[str]:

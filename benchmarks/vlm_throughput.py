@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from baq.models.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig
+from baq.quant import methods
 from baq.quant.inject import QuantSpec, Quantizer
 from baq.study.vlm import quant as vlm_quant
 
@@ -73,7 +74,7 @@ def main(argv) -> None:
   variants = {"fp32": (model, params)}
   for b in (8, 4):
     variants[f"rtn{b}"] = (model, vlm_quant.rtn_params(params, {l: b for l in layers}))
-  for name in vlm_quant.NUMERICS:
+  for name in methods.RUNTIMES:
     q = Quantizer(rules=((LAYERS, QuantSpec(numerics=name)),), training=False)
     variants[name] = (CLIP(cfg, q), params)
   print(f"CLIP {f.size}: {f.batch} images of {s} px, median of {f.repeats} calls")

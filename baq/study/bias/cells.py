@@ -10,12 +10,14 @@
   * `trained_cell`: uniform QAT or BAQ fine-tuned from the float model by the
     trainer (`train`, resuming from its checkpoints), set up for evaluation by
     `create_train_state`, BAQ deployed at integer bits.
-  * `numerics_cell`: a runtime's numerics (llm_int8, nf4, fp4, dynamic_int8)
-    on the float model, as the main job's runtime baselines.
+  * `numerics_cell`: a runtime's numerics (every method of kind "numerics"
+    in `baq.quant.methods`: llm_int8, nf4, fp4, dynamic_int8, ...) on the
+    float model, as the main job's runtime baselines.
 
 Each cell function takes the Cell and the seed's FloatRun and returns the
 test split's logits and what the cell's metrics.json records; `COMPUTE` maps
-a quantizer to its function.
+a method the study runs by name to its function, `KIND_COMPUTE` a kind of
+method, all of whose methods it runs, and `compute` asks both.
 """
 
 from __future__ import annotations
@@ -32,9 +34,8 @@ from baq.allocation import projection
 from baq.data.pipeline import normalize
 from baq.models import build_model
 from baq.ptq import sequential as gptq_model
-from baq.quant import units
+from baq.quant import methods, units
 from baq.study.bias import pairs
-from baq.quant.numerics import NUMERICS
 from baq.experiment import runtime_baselines
 from baq import workdir as wd
 from baq.train.checkpoint import restore_variables
@@ -240,10 +241,24 @@ def numerics_cell(cell: Cell, fp: FloatRun) -> tuple[np.ndarray, dict]:
   return predict_logits(model, variables, test, fp.config.eval_batch_size), info
 
 
-# quantizer -> how its cell is computed (wd.FLOAT: the float model itself).
+# method -> how its cell is computed (wd.FLOAT: the float model itself).
 COMPUTE = {wd.FLOAT: float_cell, "rtn": ptq_cell, "gptq": ptq_cell, "fair_gptq": ptq_cell,
-           "qat": trained_cell, "baq": trained_cell,
-           **{name: numerics_cell for name in NUMERICS.names()}}
+           "qat": trained_cell, "baq": trained_cell}
+# kind of method -> how a cell of any method of that kind is computed.
+KIND_COMPUTE = {"numerics": numerics_cell}
+# The quantizers of `study.quantizers` (the float model is every seed's own cell).
+QUANTIZERS = methods.Choices("bias study quantizer", [n for n in COMPUTE if n != wd.FLOAT],
+                             tuple(KIND_COMPUTE))
+
+
+def compute(quantizer: str):
+  """The cell function of a method (`baq.quant.methods`) the study runs.
+
+  Raises:
+    KeyError: the study does not run it (the message lists those it runs).
+  """
+  method = methods.get(quantizer) if quantizer == wd.FLOAT else QUANTIZERS.get(quantizer)
+  return COMPUTE.get(method.name) or KIND_COMPUTE[method.kind]
 
 # Fields that change no cell's predictions: they may differ when a study resumes.
 NOT_IN_CELLS = ("study", "seeds", "diagnostics", "imports", "log_every", "eval_every",

@@ -34,11 +34,13 @@ Quantizers (weights only; `config.quant.float_layers` stay float):
              (trainer mode qat, `config.steps`; granularity from
              `config.quant.granularity`, per-layer by default).
   baq        BAQ at B average bits (trainer mode baq, deployed at integers).
-  llm_int8, nf4, fp4, dynamic_int8
+  llm_int8, nf4, fp4, dynamic_int8 (every method of kind "numerics")
              a runtime's numerics on the float model's Dense layers (one
              setting each, at the runtime's code bits; convolutions float;
              options from `config.numerics_options`), as the main job's
              runtime baselines (`baq.experiment.runtime_baselines`).
+The names and kinds are `baq.quant.methods`'; the bits and budgets are
+checked against each method's bounds.
 The PTQ methods are per-channel, as GPTQ's grid is; QAT and BAQ follow the
 config. `study.reuse` (e.g. "/tmp/baq_claims/seed{seed}", a train.py workdir
 per seed) reuses its finished fp32/, uniform<B>/ and baq/ (when that run's
@@ -60,12 +62,12 @@ from baq.fairness import metrics
 from baq.study.bias import cells as study_cells, report
 from baq.stats import corrections
 from baq.study.bias.cells import Cell
-from baq.quant.numerics import NUMERICS
+from baq.quant import methods
 from baq.experiment import job as experiment, runtime_baselines
 from baq import workdir as wd
 from baq.experiment.checks import validate
 
-QUANTIZERS = tuple(q for q in study_cells.COMPUTE if q != wd.FLOAT)
+QUANTIZERS = study_cells.QUANTIZERS
 PAIRS = ("auto", "counterfactual", "penultimate", "pixels")
 # The options the study reads; their values and meanings: configs/bias_study.py.
 OPTIONS = ("quantizers", "bits", "baq_bits", "alphas", "calib_size", "calib_batch",
@@ -106,7 +108,7 @@ def settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     s.seeds = tuple(int(x) for x in config.seeds)
   bad = [q for q in _quantizers(s) if q not in QUANTIZERS]
   if bad:
-    raise ValueError(f"Unknown quantizers {bad}. Valid: {', '.join(QUANTIZERS)}.")
+    raise ValueError(f"Unknown quantizers {bad}. Valid: {', '.join(QUANTIZERS.names())}.")
   if s.pairs not in PAIRS:
     raise ValueError(f"Unknown study.pairs {s.pairs!r}. Valid: {', '.join(PAIRS)}.")
   corrections.adjust([], s.correction)  # raises on unknown names, before any cell runs
@@ -129,12 +131,14 @@ def grid(config: ml_collections.ConfigDict) -> list[Cell]:
   """
   s, out = settings(config), []
   for q in _quantizers(s):
-    if q in NUMERICS:  # no bit-width of its own: the runtime's code bits
-      b = NUMERICS.get(q).storage(1, 1, **runtime_baselines.options(config, q))[0]
+    method = QUANTIZERS.get(q)
+    if method.kind == "numerics":  # no bit-width of its own: the runtime's code bits
+      b = methods.nominal_bits(q, runtime_baselines.options(config, q))
       out += [Cell(wd.cell_name(q, seed), q, q, b, int(seed)) for seed in s.seeds]
       continue
     for b in (s.baq_bits or s.bits) if q == "baq" else s.bits:
-      for a in s.alphas if q == "fair_gptq" else (0.0,):
+      for a in s.alphas if method.alpha else (0.0,):
+        methods.format(method, b, a if method.alpha else None)  # raises naming the bound
         setting = (f"baq_b{b:g}" if q == "baq" else
                    f"fair_gptq_a{a:g}_w{b:g}" if q == "fair_gptq" else f"{q}_w{b:g}")
         out += [Cell(wd.cell_name(setting, seed), setting, q, float(b), int(seed), float(a))
@@ -181,7 +185,7 @@ def _run_cell(cell: Cell, fp: study_cells.FloatRun, root: str) -> None:
     print(f"[study] {cell.name}: finished, skipped", flush=True)
     return
   t0 = time.time()
-  logits, info = study_cells.COMPUTE[cell.quantizer](cell, fp)
+  logits, info = study_cells.compute(cell.quantizer)(cell, fp)
   info.update(setting=cell.setting, quantizer=cell.quantizer, bits=cell.bits, seed=cell.seed,
               seconds=time.time() - t0)
   test = fp.data["test"]

@@ -13,7 +13,10 @@ A setting is named `<method>@<bits or budget>[:a<alpha>]`:
                    (`baq.allocation.lm_importance`), the config's reducer, the
                    exact allocator, then GPTQ (Fair-GPTQ when
                    quant.mixed_alpha > 0) at the allocated bits
-`settings(config)` lists them and `quantize(name, ...)` runs one.
+The grammar, the kinds and the nominal bits are `baq.quant.methods`' (`METHODS`
+is the subset this study runs: these four by name and every method of kind
+"numerics"); `settings(config)` lists them and `quantize(name, ...)` runs one
+(`numeric_setting` a runtime's numerics).
 """
 
 from __future__ import annotations
@@ -28,20 +31,24 @@ import numpy as np
 from baq.allocation import lm_importance, planner
 from baq.models.lm.decoder import CausalLM
 from baq.ptq import decoder as gd
-from baq.quant import numerics
+from baq.quant import methods
 from baq.quant.inject import QuantSpec, Quantizer
 from baq.train import fit
 
-METHODS = ("rtn", "gptq", "fair_gptq", "mixed")
-NUMERIC_BITS = {"llm_int8": 8.0, "nf4": 4.0, "fp4": 4.0, "dynamic_int8": 8.0}  # nominal
+METHODS = methods.Choices("LM study method", ("rtn", "gptq", "fair_gptq", "mixed"),
+                          ("numerics",))
 PROJECTIONS = r"block_\d+/(attn|mlp)/.*"
 
 
-def numeric_model(name: str, model: CausalLM) -> CausalLM:
-  """The LM with a runtime's numerics injected into every block projection."""
-  numerics.NUMERICS.get(name)  # an unknown name lists the valid ones
+def numeric_setting(name: str, model: CausalLM) -> tuple[CausalLM, dict]:
+  """A runtime's numerics on every block projection: (the LM running them, info).
+
+  The params stay the float model's; info's avg_bits is the numeric's code
+  bits (`methods.nominal_bits`, from its storage).
+  """
+  methods.RUNTIMES.get(name)  # an unknown name lists the valid ones
   quant = Quantizer(rules=((PROJECTIONS, QuantSpec(numerics=name)),), training=False)
-  return CausalLM(model.config, quant)
+  return CausalLM(model.config, quant), dict(method=name, avg_bits=methods.nominal_bits(name))
 
 
 def _floats(text: str) -> list[float]:
@@ -56,21 +63,19 @@ def settings(config) -> list[str]:
   if bad:
     raise ValueError(f"quant.choices {bad} cannot be held by a GPTQ checkpoint; use 2, 3, 4, 8.")
   out = []
-  for b in _floats(q.bits):
-    if b != int(b) or not 2 <= b <= 8:
-      raise ValueError(f"quant.bits holds {b}; bit-widths are integers in [2, 8].")
-    out += [f"rtn@{b:g}", f"gptq@{b:g}"] + [f"fair_gptq@{b:g}:a{a:g}" for a in _floats(q.alphas)]
+  for a in _floats(q.alphas) + [q.mixed_alpha]:
+    if not (np.isfinite(a) and a >= 0):
+      raise ValueError(f"Fair-GPTQ alpha {a} must be finite and >= 0.")
+  for b in _floats(q.bits):  # a bit-width outside rtn's bounds raises, naming them
+    out += [methods.format("rtn", b), methods.format("gptq", b)]
+    out += [methods.format("fair_gptq", b, a) for a in _floats(q.alphas)]
   for budget in _floats(q.budgets):
     if not min(choices) <= budget <= max(choices):
       raise ValueError(f"quant.budgets holds {budget}, outside the allowed bits "
                        f"[{min(choices)}, {max(choices)}] of quant.choices.")
-    out.append(f"mixed@{budget:g}")
+    out.append(methods.format("mixed", budget))
   for name in [n.strip() for n in str(q.get("numerics", "")).split(",") if n.strip()]:
-    numerics.NUMERICS.get(name)  # an unknown name lists the valid ones
-    out.append(name)
-  for a in _floats(q.alphas) + [q.mixed_alpha]:
-    if not (np.isfinite(a) and a >= 0):
-      raise ValueError(f"Fair-GPTQ alpha {a} must be finite and >= 0.")
+    out.append(methods.format(methods.RUNTIMES.get(name)))  # unknown: the valid ones listed
   return out
 
 
@@ -143,18 +148,20 @@ def allocation(model, params, calib: Calibration, config, budget: float, n_layer
 def quantize(name: str, model, params: Any, calib: Calibration, config,
              n_layers: int, modules=()) -> tuple[Any, dict, dict]:
   """Runs one setting; (params, per-layer records, info). `modules`: see `allocation`."""
-  method, _, rest = name.partition("@")
-  level, _, alpha = rest.partition(":a")
+  method, level, alpha = METHODS.parse(name)
+  if method.kind == "numerics":
+    raise ValueError(f"{name} is a runtime's numerics: run `numeric_model`, no quantize.")
   q = config.quant
-  alpha = float(alpha) if alpha else (float(q.mixed_alpha) if method == "mixed" else 0.0)
-  info = dict(method=method, alpha=alpha)
-  if method == "mixed":
-    bits, alloc = allocation(model, params, calib, config, float(level), n_layers, modules)
+  alpha = alpha if alpha is not None else (float(q.mixed_alpha) if method.name == "mixed"
+                                           else 0.0)
+  info = dict(method=method.name, alpha=alpha)
+  if method.name == "mixed":
+    bits, alloc = allocation(model, params, calib, config, level, n_layers, modules)
     info.update(alloc)
   else:
-    bits = int(float(level))
+    bits = int(level)
     info["avg_bits"] = float(bits)
-  opts = gd.Options(method="rtn" if method == "rtn" else "gptq", alpha=alpha,
+  opts = gd.Options(method="rtn" if method.name == "rtn" else "gptq", alpha=alpha,
                     group_size=q.group_size, act_order=bool(q.act_order),
                     pair_rows=q.pair_rows, pair_norm=q.pair_norm)
   pairs = calib.pairs if alpha > 0 else None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -29,11 +29,23 @@ from baq.export import gptq_lm
 from baq.models.lm import LM_FAMILIES, hf
 from baq.models.lm.decoder import CausalLM
 from baq.ptq import decoder as gd
+from baq.registry import Registry
 from baq.study.lm import evaluate as lm_eval, quant as lm_quant
 from baq.train import fit
 from baq import workdir as wd
 
 FLOAT = "fp32"
+# config.export -> writer(folder, family, model config, float params, quantized params,
+# per-layer records, the built model's dict, config) of each quantized setting's export.
+EXPORTS: Registry[Callable[..., Any]] = Registry("LM study export format")
+
+
+@EXPORTS.register("gptq")
+def _export_gptq(out: str, family, cfg, params, qparams, records: dict, built: dict,
+                 config) -> None:
+  """A GPTQ-format checkpoint (`baq.export.gptq_lm`) in WORKDIR/seed<S>/gptq/<setting>."""
+  gptq_lm.export_gptq(out, family, cfg, params, qparams, records, built["hf_config"],
+                      group_size=config.quant.group_size, tokenizer=built["tokenizer"])
 
 
 def _read_lines(path: str, what: str) -> list[str]:
@@ -183,9 +195,9 @@ def run_seed(config, root: str, seed: int) -> dict:
       with open(path) as f:
         rows[name] = json.load(f)["row"]
       continue
-    if name in lm_quant.NUMERIC_BITS:  # the runtimes' numerics: the same params, another model
-      qmodel, qparams, records = lm_quant.numeric_model(name, model), params, {}
-      info = dict(method=name, avg_bits=lm_quant.NUMERIC_BITS[name])
+    numeric = lm_quant.METHODS.parse(name)[0].kind == "numerics"
+    if numeric:  # a runtime's numerics: the same params, another model
+      (qmodel, info), qparams, records = lm_quant.numeric_setting(name, model), params, {}
     else:
       qmodel = model
       qparams, records, info = lm_quant.quantize(name, model, params, calib, config,
@@ -193,19 +205,16 @@ def run_seed(config, root: str, seed: int) -> dict:
     summary = lm_eval.summarize(lm_eval.score(qmodel, {"params": qparams}, enc),
                                 texts["crows"], texts["stereoset"], fp_scores, **kw)
     rows[name] = _row(summary, info)
-    if config.export == "gptq" and name in lm_quant.NUMERIC_BITS:
-      info["export"] = None  # a GPTQ checkpoint holds GPTQ's grid, not these numerics
-    elif config.export == "gptq":
-      out = wd.path(seed_dir, wd.GPTQ_DIR, name.replace(":", "_"))
+    if config.export and numeric:
+      info["export"] = None  # an LM export holds baq's grid, not a runtime's numerics
+    elif config.export:
+      out = wd.path(seed_dir, config.export, name.replace(":", "_"))  # one folder per format
       if launch.is_primary():  # one writer of shared files
         if os.path.isdir(out):
           shutil.rmtree(out)  # a partial export of an interrupted run
-        gptq_lm.export_gptq(out, family, model.config, params, qparams, records,
-                            built["hf_config"], group_size=config.quant.group_size,
-                            tokenizer=tokenizer)
+        EXPORTS.get(config.export)(out, family, model.config, params, qparams, records, built,
+                                   config)
       info["export"] = out
-    elif config.export:
-      raise ValueError(f"Unknown export {config.export!r}. Valid: gptq, or empty.")
     layers = {k: {f: v for f, v in r.items() if f not in ("codes", "scales")}
               for k, r in records.items()}
     if launch.is_primary():
@@ -251,8 +260,10 @@ def format_table(runs: dict[int, dict]) -> str:
 
 
 def check(config) -> None:
-  """Refuses bad bits, budgets or alphas before any work."""
+  """Refuses bad bits, budgets, alphas, numerics or an unknown export before any work."""
   lm_quant.settings(config)
+  if config.export:
+    EXPORTS.get(config.export)  # an unknown name lists the valid ones
 
 
 def run(config, root: str) -> dict:

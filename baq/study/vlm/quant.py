@@ -1,20 +1,20 @@
 """The CLIP study's model side: the in-run CLIP, its embeddings, and every quantizer.
 
-Quantizers (`QUANTIZERS`; an unknown name lists the valid ones):
+Quantizers (`QUANTIZERS`, methods of `baq.quant.methods`, spelled as
+`parse` reads them; an unknown name lists the valid ones):
   fp32          the float model
-  rtn8, rtn4    round to nearest on baq's symmetric per-output-channel grid
-                (`baq.quant.gptq.rtn`), every layer of `quant.layers`
-  llm_int8      bitsandbytes' LLM.int8 (outlier features in float16)
-  nf4           QLoRA's 4-bit NormalFloat, blockwise absmax, double quant
-  dynamic_int8  torch's dynamic quantization (per-tensor uint8 activations,
-                int8 weights)
-  mixed4        baq's fairness-aware mixed precision at 4.0 average bits:
-                each layer's cost at 2, 3, 4 and 8 bits for each group's
+  rtn@8, rtn@4  round to nearest on baq's symmetric per-output-channel grid
+  (rtn8, rtn4)  (`baq.quant.gptq.rtn`), every layer of `quant.layers`
+  mixed@4       baq's fairness-aware mixed precision at 4.0 average bits:
+  (mixed4)      each layer's cost at 2, 3, 4 and 8 bits for each group's
                 zero-shot loss (`baq.allocation.lm_importance`), the
                 config's reducer, the exact allocator, then RTN per layer
-The three runtimes' numerics (`baq.quant.numerics`) are injected through
-`QuantSpec.numerics` on the Dense layers of `quant.layers`; their
-convolutions stay float, as in bitsandbytes and torch.
+  llm_int8, nf4, fp4, dynamic_int8 (every method of kind "numerics")
+                a runtime's numerics (`baq.quant.numerics`: LLM.int8, QLoRA's
+                NF4 / FP4, torch's dynamic int8), at its code bits
+The runtimes' numerics are injected through `QuantSpec.numerics` on the
+Dense layers of `quant.layers`; their convolutions stay float, as in
+bitsandbytes and torch.
 
 Model sources (`SOURCES`, `config.model.source`): "train" (the in-run CLIP,
 trained by `baq.study.vlm.data.prepare` on the data's captions, inputs normalised with
@@ -40,15 +40,12 @@ from baq.allocation import lm_importance, planner
 from baq.data.text import tokenizer as tok
 from baq.models.clip import convert
 from baq.models.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig, eos_positions
-from baq.quant import gptq
+from baq.quant import gptq, methods
 from baq.quant.inject import QuantSpec, Quantizer
 from baq.registry import Registry
 from baq.train import fit
 
-QUANTIZERS: Registry[str] = Registry("CLIP study quantizer")
-for _name in ("fp32", "rtn8", "rtn4", "llm_int8", "nf4", "dynamic_int8", "mixed4"):
-  QUANTIZERS.register(_name)(_name)
-NUMERICS = {"llm_int8": 8.0, "nf4": 4.0, "dynamic_int8": 8.0}  # nominal weight bits
+QUANTIZERS = methods.Choices("CLIP study quantizer", ("fp32", "rtn", "mixed"), ("numerics",))
 # Per-channel (mean, std) of [0, 1] pixels: the in-run CLIP's, and OpenAI CLIP's.
 IN_RUN_STATS = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -61,9 +58,29 @@ def normalize(images: np.ndarray, stats=IN_RUN_STATS) -> jnp.ndarray:
   return (jnp.asarray(images, jnp.float32) / 255.0 - mean) / std
 
 
+def parse(name: str) -> tuple[methods.Method, Optional[float]]:
+  """A quantizer's (method, bits or budget): "rtn@4" (or "rtn4") -> (rtn, 4.0).
+
+  The study's first spellings, a method's name with its bits and no "@"
+  ("rtn8", "mixed4"), are read as "rtn@8", "mixed@4".
+
+  Raises:
+    KeyError: a method this study does not run (those it runs listed).
+    ValueError: bits out of the method's bounds, or an alpha (none is used here).
+  """
+  name = name.strip()
+  short = re.fullmatch(r"([a-z_]+?)(\d+(?:\.\d+)?)", name)
+  if short and short[1] in QUANTIZERS and QUANTIZERS.get(short[1]).takes:
+    name = f"{short[1]}@{short[2]}"
+  method, bits, alpha = QUANTIZERS.parse(name)
+  if alpha is not None:
+    raise ValueError(f"{name!r}: the CLIP study's methods take no alpha.")
+  return method, bits
+
+
 def needs_calibration(name: str) -> bool:
   """Whether a quantizer uses zero-shot group losses on calibration images."""
-  return QUANTIZERS.get(name).startswith("mixed")
+  return parse(name)[0].kind == "search"
 
 
 SOURCES: Registry = Registry("CLIP study model source")
@@ -238,24 +255,24 @@ def quantized(name: str, model: CLIP, params, config,
   """(model, params, info) of one quantizer.
 
   `calib` (`baq.study.vlm.data.calibration`) holds the allocation's images,
-  labels, groups, prompts and normalisation; only mixed4 reads it.
+  labels, groups, prompts and normalisation; only mixed reads it.
   """
-  QUANTIZERS.get(name)
+  method, level = parse(name)
   layers = layer_names(params, config.quant.layers)
-  if name == "fp32":
+  if method.kind == "float":
     return model, params, dict(avg_bits=32.0)
-  if name in NUMERICS:
-    spec = QuantSpec(numerics=name)
+  if method.kind == "numerics":
+    spec = QuantSpec(numerics=method.name)
     qmodel = CLIP(model.config, Quantizer(rules=((config.quant.layers, spec),), training=False))
-    return qmodel, params, dict(avg_bits=NUMERICS[name], layers=layers)
-  if name.startswith("rtn"):
-    b = int(name[3:])
+    return qmodel, params, dict(avg_bits=methods.nominal_bits(method.name), layers=layers)
+  if method.name == "rtn":
+    b = int(level)
     return model, rtn_params(params, {l: b for l in layers}), dict(avg_bits=float(b))
   loss = zero_shot_group_loss(model, calib["images"], calib["labels"], calib["groups"],
                               calib["prompts"], calib["num_groups"], calib["stats"])
   analysis = lm_importance.analyse(loss, params, layers, measure=config.quant.measure,
                                    choices=(2, 3, 4, 8))
-  bits = planner.allocate(analysis, float(name[len("mixed"):]), reducer=config.quant.reducer)
+  bits = planner.allocate(analysis, level, reducer=config.quant.reducer)
   per_layer = {l: int(b) for l, b in zip(layers, bits)}
   avg = float((analysis.numel * bits).sum() / analysis.numel.sum())
   return model, rtn_params(params, per_layer), dict(avg_bits=avg, bits=per_layer)

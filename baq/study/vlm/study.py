@@ -266,7 +266,7 @@ def plot_verdicts(path: str, runs: dict[int, dict]) -> None:
 def check(config) -> None:
   """Refuses unknown quantizers, data kinds and model sources before any work."""
   for name in config.quantizers.split(","):  # unknown names list the valid ones
-    vlm_quant.QUANTIZERS.get(name.strip())
+    vlm_quant.parse(name)
   vlm_data.DATA_KINDS.get(config.data.kind)
   vlm_quant.SOURCES.get(config.model.source)
 
