@@ -29,7 +29,7 @@ from baq.allocation import lm_importance, planner
 from baq.models.lm.decoder import CausalLM
 from baq.ptq import decoder as gd
 from baq.quant import numerics
-from baq.quant.inject import QuantSpec, Quantizer
+from baq.quant.inject import QuantMode, QuantSpec, Quantizer
 from baq.train import fit
 
 METHODS = ("rtn", "gptq", "fair_gptq", "mixed")
@@ -40,7 +40,7 @@ PROJECTIONS = r"block_\d+/(attn|mlp)/.*"
 def numeric_model(name: str, model: CausalLM) -> CausalLM:
   """The LM with a runtime's numerics injected into every block projection."""
   numerics.NUMERICS.get(name)  # an unknown name lists the valid ones
-  quant = Quantizer(rules=((PROJECTIONS, QuantSpec(numerics=name)),), training=False)
+  quant = Quantizer(rules=((PROJECTIONS, QuantSpec(numerics=name)),), mode=QuantMode.EVAL)
   return CausalLM(model.config, quant)
 
 

@@ -41,7 +41,7 @@ from baq.data.text import tokenizer as tok
 from baq.models.clip import convert
 from baq.models.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig, eos_positions
 from baq.quant import gptq
-from baq.quant.inject import QuantSpec, Quantizer
+from baq.quant.inject import QuantMode, QuantSpec, Quantizer
 from baq.registry import Registry
 from baq.train import fit
 
@@ -246,7 +246,7 @@ def quantized(name: str, model: CLIP, params, config,
     return model, params, dict(avg_bits=32.0)
   if name in NUMERICS:
     spec = QuantSpec(numerics=name)
-    qmodel = CLIP(model.config, Quantizer(rules=((config.quant.layers, spec),), training=False))
+    qmodel = CLIP(model.config, Quantizer(rules=((config.quant.layers, spec),), mode=QuantMode.EVAL))
     return qmodel, params, dict(avg_bits=NUMERICS[name], layers=layers)
   if name.startswith("rtn"):
     b = int(name[3:])
