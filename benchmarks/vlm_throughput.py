@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baq.models.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig
+from baq.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
 from baq.quant.inject import QuantMode, QuantSpec, Quantizer
 from baq.study.vlm import quant as vlm_quant
 

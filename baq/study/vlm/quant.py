@@ -39,7 +39,7 @@ from tokenizers import Tokenizer
 from baq.allocation import lm_importance, planner
 from baq.data.text import tokenizer as tok
 from baq.models.clip import convert
-from baq.models.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig, eos_positions
+from baq.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig, eos_positions
 from baq.quant import gptq
 from baq.quant.inject import QuantMode, QuantSpec, Quantizer
 from baq.registry import Registry
