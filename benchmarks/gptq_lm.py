@@ -55,7 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baq.models.lm.decoder import CausalLM, DecoderConfig
+from baq.models.lm.config import DecoderConfig
+from baq.models.lm.decoder import CausalLM
 from baq.ptq import decoder as gd
 
 flags.DEFINE_list("widths", ["64", "128", "256", "512"], "d_model values.")

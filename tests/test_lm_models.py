@@ -21,7 +21,8 @@ from safetensors.numpy import save_file
 from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 
 from baq.models.lm import LM_FAMILIES, family_for_model_type, hf, scoring
-from baq.models.lm.decoder import CausalLM, DecoderConfig
+from baq.models.lm.config import DecoderConfig
+from baq.models.lm.decoder import CausalLM
 from baq.quant.inject import QuantMode, Quantizer, QuantSpec
 
 import lm_reference as ref  # tests/ is on sys.path under pytest

@@ -1,3 +1,4 @@
+# Over 300 lines by 3: the layouts' tables and the loaders (convert.load*) belong together.
 """Hugging Face and OpenCLIP checkpoints of CLIP <-> `CLIP` params, and local loaders.
 
 Each layout is one table of rows (baq leaf path, checkpoint key, kind) read
