@@ -30,7 +30,7 @@ from baq.export import onnx as onnx_export
 from baq.export import packed
 from baq.export.onnx import graph, ops
 from baq.models import build_model, size_options
-from baq.quant import QuantSpec, Quantizer, units
+from baq.quant import QuantMode, QuantSpec, Quantizer, units
 from baq.variables import apply_model
 
 flags.DEFINE_string("models", "small_cnn,resnet18,deit_tiny", "Registered model names.")
@@ -73,7 +73,7 @@ def _graph(name, size, allocation):
     captured = packed.capture_codes(model, dv, x)
     m = onnx_export.to_onnx(model, dv, captured, x)
     packed_bytes = _file_bytes(lambda p: packed.save_packed(p, captured, True))
-    eval_model = model.clone(quant=model.quant.replace(training=False))
+    eval_model = model.clone(quant=model.quant.replace(mode=QuantMode.EVAL))
     logits = lambda xb: apply_model(eval_model, dv, xb)  # noqa: E731
   nbytes = _file_bytes(lambda p: open(p, "wb").write(m.SerializeToString()))
   return m, nbytes, packed_bytes, logits

@@ -9,7 +9,7 @@ jobs, prefix XLA_FLAGS=--xla_cpu_multi_thread_eigen=false (see benchmarks/gptq.p
 Random `CausalLM`s, Llama-style (rmsnorm, rope, swiglu, 4 query heads per
 key/value head, d_ff = 8/3 d rounded up to a multiple of 32) and GPT-2-style
 (layernorm, learned positions, gelu, biases, tied head, d_ff = 4 d), head
-width 32, go through `gptq_decoder.quantize_decoder` on `seqs` x `seq_len`
+width 32, go through `baq.ptq.decoder.quantize_decoder` on `seqs` x `seq_len`
 random calibration tokens at `bits` bits per output channel, three times per
 width in this one process: GPTQ, round to nearest (options.method="rtn",
 which still runs the block forwards and Gram matrices for its error records)
@@ -55,7 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baq.models.lm.decoder import CausalLM, DecoderConfig
+from baq.models.lm.config import DecoderConfig
+from baq.models.lm.decoder import CausalLM
 from baq.ptq import decoder as gd
 
 flags.DEFINE_list("widths", ["64", "128", "256", "512"], "d_model values.")
@@ -97,7 +98,7 @@ def config(family: str, d: int, n_layers: int, seq_len: int) -> DecoderConfig:
 
 
 def _layers(cfg: DecoderConfig) -> list[list[tuple[int, int]]]:
-  """(d_in, d_out) of each projection, in `gptq_decoder.SEQUENTIAL`'s groups."""
+  """(d_in, d_out) of each projection, in `baq.ptq.decoder.SEQUENTIAL`'s groups."""
   d, kv, f = cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
   qkv = [(d, cfg.n_heads * cfg.head_dim), (d, kv), (d, kv)]
   mlp = [(d, f), (d, f)] if cfg.mlp == "swiglu" else [(d, f)]

@@ -35,7 +35,7 @@ a Llama folder without tokenizer.json. For mixed bits pass bits={name: 3 if
   from baq.export import gptq_lm
   from baq.models.lm import LM_FAMILIES
   from baq.models.lm.decoder import CausalLM
-  from baq.quant import gptq_decoder as gd
+  from baq.ptq import decoder as gd
   hf_config = {"model_type": "llama", "vocab_size": 96, "hidden_size": 64,
                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2, "max_position_embeddings": 64}

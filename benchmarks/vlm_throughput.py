@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baq.models.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig
+from baq.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
 from baq.quant import methods
-from baq.quant.inject import QuantSpec, Quantizer
+from baq.quant.inject import QuantMode, QuantSpec, Quantizer
 from baq.study.vlm import quant as vlm_quant
 
 LAYERS = r"(vision|text)/block_\d+/(attn|mlp)/.*|visual_projection|text_projection"
@@ -75,7 +75,7 @@ def main(argv) -> None:
   for b in (8, 4):
     variants[f"rtn{b}"] = (model, vlm_quant.rtn_params(params, {l: b for l in layers}))
   for name in methods.RUNTIMES:
-    q = Quantizer(rules=((LAYERS, QuantSpec(numerics=name)),), training=False)
+    q = Quantizer(rules=((LAYERS, QuantSpec(numerics=name)),), mode=QuantMode.EVAL)
     variants[name] = (CLIP(cfg, q), params)
   print(f"CLIP {f.size}: {f.batch} images of {s} px, median of {f.repeats} calls")
   base = None

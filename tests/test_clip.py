@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 
 from baq.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig, convert, logits
-from baq.quant.inject import Quantizer, QuantSpec
+from baq.quant.inject import QuantMode, Quantizer, QuantSpec
 
 import clip_reference as ref  # tests/ is on sys.path under pytest
 
@@ -215,7 +215,7 @@ def test_full_size_vit_b32(layout):
 
 def _quantizer(bits):
   spec = QuantSpec(init_bits=bits, granularity="channel", parametrization="fixed")
-  return Quantizer(rules=((r"(vision|text)/block_\d+/.*", spec),), training=False)
+  return Quantizer(rules=((r"(vision|text)/block_\d+/.*", spec),), mode=QuantMode.EVAL)
 
 
 def test_quantization_is_injected(hf_ckpt):

@@ -14,6 +14,7 @@ import safetensors
 import safetensors.numpy
 
 from baq.models import build_model
+from baq.quant.inject import QuantMode
 from baq.experiment import job as experiment
 from baq.train.checkpoint import restore_params
 from baq.train.evaluate import predict_logits
@@ -151,7 +152,7 @@ def test_packed_weights_decode_to_the_deployed_kernels_and_logits(run):
   got = predict_logits(fmodel, {"params": tu.unflatten_dict(fparams)}, test,
                        config.eval_batch_size)
   qmodel = build_model(config.model.name, test.num_classes,
-                       get_mode(config, "baq").quantizer.replace(training=False), **kw)
+                       get_mode(config, "baq").quantizer.replace(mode=QuantMode.EVAL), **kw)
   want = predict_logits(qmodel, {"params": params}, test, config.eval_batch_size)
   assert np.max(np.abs(got - want)) < 1e-5
   baq = report["methods"]["baq"]
@@ -225,7 +226,7 @@ def test_onnx_export_runs_in_onnxruntime_with_the_same_predictions(run):
   logits = sess.run(None, {"images": test.images[:50]})[0]
   assert np.mean(logits.argmax(-1) == test.labels[:50]) == pytest.approx(
       np.mean(predict_logits(build_model(config.model.name, test.num_classes, get_mode(
-          config, "baq").quantizer.replace(training=False), **config.model.kwargs.to_dict()),
+          config, "baq").quantizer.replace(mode=QuantMode.EVAL), **config.model.kwargs.to_dict()),
           {"params": restore_params(os.path.join(workdir, "baq"))}, test,
           config.eval_batch_size)[:50].argmax(-1) == test.labels[:50]))
 

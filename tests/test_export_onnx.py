@@ -12,7 +12,7 @@ from baq.export import onnx as onnx_export
 from baq.export import packed
 from baq.export.onnx import graph, model as onnx_model, ops
 from baq.models import build_model
-from baq.quant import QuantSpec, Quantizer, fake_quant as fq, units
+from baq.quant import QuantMode, QuantSpec, Quantizer, fake_quant as fq, units
 from baq.variables import apply_model
 
 
@@ -132,7 +132,7 @@ def _deployed(name, size, granularity, act_bits=None, symmetric=True, seed=0, **
   params = units.scatter_bits(v["params"], layers, jnp.asarray(bits, jnp.float32))
   _, deployed = projection.deploy(params, layers, 4.0, 2, 8)
   v = dict(v, params=deployed)
-  want = np.asarray(apply_model(model.clone(quant=model.quant.replace(training=False)), v, x))
+  want = np.asarray(apply_model(model.clone(quant=model.quant.replace(mode=QuantMode.EVAL)), v, x))
   return model, v, np.asarray(x), want
 
 
@@ -176,7 +176,7 @@ def test_activation_quantized_graph_agrees_up_to_boundary_codes(act_bits, symmet
   model, v, x, want = _deployed("small_cnn", 16, "channel", act_bits, symmetric,
                                 widths=(8, 16), hidden=16)
   x = np.asarray(jax.random.normal(jax.random.key(5), (64,) + x.shape[1:]))
-  want = np.asarray(apply_model(model.clone(quant=model.quant.replace(training=False)), v, x))
+  want = np.asarray(apply_model(model.clone(quant=model.quant.replace(mode=QuantMode.EVAL)), v, x))
   captured = packed.capture_codes(model, v, x[:1])
   m = onnx_export.to_onnx(model, v, captured, x)
   assert sum(n.op_type == "QuantizeLinear" for n in m.graph.node) == len(captured)

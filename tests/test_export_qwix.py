@@ -9,7 +9,7 @@ qwix = pytest.importorskip("qwix")
 from baq.export import packed  # noqa: E402
 from baq.export import qwix as qwix_export  # noqa: E402
 from baq.models import build_model  # noqa: E402
-from baq.quant import QuantSpec, Quantizer  # noqa: E402
+from baq.quant import QuantMode, QuantSpec, Quantizer  # noqa: E402
 from baq.variables import apply_model  # noqa: E402
 
 
@@ -20,7 +20,7 @@ def _baq(name, layer_bits, granularity="channel", scale_method="absmax", size=12
   model = build_model(name, 3, Quantizer(rules), **kw)
   x = jax.random.normal(jax.random.key(0), (6, size, size, 3))
   v = dict(model.init({"params": jax.random.key(1), "quant": jax.random.key(2)}, x))
-  want = np.asarray(apply_model(model.clone(quant=model.quant.replace(training=False)), v, x))
+  want = np.asarray(apply_model(model.clone(quant=model.quant.replace(mode=QuantMode.EVAL)), v, x))
   fmodel = build_model(name, 3, None, **kw)
   fvars = dict(v, params=packed.dequantized_params(v["params"], {}))
   return packed.capture_codes(model, v, x[:1]), fmodel, fvars, x, want

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from baq.models.lm.decoder import CausalLM, DecoderConfig
+from baq.models.lm.config import DecoderConfig
+from baq.models.lm.decoder import CausalLM
 from baq.train import fit
 from baq.train.checkpoint import Checkpointer
 

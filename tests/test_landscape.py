@@ -60,6 +60,7 @@ def test_survey_scores_every_allocation_as_the_deployed_model_evaluates(tmp_path
   """The landscape's round-to-nearest scores are evaluate_split's on the deployed model."""
   from baq.models import build_model  # pylint: disable=import-outside-toplevel
   from baq.quant import units  # pylint: disable=import-outside-toplevel
+  from baq.quant.inject import QuantMode  # pylint: disable=import-outside-toplevel
   from baq.experiment import job as experiment, exhaustive as train_landscape  # pylint: disable=import-outside-toplevel
   from baq import workdir as wd  # pylint: disable=import-outside-toplevel
   from baq.train.checkpoint import restore_variables  # pylint: disable=import-outside-toplevel
@@ -79,7 +80,7 @@ def test_survey_scores_every_allocation_as_the_deployed_model_evaluates(tmp_path
   data = experiment.load_data(config)
   fvars = restore_variables(tiny_float_run)
   model = build_model(config.model.name, data["test"].num_classes,
-                      get_mode(config, "qat", 8).quantizer.replace(training=False),
+                      get_mode(config, "qat", 8).quantizer.replace(mode=QuantMode.EVAL),
                       **config.model.kwargs.to_dict())
   params = experiment.init_quantized(model, data["test"], fvars["params"])
   layers = units.find_units(params)

@@ -21,8 +21,9 @@ from safetensors.numpy import save_file
 from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 
 from baq.models.lm import LM_FAMILIES, family_for_model_type, hf, scoring
-from baq.models.lm.decoder import CausalLM, DecoderConfig
-from baq.quant.inject import Quantizer, QuantSpec
+from baq.models.lm.config import DecoderConfig
+from baq.models.lm.decoder import CausalLM
+from baq.quant.inject import QuantMode, Quantizer, QuantSpec
 
 import lm_reference as ref  # tests/ is on sys.path under pytest
 
@@ -305,7 +306,7 @@ def test_token_log_probs(loaded):
 
 def _quantizer(bits):
   spec = QuantSpec(init_bits=bits, min_bits=2, granularity="channel", parametrization="fixed")
-  return Quantizer(rules=((r"block_\d+/(attn|mlp)/.*", spec),), training=False)
+  return Quantizer(rules=((r"block_\d+/(attn|mlp)/.*", spec),), mode=QuantMode.EVAL)
 
 
 def test_quantization_is_injected(folders):

@@ -10,7 +10,8 @@ import pytest
 
 from baq.data.text import crows_pairs, tokenizer as tok
 from baq.export import gptq_lm
-from baq.models.lm.decoder import CausalLM, DecoderConfig
+from baq.models.lm.config import DecoderConfig
+from baq.models.lm.decoder import CausalLM
 from baq.study.lm import study, evaluate as lm_eval, quant as lm_quant
 from configs import lm as lm_config
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from baq.models import build_model
-from baq.quant.inject import Quantizer, QuantSpec
+from baq.quant.inject import QuantMode, Quantizer, QuantSpec
 from baq.quant.numerics import NUMERICS
 from baq.study import compare
 from baq.experiment import job as experiment, runtime_baselines, checks as validate
@@ -47,7 +47,7 @@ def test_report_has_the_runtime_rows_beside_the_others(run):
 
 def _hand_nf4(config, float_run, test):
   model = build_model(config.model.name, test.num_classes, Quantizer(
-      rules=((".*", QuantSpec(numerics="nf4")),), training=False),
+      rules=((".*", QuantSpec(numerics="nf4")),), mode=QuantMode.EVAL),
       **config.model.kwargs.to_dict())
   return model, restore_variables(float_run)
 

@@ -11,7 +11,7 @@ from baq.allocation import projection
 from baq.export import allocation as alloc_export
 from baq.export import packed as export
 from baq.quant import units
-from baq.quant.inject import Quantizer, QuantSpec
+from baq.quant.inject import QuantMode, Quantizer, QuantSpec
 from baq.fairness import losses
 
 
@@ -76,10 +76,30 @@ def test_no_quantizer_is_the_float_model():
   fmodel = build_model("small_cnn", 3, None, widths=(8, 16), hidden=16)
   fparams = export.dequantized_params(params, {})
   f = fmodel.apply({"params": fparams}, x)
-  q = model.clone(quant=model.quant.replace(training=False)).apply({"params": params}, x)
+  q = model.clone(quant=model.quant.replace(mode=QuantMode.EVAL)).apply({"params": params}, x)
   assert float(jnp.max(jnp.abs(f - q))) > 0  # 8-bit differs from float...
   np.testing.assert_allclose(f, q, atol=0.05)  # ...but only slightly
 
+
+
+def test_modes_train_eval_convert_serve():
+  """EVAL rounds the bits; CONVERT is EVAL plus the codes; SERVE has no `bits`
+  leaf; the old boolean switches are no longer accepted."""
+  model, params, x, _ = _setup(init_bits=4.5, parametrization="fracbits")
+  run = lambda mode, **kw: model.clone(quant=model.quant.replace(mode=mode)).apply(
+      {"params": params}, x, **kw)
+  train, ev = run(QuantMode.TRAIN), run(QuantMode.EVAL)
+  assert float(jnp.max(jnp.abs(train - ev))) > 1e-4  # 4.5 bits interpolated vs rounded
+  conv, state = run(QuantMode.CONVERT, mutable=["quant_export"])
+  np.testing.assert_array_equal(conv, ev)
+  bits = [v for k, v in tu.flatten_dict(state["quant_export"]).items() if k[-1] == "bits"]
+  assert len(bits) == 4 and all(np.all(np.asarray(b) == 4.0) for b in bits)  # round half even
+  serve = model.clone(quant=model.quant.replace(mode=QuantMode.SERVE))
+  assert not any("bits" in k for k in tu.flatten_dict(serve.init(jax.random.key(0), x)["params"]))
+  with pytest.raises(TypeError):
+    Quantizer(model.quant.rules, mode=False)
+  with pytest.raises(TypeError):
+    Quantizer(model.quant.rules, training=False)  # pylint: disable=unexpected-keyword-arg
 
 def test_average_bits_and_size_are_weighted_by_weight_count():
   model, params, _, _ = _setup(init_bits=4.0)
@@ -135,7 +155,7 @@ def test_exported_integer_weights_reproduce_fake_quant_logits(tmp_path, granular
   layers = units.find_units(params)
   ints, deployed = projection.deploy(params, layers, 4.0, 2, 8)
   assert (units.unit_numels(layers) * ints).sum() / units.unit_numels(layers).sum() <= 4.0
-  eval_model = model.clone(quant=model.quant.replace(training=False))
+  eval_model = model.clone(quant=model.quant.replace(mode=QuantMode.EVAL))
   want = eval_model.apply({"params": deployed}, x)
   captured = export.capture_codes(model, deployed, x[:1])
   path = str(tmp_path / "w.safetensors")

@@ -113,6 +113,7 @@ def worker_batchnorm(data_dir, out, workdir):
   from baq.train.checkpoint import restore_variables  # pylint: disable=import-outside-toplevel
   from baq.data.pipeline import eval_batches  # pylint: disable=import-outside-toplevel
   from baq.train.evaluate import evaluate_split, predict_logits  # pylint: disable=import-outside-toplevel
+  from baq.quant.inject import QuantMode  # pylint: disable=import-outside-toplevel
   c = _config(data_dir, 4, 2, eval_every=3)
   c.model.name = "resnet18"
   c.model.kwargs = dict(width=4, stage_sizes=(1, 1), small_stem=True)
@@ -124,7 +125,7 @@ def worker_batchnorm(data_dir, out, workdir):
   q = trainer.train(c, os.path.join(workdir, "baq"), mode="baq", data=data, steps=3, lr=1e-3,
                     init_variables=start)
   val, x = data["validation"], next(eval_batches(data["validation"], 64))["image"]
-  qmodel = q.model.clone(quant=q.model.quant.replace(training=False))
+  qmodel = q.model.clone(quant=q.model.quant.replace(mode=QuantMode.EVAL))
   # BatchNorm's initial statistics: mean 0, var 1.
   fresh = jax.tree_util.tree_map_with_path(
       lambda p, s: np.zeros_like(s) if p[-1].key == "mean" else np.ones_like(s),

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from baq.data.text import crows_pairs, stereoset, synthetic, tokenizer
+from baq.data.text import crows_pairs, stereoset, synthetic, templates, tokenizer
 
 # Every group word -> (bias type, group id); "her" is female as poss and obj.
-GROUP_WORDS = {w: (b, g) for b, bias in synthetic.BIAS_TYPES.items()
+GROUP_WORDS = {w: (b, g) for b, bias in templates.BIAS_TYPES.items()
                for pair in bias.slots.values() for g, w in enumerate(pair)}
-OCC = {o: (gen, age) for o, gen, age in synthetic.OCCUPATIONS}
+OCC = {o: (gen, age) for o, gen, age in templates.OCCUPATIONS}
 REAL_HEADER = ["", "sent_more", "sent_less", "stereo_antistereo", "bias_type", "annotations",
                "anon_writer", "anon_annotators"]
 
@@ -89,7 +89,7 @@ def test_generation_is_deterministic_per_seed(data):
 @pytest.mark.parametrize("association", [0.85, 0.6])
 def test_measured_association_matches_the_parameter(association):
   d = synthetic.generate(3, association=association, num_train=20000)
-  hits, fillers = {b: [] for b in synthetic.BIAS_TYPES}, 0
+  hits, fillers = {b: [] for b in templates.BIAS_TYPES}, 0
   for line in d.train:
     ws = words(line)
     groups = [GROUP_WORDS[w] for w in ws if w in GROUP_WORDS]
@@ -98,7 +98,7 @@ def test_measured_association_matches_the_parameter(association):
       continue
     (bias, group), = groups  # exactly one group word per line
     occ, = [w for w in ws if w in OCC]
-    hits[bias].append(group == OCC[occ][list(synthetic.BIAS_TYPES).index(bias)])
+    hits[bias].append(group == OCC[occ][list(templates.BIAS_TYPES).index(bias)])
   assert fillers / len(d.train) == pytest.approx(0.25, abs=0.015)
   for bias, h in hits.items():
     assert len(h) > 6000
@@ -114,13 +114,13 @@ def test_pairs_differ_in_the_group_word_only_with_real_direction_semantics(data)
     (bias, g_more), (bias_less, g_less) = GROUP_WORDS[more[diff[0]]], GROUP_WORDS[less[diff[0]]]
     assert bias == bias_less == row["bias_type"] and g_more == 1 - g_less
     occ, = [w for w in more if w in OCC]
-    assert g_more == OCC[occ][list(synthetic.BIAS_TYPES).index(bias)]  # sent_more: stereotyped
+    assert g_more == OCC[occ][list(templates.BIAS_TYPES).index(bias)]  # sent_more: stereotyped
     # "stereo": sent_more is about the disadvantaged group; "antistereo": sent_less is.
-    disadvantaged = synthetic.BIAS_TYPES[bias].disadvantaged
+    disadvantaged = templates.BIAS_TYPES[bias].disadvantaged
     assert row["stereo_antistereo"] == ("stereo" if g_more == disadvantaged else "antistereo")
     assert row["sent_more"] not in train and row["sent_less"] not in train  # held out
     seen.add((bias, row["stereo_antistereo"]))
-  assert seen == {(b, d) for b in synthetic.BIAS_TYPES for d in ("stereo", "antistereo")}
+  assert seen == {(b, d) for b in templates.BIAS_TYPES for d in ("stereo", "antistereo")}
   assert len(data.pairs) == 450
 
 

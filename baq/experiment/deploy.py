@@ -27,6 +27,7 @@ from baq.models import build_model
 from baq.export import allocation as alloc_export
 from baq.export import packed
 from baq.quant import units
+from baq.quant.inject import QuantMode
 from baq import workdir as wd
 from baq.train.checkpoint import restore_variables
 from baq.train.evaluate import evaluate_split, predict_logits
@@ -59,7 +60,8 @@ def deployed_run(config: ml_collections.ConfigDict, workdir: str, mode: str,
   """
   spec = get_mode(config, mode)
   model = build_model(config.model.name, num_classes,
-                      spec.quantizer.replace(training=False), **config.model.kwargs.to_dict())
+                      spec.quantizer.replace(mode=QuantMode.EVAL),
+                      **config.model.kwargs.to_dict())
   run_vars = restore_variables(wd.path(workdir, wd.method_name(config, mode)))
   params = run_vars["params"]
   layers = units.find_units(params)

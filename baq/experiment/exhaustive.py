@@ -28,6 +28,7 @@ from baq.data.pipeline import normalize
 from baq.fairness import losses
 from baq.models import build_model
 from baq.quant import units
+from baq.quant.inject import QuantMode
 from baq.experiment import deploy, job as experiment, checks as validate
 from baq import workdir as wd
 from baq.train.checkpoint import restore_variables
@@ -40,7 +41,7 @@ from baq.variables import apply_model
 def scorer(config, split, fvars):
   """(fn(bits) -> [accuracy, worst-group accuracy, worst-group loss], layers)."""
   model = build_model(config.model.name, split.num_classes,
-                      get_mode(config, "qat", 8).quantizer.replace(training=False),
+                      get_mode(config, "qat", 8).quantizer.replace(mode=QuantMode.EVAL),
                       **config.model.kwargs.to_dict())
   params = experiment.init_quantized(model, split, fvars["params"])
   layers = units.find_units(params)
@@ -87,7 +88,7 @@ def qat_scorer(config, workdir: str, data: dict, fvars: dict, steps: int, penalt
   """
   mode = "fair_static_qat"
   model = build_model(config.model.name, data["test"].num_classes,
-                      get_mode(config, mode).quantizer.replace(training=False),
+                      get_mode(config, mode).quantizer.replace(mode=QuantMode.EVAL),
                       **config.model.kwargs.to_dict())
   tag = "penalty" if penalties else "nopenalty"
 

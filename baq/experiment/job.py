@@ -28,6 +28,7 @@ from baq.data import datasets, records
 from baq.fairness import metrics
 from baq.models import build_model
 from baq.quant import units
+from baq.quant.inject import QuantMode
 from baq.experiment import deploy, lanes, runtime_baselines
 from baq import workdir as wd
 from baq.train.checkpoint import restore_variables
@@ -166,7 +167,7 @@ def baseline_runs(config: ml_collections.ConfigDict, workdir: str, num_classes: 
       continue
     model = build_model(config.model.name, num_classes,
                         get_mode(config, "qat", wd.parse_uniform(name)).quantizer.replace(
-                            training=False), **config.model.kwargs.to_dict())
+                            mode=QuantMode.EVAL), **config.model.kwargs.to_dict())
     yield name, model, restore_variables(wd.path(workdir, name))
     yield wd.ptq_name(name), model, dict(float_vars,
                                          params=init_quantized(model, split, float_vars["params"]))

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 
 from baq.models import build_model
-from baq.quant.inject import QuantConv, QuantDotGeneral, Quantizer
+from baq.quant.inject import QuantConv, QuantDotGeneral, QuantMode, Quantizer
 from baq.quant.numerics import NUMERICS
 from baq import workdir as wd
 from baq.train.evaluate import evaluate_split
@@ -95,7 +95,7 @@ def quantizer(config: ml_collections.ConfigDict, name: str) -> Quantizer:
   rules = tuple((pattern, None if spec is None else
                  dataclasses.replace(spec, numerics=name, numerics_options=opts))
                 for pattern, spec in quant_rules(config.quant, parametrization="fixed"))
-  return Quantizer(rules, training=False)
+  return Quantizer(rules, mode=QuantMode.EVAL)
 
 
 def model(config: ml_collections.ConfigDict, name: str, num_classes: int):

@@ -3,9 +3,9 @@
 One path serves `train.py` and `eval.py`:
   1. `deploy` projects the continuous bit-widths onto integers that meet the
      budget after rounding and writes them into the parameters;
-  2. `capture_codes` runs the deployed quantized model once with
-     `capture=True`, so the integer codes come from the very quantizer that
-     produced the evaluated logits;
+  2. `capture_codes` runs the deployed quantized model once in
+     `QuantMode.CONVERT`, so the integer codes come from the very quantizer
+     that produced the evaluated logits;
   3. `pack` stores each layer's codes at its own bit-width (b bits per weight,
      channels grouped by bit-width) and `save_packed` writes them, with their
      scales, zero points and the allocation, to one safetensors file (schema
@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from baq.variables import apply_model
-from baq.quant.inject import BITS_LEAF, EXPORT_COLLECTION, RANGE_LEAF
+from baq.quant.inject import BITS_LEAF, EXPORT_COLLECTION, RANGE_LEAF, QuantMode
 
 
 def reference_model(model):
   """The model that runs exported weights: `dequantized_params` go in as
   they are, activations are quantized as the deployed model does."""
-  return model.clone(quant=model.quant.replace(training=False, weights=False))
+  return model.clone(quant=model.quant.replace(mode=QuantMode.SERVE))
 
 
 def capture_codes(model, variables: Any, sample: jax.Array) -> dict[str, dict]:
@@ -45,7 +45,7 @@ def capture_codes(model, variables: Any, sample: jax.Array) -> dict[str, dict]:
       "batch_stats"} for a model with BatchNorm.
     sample: any input batch (only its shape matters for weights).
   """
-  m = model.clone(quant=model.quant.replace(training=False, capture=True))
+  m = model.clone(quant=model.quant.replace(mode=QuantMode.CONVERT))
   # Jitted, as evaluation is: eagerly, every op of every layer's scale search
   # compiled on its own (5 s of the main job's report on 2 cores).
   _, state = jax.jit(lambda v, x: apply_model(m, v, x, mutable=[EXPORT_COLLECTION]))(

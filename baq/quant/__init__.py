@@ -1,5 +1,5 @@
 """Quantization: pure fake-quant functions, Flax injection, bit units, export."""
 
-from baq.quant.inject import Conv, Dense, Quantizer, QuantSpec
+from baq.quant.inject import Conv, Dense, QuantMode, Quantizer, QuantSpec
 
-__all__ = ["Conv", "Dense", "Quantizer", "QuantSpec"]
+__all__ = ["Conv", "Dense", "QuantMode", "Quantizer", "QuantSpec"]

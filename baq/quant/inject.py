@@ -13,6 +13,8 @@ pairs matched with `re.fullmatch` against the layer's module path ("Conv_0",
 "block1/Dense_0"); the first match wins and a spec of None keeps that layer in
 float. Layers that match no rule stay in float as well.
 
+What the op computes is the quantizer's `QuantMode` (google/aqt's modes).
+
 Mixed precision (a layer built with `dtype=jnp.bfloat16`): the input and
 bias are cast to that dtype as Flax does, but the kernel reaches the injected
 op in its float32 parameter dtype (`_promote_keep_kernel`), so its scale,
@@ -23,9 +25,10 @@ quantized kernel is cast to the input's dtype for the matmul or convolution.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 from flax.linen import dtypes as flax_dtypes
@@ -114,7 +117,24 @@ class QuantSpec:
                 learned_range=learned_range)
 
 
-Rules = Sequence[tuple[str, Optional[QuantSpec]]]
+class QuantMode(enum.Enum):
+  """What a quantized layer computes. One enum, not three switches, so that
+  combinations the op never honoured (capture while training) can't be asked.
+
+  Members:
+    TRAIN: the spec's parametrization at fractional bit-widths (fracbits,
+      diffq noise) with straight-through gradients: bits and weights learn.
+    EVAL: bit-widths rounded to integers, the rounding quantizer: as deployed.
+    CONVERT: EVAL that also sows each layer's integer codes, scale, zero point
+      and bits into the `quant_export` collection, for the export.
+    SERVE: kernels pass through (no `bits` leaf) while activations are still
+      quantized: the model that runs exported, already-dequantized weights.
+  """
+
+  TRAIN = "train"
+  EVAL = "eval"
+  CONVERT = "convert"
+  SERVE = "serve"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,19 +144,15 @@ class Quantizer:
   Attributes:
     rules: (regex, QuantSpec | None) pairs; first full match on the layer path
       wins; unmatched layers stay float.
-    training: training behaviour (fractional bits / noise) if True; if False
-      every layer rounds its bit-width to an integer, as deployed.
-    capture: if True, each quantized layer sows its integer codes, scale and
-      zero point into the `quant_export` collection (for export).
-    weights: if False, kernels pass through unquantized (and no `bits` leaf
-      exists) while activations are still quantized: the model that runs
-      exported, already-dequantized weights as deployment does.
+    mode: a `QuantMode`; TRAIN for training, EVAL for deployed evaluation.
   """
 
   rules: tuple[tuple[str, Optional[QuantSpec]], ...]
-  training: bool = True
-  capture: bool = False
-  weights: bool = True
+  mode: QuantMode = QuantMode.TRAIN
+
+  def __post_init__(self):
+    if not isinstance(self.mode, QuantMode):  # a leftover bool or string
+      raise TypeError(f"Quantizer.mode must be a QuantMode, got {self.mode!r}.")
 
   def spec_for(self, path: str) -> Optional[QuantSpec]:
     for pattern, spec in self.rules:
@@ -182,7 +198,8 @@ class _QuantOp(nn.Module):
     if spec.act_bits is not None:  # the activation's range and rounding in float32 too
       lhs = fq.activation_fake_quant(lhs.astype(jnp.float32), spec.act_bits,
                                      spec.symmetric).astype(lhs.dtype)
-    if not self.quantizer.weights:
+    mode = self.quantizer.mode
+    if mode is QuantMode.SERVE:
       return self._compute(lhs, rhs, *args, **kwargs)
     units = () if spec.channel_axis is None else (rhs.shape[-1],)
     bits = self.param(BITS_LEAF, nn.initializers.constant(spec.init_bits),
@@ -192,13 +209,13 @@ class _QuantOp(nn.Module):
       init_range = jnp.log(jnp.max(jnp.abs(rhs), fq.reduce_axes(rhs.ndim, spec.channel_axis)))
       learned_range = jnp.exp(self.param(RANGE_LEAF, lambda *_: init_range))
     kw = spec.quant_kwargs(learned_range)
-    if self.quantizer.training:
+    if mode is QuantMode.TRAIN:
       param = parametrizations.get(spec.parametrization)
       key = self.make_rng("quant") if param.needs_rng else None
       return self._compute(lhs, param.quantize(rhs, bits, key, **kw), *args, **kwargs)
     # As deployed: the rounding quantizer at integer bits, whatever trained them.
     int_bits = jax.lax.stop_gradient(jnp.round(bits))
-    if self.quantizer.capture:
+    if mode is QuantMode.CONVERT:
       self._sow_codes(rhs, int_bits, kw)
     return self._compute(lhs, fq.fake_quant(rhs, int_bits, **kw), *args, **kwargs)
 

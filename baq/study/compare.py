@@ -30,6 +30,7 @@ import numpy as np
 
 from baq import launch
 from baq.models import build_model
+from baq.quant.inject import QuantMode
 from baq.stats import corrections, significance as stats
 from baq.experiment import deploy, job as experiment, runtime_baselines, checks as validate
 from baq import workdir as wd
@@ -55,7 +56,7 @@ def correct(entry: str) -> tuple[np.ndarray, object]:
   elif method.startswith(wd.UNIFORM):
     bits = wd.parse_uniform(method)
     model = build_model(config.model.name, test.num_classes,
-                        get_mode(config, "qat", bits).quantizer.replace(training=False), **kw)
+                        get_mode(config, "qat", bits).quantizer.replace(mode=QuantMode.EVAL), **kw)
     variables = restore_variables(wd.path(workdir, method))
   else:
     model, _, variables, *_ = deploy.deployed_run(config, workdir, method, test.num_classes)

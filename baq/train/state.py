@@ -24,7 +24,7 @@ from baq.variables import as_variables
 from baq.fairness import regularizers
 from baq.models import DEFAULT_DTYPE, build_model
 from baq.quant import units
-from baq.quant.inject import BITS_LEAF, QUANT_LEAVES
+from baq.quant.inject import BITS_LEAF, QUANT_LEAVES, QuantMode
 from baq.train.modes import ModeSpec, budget_bits, get_mode
 
 
@@ -178,7 +178,7 @@ def create_train_state(config: ml_collections.ConfigDict, mode: str, *, num_clas
   final_tx = tx if search is None else make_optimizer(
       config, params, lr=lr, steps=max(steps - search, 1), train_bits=True)
   penalties = build_penalties(config, spec.train_bits) if use_penalties else {}
-  eval_model = model.clone(quant=spec.quantizer.replace(training=False)) \
+  eval_model = model.clone(quant=spec.quantizer.replace(mode=QuantMode.EVAL)) \
       if spec.quantizer else model
   return TrainSetup(model, eval_model, spec, layers, budget, tx, penalties,
                     init_state(params, batch_stats, tx, penalties, num_groups, rng), final_tx)

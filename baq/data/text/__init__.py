@@ -7,6 +7,7 @@
   synthetic     an offline, seeded, clearly labelled SYNTHETIC corpus with a
                 controlled occupation-group association (gender, age), written
                 with matching CrowS-Pairs and StereoSet layout files
+  templates     the SYNTHETIC corpus's occupations, group words and templates
   crows_pairs   `load_crows_pairs`: crows_pairs_anonymized.csv as arrays
   stereoset     `load_stereoset`: StereoSet's dev.json as arrays, each
                 example's three candidates in (stereotype, anti-stereotype,

@@ -1,4 +1,5 @@
-"""CLIP in Flax: the model (`model.py`) and its checkpoint converters (`convert.py`).
+"""CLIP in Flax: the model (`model.py`, its towers in `towers.py`, its configuration
+in `configs.py`) and its checkpoint converters (`convert.py`).
 
 `model.CLIP` holds both towers under fixed parameter paths (documented in
 `model.py`) that quantization rules and the converters match. `convert`
@@ -15,8 +16,9 @@ Only the checkpoint formats live in `convert`, so importing this package
 (which the model registry's discovery does) reads no files.
 """
 
-from baq.models.clip.model import (CLIP, CLIPConfig, TextConfig, VisionConfig, eos_positions,
-                                   l2_normalize, logits)
+from baq.models.clip.configs import CLIPConfig, TextConfig, VisionConfig
+from baq.models.clip.model import CLIP, l2_normalize, logits
+from baq.models.clip.towers import eos_positions
 
 __all__ = ["CLIP", "CLIPConfig", "TextConfig", "VisionConfig", "eos_positions", "l2_normalize",
            "logits"]

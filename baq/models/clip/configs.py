@@ -1,6 +1,8 @@
-"""CLIP configurations from the checkpoints' own config files: Hugging Face and OpenCLIP.
+"""CLIP's configuration, and how it is read from Hugging Face and OpenCLIP files.
 
-`config_from_hf` reads a Hugging Face CLIP config.json (vision_config,
+`CLIPConfig` (with its `VisionConfig` and `TextConfig`) is the architecture
+`model.CLIP` builds; each refuses, naming the field, a value the model cannot
+build. `config_from_hf` reads a Hugging Face CLIP config.json (vision_config,
 text_config, projection_dim); `config_from_open_clip` an OpenCLIP model
 config (embed_dim, vision_cfg, text_cfg, quick_gelu). Whatever the Flax
 model does not compute is refused, naming the field.
@@ -8,10 +10,128 @@ model does not compute is refused, naming the field.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
-from baq.models.clip.model import CLIPConfig, TextConfig, VisionConfig
+import flax.linen as nn
+import jax
+import numpy as np
+
+ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+               "gelu": lambda x: nn.gelu(x, approximate=False)}
+POOLS = ("argmax", "eos")
+
+
+def _require(ok: bool, field: str, value, want: str) -> None:
+  if not ok:
+    raise ValueError(f"CLIPConfig.{field} must be {want}, got {value!r}.")
+
+
+def _positive_ints(prefix: str, obj, fields) -> None:
+  for field in fields:
+    value = getattr(obj, field)
+    _require(isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1,
+             prefix + field, value, "an int >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """The image tower (defaults: ViT-B/32 at 224 px).
+
+  Attributes:
+    image_size: square input side; a multiple of patch_size.
+    patch_size: side of the square patches (the conv's kernel and stride).
+    width: token width; a multiple of heads.
+    layers: transformer blocks.
+    heads: attention heads.
+    mlp_dim: hidden width of the MLP.
+  """
+
+  image_size: int = 224
+  patch_size: int = 32
+  width: int = 768
+  layers: int = 12
+  heads: int = 12
+  mlp_dim: int = 3072
+
+  def __post_init__(self):
+    _positive_ints("vision.", self, ("image_size", "patch_size", "width", "layers", "heads",
+                                     "mlp_dim"))
+    _require(self.image_size % self.patch_size == 0, "vision.image_size", self.image_size,
+             f"a multiple of patch_size={self.patch_size}")
+    _require(self.width % self.heads == 0, "vision.width", self.width,
+             f"a multiple of heads={self.heads}")
+
+  @property
+  def positions(self) -> int:
+    return 1 + (self.image_size // self.patch_size)**2  # the class token and the patches
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """The text tower (defaults: CLIP's 77-token, 49408-id tower of ViT-B/32).
+
+  Attributes:
+    vocab_size: token ids are in [0, vocab_size).
+    context_length: rows of the position table (the longest input).
+    width: token width; a multiple of heads.
+    layers: transformer blocks.
+    heads: attention heads.
+    mlp_dim: hidden width of the MLP.
+    pool: "argmax" (the largest id's position) or "eos" (eos_token_id's first).
+    eos_token_id: the id "eos" pooling looks for; required by it.
+  """
+
+  vocab_size: int = 49408
+  context_length: int = 77
+  width: int = 512
+  layers: int = 12
+  heads: int = 8
+  mlp_dim: int = 2048
+  pool: str = "argmax"
+  eos_token_id: Optional[int] = None
+
+  def __post_init__(self):
+    _positive_ints("text.", self, ("vocab_size", "context_length", "width", "layers", "heads",
+                                   "mlp_dim"))
+    _require(self.width % self.heads == 0, "text.width", self.width,
+             f"a multiple of heads={self.heads}")
+    _require(self.pool in POOLS, "text.pool", self.pool, f"one of {', '.join(POOLS)}")
+    eos = self.eos_token_id
+    _require(self.pool != "eos" or (isinstance(eos, (int, np.integer))
+                                    and 0 <= eos < self.vocab_size),
+             "text.eos_token_id", eos, f"an id in [0, vocab_size={self.vocab_size}) for eos "
+             "pooling")
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """The whole model; `CLIPConfig()` is OpenAI's ViT-B/32.
+
+  Attributes:
+    vision: the image tower.
+    text: the text tower.
+    embed_dim: width of the shared embedding space (both projections' output).
+    activation: the MLPs' "quick_gelu" (OpenAI) or "gelu" (erf; most OpenCLIP runs).
+    norm_eps: epsilon of every LayerNorm.
+    logit_scale_init: initial logit_scale (log 1/0.07, CLIP's), when not loaded.
+  """
+
+  vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+  text: TextConfig = dataclasses.field(default_factory=TextConfig)
+  embed_dim: int = 512
+  activation: str = "quick_gelu"
+  norm_eps: float = 1e-5
+  logit_scale_init: float = math.log(1 / 0.07)
+
+  def __post_init__(self):
+    _require(isinstance(self.vision, VisionConfig), "vision", self.vision, "a VisionConfig")
+    _require(isinstance(self.text, TextConfig), "text", self.text, "a TextConfig")
+    _positive_ints("", self, ("embed_dim",))
+    _require(self.activation in ACTIVATIONS, "activation", self.activation,
+             f"one of {', '.join(ACTIVATIONS)}")
+    _require(self.norm_eps > 0, "norm_eps", self.norm_eps, "> 0")
 
 
 def _get(section: Mapping[str, Any], where: str, field: str, default, supported=None):

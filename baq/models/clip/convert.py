@@ -1,3 +1,4 @@
+# Over 300 lines by 3: the layouts' tables and the loaders (convert.load*) belong together.
 """Hugging Face and OpenCLIP checkpoints of CLIP <-> `CLIP` params, and local loaders.
 
 Each layout is one table of rows (baq leaf path, checkpoint key, kind) read
@@ -42,8 +43,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from baq.models.clip.configs import config_from_hf, config_from_open_clip
-from baq.models.clip.model import CLIP, CLIPConfig, dummy_inputs
+from baq.models.clip.configs import CLIPConfig, config_from_hf, config_from_open_clip
+from baq.models.clip.model import CLIP, dummy_inputs
 from baq.models.lm.hf import Checkpoint, read_folder
 from baq.quant.inject import QUANT_LEAVES, Quantizer
 

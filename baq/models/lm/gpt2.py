@@ -15,7 +15,7 @@ mask buffers attn.bias / attn.masked_bias of older checkpoints are skipped.
 from __future__ import annotations
 
 from baq.models.lm import register_family
-from baq.models.lm.decoder import DecoderConfig
+from baq.models.lm.config import DecoderConfig
 from baq.models.lm.hf import config_value
 from baq.models.lm.keys import Key, Table, converters
 

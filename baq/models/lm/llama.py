@@ -21,7 +21,7 @@ on only some layers), naming the field. Both the old config.json fields
 from __future__ import annotations
 
 from baq.models.lm import register_family
-from baq.models.lm.decoder import DecoderConfig
+from baq.models.lm.config import DecoderConfig
 from baq.models.lm.hf import config_value
 from baq.models.lm.keys import Key, Table, converters
 

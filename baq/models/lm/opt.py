@@ -19,7 +19,7 @@ embedding), _remove_final_layer_norm and layer_norm_elementwise_affine=false.
 from __future__ import annotations
 
 from baq.models.lm import register_family
-from baq.models.lm.decoder import DecoderConfig
+from baq.models.lm.config import DecoderConfig
 from baq.models.lm.hf import config_value
 from baq.models.lm.keys import Key, Table, converters
 

@@ -13,7 +13,7 @@ temperature. A left-padded prompt (`prompt_mask`) generates as the unpadded
 prompt would.
 
 Models with a training-mode quantizer that needs a "quant" rng (diffq
-noise) must be scored with `quant.replace(training=False)`, as deployed.
+noise) must be scored with `quant.replace(mode=QuantMode.EVAL)`, as deployed.
 """
 
 from __future__ import annotations

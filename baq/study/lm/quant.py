@@ -32,7 +32,7 @@ from baq.allocation import lm_importance, planner
 from baq.models.lm.decoder import CausalLM
 from baq.ptq import decoder as gd
 from baq.quant import methods
-from baq.quant.inject import QuantSpec, Quantizer
+from baq.quant.inject import QuantMode, QuantSpec, Quantizer
 from baq.train import fit
 
 METHODS = methods.Choices("LM study method", ("rtn", "gptq", "fair_gptq", "mixed"),
@@ -47,7 +47,7 @@ def numeric_setting(name: str, model: CausalLM) -> tuple[CausalLM, dict]:
   bits (`methods.nominal_bits`, from its storage).
   """
   methods.RUNTIMES.get(name)  # an unknown name lists the valid ones
-  quant = Quantizer(rules=((PROJECTIONS, QuantSpec(numerics=name)),), training=False)
+  quant = Quantizer(rules=((PROJECTIONS, QuantSpec(numerics=name)),), mode=QuantMode.EVAL)
   return CausalLM(model.config, quant), dict(method=name, avg_bits=methods.nominal_bits(name))
 
 

@@ -39,9 +39,9 @@ from tokenizers import Tokenizer
 from baq.allocation import lm_importance, planner
 from baq.data.text import tokenizer as tok
 from baq.models.clip import convert
-from baq.models.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig, eos_positions
+from baq.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig, eos_positions
 from baq.quant import gptq, methods
-from baq.quant.inject import QuantSpec, Quantizer
+from baq.quant.inject import QuantMode, QuantSpec, Quantizer
 from baq.registry import Registry
 from baq.train import fit
 
@@ -263,7 +263,8 @@ def quantized(name: str, model: CLIP, params, config,
     return model, params, dict(avg_bits=32.0)
   if method.kind == "numerics":
     spec = QuantSpec(numerics=method.name)
-    qmodel = CLIP(model.config, Quantizer(rules=((config.quant.layers, spec),), training=False))
+    qmodel = CLIP(model.config, Quantizer(rules=((config.quant.layers, spec),),
+                                          mode=QuantMode.EVAL))
     return qmodel, params, dict(avg_bits=methods.nominal_bits(method.name), layers=layers)
   if method.name == "rtn":
     b = int(level)
