@@ -30,10 +30,9 @@ def _port() -> int:
 
 
 def _env(**extra) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
-  for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-    env.pop(k, None)
-  return env
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+  return dict(env, JAX_PLATFORMS="cpu", **extra)
 
 
 def one_process(args, devices=2):

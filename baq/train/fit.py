@@ -95,6 +95,30 @@ def batch_indices(cfg: FitConfig, step: int, n: int) -> np.ndarray:
   return np.random.default_rng([cfg.seed, step]).integers(0, n, cfg.batch_size)
 
 
+class _Placement:
+  """Puts a pytree where `fit` computes: as it is in one process; in several,
+  replicated over every device of the job (every process computes the same
+  steps on the same rows, and orbax saves global arrays)."""
+
+  def __init__(self, sharding):
+    self.sharding = sharding
+
+  def __call__(self, tree):
+    if self.sharding is None:
+      return tree
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        self.sharding, np.asarray(x)), tree)
+
+
+def _placement() -> _Placement:
+  """Where `fit`'s state and batches live in this job."""
+  if jax.process_count() == 1:
+    return _Placement(None)
+  mesh = jax.make_mesh((jax.device_count(),), ("all",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  return _Placement(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 def fit(params: Any, loss_fn: Callable[[Any, Any], jax.Array],
         batch_fn: Callable[[np.ndarray], Any], num_rows: int, cfg: FitConfig,
         workdir: Optional[str] = None) -> tuple[Any, list[float]]:
@@ -112,13 +136,19 @@ def fit(params: Any, loss_fn: Callable[[Any, Any], jax.Array],
     (params, losses of the steps run in this call).
   """
   state = {"step": jnp.int32(0), "params": params, "opt_state": optimizer(cfg).init(params)}
-  ckpt = None if workdir is None else Checkpointer(workdir, jax.eval_shape(lambda: state))
+  place, abstract = _placement(), jax.eval_shape(lambda: state)
+  if place.sharding is not None:  # restored onto the job's devices, replicated
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=place.sharding), abstract)
+  ckpt = None if workdir is None else Checkpointer(workdir, abstract)
   if ckpt is not None and ckpt.latest_step() is not None:
     state = ckpt.restore()
+  else:
+    state = place(state)
   step_fn, losses = make_step(loss_fn, cfg), []
   try:
     for s in range(int(state["step"]), cfg.steps):
-      new, loss = step_fn(state, batch_fn(batch_indices(cfg, s, num_rows)))
+      new, loss = step_fn(state, place(batch_fn(batch_indices(cfg, s, num_rows))))
       loss = float(loss)
       if not np.isfinite(loss):
         raise FloatingPointError(
