@@ -17,7 +17,9 @@ import tensorflow_datasets as tfds
 
 from baq.data import array_records, tf_example
 from baq.data.manual import celeba
-from test_manual_files import _celeba_dir  # noqa: F401  (the celeba_dir fixture)
+import test_manual_files
+
+celeba_dir_fixture = test_manual_files._celeba_dir  # `celeba_dir`, shared with that file
 
 TINY = dict(image_size=8, num_train=40, num_validation=8, num_test=8, seed=2)
 
