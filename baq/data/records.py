@@ -2,7 +2,8 @@
 
 `RecordImages` stands where a `Split`'s uint8 image array would: it has the
 array's `shape`, `dtype` and `len`, and indexing it (an int, a slice or an
-integer array) reads just those examples from the tfds array_record files.
+integer array) reads just those examples from the split's array_record files
+(`baq.data.array_records.SplitRecords`).
 `take(order)` re-orders it without reading anything. Whatever cuts batches
 from `split.images` (the batcher, evaluation, export) then works on a split
 larger than memory, reading each batch when it is needed.
@@ -25,7 +26,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from baq.data import augment
+from baq.data import array_records, augment
 
 _STREAMING = contextvars.ContextVar("baq_streaming", default=False)
 CHUNK = 1024  # records parsed per read while collecting the small fields
@@ -43,22 +44,6 @@ def load_streaming(on: bool = True) -> Iterator[None]:
 
 def streaming() -> bool:
   return _STREAMING.get()
-
-
-def example_parser():
-  """`tf.train.Example` parsing, from tfds's bundled protos (no TensorFlow)."""
-  from tensorflow_datasets.core import example_parser  # pylint: disable=import-outside-toplevel
-  return example_parser.tf_example_pb2.Example.FromString
-
-
-def feature_array(values, dtype, shape) -> np.ndarray:
-  """One feature of many `tf.train.Example` protos, stacked into an array."""
-  kind = values[0].WhichOneof("kind")
-  if kind == "bytes_list":  # Tensors stored with Encoding.BYTES
-    flat = np.frombuffer(b"".join(v.bytes_list.value[0] for v in values), dtype)
-  else:
-    flat = np.array([getattr(v, kind).value for v in values], dtype)
-  return flat.reshape((len(values),) + tuple(shape))
 
 
 class LazyImages:
@@ -119,15 +104,20 @@ class LazyImages:
 class RecordImages(LazyImages):
   """A split's images, read from its records when indexed.
 
-  Pickles with its data source, so worker processes can read batches.
+  Pickles with its records, so worker processes can read batches.
+
+  Args:
+    source: the split's `array_records.SplitRecords`.
+    positions: int [n], the record behind each image, in order.
+    feature: the image feature's name.
   """
 
-  def __init__(self, source: Any, positions: np.ndarray, feature: str = "image"):
+  def __init__(self, source: array_records.SplitRecords, positions: np.ndarray,
+               feature: str = "image"):
     self._source = source
     self._positions = np.asarray(positions, np.int64)
-    spec = source.dataset_info.features[feature]
-    self._feature, self.dtype = feature, np.dtype(spec.np_dtype)
-    self._item_shape = tuple(spec.shape)
+    self._feature = feature
+    self.dtype, self._item_shape = source.specs[feature]
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -140,12 +130,7 @@ class RecordImages(LazyImages):
     return self._read(self._positions[index])
 
   def _read(self, positions: np.ndarray) -> np.ndarray:
-    if len(positions) == 0:
-      return np.zeros((0,) + self._item_shape, self.dtype)
-    parse = example_parser()
-    raw = self._source.data_source.__getitems__([int(p) for p in positions])
-    values = [parse(r).features.feature[self._feature] for r in raw]
-    return feature_array(values, self.dtype, self._item_shape)
+    return self._source.read(positions, [self._feature])[self._feature]
 
 
 class CroppedImages(LazyImages):
@@ -195,20 +180,20 @@ def center_cropped(images: Any, fraction: Optional[float]) -> Any:
   return np.asarray(view) if isinstance(images, np.ndarray) else view
 
 
-def read_fields(source, skip: str = "image") -> tuple[dict[str, np.ndarray], RecordImages]:
-  """Every feature but `skip`, read a chunk of records at a time, and `skip` lazily."""
-  parse = example_parser()
-  features = source.dataset_info.features
-  names = [k for k in features.keys() if k != skip]
-  cols: dict[str, list] = {k: [] for k in names}
+def read_fields(source: array_records.SplitRecords, skip: str = "image"
+                ) -> tuple[dict[str, np.ndarray], RecordImages]:
+  """Every feature but `skip`, read a chunk of records at a time, and `skip` lazily.
+
+  Args:
+    source: the split's records.
+    skip: the feature left in the records (the images).
+
+  Returns:
+    (name -> stacked array of every other feature, `RecordImages` of `skip`).
+  """
+  names = [k for k in source.specs if k != skip]
   n = len(source)
-  for start in range(0, n, CHUNK):
-    raw = source.data_source.__getitems__(list(range(start, min(n, start + CHUNK))))
-    protos = [parse(r).features.feature for r in raw]
-    for k in names:
-      cols[k].append(feature_array([p[k] for p in protos], features[k].np_dtype,
-                                    features[k].shape))
-  out = {k: np.concatenate(v) if v else np.zeros((0,) + tuple(features[k].shape),
-                                                   features[k].np_dtype)
-         for k, v in cols.items()}
+  chunks = [source.read(range(start, min(n, start + CHUNK)), names)
+            for start in range(0, n, CHUNK)] or [source.read([], names)]
+  out = {k: np.concatenate([c[k] for c in chunks]) for k in names}
   return out, RecordImages(source, np.arange(n), skip)

@@ -6,12 +6,12 @@ files in a *manual directory* and names it in the config
 `baq.data.manual.files` into a `Table` (image paths, per-example fields,
 split assignment, names), and this module does the rest: `load_table` writes a
 `Table` once through a tensorflow-datasets builder (plain `Tensor` features,
-`array_record` files, no TensorFlow) and reads a split back into memory;
-`register_manual` turns a dataset module's table function into a registered
-loader, so a new dataset is one file with a table function and one call.
+array_record files written by `baq.data.array_records`, no TensorFlow) and
+reads a split back; `register_manual` turns a dataset module's table function
+into a registered loader, so a new dataset is one file and one call.
 
-tensorflow-datasets is imported only inside `load_table`, so that
-`import baq.data` stays light; the builder class is therefore made there.
+tensorflow-datasets is imported only when a builder class is made (in
+`load_table`), so that `import baq.data` stays light.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from baq.data import datasets, tfds_shuffle
+from baq.data import array_records, datasets, tf_example
 from baq.data.datasets import Split
 from baq.data.manual.files import SPLITS, assign_splits, choose, load_image, require
 
@@ -101,7 +101,6 @@ def load_table(name: str, split: str, table_fn, fields: dict,
     (arrays, metadata): `image`, `index` and each field, sorted by `index`;
     and the `Table.metadata` saved at preparation.
   """
-  import tensorflow_datasets as tfds
   choose(name, "split", split, SPLITS)
   data_dir = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
   manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
@@ -114,15 +113,11 @@ def load_table(name: str, split: str, table_fn, fields: dict,
       description=description or name, image_size=image_size,
       center_crop=center_crop, options_json=json.dumps(options, sort_keys=True))
   builder = cls(config=config, data_dir=data_dir, table_fn=table_fn)
-  tfds_shuffle.use_local_buckets()  # a split over 1 GB prepares without TensorFlow
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, try_download_gcs=False))
+  builder.download_and_prepare()  # array_records.prepare: no-op once prepared
   if split in builder.info.splits:
-    data = datasets.read_all(builder.as_data_source(split=split))
-  else:  # tfds writes no empty split (e.g. a split column without 'val').
-    features = builder.info.features
-    data = {k: np.zeros((0, *features[k].shape), features[k].np_dtype)
-            for k in features.keys()}
+    data = datasets.read_all(array_records.SplitRecords.of(builder, split))
+  else:  # no files for an empty split (e.g. a split column without 'val')
+    data = tf_example.decode([], tf_example.specs(builder.info.features))
   order = np.argsort(data["index"], kind="stable")
   return {k: v.take(order, axis=0) for k, v in data.items()}, dict(builder.info.metadata)
 
@@ -265,6 +260,11 @@ def _builder_class(name: str, fields: tuple):
           builder=self, description=self.builder_config.description,
           features=tfds.features.FeaturesDict(features),
           metadata=tfds.core.MetadataDict(), disable_shuffling=True)
+
+    def download_and_prepare(self, **kwargs) -> None:
+      """Writes the splits once, in table order (`array_records.prepare`)."""
+      del kwargs  # tfds's options: nothing is downloaded, and no shuffler runs
+      array_records.prepare(self, self._split_generators(None))
 
     def _split_generators(self, dl_manager):
       del dl_manager  # The table function reads the manual directory.

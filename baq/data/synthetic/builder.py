@@ -3,7 +3,7 @@
 The images are rendered locally by `baq.data.synthetic.generate` from a seed; nothing
 is downloaded. The builder works without TensorFlow: its features are plain
 `tfds.features.Tensor`s, it writes `array_record` files, and it is read back
-with `builder.as_data_source()` (random access, numpy out). Two choices make
+with `builder.as_data_source()` (random access, numpy out). These choices make
 that possible in tfds 4.9:
 
   * `_info` builds `tfds.core.DatasetInfo` directly: the usual
@@ -12,6 +12,9 @@ that possible in tfds 4.9:
   * `file_format='array_record'` is the constructor default: the tfrecord
     reader needs `tf.data`.
   * `code_path` is this file, so that tfds need not resolve the package.
+  * `download_and_prepare` writes the splits with `baq.data.array_records`
+    (array_record's writer, in generation order), not through tfds's
+    shuffler, which needs TensorFlow for a split over 1 GB.
 
 Each split is a pure function of (config, split): the same seed gives
 identical arrays, and `split_records` recreates the lesion records behind a
@@ -33,7 +36,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from baq.data import tfds_shuffle
+from baq.data import array_records
 from baq.data.synthetic import generate as synthetic
 
 DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
@@ -148,6 +151,16 @@ class BaqSyntheticDerm(tfds.core.GeneratorBasedBuilder):
         disable_shuffling=True,
     )
 
+  def download_and_prepare(self, **kwargs) -> None:
+    """Writes every split once (`array_records.prepare`); a no-op once prepared.
+
+    Args:
+      **kwargs: tfds's `download_and_prepare` options, ignored: nothing is
+        downloaded and the files are always array_record.
+    """
+    del kwargs
+    array_records.prepare(self, self._split_generators(None))
+
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download: every split is rendered locally.
     return {split: self._generate_examples(split)
@@ -180,7 +193,6 @@ def make_builder(data_dir: str | None = None, **config_kwargs
     An unprepared-or-prepared builder; call `download_and_prepare()` (a no-op
     once prepared) before `as_data_source()`.
   """
-  tfds_shuffle.use_local_buckets()  # a split over 1 GB prepares without TensorFlow
   data_dir = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
   config = make_config(**config_kwargs)
   # tfds refuses a config object that shares a name with a listed config, so
