@@ -95,28 +95,40 @@ def batch_indices(cfg: FitConfig, step: int, n: int) -> np.ndarray:
   return np.random.default_rng([cfg.seed, step]).integers(0, n, cfg.batch_size)
 
 
-class _Placement:
-  """Puts a pytree where `fit` computes: as it is in one process; in several,
-  replicated over every device of the job (every process computes the same
-  steps on the same rows, and orbax saves global arrays)."""
+class _Replicas:
+  """How `fit`'s state crosses into checkpoints in a multi-process job.
 
-  def __init__(self, sharding):
-    self.sharding = sharding
+  Every process trains the same steps on the same rows on its own device,
+  with the programs of a one-process run (so the numbers are that run's);
+  orbax saves and restores global arrays, so a checkpoint sees the state as
+  one array replicated over one device of each process.
+  """
 
-  def __call__(self, tree):
+  def __init__(self):
+    self.sharding = None
+    if jax.process_count() > 1:
+      devices = np.array([next(d for d in jax.devices() if d.process_index == p)
+                          for p in range(jax.process_count())])
+      mesh = jax.sharding.Mesh(devices, ("process",))
+      self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def abstract(self, tree):
     if self.sharding is None:
       return tree
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-        self.sharding, np.asarray(x)), tree)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.sharding),
+                        tree)
 
+  def to_global(self, tree):
+    if self.sharding is None:
+      return tree
+    mine = self.sharding.addressable_devices
+    return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
+        x.shape, self.sharding, [jax.device_put(x, d) for d in mine]), tree)
 
-def _placement() -> _Placement:
-  """Where `fit`'s state and batches live in this job."""
-  if jax.process_count() == 1:
-    return _Placement(None)
-  mesh = jax.make_mesh((jax.device_count(),), ("all",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  return _Placement(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  def to_local(self, tree):
+    if self.sharding is None:
+      return tree
+    return jax.tree.map(lambda x: x.addressable_data(0), tree)
 
 
 def fit(params: Any, loss_fn: Callable[[Any, Any], jax.Array],
@@ -136,19 +148,15 @@ def fit(params: Any, loss_fn: Callable[[Any, Any], jax.Array],
     (params, losses of the steps run in this call).
   """
   state = {"step": jnp.int32(0), "params": params, "opt_state": optimizer(cfg).init(params)}
-  place, abstract = _placement(), jax.eval_shape(lambda: state)
-  if place.sharding is not None:  # restored onto the job's devices, replicated
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=place.sharding), abstract)
-  ckpt = None if workdir is None else Checkpointer(workdir, abstract)
+  replicas = _Replicas()
+  ckpt = None if workdir is None else Checkpointer(
+      workdir, replicas.abstract(jax.eval_shape(lambda: state)))
   if ckpt is not None and ckpt.latest_step() is not None:
-    state = ckpt.restore()
-  else:
-    state = place(state)
+    state = replicas.to_local(ckpt.restore())
   step_fn, losses = make_step(loss_fn, cfg), []
   try:
     for s in range(int(state["step"]), cfg.steps):
-      new, loss = step_fn(state, place(batch_fn(batch_indices(cfg, s, num_rows))))
+      new, loss = step_fn(state, batch_fn(batch_indices(cfg, s, num_rows)))
       loss = float(loss)
       if not np.isfinite(loss):
         raise FloatingPointError(
@@ -156,7 +164,7 @@ def fit(params: Any, loss_fn: Callable[[Any, Any], jax.Array],
             f"(step {None if ckpt is None else ckpt.latest_step()}) is intact.")
       state, losses = new, losses + [loss]
       if ckpt is not None and ((s + 1) % cfg.save_every == 0 or s + 1 == cfg.steps):
-        ckpt.save(s + 1, state)
+        ckpt.save(s + 1, replicas.to_global(state))
       if (s + 1) % 100 == 0:
         log.info("step %d loss %.4f", s + 1, loss)
   finally:
