@@ -76,8 +76,8 @@ def get_config(arg=None):
   c.quant.group_size = None         # GPTQ group size (None: per output channel)
   c.quant.act_order = False
   c.quant.calib_sequences = 256     # calibration sequences (from the training text)
-  c.quant.pair_rows = "common"      # Fair-GPTQ pair alignment (gptq_decoder.PAIR_ROWS)
-  c.quant.pair_norm = "pairs"       # Fair-GPTQ pair normaliser (gptq_decoder.PAIR_NORMS)
+  c.quant.pair_rows = "common"      # Fair-GPTQ pair alignment (baq.ptq.decoder_group.PAIR_ROWS)
+  c.quant.pair_norm = "pairs"       # Fair-GPTQ pair normaliser (baq.ptq.decoder_group.PAIR_NORMS)
   # The Fair-GPTQ pairs and the importance's pair losses: "calibration" reads
   # data.calibration_pairs (the synthetic data's pairs from training
   # combinations, disjoint from the evaluation sets); "stereoset" uses

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from baq.study.bias import cells as study_cells
+from baq.study.bias import resume
 from baq.models.cnn import SmallCNN
 from configs import bias_study, fitzpatrick17k, isic2019, papers
 
@@ -51,7 +51,7 @@ def test_isic_bias_study_can_reuse_the_cpu_pipeline_runs():
   # README: the pipeline runs with ../shared/..., the study with an absolute ISIC_DIR.
   pipeline = isic2019.get_config("small_cnn,age,diagnosis,cpu")
   pipeline.dataset.kwargs.manual_dir = os.path.relpath(bias_study.ISIC_DIR)
-  mine = study_cells.cell_config(bias_study.get_config("isic"))
-  theirs = study_cells.cell_config(pipeline)
-  assert study_cells.conflicts({k: theirs[k] for k in ("model", "dataset")}, mine) == []
+  mine = resume.cell_config(bias_study.get_config("isic"))
+  theirs = resume.cell_config(pipeline)
+  assert resume.conflicts({k: theirs[k] for k in ("model", "dataset")}, mine) == []
   assert bias_study.get_config("isic").study.pairs == "penultimate"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from baq.ptq import sequential as gptq_model
-from baq.study.bias import cells as study_cells, pairs, plots, runner
+from baq.study.bias import cells as study_cells, pairs, plots, resume, runner
 from baq.stats import corrections
 from baq.experiment import job as experiment
 from baq import workdir as wd
@@ -66,9 +66,9 @@ def test_manual_dirs_compare_as_real_paths(tmp_path, monkeypatch):
   (tmp_path / "data").mkdir()
   a = {"dataset": {"name": "isic2019", "kwargs": {"manual_dir": "data"}}, "seed": 0}
   b = {"dataset": {"name": "isic2019", "kwargs": {"manual_dir": str(tmp_path / "data")}}}
-  assert study_cells.conflicts(study_cells.cell_config(a), study_cells.cell_config(b)) == []
+  assert resume.conflicts(resume.cell_config(a), resume.cell_config(b)) == []
   b["dataset"]["kwargs"]["manual_dir"] = str(tmp_path)
-  assert study_cells.conflicts(study_cells.cell_config(a), study_cells.cell_config(b)) == [
+  assert resume.conflicts(resume.cell_config(a), resume.cell_config(b)) == [
       "dataset.kwargs.manual_dir"]
 
 

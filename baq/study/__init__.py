@@ -1,12 +1,11 @@
-"""The bias study: quantizers x bits x seeds, per-group tests and verdicts.
+"""The studies, one subpackage each with its own command line.
 
-  python -m baq.study.bias --config=configs/bias_study.py --workdir=/tmp/baq_study
-
-  __main__     the command line (flags --config, --workdir)
-  runner       the grid of cells, resumable, and study.json
-  cells        how one cell (float, PTQ, GPTQ, Fair-GPTQ, QAT, BAQ) is computed
-  pairs        Fair-GPTQ's paired calibration examples
-  stats        bootstrap intervals, paired change tests, McNemar, across seeds
-  corrections  multiple-testing corrections and the verdicts
-  report       the per-group comparison of every cell with its float model
+  bias     quantizers x bits x seeds on the image task, per-group tests and
+           verdicts (python -m baq.study.bias)
+  lm       GPTQ, Fair-GPTQ and mixed precision on a language model, CrowS-Pairs
+           and StereoSet (python -m baq.study.lm)
+  vlm      CLIP under the runtimes' numerics, "inconsistent biases"
+           (python -m baq.study.vlm)
+  compare  paired tests between two methods' finished runs
+           (python -m baq.study.compare)
 """

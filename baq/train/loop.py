@@ -177,8 +177,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mode: str, data: d
       if log_now or save_now:
         progress.check_finite(history, workdir, last_saved)
       if log_now:
-        validate = step % config.eval_every == 0 or step == steps
-        writer.write(step, _log_summary(history, t0, setup, state, data, config, validate),
+        on_val = step % config.eval_every == 0 or step == steps
+        writer.write(step, _log_summary(history, t0, setup, state, data, config, on_val),
                      bits=_unit_bits(state) if writer.wants_bits else None)
         history, t0 = [], time.time()
       if save_now:
@@ -203,11 +203,11 @@ def _restore_or_place(ckpt: Checkpointer, state: dict, shardings, name: str,
 
 
 def _log_summary(history: list, t0: float, setup: TrainSetup, state: dict, data: dict,
-                 config: ml_collections.ConfigDict, validate: bool) -> dict:
+                 config: ml_collections.ConfigDict, on_val: bool) -> dict:
   """The logged means since the last line, with validation accuracy when asked."""
   summary = progress.summarise(history)
   summary["steps_per_s"] = len(history) / max(time.time() - t0, 1e-9)
-  if validate:
+  if on_val:
     val = evaluate_split(setup.eval_model, _variables(state), data["validation"],
                          config.eval_batch_size)
     summary.update(val_acc=val["accuracy"], val_worst_group_acc=val["worst_group_accuracy"],

@@ -23,9 +23,8 @@ method, all of whose methods it runs, and `compute` asks both.
 from __future__ import annotations
 
 import functools
-import json
 import os
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import ml_collections
 import numpy as np
@@ -36,6 +35,7 @@ from baq.models import build_model
 from baq.ptq import sequential as gptq_model
 from baq.quant import methods, units
 from baq.study.bias import pairs
+from baq.study.bias.resume import cell_config, conflicts
 from baq.experiment import runtime_baselines
 from baq import workdir as wd
 from baq.train.checkpoint import restore_variables
@@ -259,51 +259,3 @@ def compute(quantizer: str):
   """
   method = methods.get(quantizer) if quantizer == wd.FLOAT else QUANTIZERS.get(quantizer)
   return COMPUTE.get(method.name) or KIND_COMPUTE[method.kind]
-
-# Fields that change no cell's predictions: they may differ when a study resumes.
-NOT_IN_CELLS = ("study", "seeds", "diagnostics", "imports", "log_every", "eval_every",
-                "checkpoint_every", "eval_batch_size")
-
-
-def cell_config(config: Any) -> dict:
-  """What the cells depend on, as JSON: the config less NOT_IN_CELLS and data_dir.
-
-  A manual directory is compared as a real path, so "../shared/x" given to
-  train.py and "/work/shared/x" given to the study are the same data.
-
-  Args:
-    config: a ConfigDict, or its JSON dict (a workdir's config.json).
-
-  Returns:
-    The JSON dict the cells depend on.
-  """
-  c = config if isinstance(config, dict) else json.loads(config.to_json())
-  c = {k: v for k, v in c.items() if k not in NOT_IN_CELLS}
-  c["dataset"] = {k: v for k, v in c["dataset"].items() if k != "data_dir"}
-  kwargs = c["dataset"].get("kwargs")
-  if isinstance(kwargs, dict) and isinstance(kwargs.get("manual_dir"), str):
-    c["dataset"]["kwargs"] = dict(kwargs, manual_dir=os.path.realpath(kwargs["manual_dir"]))
-  return c
-
-
-def conflicts(old: dict, new: dict, prefix: str = "") -> list[str]:
-  """Dotted fields both configs hold with different values.
-
-  A field only one of them holds is newer code, not a different experiment.
-
-  Args:
-    old: one config's JSON dict (`cell_config`).
-    new: the other's.
-    prefix: the dotted path of these dicts (for recursion).
-
-  Returns:
-    The differing fields, sorted.
-  """
-  out = []
-  for k in sorted(set(old) & set(new)):
-    a, b = old[k], new[k]
-    if isinstance(a, dict) and isinstance(b, dict):
-      out += conflicts(a, b, f"{prefix}{k}.")
-    elif a != b:
-      out.append(prefix + k)
-  return out

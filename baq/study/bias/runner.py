@@ -59,7 +59,7 @@ import ml_collections
 import numpy as np
 
 from baq.fairness import metrics
-from baq.study.bias import cells as study_cells, report
+from baq.study.bias import cells as study_cells, report, resume
 from baq.stats import corrections
 from baq.study.bias.cells import Cell
 from baq.quant import methods
@@ -172,8 +172,8 @@ def _check_root(config: ml_collections.ConfigDict, root: str) -> None:
   os.makedirs(root, exist_ok=True)
   path = wd.path(root, wd.CONFIG_FILE)
   if os.path.exists(path):
-    diff = study_cells.conflicts(study_cells.cell_config(wd.read_json(path)),
-                                 study_cells.cell_config(config))
+    diff = resume.conflicts(resume.cell_config(wd.read_json(path)),
+                                 resume.cell_config(config))
     if diff:
       raise ValueError(f"{root} holds a study made with another config (differs in {diff}); "
                        "use a fresh --workdir, or only change the `study` options.")
