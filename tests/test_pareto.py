@@ -25,10 +25,16 @@ def test_the_equal_steps_control_trains_the_static_allocation_for_baqs_total(tin
   assert control.steps == c.steps + 5 and c.steps == tiny_config.steps
 
 
-def test_one_seed_runs_every_method_at_every_budget(tiny_config, tmp_path):
-  root = str(tmp_path)
-  tiny_config.quant.search_steps = 3  # BAQ searches, so the equal-steps control runs
-  runs = {0: pareto.run_seed(tiny_config, root, 0, budgets=[3.0], uniform=[2, 4])}
+@pytest.fixture(scope="module")
+def finished(make_tiny_config, tmp_path_factory):
+  """One seed of the tiny Pareto benchmark, trained once for this file."""
+  config = make_tiny_config(**{"quant.search_steps": 3})  # BAQ searches: the control runs
+  root = str(tmp_path_factory.mktemp("pareto"))
+  return config, root, {0: pareto.run_seed(config, root, 0, budgets=[3.0], uniform=[2, 4])}
+
+
+def test_one_seed_runs_every_method_at_every_budget(finished, tmp_path):
+  tiny_config, root, runs = finished
   names = list(runs[0])
   assert names == [wd.FLOAT, "uniform2", "uniform4", "fair_static@4", "fair_static_qat@3",
                    "baq@3", "fair_static_qat-equal@3", "fair_static_qat@3-nopen", "baq@3-nopen",
@@ -53,16 +59,19 @@ def test_one_seed_runs_every_method_at_every_budget(tiny_config, tmp_path):
   assert os.path.getsize(tmp_path / wd.PARETO_PLOT) > 10_000
 
 
-def test_the_command_line_reports_a_finished_root(tmp_path):
-  """`python -m baq.experiment.pareto` end to end on the tiny config (one seed, one budget)."""
+def test_the_command_line_reports_a_finished_root(finished, tiny_data_dir):
+  """`python -m baq.experiment.pareto` over the finished root: it resumes every
+  run (nothing left to train), prints the tables and draws the plot."""
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   from conftest import ROOT  # pylint: disable=import-outside-toplevel
+  _, root, _ = finished
   out = subprocess.run(
-      [sys.executable, "-m", "baq.experiment.pareto", f"--workdir={tmp_path}",
+      [sys.executable, "-m", "baq.experiment.pareto", f"--workdir={root}",
        "--budgets=3", "--uniform=2,4", "--config=configs/tiny.py", "--config.seeds=(0,)",
-       f"--config.dataset.data_dir={tmp_path / 'tfds'}"],
+       "--config.quant.search_steps=3", f"--config.dataset.data_dir={tiny_data_dir}"],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "baq@3-nopen" in out.stdout and "seed 0: uniform2=" in out.stdout
-  assert os.path.getsize(tmp_path / wd.PARETO_PLOT) > 10_000
+  assert " loss=" not in out.stdout  # every run resumed finished: no step was trained
+  assert os.path.getsize(os.path.join(root, wd.PARETO_PLOT)) > 10_000
