@@ -114,7 +114,8 @@ def test_lm_study_as_two_processes_equals_one(tmp_path):
   # RTN and GPTQ: the study's steps (train, calibrate, quantize, score) in
   # a third of the tiny config's time; test_lm_study.py runs every setting.
   args = ["-m", "baq.study.lm", "--config=configs/lm.py:tiny", "--config.quant.alphas=",
-          "--config.quant.budgets=", "--config.quant.numerics="]
+          "--config.quant.budgets=", "--config.quant.numerics=", "--config.train.steps=20",
+          "--config.train.save_every=10", "--config.data.num_train=600"]
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   out_one = one_process(args + [f"--workdir={one}"], devices=1)
   outs = processes(args + [f"--workdir={two}"])
