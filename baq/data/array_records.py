@@ -92,6 +92,8 @@ def prepare(builder, splits: Mapping[str, Iterable[tuple[Any, dict]]],
   final = os.fspath(builder.data_dir)
   if builder.is_prepared():
     return
+  print(f"[data] preparing {builder.name} ({builder.builder_config.name}) in {final} "
+        "(first use)", flush=True)
   tmp = f"{final}.incomplete-{uuid.uuid4().hex}"
   os.makedirs(tmp)
   try:

@@ -18,8 +18,9 @@ imported only when it is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -89,8 +90,23 @@ def load(name: str, split: str, data_dir: str | None = None, stream: bool = Fals
     KeyError: `name` is not registered; the message lists the valid names.
   """
   loader = DATASETS.get(name)
-  with records.load_streaming(stream):
+  with records.load_streaming(stream), _quiet_tfds():
     return loader(split, data_dir=data_dir, **kwargs)
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+  """Hides tfds's warnings about builders baq configures itself ("Using custom
+  data configuration" on every load, "Variant folder ... has no
+  dataset_info.json" before the first preparation): they are no news, and
+  `array_records.prepare` says in one line when a dataset is prepared."""
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  old = logging.get_verbosity()
+  logging.set_verbosity(min(old, logging.ERROR))  # absl: lower is quieter
+  try:
+    yield
+  finally:
+    logging.set_verbosity(old)
 
 
 def read_all(source: array_records.SplitRecords) -> dict[str, np.ndarray]:
