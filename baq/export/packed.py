@@ -138,7 +138,7 @@ def save_packed(path: str, captured: dict[str, dict], symmetric: bool,
   Returns:
     bytes of packed integer codes (excluding scales and container overhead).
   """
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  from baq.export.canonical import save_file  # pylint: disable=import-outside-toplevel
   arrays, code_bytes = {}, 0
   for layer, rec in captured.items():
     bits = np.asarray(rec["bits"], np.int64)

@@ -137,7 +137,7 @@ def write_checkpoint(folder: str, layers: Mapping[str, Mapping[str, np.ndarray]]
 
 
 def _atomic_write(folder: str, arrays: dict, json_files: dict) -> None:
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  from baq.export.canonical import save_file  # pylint: disable=import-outside-toplevel
   folder = os.path.abspath(folder)
   if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
     raise FileExistsError(f"{folder} exists and is not an empty folder.")
