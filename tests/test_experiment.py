@@ -312,3 +312,18 @@ def test_compare_pairs_runs_and_reproduces_the_reports_group_accuracies(run):
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "worst-group difference per pair" in out.stdout
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"baselines": "uniform99"}, r"Baseline uniform99: .*\[1, 16\].*uniform2 \.\. uniform16"),
+    ({"baselines": "uniform0"}, r"Baseline uniform0: .*\[1, 16\]"),
+    ({"baselines": "uniform1"}, r"Baseline uniform1: a symmetric grid needs at least 2 bits"),
+    ({"steps": -5}, r"steps=-5 must be an integer >= 0"),
+    ({"float_steps": 0}, r"float_steps=0 must be an integer >= 1"),
+    ({"batch_size": 0}, r"batch_size=0 must be an integer >= 1"),
+])
+def test_impossible_values_are_refused_before_any_work(make_tiny_config, tmp_path, override,
+                                                       message):
+  with pytest.raises(ValueError, match=message):
+    experiment.run(make_tiny_config(**override), str(tmp_path))
+  assert os.listdir(tmp_path) == []  # nothing written, nothing trained

@@ -20,7 +20,7 @@ from baq.data import datasets
 from baq.data.pipeline import recipe
 from baq.fairness import regularizers
 from baq.models import COMPUTE_DTYPES, DEFAULT_DTYPE, MODELS
-from baq.quant import units
+from baq.quant import methods, units
 from baq.train import modes, rounding
 from baq.experiment import lanes, runtime_baselines
 from baq import workdir as wd
@@ -57,6 +57,19 @@ def _check_importance(config: ml_collections.ConfigDict) -> None:
                      f"Valid: {', '.join(planner.METHODS)}.")
 
 
+def _check_uniform(config: ml_collections.ConfigDict) -> None:
+  """Each uniform<B> baseline's B within what uniform QAT can hold, before any work."""
+  lowest = 2 if config.quant.get("symmetric", True) else 1
+  for b in wd.baseline_bits(config):
+    try:
+      methods.parse(f"qat@{b}")  # the registry's bounds
+    except ValueError as e:
+      raise ValueError(f"Baseline uniform{b}: {e} Valid: uniform{lowest} .. uniform16.") from None
+    if b < lowest:
+      raise ValueError(f"Baseline uniform{b}: a symmetric grid needs at least {lowest} bits. "
+                       f"Valid: uniform{lowest} .. uniform16.")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Refuses a config that cannot run, before anything is trained.
 
@@ -73,7 +86,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name, entry in config.penalties.to_dict().items():
     regularizers.REGULARIZERS.get(dict(entry).get("kind", name))
   wd.baseline_names(config)  # uniform<B> or a runtime's numerics; others list the valid ones
+  _check_uniform(config)
   runtime_baselines.check(config)
+  for field, least in (("steps", 0), ("float_steps", 1), ("batch_size", 1),
+                       ("eval_batch_size", 1), ("log_every", 1), ("eval_every", 1),
+                       ("checkpoint_every", 1)):
+    value = config.get(field)
+    if value is not None and not (isinstance(value, int) and value >= least):
+      raise ValueError(f"{field}={value!r} must be an integer >= {least}.")
   if any(s.uses_budget for s in specs) and config.quant.target_bytes is None:
     try:
       units.check_budget(float(config.quant.target_bits), config.quant.min_bits,
