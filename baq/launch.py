@@ -94,6 +94,27 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
   return True
 
 
+def seeds(config: Any) -> list[int]:
+  """`config.seeds` of a multi-seed driver, checked before any work.
+
+  Raises:
+    ValueError: missing, empty, not integers >= 0, or repeated (a repeated
+      seed would count one run twice in every mean and paired test).
+  """
+  given = config.get("seeds") if hasattr(config, "get") else None
+  if given is None:
+    raise ValueError("This driver runs every seed of config.seeds, and the config has none: "
+                     'set --config.seeds="(0,1,2)".')
+  values = list(given) if isinstance(given, (tuple, list)) else [given]
+  if not values or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                           for s in values):
+    raise ValueError(f"config.seeds={given!r} must be a non-empty tuple of integers >= 0, "
+                     'e.g. --config.seeds="(0,1,2)".')
+  if len(set(values)) != len(values):
+    raise ValueError(f"config.seeds={given!r} repeats a seed.")
+  return values
+
+
 def is_primary() -> bool:
   """True on the one process that writes shared files (reports, plans, exports)."""
   import jax  # pylint: disable=import-outside-toplevel

@@ -108,3 +108,19 @@ def test_a_failed_start_says_what_to_do(fake_distributed):
       "first thing in your script.")) as info:
     launch.initialize_distributed(SLURM4)
   assert info.value.__cause__ is cause and fake_distributed.calls == [{}]
+
+
+@pytest.mark.parametrize("seeds,message", [
+    ((), "non-empty tuple of integers >= 0"),
+    ((0, -1), "non-empty tuple of integers >= 0"),
+    ((0, 1.5), "non-empty tuple of integers >= 0"),
+    ((1, 2, 1), "repeats a seed"),
+])
+def test_bad_seeds_are_refused_naming_the_bound(seeds, message):
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from baq import launch  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=message):
+    launch.seeds(ml_collections.ConfigDict(dict(seeds=seeds)))
+  assert launch.seeds(ml_collections.ConfigDict(dict(seeds=(3, 0, 7)))) == [3, 0, 7]
+  with pytest.raises(ValueError, match="has none"):
+    launch.seeds(ml_collections.ConfigDict())

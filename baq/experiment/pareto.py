@@ -163,7 +163,7 @@ def main(argv: Sequence[str]) -> None:
   """Runs every seed of the config, prints the table and writes WORKDIR/pareto.png."""
   config, root = launch.start(argv, check=checks.validate)
   f = flags.FLAGS
-  seeds, uniform = [int(s) for s in config.seeds], [int(b) for b in f.uniform]
+  seeds, uniform = launch.seeds(config), [int(b) for b in f.uniform]
   runs = {s: run_seed(config, root, s, [float(b) for b in f.budgets], uniform,
                       f.equal_steps) for s in seeds}
   if not launch.is_primary():

@@ -187,7 +187,7 @@ def main(argv: Sequence[str]) -> None:
   """Runs every seed of the config, then prints the tables (process 0)."""
   config, root = launch.start(argv, check=checks.validate)
   f = flags.FLAGS
-  seeds = [int(s) for s in config.seeds]
+  seeds = launch.seeds(config)
   runs, group_names = {}, []
   for s in seeds:
     runs[s], group_names = run_seed(config, root, s, [float(b) for b in f.extra_bits])

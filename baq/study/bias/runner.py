@@ -59,6 +59,7 @@ import ml_collections
 import numpy as np
 
 from baq.fairness import metrics
+from baq import launch
 from baq.study.bias import cells as study_cells, report, resume
 from baq.stats import corrections
 from baq.study.bias.cells import Cell
@@ -105,7 +106,7 @@ def settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"config.study lacks {missing}: start from {STUDY_CONFIG}'s "
                      "study_options(), which sets every option.")
   with s.unlocked():
-    s.seeds = tuple(int(x) for x in config.seeds)
+    s.seeds = tuple(launch.seeds(config))
   bad = [q for q in _quantizers(s) if q not in QUANTIZERS]
   if bad:
     raise ValueError(f"Unknown quantizers {bad}. Valid: {', '.join(QUANTIZERS.names())}.")

@@ -261,6 +261,7 @@ def format_table(runs: dict[int, dict]) -> str:
 
 def check(config) -> None:
   """Refuses bad bits, budgets, alphas, numerics or an unknown export before any work."""
+  launch.seeds(config)
   lm_quant.settings(config)
   if config.export:
     EXPORTS.get(config.export)  # an unknown name lists the valid ones
@@ -274,7 +275,7 @@ def run(config, root: str) -> dict:
     {seed: {setting: metrics}}.
   """
   check(config)
-  runs = {int(s): run_seed(config, root, int(s)) for s in config.seeds}
+  runs = {s: run_seed(config, root, s) for s in launch.seeds(config)}
   if launch.is_primary():
     wd.write_json(wd.path(root, wd.SUMMARY_FILE), wd.jsonable(runs))
     print(format_table(runs), flush=True)

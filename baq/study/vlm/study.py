@@ -267,6 +267,7 @@ def check(config) -> None:
   """Refuses unknown quantizers, data kinds and model sources before any work."""
   for name in config.quantizers.split(","):  # unknown names list the valid ones
     vlm_quant.parse(name)
+  launch.seeds(config)
   vlm_data.DATA_KINDS.get(config.data.kind)
   vlm_quant.SOURCES.get(config.model.source)
 
@@ -279,7 +280,7 @@ def run(config, root: str) -> dict:
     {seed: report} of every seed.
   """
   check(config)
-  runs = {int(s): run_seed(config, root, int(s)) for s in config.seeds}
+  runs = {s: run_seed(config, root, s) for s in launch.seeds(config)}
   if launch.is_primary():
     summary = summarize(runs)
     wd.write_json(wd.path(root, wd.SUMMARY_FILE), wd.jsonable(dict(runs=runs, **summary)))
