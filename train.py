@@ -8,8 +8,6 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or under SLURM, Open MPI or a TPU
 pod slice); `baq.launch.start` starts `jax.distributed` first.
 """
 
-from absl import app
-
 from baq import launch
 from baq.experiment import checks, job
 
@@ -23,4 +21,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run(main)

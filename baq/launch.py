@@ -10,7 +10,7 @@
     job.run(config, workdir)
 
   if __name__ == "__main__":
-    app.run(main)
+    launch.run(main)
 
 `start` does, in this order, before anything else touches JAX:
   1. `jax.distributed` starts when the environment describes a
@@ -167,6 +167,9 @@ def define_flags(config: Optional[str], *, config_help: str = "Config file.",
     config_help, workdir_help: the flags' help strings.
   """
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  # ml_collections applies the command line's overrides to the default config
+  # as the flag is defined: a missing field is refused here, by name.
+  _refuse_missing_overrides(config)
   config_flags.DEFINE_config_file("config", config, config_help, lock_config=True)
   flags.DEFINE_string("workdir", None, workdir_help)
   flags.mark_flags_as_required(["workdir"])
@@ -175,6 +178,66 @@ def define_flags(config: Optional[str], *, config_help: str = "Config file.",
   caller = sys.argv[0] if caller == "__main__" else caller  # as absl names a main module
   for name in ("config", "workdir"):
     FLAGS.register_key_flag_for_module(caller, FLAGS[name])
+
+
+def check_overrides(argv: Sequence[str], default: Optional[str]) -> None:
+  """Refuses a `--config.a.b=value` that names no field of the config, listing
+  the fields there are, before absl parses the flags.
+
+  ml_collections can only change fields a config has; for a missing one it
+  raises a bare `KeyError: 'b'` while the flags are parsed. The config file
+  (--config=FILE[:ARG], else `default`) is loaded here to say which.
+
+  Raises:
+    app.UsageError: an override names a missing field.
+  """
+  from absl import app  # pylint: disable=import-outside-toplevel
+  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv[1:]
+               if a.startswith("--config.")]
+  if not overrides:
+    return
+  given = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+  spec = (given[-1] if given else default or "").strip("'\"")
+  if not spec:
+    return
+  path, _, arg = spec.partition(":")
+  try:
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    module_spec = importlib.util.spec_from_file_location("_baq_config_check", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return  # a config that does not load is absl's to report, as before
+  for dotted in overrides:
+    node, walked = config, []
+    for key in dotted.split("."):
+      keys = list(node.keys()) if hasattr(node, "keys") else None
+      if keys is None:
+        break  # a leaf with more dots: absl says what is wrong
+      if key not in node:
+        where = ".".join(["config"] + walked)
+        raise app.UsageError(
+            f"--config.{dotted}: {where} has no field {key!r}; it has: "
+            f"{', '.join(sorted(map(str, keys)))}. An override changes a field the config "
+            "has; a new entry (a penalty, a model option) goes in a config file.")
+      node, walked = node[key], walked + [key]
+
+
+def _refuse_missing_overrides(default: Optional[str]) -> None:
+  from absl import app  # pylint: disable=import-outside-toplevel
+  try:
+    check_overrides(sys.argv, default)
+  except app.UsageError as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\n")
+    sys.exit(1)
+
+
+def run(main: Callable[[Sequence[str]], Any]) -> None:
+  """`absl.app.run(main)`, after `check_overrides` on the command line."""
+  from absl import app  # pylint: disable=import-outside-toplevel
+  _refuse_missing_overrides(None)
+  app.run(main)
 
 
 def start(argv: Sequence[str], check: Optional[Callable[[Any], Any]] = None

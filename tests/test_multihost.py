@@ -8,6 +8,8 @@ arguments, that a started job is left alone, and that a failed start says
 what to do.
 """
 
+import os
+
 import pytest
 
 
@@ -124,3 +126,30 @@ def test_bad_seeds_are_refused_naming_the_bound(seeds, message):
   assert launch.seeds(ml_collections.ConfigDict(dict(seeds=(3, 0, 7)))) == [3, 0, 7]
   with pytest.raises(ValueError, match="has none"):
     launch.seeds(ml_collections.ConfigDict())
+
+
+def test_an_override_of_a_missing_field_is_refused_naming_the_fields(tmp_path):
+  """`--config.penalties.bogus.weight=1` was a bare KeyError('bogus') from
+  ml_collections; it is refused before any work, with the fields there are."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from absl import app  # pylint: disable=import-outside-toplevel
+  from baq import launch  # pylint: disable=import-outside-toplevel
+  from conftest import ROOT  # pylint: disable=import-outside-toplevel
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    with pytest.raises(app.UsageError, match=r"config.penalties has no field 'bogus'; it has: "
+                       r"bitrate, cvar"):
+      launch.check_overrides(["x", "--config.penalties.bogus.weight=1"], "configs/default.py")
+    with pytest.raises(app.UsageError, match=r"config.quant has no field 'nope'"):
+      launch.check_overrides(["x", "--config=configs/tiny.py", "--config.quant.nope=1"], None)
+    launch.check_overrides(["x", "--config.steps=3", "--config.quant.target_bits=3"],
+                           "configs/default.py")  # fields that exist pass
+  finally:
+    os.chdir(cwd)
+  out = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path / 'w'}",
+                        "--config.penalties.bogus.weight=1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, check=False)
+  assert out.returncode != 0 and "config.penalties has no field 'bogus'" in out.stderr
+  assert "Traceback" not in out.stderr and not os.path.exists(tmp_path / "w")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,4 +196,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("qat_steps", 0, "Fine-tune each allocation this many steps first "
                        "(0: round-to-nearest of the float model).")
   flags.DEFINE_bool("penalties", False, "Fine-tune with the config's penalties.")
-  app.run(main)
+  launch.run(main)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
 from baq import launch
@@ -128,4 +128,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_samples", 2000, "Bootstrap replicates.")
   flags.DEFINE_integer("holm", 0, "Tests in the Holm family (default: the groups).")
   flags.mark_flags_as_required(["runs", "against"])
-  app.run(main)
+  launch.run(main)

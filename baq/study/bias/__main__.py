@@ -12,8 +12,6 @@ the config must have a `study` section (configs/bias_study.py's).
 
 import time
 
-from absl import app
-
 from baq import launch
 from baq.study.bias import runner
 
@@ -31,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run(main)
