@@ -327,3 +327,12 @@ def test_impossible_values_are_refused_before_any_work(make_tiny_config, tmp_pat
   with pytest.raises(ValueError, match=message):
     experiment.run(make_tiny_config(**override), str(tmp_path))
   assert os.listdir(tmp_path) == []  # nothing written, nothing trained
+
+
+def test_float_mode_says_it_skips_the_uniform_baselines(make_tiny_config, tiny_float_run,
+                                                        tmp_path, capsys):
+  config = make_tiny_config(mode="float", init_checkpoint=tiny_float_run, baselines="uniform8")
+  out = experiment.run(config, str(tmp_path))
+  assert "uniform8" not in out["methods"]
+  assert "mode=float trains no quantized model, so the uniform baselines (uniform8) are not " \
+         "trained" in capsys.readouterr().out

@@ -81,6 +81,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train(config, fp_dir, mode="float", data=data, steps=config.float_steps,
           lr=config.optim.lr, use_penalties=False, name=wd.FLOAT)
   quantized = [m for m in selected(config) if m != "float"]
+  if not quantized and wd.baseline_bits(config) and is_primary():
+    print(f"[baq] mode={config.mode} trains no quantized model, so the uniform baselines "
+          f"({', '.join(map(wd.uniform_name, wd.baseline_bits(config)))}) are not trained: "
+          "they train beside a quantized method", flush=True)
   if quantized:
     float_vars = restore_variables(fp_dir)
     common = dict(data=data, lr=config.optim.finetune_lr, init_variables=float_vars)
