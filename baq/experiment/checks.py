@@ -57,6 +57,25 @@ def _check_importance(config: ml_collections.ConfigDict) -> None:
                      f"Valid: {', '.join(planner.METHODS)}.")
 
 
+def at_least(config: ml_collections.ConfigDict, bounds: dict) -> None:
+  """Each dotted field an integer >= its bound (absent fields are skipped).
+
+  Args:
+    config: any config.
+    bounds: dotted field -> the least integer it may hold.
+
+  Raises:
+    ValueError: naming the field, its value and the bound.
+  """
+  for dotted, least in bounds.items():
+    node = config
+    for key in dotted.split("."):
+      node = node.get(key) if hasattr(node, "get") else None
+    if node is not None and not (isinstance(node, int) and not isinstance(node, bool)
+                                 and node >= least):
+      raise ValueError(f"{dotted}={node!r} must be an integer >= {least}.")
+
+
 def _check_uniform(config: ml_collections.ConfigDict) -> None:
   """Each uniform<B> baseline's B within what uniform QAT can hold, before any work."""
   lowest = 2 if config.quant.get("symmetric", True) else 1

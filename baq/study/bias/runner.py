@@ -78,6 +78,29 @@ OPTIONS = ("quantizers", "bits", "baq_bits", "alphas", "calib_size", "calib_batc
 STUDY_CONFIG = "configs/bias_study.py"
 
 
+def _check_numbers(s: ml_collections.ConfigDict) -> None:
+  """Every count, probability and weight of the study options within its bounds."""
+  def fail(name, value, bound):
+    raise ValueError(f"study.{name}={value!r} must be {bound}.")
+  for name in ("calib_size", "calib_batch", "num_pairs", "pair_pool", "num_bootstrap"):
+    v = s[name]
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+      fail(name, v, "an integer >= 1")
+  for name in ("level", "significance"):
+    if not 0 < float(s[name]) < 1:
+      fail(name, s[name], "in (0, 1)")
+  if not float(s.skew_smoothing) >= 0:
+    fail("skew_smoothing", s.skew_smoothing, ">= 0")
+  for name, least in (("alphas", 0.0), ("skew_k", 1)):
+    values = tuple(s[name]) if isinstance(s[name], (tuple, list)) else (s[name],)
+    if not all(isinstance(v, (int, float)) and float(v) >= least and float(v) < float("inf")
+               for v in values):
+      fail(name, s[name], f"a tuple of finite numbers >= {least:g}")
+  if not all(isinstance(k, int) for k in (s.skew_k if isinstance(s.skew_k, (tuple, list))
+                                           else (s.skew_k,))):
+    fail("skew_k", s.skew_k, "a tuple of integers >= 1")
+
+
 def settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of `config.study`, checked before any cell runs.
 
@@ -113,6 +136,7 @@ def settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if s.pairs not in PAIRS:
     raise ValueError(f"Unknown study.pairs {s.pairs!r}. Valid: {', '.join(PAIRS)}.")
   corrections.adjust([], s.correction)  # raises on unknown names, before any cell runs
+  _check_numbers(s)
   corrections.verdicts([], [], [], [], s.significance, s.verdict_rule)
   return s
 

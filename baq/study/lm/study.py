@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from baq import launch
+from baq.experiment import checks
 from baq.data.text import crows_pairs, stereoset as stereoset_data, synthetic, tokenizer as tok
 from baq.export import gptq_lm
 from baq.models.lm import LM_FAMILIES, hf
@@ -262,6 +263,9 @@ def format_table(runs: dict[int, dict]) -> str:
 def check(config) -> None:
   """Refuses bad bits, budgets, alphas, numerics or an unknown export before any work."""
   launch.seeds(config)
+  checks.at_least(config, {"train.steps": 1, "train.batch_size": 1, "train.save_every": 1,
+                           "train.warmup_steps": 0, "quant.calib_sequences": 1, "bootstrap": 1,
+                           "data.num_train": 1, "data.num_heldout": 1, "data.max_len": 2})
   lm_quant.settings(config)
   if config.export:
     EXPORTS.get(config.export)  # an unknown name lists the valid ones

@@ -38,6 +38,7 @@ import flax.traverse_util as tu
 import numpy as np
 
 from baq import launch
+from baq.experiment import checks
 from baq.fairness import vlm_metrics
 from baq.stats import corrections, significance as stats
 from baq.study.vlm import data as vlm_data, quant as vlm_quant
@@ -268,6 +269,12 @@ def check(config) -> None:
   for name in config.quantizers.split(","):  # unknown names list the valid ones
     vlm_quant.parse(name)
   launch.seeds(config)
+  checks.at_least(config, {"train.steps": 1, "train.batch_size": 1, "train.save_every": 1,
+                           "train.warmup_steps": 0, "bootstrap": 1, "data.max_len": 2,
+                           "data.image_size": 8, "data.max_images": 0})
+  ks = [k.strip() for k in str(config.retrieval_k).split(",") if k.strip()]
+  if not ks or not all(k.isdigit() and int(k) >= 1 for k in ks):
+    raise ValueError(f"retrieval_k={config.retrieval_k!r} must list integers >= 1 (\"20,100\").")
   vlm_data.DATA_KINDS.get(config.data.kind)
   vlm_quant.SOURCES.get(config.model.source)
 
