@@ -80,7 +80,7 @@ def test_readme_measure_example_registers_and_computes():
   marker = "<!-- measure-example -->"
   block = re.search(r"```python\n(.*?)```", readme[readme.index(marker):], re.S).group(1)
   try:
-    exec(compile(block, "docs/extending.md measure example", "exec"), {})  # pylint: disable=exec-used
+    exec(compile(block, "extending.md measure example", "exec"), {})  # pylint: disable=exec-used
     g = jnp.arange(24.0).reshape(2, 3, 4)
     dw = jnp.ones((3, 4)) * 0.5
     got = importance.evaluate_measure("grad_sq", importance.KernelStats(g), jnp.ones((3, 4)),
