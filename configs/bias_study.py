@@ -19,7 +19,7 @@ The ISIC 2019 files (ISIC_DIR, the shared 64x64 HAM subset, or
 (`configs/isic2019.py:small_cnn,age,diagnosis,cpu`: groups by age band,
 diagnosis with melanoma the positive class) with Fair-GPTQ pairs matched on
 the float model's penultimate features, reusing the 3-seed runs of its
-docstring command (README, "ISIC 2019 on CPU"):
+docstring command (docs/results.md, "ISIC 2019"):
 
   python -m baq.study.bias --config=configs/bias_study.py:isic --workdir=/tmp/baq_study_isic \
     '--config.study.reuse=/tmp/baq_ham_age/seed{seed}'

@@ -8,7 +8,7 @@ CVaR penalty, then projected to integers and the weights trained `steps`
 steps at them. It evaluates all of them (with the post-training-quantized
 figures beside the fine-tuned ones), prints the table and writes
 WORKDIR/report.json, WORKDIR/bit_allocation.json and the packed weights.
-3 bits is where the 3-seed measurements (README, Results) put the regime in
+3 bits is where the 3-seed measurements (docs/results.md) put the regime in
 which bits matter: uniform 3-bit QAT loses ~4 worst-group points to 8-bit,
 4-bit ~2.
 
@@ -30,8 +30,8 @@ def get_config(arg=None):
   `arg` holds comma-separated switches: "runlocal" shrinks it for a smoke
   run; "absmax4" is the main job as it was before the BAQ issue's
   measurements (abs-max scales, 4.0 bits against uniform 8/4, BAQ from the
-  budget with the finalize_fraction schedule), which the README's earlier
-  result sections were measured with; "resnet8" swaps the SmallCNN for the
+  budget with the finalize_fraction schedule), which the History sections of
+  docs/results.md were measured with; "resnet8" swaps the SmallCNN for the
   CIFAR-style ResNet-8 (`resnet8_cifar`, 32 px, 10 quantized layers).
   """
   switches = set(filter(None, (arg or "").split(",")))
@@ -148,7 +148,7 @@ def get_config(arg=None):
   # mse: the clip ratio of least rounding error at each unit's bits. With
   # absmax a 2-bit layer is ternary and rounds most weights to zero, which
   # made every allocation that gives the large layer 2 bits lose to uniform
-  # 3-bit (README, "every allocation, scored"); mse makes 2 bits usable.
+  # 3-bit (docs/results.md, "every allocation, scored"); mse makes 2 bits usable.
   c.quant.scale_method = "mse"  # absmax | percentile | learned | mse
   c.quant.symmetric = True
   c.quant.min_bits = 2

@@ -1,7 +1,7 @@
 r"""Fitzpatrick17k by skin type (FairQuant's Fitzpatrick setting), BAQ at 4.0 bits.
 
-Place fitzpatrick17k.csv and images/<md5hash>.jpg in one folder (see README,
-Datasets), then:
+Place fitzpatrick17k.csv and images/<md5hash>.jpg in one folder (see
+docs/datasets.md), then:
 
   python train.py --config=configs/fitzpatrick17k.py:resnet18,six --workdir=/tmp/baq_f17k_r18 \
     --config.dataset.kwargs.manual_dir=/data/fitzpatrick17k

@@ -1,6 +1,6 @@
 r"""ISIC 2019 by sex or age band (FairQuant's ISIC setting), BAQ at 4.0 bits.
 
-Place the official files in one folder (see README, Datasets), then:
+Place the official files in one folder (see docs/datasets.md), then:
 
   python train.py --config=configs/isic2019.py:resnet18,sex --workdir=/tmp/baq_isic_r18 \
     --config.dataset.kwargs.manual_dir=/data/isic2019
@@ -12,7 +12,7 @@ resnet50 | deit_tiny | tinyvit_5m; group sex | age (<30, 30-59, >=60).
 Switches: "diagnosis" trains the challenge's multi-class diagnosis (melanoma
 the positive class) instead of malignant vs benign; "cpu" sizes the run for a
 2-core CPU; "runlocal" is a smoke run. The CPU pipeline on the shared 64x64
-HAM subset, 3 seeds (README, "ISIC 2019 on CPU"):
+HAM subset, 3 seeds (docs/results.md, "ISIC 2019"):
 
   python -m baq.experiment.sweep --config=configs/isic2019.py:small_cnn,age,diagnosis,cpu \
     --workdir=/tmp/baq_ham_age --extra_bits= \

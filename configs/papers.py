@@ -38,7 +38,7 @@ def paper_config(dataset: str, dataset_kwargs: dict, model: str, image_size: int
     raise KeyError(f"Unknown model {model!r}. Valid: {', '.join(models.MODELS.names())}.")
   runlocal = "runlocal" in switches
   # The papers' budget and baselines (FairQuant: 4-8 bits), abs-max scales and
-  # BAQ's own schedule, whatever the main job's defaults are (the README's
+  # BAQ's own schedule, whatever the main job's defaults are (docs/results.md's
   # ISIC and Fitzpatrick figures were measured so); override any of them.
   c = default.get_config("absmax4,runlocal" if runlocal else "absmax4")
   c.dataset.name = dataset

@@ -48,7 +48,7 @@ def test_stem_stride_keeps_parameters_and_quarters_the_feature_map():
 
 
 def test_isic_bias_study_can_reuse_the_cpu_pipeline_runs():
-  # README: the pipeline runs with ../shared/..., the study with an absolute ISIC_DIR.
+  # docs/bias_study.md: the pipeline runs with ../shared/..., the study with an absolute ISIC_DIR.
   pipeline = isic2019.get_config("small_cnn,age,diagnosis,cpu")
   pipeline.dataset.kwargs.manual_dir = os.path.relpath(bias_study.ISIC_DIR)
   mine = resume.cell_config(bias_study.get_config("isic"))

@@ -29,9 +29,9 @@ from test_models import RNGS
 
 NAME, MODULE = "tinynet", "baq_plugin_tinynet"
 MARKER = "<!-- model-example -->"
-README = open(os.path.join(ROOT, "README.md")).read()
-# The README's model-family example, the whole plug-in file.
-PLUGIN = re.search(r"```python\n(.*?)```", README[README.index(MARKER):], re.S).group(1)
+DOC = open(os.path.join(ROOT, "docs", "extending.md")).read()
+# docs/extending.md's model-family example, the whole plug-in file.
+PLUGIN = re.search(r"```python\n(.*?)```", DOC[DOC.index(MARKER):], re.S).group(1)
 QUANT = Quantizer(((".*", QuantSpec(init_bits=4.5)),))
 X = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
 

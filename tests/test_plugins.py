@@ -1,6 +1,6 @@
 """A quantizer parametrization is one new file: registered, discovered and trained.
 
-The README's example file is written to a temporary directory and imported
+docs/extending.md's example file is written to a temporary directory and imported
 by name, as `config.imports` does; nothing in baq changes. (The regularizer counterpart
 is tests/test_readme_example.py, the model and dataset ones
 tests/test_model_plugin.py and tests/test_dataset_plugin.py.)
@@ -25,8 +25,8 @@ from conftest import ROOT
 from configs import tiny
 
 MARKER = "<!-- parametrization-example -->"
-README = open(os.path.join(ROOT, "README.md")).read()
-PLUGIN = re.search(r"```python\n(.*?)```", README[README.index(MARKER):], re.S).group(1)
+DOC = open(os.path.join(ROOT, "docs", "extending.md")).read()
+PLUGIN = re.search(r"```python\n(.*?)```", DOC[DOC.index(MARKER):], re.S).group(1)
 
 
 @pytest.fixture

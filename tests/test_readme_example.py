@@ -1,4 +1,4 @@
-"""The README's regularizer example, taken out of the README and run."""
+"""The regularizer and importance-measure examples of docs/extending.md, taken out and run."""
 
 import json
 import os
@@ -20,7 +20,7 @@ MARKER = "<!-- regularizer-example -->"
 
 @pytest.fixture(scope="module")
 def example_module(tmp_path_factory):
-  readme = open(os.path.join(ROOT, "README.md")).read()
+  readme = open(os.path.join(ROOT, "docs", "extending.md")).read()
   block = re.search(r"```python\n(.*?)```", readme[readme.index(MARKER):], re.S).group(1)
   path = tmp_path_factory.mktemp("user")
   (path / "my_penalties.py").write_text(block)
@@ -74,13 +74,13 @@ def test_unimportable_extension_is_named(tiny_config):
 
 
 def test_readme_measure_example_registers_and_computes():
-  """The README's importance-measure example, run on toy statistics."""
+  """docs/extending.md's importance-measure example, run on toy statistics."""
   from baq.allocation import importance
-  readme = open(os.path.join(ROOT, "README.md")).read()
+  readme = open(os.path.join(ROOT, "docs", "extending.md")).read()
   marker = "<!-- measure-example -->"
   block = re.search(r"```python\n(.*?)```", readme[readme.index(marker):], re.S).group(1)
   try:
-    exec(compile(block, "README measure example", "exec"), {})  # pylint: disable=exec-used
+    exec(compile(block, "extending.md measure example", "exec"), {})  # pylint: disable=exec-used
     g = jnp.arange(24.0).reshape(2, 3, 4)
     dw = jnp.ones((3, 4)) * 0.5
     got = importance.evaluate_measure("grad_sq", importance.KernelStats(g), jnp.ones((3, 4)),

@@ -5,7 +5,7 @@ baselines; the methods, with the allocation some of them start from) depend
 on nothing but the float weights. On a CPU one XLA train step keeps about
 1.5 of 2 cores busy (its serial parts leave the rest idle), so two runs in
 threads of one process fill more of them: in the main job two steps at once
-ran at about 1.2x the throughput of one (README, "Speed"). Each XLA
+ran at about 1.2x the throughput of one (docs/performance.md). Each XLA
 computation's arithmetic depends on its program and the machine's thread
 count, not on what runs beside it, so the results are bit for bit those of
 the runs in order (tested).
