@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -157,6 +158,13 @@ def calibration(config, texts: dict, tokenizer, seed: int) -> lm_quant.Calibrati
   return lm_quant.Calibration(tokens, pairs, np.asarray(types))
 
 
+def _progress(seed: int, name: str, row: dict, t0: float) -> None:
+  """One line per finished setting (process 0): the study runs for minutes."""
+  if launch.is_primary():
+    print(f"[lm] seed {seed} {name}: CrowS {row['crows']:.2f}, perplexity {row['ppl']:.3f}, "
+          f"{row['avg_bits']:.2f} bits ({time.time() - t0:.0f} s)", flush=True)
+
+
 def _row(summary: dict, info: dict) -> dict:
   """The figures a table shows, from one setting's summary."""
   intra = summary["stereoset"].get("intrasentence", {}).get("overall", {})
@@ -176,6 +184,7 @@ def _row(summary: dict, info: dict) -> dict:
 
 def run_seed(config, root: str, seed: int) -> dict:
   """Every setting of one seed (finished ones reused); setting -> table row."""
+  t0 = time.time()
   seed_dir = wd.seed_dir(root, seed)
   os.makedirs(wd.path(seed_dir, wd.RESULTS_DIR), exist_ok=True)
   texts = load_texts(config, root)
@@ -189,6 +198,7 @@ def run_seed(config, root: str, seed: int) -> dict:
   fp_scores = lm_eval.score(model, {"params": params}, enc)
   rows = {FLOAT: _row(lm_eval.summarize(fp_scores, texts["crows"], texts["stereoset"], **kw),
                       {})}
+  _progress(seed, FLOAT, rows[FLOAT], t0)
   calib = calibration(config, texts, tokenizer, seed)
   for name in lm_quant.settings(config):
     path = wd.result_path(seed_dir, name)
@@ -206,6 +216,7 @@ def run_seed(config, root: str, seed: int) -> dict:
     summary = lm_eval.summarize(lm_eval.score(qmodel, {"params": qparams}, enc),
                                 texts["crows"], texts["stereoset"], fp_scores, **kw)
     rows[name] = _row(summary, info)
+    _progress(seed, name, rows[name], t0)
     if config.export and numeric:
       info["export"] = None  # an LM export holds baq's grid, not a runtime's numerics
     elif config.export:

@@ -17,8 +17,7 @@ Cells, per attribute of the data (`baq.study.vlm.data`):
   max_skew@<k>/<attribute>  change of the neutral queries' mean MaxSkew@k over
                             the attribute's groups (paired t-test over
                             queries); amplified when it rose
-The summary counts how the cells go, per quantizer and over seeds, which is
-the paper's inconsistency.
+The summary counts how the cells go, per quantizer and over seeds: the paper's inconsistency.
 
 Data (`data.kind`): SYNTHETIC lesions over skin types (default), FairFace
 (retrieval), FACET (zero-shot person class), a labelled image folder. Model
@@ -31,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from typing import Optional, Sequence
 
@@ -109,9 +109,8 @@ def cells(m: dict, m_fp: dict, data: vlm_data.VLMData, rows, config, seed: int) 
 
 
 def _setting(config) -> dict:
-  """What a result depends on: the config but for the list of quantizers (JSON-ready)."""
-  setting = config.to_dict()
-  setting.pop("quantizers")
+  """What a result depends on: the config but for the quantizers and seeds (JSON-ready)."""
+  setting = {k: v for k, v in config.to_dict().items() if k not in ("quantizers", "seeds")}
   return json.loads(json.dumps(wd.jsonable(setting)))
 
 
@@ -121,8 +120,7 @@ def _reuse(path: str, setting: dict) -> dict:
   if "setting" not in res:
     raise ValueError(f"{path} records no settings (an older baq wrote it); use another --workdir.")
   if res["setting"] != setting:
-    flat = lambda d: tu.flatten_dict(d, sep=".")
-    old, new = flat(res["setting"]), flat(setting)
+    old, new = (tu.flatten_dict(d, sep=".") for d in (res["setting"], setting))
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     raise ValueError(f"{path} was made with other settings (differing: "
                      f"{', '.join(diff[:6])}); use another --workdir.")
@@ -131,6 +129,7 @@ def _reuse(path: str, setting: dict) -> dict:
 
 def _score(config, seed_dir: str, seed: int, names: Sequence[str], setting: dict) -> dict:
   """Scores the quantizers `names` and writes results/<name>.json for each."""
+  t0 = time.time()
   b = vlm_data.prepare(config, seed_dir, seed)
   data, test, model, params = b["data"], b["test"], b["model"], b["params"]
   calib = vlm_data.calibration(b, config.quant.attribute)
@@ -155,6 +154,8 @@ def _score(config, seed_dir: str, seed: int, names: Sequence[str], setting: dict
       res["cells"] = cells(m, fp, data, test, config, seed)
     path = wd.result_path(seed_dir, name)
     out[name] = json.loads(json.dumps(wd.jsonable(res)))  # as a reader of the file sees it
+    if launch.is_primary():  # one line per quantizer: the study runs for minutes
+      print(f"[vlm] seed {seed} {name} scored ({time.time() - t0:.0f} s)", flush=True)
     if launch.is_primary():
       wd.write_json(path + ".tmp", out[name])
       os.replace(path + ".tmp", path)
