@@ -17,7 +17,13 @@ every other unit float, and the units' increases summed, as HAWQ and
 FairQuant's allocators assume. Its interactions are not modelled.
 
 `solve_minimax` answers it exactly as a 0/1 integer program (binary
-x[u, k], continuous t; scipy's HiGHS `milp`, zero relative gap). The
+x[u, k], continuous t; scipy's HiGHS `milp`, zero relative gap), after the
+LP relaxation's duals have removed every choice that provably cannot reach
+a greedy incumbent (a Lagrangian bound, recomputed in numpy so it holds
+whatever the LP's accuracy). It is far slower than the reduced knapsack:
+the groups' rows make it a multi-dimensional knapsack whose bound HiGHS
+closes by branching (about 2 s on 179 units and 20 s on 1,000, 6 choices
+and 6 groups, on 2 CPU cores; `benchmarks/allocation.py`). The
 worst case alone leaves many allocations tied (a unit that moves only the
 groups below the worst one is free), so a second stage fixes the groups'
 totals to at most t* + tie_tol and minimises the sum of all groups' totals
