@@ -192,7 +192,10 @@ def get_config(arg=None):
   c.importance.measure_kwargs = ml_collections.ConfigDict()  # a custom measure's options
   c.importance.reducer = "max"  # max | mean | cvar | balanced | subtractive
   c.importance.reducer_kwargs = ml_collections.ConfigDict()  # e.g. alpha for cvar
-  c.importance.method = "auto"  # exact: auto | dp | milp; FairQuant's baseline: quantile
+  # exact on the reduced sensitivity: auto | dp | milp; FairQuant's baseline: quantile;
+  # minimax: exact, the worst group's summed sensitivity over the groups unreduced (the
+  # reducer then only shapes the plan's reported importance)
+  c.importance.method = "auto"
   c.importance.choices = (2, 3, 4, 5, 6, 8)  # candidate bit-widths
   c.importance.calib_per_group = 128  # calibration examples per group (train split)
   c.importance.batch_size = 128

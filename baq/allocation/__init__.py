@@ -6,6 +6,8 @@
               reducers that combine groups
   solver      the exact budgeted choice of integer bits (dynamic programming,
               Lagrangian fixing + ILP) and FairQuant's quantile baseline
+  minimax     the exact choice that minimises the worst group's summed
+              sensitivity (groups unreduced; HiGHS ILP, ties to the best mean)
   eigen       the top Hessian eigenvalue per group (power iteration)
   statistics  a group-balanced calibration sample and the per-group kernel
               statistics (gradients, curvature, measured loss changes) on it

@@ -6,7 +6,9 @@ measure reads (`baq.allocation.statistics`: gradients, Hessian traces or
 diagonals, or measured loss changes), and turns them into importance
 [G, units] and sensitivity [G, units, K] tables (`baq.allocation.importance`).
 `allocate` reduces the groups and solves the budgeted allocation exactly
-(`baq.allocation.solver.solve`), or by FairQuant's quantile baseline. `plan` does
+(`baq.allocation.solver.solve`), or by FairQuant's quantile baseline, or
+(method "minimax") keeps the groups apart and minimises the worst group's
+summed sensitivity exactly (`baq.allocation.minimax`). `plan` does
 both from a config and returns the plan; the experiment writes it to
 WORKDIR/allocation_plan.json, which the `fair_static`, `fair_static_qat` and
 allocation-initialised `baq` modes use.
@@ -24,11 +26,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from baq.allocation import importance, solver, statistics
+from baq.allocation import importance, minimax, solver, statistics
 from baq.quant import fake_quant as fq
 from baq.quant import units
 
-METHODS = solver.METHODS + ("quantile",)  # "quantile": FairQuant's baseline
+# "quantile": FairQuant's baseline; "minimax": the worst group's total, unreduced.
+METHODS = solver.METHODS + ("quantile", "minimax")
 
 
 @dataclasses.dataclass
@@ -130,11 +133,16 @@ def allocate(analysis: Analysis, target_bits: float, reducer: str = "max",
     target_bits: numel-weighted average-bit budget.
     reducer: a name in `importance.REDUCERS`.
     reducer_kwargs: its options (e.g. alpha for cvar).
-    method: "auto", "dp" or "milp" (exact) or "quantile" (FairQuant's baseline).
+    method: "auto", "dp" or "milp" (exact, on the reduced sensitivity),
+      "quantile" (FairQuant's baseline, on the reduced importance) or
+      "minimax" (exact, on every group's sensitivity; the reducer is unused).
 
   Returns:
     int64 [units] bit-widths.
   """
+  if method == "minimax":
+    return minimax.solve_minimax(analysis.sensitivity, analysis.numel, target_bits,
+                                 analysis.choices)
   imp, sens = analysis.reduced(reducer, **(reducer_kwargs or {}))
   if method == "quantile":
     return solver.quantile_assignment(imp, analysis.numel, target_bits, analysis.choices)
@@ -156,7 +164,10 @@ def plan(config: ml_collections.ConfigDict, apply_fn: Callable, float_params: An
 
   Returns:
     The plan: units, numel, integer bits (`units.find_units` order), budget,
-    avg_bits, the settings, group counts, and importance reduced and per group.
+    avg_bits, the settings, group counts, importance reduced and per group,
+    and group_totals: each group's summed sensitivity at the bits (the
+    additive estimate of its loss increase; the minimax method's objective
+    is their max).
   """
   ic = config.importance
   calib = statistics.calibration_split(split, ic.calib_per_group, config.seed)
@@ -170,7 +181,8 @@ def plan(config: ml_collections.ConfigDict, apply_fn: Callable, float_params: An
               target_bits=budget, avg_bits=float((a.numel * bits).sum() / a.numel.sum()),
               measure=ic.measure, reducer=ic.reducer, method=ic.method,
               choices=list(a.choices), group_counts=a.group_counts.tolist(),
-              importance=imp.tolist(), importance_per_group=a.importance.tolist())
+              importance=imp.tolist(), importance_per_group=a.importance.tolist(),
+              group_totals=minimax.group_totals(a.sensitivity, bits, a.choices).tolist())
 
 
 def matches(saved: dict, layers, budget: float) -> bool:
