@@ -15,6 +15,7 @@ deployed) fall in it, and writes W/landscape_b<B>.json.
 from __future__ import annotations
 
 import os
+import time
 from typing import Sequence
 
 from absl import flags
@@ -131,7 +132,13 @@ def survey(workdir: str, budget: float | None = None, choices: Sequence[int] | N
   allocs = landscape.maximal(numel, budget, choices)
   score = ((lambda b: (score_val(b), score_test(b))) if not qat_steps else
            qat_scorer(config, workdir, data, fvars, qat_steps, penalties))
-  val, test = (np.stack(x) for x in zip(*[score(a) for a in allocs]))
+  results, t0 = [], time.time()
+  for i, a in enumerate(allocs):
+    results.append(score(a))
+    if launch.is_primary() and (qat_steps or (i + 1) % 50 == 0 or i + 1 == len(allocs)):
+      print(f"[exhaustive] {i + 1}/{len(allocs)} allocations scored ({time.time() - t0:.0f} s)",
+            flush=True)
+  val, test = (np.stack(x) for x in zip(*results))
   named = {f"uniform{int(np.floor(budget))}": np.full(len(layers), int(np.floor(budget)))}
   named.update(known_allocations(config, workdir, layers, budget,
                                  data["test"].num_classes))
@@ -147,7 +154,8 @@ def survey(workdir: str, budget: float | None = None, choices: Sequence[int] | N
   for name, bits in named.items():
     v, t = score(bits)
     placed[name] = dict(row(bits, v, t), **landscape.rank_of(val[:, 1], float(v[1])))
-  return dict(budget=budget, choices=list(choices), qat_steps=qat_steps, penalties=penalties, units=units.unit_names(layers),
+  return dict(budget=budget, choices=list(choices), qat_steps=qat_steps, penalties=penalties,
+              units=units.unit_names(layers),
               numel=numel.tolist(), count=len(allocs),
               val_worst_group_quantiles=np.quantile(val[:, 1], [0, .25, .5, .75, 1]).tolist(),
               test_worst_group_quantiles=np.quantile(test[:, 1], [0, .25, .5, .75, 1]).tolist(),
