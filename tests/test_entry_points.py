@@ -4,8 +4,9 @@ Each command runs as real processes through the coordinator environment
 (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), exactly as a
 multi-host job starts, one CPU device per process. Its report must equal
 that of one process driving two CPU devices (the same global mesh, so the
-same programs): `train.py`, then `eval.py` over the two-process workdir,
-and the language-model study. Only process 0 prints the table; every
+same programs): `train.py`, then `eval.py` over the two-process workdir;
+the language-model study is in test_entry_points_lm.py (a file of its own,
+so that the two test workers share the work). Only process 0 prints the table; every
 process reaches every collective (a process that waits on a missing one
 hangs until the timeout, which fails the test).
 """
@@ -108,21 +109,3 @@ def test_eval_as_two_processes_reproduces_the_report(trained, tmp_path):
   outs = processes(["eval.py", f"--workdir={two}"])
   assert _report(two) == before
   assert "report: " in outs[0] and "report: " not in outs[1]
-
-
-def test_lm_study_as_two_processes_equals_one(tmp_path):
-  # RTN and GPTQ: the study's steps (train, calibrate, quantize, score) in
-  # a third of the tiny config's time; test_lm_study.py runs every setting.
-  args = ["-m", "baq.study.lm", "--config=configs/lm.py:tiny", "--config.quant.alphas=",
-          "--config.quant.budgets=", "--config.quant.numerics=", "--config.train.steps=20",
-          "--config.train.save_every=10", "--config.data.num_train=600"]
-  one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  out_one = one_process(args + [f"--workdir={one}"], devices=1)
-  outs = processes(args + [f"--workdir={two}"])
-  with open(os.path.join(one, "summary.json")) as f:
-    a = json.load(f)
-  with open(os.path.join(two, "summary.json")) as f:
-    b = json.load(f)
-  assert a == b and list(a["0"]) == ["fp32", "rtn@4", "gptq@4"] and a["0"]["fp32"]["ppl"] > 1
-  table = [l for l in out_one.splitlines() if l.startswith("Mean +- std")]
-  assert table and table[0] in outs[0] and table[0] not in outs[1]
