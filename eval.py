@@ -16,7 +16,7 @@ writes WORKDIR/report.json; the runtimes' numerics of `config.baselines`
 eigenvalue): WORKDIR/diagnostics.json, diagnostics.png, bits_vs_importance.png.
 """
 
-from absl import flags
+from absl import app, flags
 
 from baq import launch
 from baq.experiment import checks, deploy, diagnostics, job
@@ -42,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  launch.run(main)
+  app.run(main)

@@ -8,6 +8,8 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or under SLURM, Open MPI or a TPU
 pod slice); `baq.launch.start` starts `jax.distributed` first.
 """
 
+from absl import app
+
 from baq import launch
 from baq.experiment import checks, job
 
@@ -21,4 +23,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  launch.run(main)
+  app.run(main)

@@ -10,7 +10,7 @@
     job.run(config, workdir)
 
   if __name__ == "__main__":
-    launch.run(main)
+    app.run(main)
 
 `start` does, in this order, before anything else touches JAX:
   1. `jax.distributed` starts when the environment describes a
@@ -231,13 +231,6 @@ def _refuse_missing_overrides(default: Optional[str]) -> None:
   except app.UsageError as e:
     sys.stderr.write(f"FATAL Flags parsing error: {e}\n")
     sys.exit(1)
-
-
-def run(main: Callable[[Sequence[str]], Any]) -> None:
-  """`absl.app.run(main)`, after `check_overrides` on the command line."""
-  from absl import app  # pylint: disable=import-outside-toplevel
-  _refuse_missing_overrides(None)
-  app.run(main)
 
 
 def start(argv: Sequence[str], check: Optional[Callable[[Any], Any]] = None

@@ -107,12 +107,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   wd.baseline_names(config)  # uniform<B> or a runtime's numerics; others list the valid ones
   _check_uniform(config)
   runtime_baselines.check(config)
-  for field, least in (("steps", 0), ("float_steps", 1), ("batch_size", 1),
-                       ("eval_batch_size", 1), ("log_every", 1), ("eval_every", 1),
-                       ("checkpoint_every", 1)):
-    value = config.get(field)
-    if value is not None and not (isinstance(value, int) and value >= least):
-      raise ValueError(f"{field}={value!r} must be an integer >= {least}.")
+  at_least(config, {"steps": 0, "float_steps": 1, "batch_size": 1, "eval_batch_size": 1,
+                    "log_every": 1, "eval_every": 1, "checkpoint_every": 1})
   if any(s.uses_budget for s in specs) and config.quant.target_bytes is None:
     try:
       units.check_budget(float(config.quant.target_bits), config.quant.min_bits,

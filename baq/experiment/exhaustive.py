@@ -18,7 +18,7 @@ import os
 import time
 from typing import Sequence
 
-from absl import flags
+from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +30,7 @@ from baq.fairness import losses
 from baq.models import build_model
 from baq.quant import units
 from baq.quant.inject import QuantMode
-from baq.experiment import deploy, job as experiment, checks as validate
+from baq.experiment import checks, deploy, job as experiment
 from baq import workdir as wd
 from baq.train.checkpoint import restore_variables
 from baq.train.evaluate import evaluate_split
@@ -118,7 +118,7 @@ def survey(workdir: str, budget: float | None = None, choices: Sequence[int] | N
   is scored (`qat_scorer`), instead of round-to-nearest of the float model.
   `config` (default: the workdir's config.json) is checked first.
   """
-  config = validate.load_config(workdir, config)
+  config = checks.load_config(workdir, config)
   data = experiment.load_data(config)
   fvars = restore_variables(wd.float_dir(config, workdir))
   budget = float(config.quant.target_bits if budget is None else budget)
@@ -204,4 +204,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("qat_steps", 0, "Fine-tune each allocation this many steps first "
                        "(0: round-to-nearest of the float model).")
   flags.DEFINE_bool("penalties", False, "Fine-tune with the config's penalties.")
-  launch.run(main)
+  app.run(main)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from absl import flags
+from absl import app, flags
 import ml_collections
 import numpy as np
 
@@ -176,4 +176,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  launch.run(main)
+  app.run(main)

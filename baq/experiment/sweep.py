@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from absl import flags
+from absl import app, flags
 import ml_collections
 import numpy as np
 
@@ -202,4 +202,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  launch.run(main)
+  app.run(main)

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from absl import flags
+from absl import app, flags
 import numpy as np
 
 from baq import launch
 from baq.models import build_model
 from baq.quant.inject import QuantMode
 from baq.stats import corrections, significance as stats
-from baq.experiment import deploy, job as experiment, runtime_baselines, checks as validate
+from baq.experiment import checks, deploy, job as experiment, runtime_baselines
 from baq import workdir as wd
 from baq.train.checkpoint import restore_variables
 from baq.train.evaluate import predict_logits
@@ -44,7 +44,7 @@ def correct(entry: str) -> tuple[np.ndarray, object]:
   workdir, _, method = entry.rpartition(":")
   if not workdir:
     raise ValueError(f"{entry!r}: expected WORKDIR:METHOD (e.g. /tmp/w:baq).")
-  config = validate.load_config(workdir)
+  config = checks.load_config(workdir)
   test = experiment.load_data(config)["test"]
   kw = config.model.kwargs.to_dict()
   if method == wd.FLOAT:
@@ -128,4 +128,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_samples", 2000, "Bootstrap replicates.")
   flags.DEFINE_integer("holm", 0, "Tests in the Holm family (default: the groups).")
   flags.mark_flags_as_required(["runs", "against"])
-  launch.run(main)
+  app.run(main)

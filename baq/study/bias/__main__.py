@@ -12,6 +12,8 @@ the config must have a `study` section (configs/bias_study.py's).
 
 import time
 
+from absl import app
+
 from baq import launch
 from baq.study.bias import runner
 
@@ -29,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  launch.run(main)
+  app.run(main)

@@ -66,7 +66,7 @@ from baq.study.bias.cells import Cell
 from baq.quant import methods
 from baq.experiment import job as experiment, runtime_baselines
 from baq import workdir as wd
-from baq.experiment.checks import validate
+from baq.experiment.checks import at_least, validate
 
 QUANTIZERS = study_cells.QUANTIZERS
 PAIRS = ("auto", "counterfactual", "penultimate", "pixels")
@@ -78,27 +78,21 @@ OPTIONS = ("quantizers", "bits", "baq_bits", "alphas", "calib_size", "calib_batc
 STUDY_CONFIG = "configs/bias_study.py"
 
 
-def _check_numbers(s: ml_collections.ConfigDict) -> None:
+def _check_numbers(config: ml_collections.ConfigDict) -> None:
   """Every count, probability and weight of the study options within its bounds."""
-  def fail(name, value, bound):
-    raise ValueError(f"study.{name}={value!r} must be {bound}.")
-  for name in ("calib_size", "calib_batch", "num_pairs", "pair_pool", "num_bootstrap"):
-    v = s[name]
-    if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-      fail(name, v, "an integer >= 1")
+  s = config.study
+  at_least(config, {f"study.{n}": 1 for n in ("calib_size", "calib_batch", "num_pairs",
+                                               "pair_pool", "num_bootstrap")})
   for name in ("level", "significance"):
     if not 0 < float(s[name]) < 1:
-      fail(name, s[name], "in (0, 1)")
+      raise ValueError(f"study.{name}={s[name]!r} must be in (0, 1).")
   if not float(s.skew_smoothing) >= 0:
-    fail("skew_smoothing", s.skew_smoothing, ">= 0")
-  for name, least in (("alphas", 0.0), ("skew_k", 1)):
+    raise ValueError(f"study.skew_smoothing={s.skew_smoothing!r} must be >= 0.")
+  for name, kind, least in (("alphas", (int, float), 0), ("skew_k", int, 1)):
     values = tuple(s[name]) if isinstance(s[name], (tuple, list)) else (s[name],)
-    if not all(isinstance(v, (int, float)) and float(v) >= least and float(v) < float("inf")
-               for v in values):
-      fail(name, s[name], f"a tuple of finite numbers >= {least:g}")
-  if not all(isinstance(k, int) for k in (s.skew_k if isinstance(s.skew_k, (tuple, list))
-                                           else (s.skew_k,))):
-    fail("skew_k", s.skew_k, "a tuple of integers >= 1")
+    if not all(isinstance(v, kind) and least <= v < float("inf") for v in values):
+      raise ValueError(f"study.{name}={s[name]!r} must be a tuple of finite "
+                       f"{'integers' if kind is int else 'numbers'} >= {least}.")
 
 
 def settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -136,7 +130,7 @@ def settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if s.pairs not in PAIRS:
     raise ValueError(f"Unknown study.pairs {s.pairs!r}. Valid: {', '.join(PAIRS)}.")
   corrections.adjust([], s.correction)  # raises on unknown names, before any cell runs
-  _check_numbers(s)
+  _check_numbers(config)
   corrections.verdicts([], [], [], [], s.significance, s.verdict_rule)
   return s
 

@@ -6,6 +6,8 @@ Seeds are `config.seeds` (--config.seeds="(0,1,2)"); see baq.study.lm.study
 for what WORKDIR holds.
 """
 
+from absl import app
+
 from baq import launch
 from baq.study.lm import study
 
@@ -19,4 +21,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  launch.run(main)
+  app.run(main)
