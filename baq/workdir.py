@@ -73,6 +73,8 @@ VERDICTS_PLOT = "verdicts.png"
 STUDY_DATA_DIR = "data"  # the LM study's generated corpus
 RESULTS_DIR = "results"  # one JSON per setting of a seed
 SEED_REPORT_FILE = "report.json"
+ARM_RESULT_FILE = "result.json"  # the allocation protocol: one arm of a seed and budget
+ARM_CORRECT_FILE = "test_correct.npy"  # its selected run's test correctness
 
 
 def result_path(seed_dir: str, setting: str) -> str:
@@ -212,3 +214,9 @@ def budget_dir(root: str, seed: int, bits: float) -> str:
 def variant_dir(root: str, seed: int, bits: float, variant: str) -> str:
   """The Pareto benchmark's workdir of one budget and variant: ROOT/seed<S>_b<B>_<variant>."""
   return path(root, f"seed{seed}_b{bits:g}_{variant}")
+
+
+def arm_dir(root: str, seed: int, bits: float, arm: str) -> str:
+  """The allocation protocol's directory of one arm: ROOT/seed<S>/b<B>/<arm>."""
+  return path(seed_dir(root, seed), f"b{bits:g}", arm)
+

@@ -90,3 +90,42 @@ def test_survey_scores_every_allocation_as_the_deployed_model_evaluates(tmp_path
   assert best["test_accuracy"] == pytest.approx(m["accuracy"])
   assert best["test_worst_group_accuracy"] == pytest.approx(m["worst_group_accuracy"])
   assert "uniform3" in train_landscape.format_survey(s)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_maximal_draws_only_and_eventually_every_budget_filling_allocation(seed):
+  rng = np.random.default_rng(100 + seed)
+  numel = rng.integers(1, 40, 3).tolist()
+  choices = [2, 3, 4, 6]
+  target = float(rng.uniform(2.2, 5.5))
+  want = set(_recursive(numel, int(np.floor(target * sum(numel) + 1e-9)), choices))
+  draws = {tuple(landscape.random_maximal(numel, target, choices, rng).tolist())
+           for _ in range(400)}
+  assert draws <= want  # each draw meets the budget and wastes none of it
+  assert len(draws) >= min(len(want), 2)  # it is random, not one fixed allocation
+  for b in want:
+    assert landscape.is_maximal(np.array(b), numel, target, choices)
+
+
+def test_random_maximal_scales_to_many_units_and_is_maximal():
+  rng = np.random.default_rng(0)
+  numel = rng.integers(10, 500, 179)
+  bits = landscape.random_maximal(numel, 2.5, (2, 3, 4, 5, 6, 8), rng)
+  assert (numel * bits).sum() <= 2.5 * numel.sum()
+  assert landscape.is_maximal(bits, numel, 2.5, (2, 3, 4, 5, 6, 8))
+  assert not landscape.is_maximal(np.full(179, 2), numel, 2.5, (2, 3, 4, 5, 6, 8))
+  with pytest.raises(ValueError, match="No allocation"):
+    landscape.random_maximal(numel, 1.5, (2, 3), rng)
+
+
+def test_fill_budget_only_raises_and_ends_maximal_taking_the_best_gain_first():
+  rng = np.random.default_rng(3)
+  numel, choices = [10, 10, 20], (2, 3, 4)
+  start = np.array([2, 2, 2])
+  gain = rng.uniform(size=(3, 3))
+  out = landscape.fill_budget(start, numel, 3.0, choices, gain)
+  assert np.all(out >= start) and landscape.is_maximal(out, numel, 3.0, choices)
+  # One step of budget left (10 weight-bits): the unit of the larger gain per bit takes it.
+  best = int(np.argmax([gain[0, 0] / 10, gain[1, 0] / 10]))
+  out = landscape.fill_budget(start, numel, 2.25, choices, gain)
+  assert out.tolist() == [3 if best == 0 else 2, 3 if best == 1 else 2, 2]

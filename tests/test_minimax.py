@@ -181,3 +181,46 @@ def test_tiny_main_jobs_plan_with_minimax(tmp_path, make_tiny_config, tiny_float
   c.importance.method = "minmax"
   with pytest.raises(ValueError, match="minimax"):
     checks.validate(c)
+
+
+def test_measured_minimax_gives_the_most_bits_to_a_unit_that_destroys_one_group():
+  """A planted unit: kernel B alone serves group 2, and at low bits its one outlier
+  rounds every small, discriminative weight to zero. The measured signal (each
+  unit alone quantized, on the calibration split) must find it and the exact
+  minimax allocation must give it the most bits, spending the whole budget."""
+  import jax.numpy as jnp
+  from baq.allocation import planner
+  from baq.data.datasets import Split
+  from baq.quant import units
+  from baq.quant.inject import QuantSpec
+
+  rng = np.random.default_rng(0)
+  n = 90
+  groups = np.repeat(np.arange(3), n // 3).astype(np.int32)
+  x = rng.normal(size=(n, 4)).astype(np.float32)
+  x[groups < 2, 2:] = 0.0  # groups 0 and 1 read kernel A's inputs only,
+  x[groups == 2, :2] = 0.0  # group 2 kernel B's
+  a_kernel = np.array([[1.0, -1.0], [-1.0, 1.0]], np.float32)  # on every grid
+  b_kernel = np.array([[0.3, -0.3], [-0.3, 2.0]], np.float32)  # an outlier and small weights
+  params = {"A": {"kernel": jnp.asarray(a_kernel)}, "B": {"kernel": jnp.asarray(b_kernel)}}
+  logits = x[:, :2] @ a_kernel + x[:, 2:] @ b_kernel
+  labels = logits.argmax(1).astype(np.int32)
+  pix = np.zeros((n, 1, 4, 3), np.float32)  # unused: apply_fn reads the features
+  split = Split(images=pix.astype(np.uint8), labels=labels, groups=groups, num_classes=2,
+                num_groups=3, class_names=("p", "q"), group_names=("g0", "g1", "g2"),
+                name="planted")
+  feats = jnp.asarray(x)
+
+  def apply_fn(p, images):
+    del images  # the features are fixed per example, in split order
+    return feats[:, :2] @ p["A"]["kernel"] + feats[:, 2:] @ p["B"]["kernel"]
+
+  layers = [units.LayerUnits("A", ("A", "A", "bits"), ("A", "kernel"), 1, 4),
+            units.LayerUnits("B", ("B", "B", "bits"), ("B", "kernel"), 1, 4)]
+  spec = QuantSpec(granularity="layer", scale_method="absmax")
+  a = planner.analyse(apply_fn, params, layers, lambda name: spec, split, measure="loss",
+                      choices=(2, 4, 8), batch_size=n)
+  assert np.allclose(a.sensitivity[:, 0], 0.0, atol=1e-6)  # A: exact on every grid
+  assert a.sensitivity[2, 1, 0] > 10 * a.sensitivity[2, 1, 1] > 0 and np.allclose(a.sensitivity[:2, 1], 0.0, atol=1e-6)
+  assert planner.allocate(a, 3.0, method="minimax").tolist() == [2, 4]
+  assert planner.allocate(a, 5.0, method="minimax").tolist() == [2, 8]

@@ -56,3 +56,91 @@ def rank_of(scores: np.ndarray, value: float) -> dict:
   scores = np.asarray(scores, np.float64)
   return dict(better_than=float(np.mean(scores < value)),
               rank=int(np.sum(scores > value)) + 1, of=int(scores.size))
+
+
+def is_maximal(bits: np.ndarray, numel: Sequence[int], target_bits: float,
+               choices: Sequence[int]) -> bool:
+  """Whether `bits` meets the budget and no single unit could step up within it."""
+  w = np.asarray(numel, np.int64)
+  c = np.asarray(sorted(set(int(x) for x in choices)), np.int64)
+  cap = int(np.floor(target_bits * int(w.sum()) + 1e-9))
+  idx = np.searchsorted(c, np.asarray(bits, np.int64))
+  spent = int((c[idx] * w).sum())
+  up = idx + 1 < len(c)
+  step = (c[np.minimum(idx + 1, len(c) - 1)] - c[idx]) * w
+  return spent <= cap and not np.any(up & (spent + step <= cap))
+
+
+def random_maximal(numel: Sequence[int], target_bits: float, choices: Sequence[int],
+                   rng: np.random.Generator) -> np.ndarray:
+  """A random allocation that meets the budget and wastes none of it.
+
+  Every unit starts at a uniformly drawn choice; random units step down one
+  choice until the budget holds, then random units that still fit step up
+  one choice until none does (so the result is in `maximal`'s set, for any
+  number of units).
+
+  Args:
+    numel: weights per unit.
+    target_bits: the numel-weighted average-bit budget.
+    choices: candidate integer bit-widths.
+    rng: the generator drawn from.
+
+  Returns:
+    int64 [units] bit-widths.
+
+  Raises:
+    ValueError: not even the lowest choice everywhere meets the budget.
+  """
+  w = np.asarray(numel, np.int64)
+  c = np.asarray(sorted(set(int(x) for x in choices)), np.int64)
+  cap = int(np.floor(target_bits * int(w.sum()) + 1e-9))
+  if int(c[0] * w.sum()) > cap:
+    raise ValueError(f"No allocation from choices {c.tolist()} meets {target_bits} bits.")
+  idx = rng.integers(0, len(c), size=w.size)
+  while (c[idx] * w).sum() > cap:
+    down = np.flatnonzero(idx > 0)
+    idx[rng.choice(down)] -= 1
+  while True:
+    spent = int((c[idx] * w).sum())
+    up = np.flatnonzero((idx + 1 < len(c)) &
+                        (spent + (c[np.minimum(idx + 1, len(c) - 1)] - c[idx]) * w <= cap))
+    if up.size == 0:
+      return c[idx]
+    idx[rng.choice(up)] += 1
+
+
+def fill_budget(bits: np.ndarray, numel: Sequence[int], target_bits: float,
+                choices: Sequence[int], gain: np.ndarray) -> np.ndarray:
+  """`bits` raised, one choice at a time, until no unit fits: a maximal allocation.
+
+  Each step raises the unit whose next choice gains most per weight-bit spent
+  (`gain[u, k]`: what moving unit u from choice k to k+1 is worth; ties to
+  the lower index). With a table that never worsens as bits grow, raising a
+  unit cannot worsen any allocator's objective, so an optimal allocation
+  stays optimal and none of the budget is left unspent.
+
+  Args:
+    bits: int [units] allocation within the budget.
+    numel: weights per unit.
+    target_bits: the numel-weighted average-bit budget.
+    choices: candidate integer bit-widths.
+    gain: [units, len(choices)] (last column unused).
+
+  Returns:
+    int64 [units], `is_maximal`.
+  """
+  w = np.asarray(numel, np.int64)
+  c = np.asarray(sorted(set(int(x) for x in choices)), np.int64)
+  cap = int(np.floor(target_bits * int(w.sum()) + 1e-9))
+  idx = np.searchsorted(c, np.asarray(bits, np.int64))
+  gain = np.asarray(gain, np.float64)
+  while True:
+    spent = int((c[idx] * w).sum())
+    nxt = np.minimum(idx + 1, len(c) - 1)
+    cost = (c[nxt] - c[idx]) * w
+    ok = (idx + 1 < len(c)) & (spent + cost <= cap)
+    if not ok.any():
+      return c[idx]
+    value = np.where(ok, gain[np.arange(w.size), idx] / np.maximum(cost, 1), -np.inf)
+    idx[int(np.argmax(value))] += 1

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from baq.allocation import importance, minimax, solver, statistics
+from baq.allocation import importance, landscape, minimax, solver, statistics
 from baq.quant import fake_quant as fq
 from baq.quant import units
 
@@ -141,8 +141,16 @@ def allocate(analysis: Analysis, target_bits: float, reducer: str = "max",
     int64 [units] bit-widths.
   """
   if method == "minimax":
-    return minimax.solve_minimax(analysis.sensitivity, analysis.numel, target_bits,
-                                 analysis.choices)
+    # More bits are never estimated worse than fewer (a running minimum over
+    # the ascending choices): measured increases are noisy, and a table that
+    # rewards fewer bits would leave budget unspent. Every group's total then
+    # only falls as a unit rises, so the budget left over is spent without
+    # losing the optimum.
+    sens = np.minimum.accumulate(analysis.sensitivity, axis=-1)
+    bits = minimax.solve_minimax(sens, analysis.numel, target_bits, analysis.choices)
+    gain = np.concatenate([(sens[..., :-1] - sens[..., 1:]).sum(0),
+                           np.zeros(sens.shape[1:2] + (1,))], -1)
+    return landscape.fill_budget(bits, analysis.numel, target_bits, analysis.choices, gain)
   imp, sens = analysis.reduced(reducer, **(reducer_kwargs or {}))
   if method == "quantile":
     return solver.quantile_assignment(imp, analysis.numel, target_bits, analysis.choices)

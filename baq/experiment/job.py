@@ -135,23 +135,37 @@ def allocation_plan(config: ml_collections.ConfigDict, workdir: str, float_varia
   Returns:
     int64 [units] bit-widths in `units.find_units` order.
   """
-  fv = as_variables(float_variables)
-  spec, split = get_mode(config, "fair_static"), data["train"]
-  kw = config.model.kwargs.to_dict()
-  qparams = init_quantized(build_model(config.model.name, split.num_classes, spec.quantizer,
-                                       **kw), split, fv["params"])
-  layers = units.find_units(qparams)
-  budget = budget_bits(config, qparams, layers, fv.get("batch_stats"))
+  layers, budget = plan_units(config, float_variables, data["train"])
   path = wd.path(workdir, wd.PLAN_FILE)
   if os.path.exists(path) and planner.matches(saved := wd.read_json(path), layers, budget):
     return np.asarray(saved["bits"], np.int64)
-  fmodel = build_model(config.model.name, split.num_classes, None, **kw)
-  plan = planner.plan(config, lambda p, x: apply_model(fmodel, dict(fv, params=p), x),
-                      fv["params"], layers, spec.quantizer.spec_for, split, budget)
+  plan = make_plan(config, float_variables, data["train"])
   if is_primary():  # every host allocates the same bits; one writes
     os.makedirs(workdir, exist_ok=True)
     wd.write_json(path, plan)
   return np.asarray(plan["bits"], np.int64)
+
+
+def plan_units(config: ml_collections.ConfigDict, float_variables: Any, split) -> tuple:
+  """(the quantized model's `units.find_units`, the average-bit budget) of `config`."""
+  fv = as_variables(float_variables)
+  spec = get_mode(config, "fair_static")
+  qparams = init_quantized(build_model(config.model.name, split.num_classes, spec.quantizer,
+                                       **config.model.kwargs.to_dict()), split, fv["params"])
+  layers = units.find_units(qparams)
+  return layers, budget_bits(config, qparams, layers, fv.get("batch_stats"))
+
+
+def make_plan(config: ml_collections.ConfigDict, float_variables: Any, split) -> dict:
+  """`planner.plan` of the float model at the config's budget, calibrated on `split`
+  (a group-balanced sample of it: `importance.calib_per_group` per group); no I/O."""
+  fv = as_variables(float_variables)
+  layers, budget = plan_units(config, fv, split)
+  fmodel = build_model(config.model.name, split.num_classes, None,
+                       **config.model.kwargs.to_dict())
+  return planner.plan(config, lambda p, x: apply_model(fmodel, dict(fv, params=p), x),
+                      fv["params"], layers, get_mode(config, "fair_static").quantizer.spec_for,
+                      split, budget)
 
 
 def baseline_runs(config: ml_collections.ConfigDict, workdir: str, num_classes: int,

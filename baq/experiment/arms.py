@@ -1,0 +1,164 @@
+"""The protocol's arms: each an allocation signal feeding the exact solver, or a control.
+
+An arm sees one seed's float model at one budget (`Context`) and proposes
+candidates (`Proposal`): integer allocations to train at (mode
+`fair_static_qat`), or a mode that searches its own bits while it trains
+(`baq`). The protocol trains every candidate the same total steps and keeps
+the best on validation, so an arm of several candidates (the random
+control, the oracle) is an arm that searched by training. What an arm reads
+to decide is its own affair, but never the test split.
+
+  static    the shipped importance allocation (config.importance: Hutchinson
+            Hessian on a train calibration sample, groups reduced by `max`,
+            exact knapsack), trained the total steps: the equal-steps static
+            control every other arm is paired against
+  minimax   the same Hessian sensitivity, groups kept apart: the exact
+            minimax knapsack (min over allocations of the worst group's sum)
+  measured  measured sensitivity on the validation split: each unit alone
+            quantized at each choice, every group's loss increase
+            (importance.measure "loss"), then the exact minimax knapsack
+  baq       BAQ: bits and weights trained jointly from the static plan for
+            `quant.search_steps`, projected, then `steps` more at them
+  random    `protocol.random_count` random budget-filling allocations, each
+            trained the total steps; the best on validation
+  oracle    every budget-filling allocation (when there are at most
+            `protocol.oracle_limit`), each trained; the best on validation
+
+A new arm is one function registered in ARMS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Optional
+
+import ml_collections
+import numpy as np
+
+from baq.allocation import landscape
+from baq.experiment import job
+from baq.registry import Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One run an arm asks for.
+
+  Attributes:
+    name: the run's directory under the arm's.
+    mode: "fair_static_qat" (trains the weights at `bits`) or "baq".
+    bits: the integer allocation to train at (or BAQ's start), `units` order.
+  """
+
+  name: str
+  mode: str
+  bits: np.ndarray
+
+
+@dataclasses.dataclass
+class Proposal:
+  """What an arm decided, and what deciding cost.
+
+  Attributes:
+    candidates: the runs to train; the protocol keeps the best on validation.
+    search_seconds: wall time of the decision itself (statistics, solver).
+    search_steps: training steps the arm's search takes inside its runs
+      (BAQ's bit search); they count in the equal total.
+    info: what to record (e.g. the plan's group totals).
+  """
+
+  candidates: list
+  search_seconds: float
+  search_steps: int = 0
+  info: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Context:
+  """One seed's float model at one budget.
+
+  Attributes:
+    config: the protocol config with `seed` and `quant.target_bits` set.
+    data: {"train", "validation", "test"} splits.
+    float_vars: the float model's variables.
+    numel: weights per unit.
+    choices: the candidate bit-widths.
+    budget: the average-bit budget.
+  """
+
+  config: ml_collections.ConfigDict
+  data: dict
+  float_vars: Any
+  numel: np.ndarray
+  choices: tuple
+  budget: float
+  _plans: dict = dataclasses.field(default_factory=dict)
+
+  def plan(self, split: str = "train", **importance) -> tuple[dict, float]:
+    """(`job.make_plan` with `config.importance` fields changed, its seconds), memoised."""
+    key = (split, tuple(sorted(importance.items())))
+    if key not in self._plans:
+      c = self.config.copy_and_resolve_references()
+      c.importance.update(importance)
+      t0 = time.perf_counter()
+      plan = job.make_plan(c, self.float_vars, self.data[split])
+      self._plans[key] = (plan, time.perf_counter() - t0)
+    return self._plans[key]
+
+
+ARMS: Registry[Callable[[Context], Proposal]] = Registry("protocol arm")
+
+
+def _planned(ctx: Context, name: str, split: str = "train", **importance) -> Proposal:
+  plan, seconds = ctx.plan(split, **importance)
+  bits = np.asarray(plan["bits"], np.int64)
+  return Proposal([Candidate(name, "fair_static_qat", bits)], seconds,
+                  info=dict(group_totals=plan["group_totals"], measure=plan["measure"],
+                            method=plan["method"], calibration=split))
+
+
+@ARMS.register("static")
+def _static(ctx: Context) -> Proposal:
+  return _planned(ctx, "static")
+
+
+@ARMS.register("minimax")
+def _minimax(ctx: Context) -> Proposal:
+  return _planned(ctx, "minimax", method="minimax")
+
+
+@ARMS.register("measured")
+def _measured(ctx: Context) -> Proposal:
+  return _planned(ctx, "measured", "validation", measure="loss", method="minimax")
+
+
+@ARMS.register("baq")
+def _baq(ctx: Context) -> Proposal:
+  plan, seconds = ctx.plan()
+  return Proposal([Candidate("baq", "baq", np.asarray(plan["bits"], np.int64))], seconds,
+                  search_steps=int(ctx.config.quant.search_steps or 0))
+
+
+@ARMS.register("random")
+def _random(ctx: Context) -> Proposal:
+  t0 = time.perf_counter()
+  rng = np.random.default_rng([int(ctx.config.seed), int(round(ctx.budget * 1000)), 7])
+  cands = [Candidate(f"random{i}", "fair_static_qat",
+                     landscape.random_maximal(ctx.numel, ctx.budget, ctx.choices, rng))
+           for i in range(int(ctx.config.protocol.random_count))]
+  return Proposal(cands, time.perf_counter() - t0)
+
+
+@ARMS.register("oracle")
+def _oracle(ctx: Context) -> Optional[Proposal]:
+  """Every maximal allocation, or None (the arm skipped) when there are too many."""
+  limit = int(ctx.config.protocol.oracle_limit)
+  if len(ctx.choices) ** len(ctx.numel) > landscape.MAX_ALLOCATIONS:
+    return None
+  t0 = time.perf_counter()
+  every = landscape.maximal(ctx.numel, ctx.budget, ctx.choices)
+  if len(every) > limit:
+    return None
+  return Proposal([Candidate(f"alloc{i}", "fair_static_qat", b) for i, b in enumerate(every)],
+                  time.perf_counter() - t0, info=dict(allocations=len(every)))

@@ -1,0 +1,131 @@
+"""The allocation protocol on the tiny config: equal steps, selection on validation, resume,
+and its report's paired tests and Holm adjustment on planted numbers."""
+
+import os
+
+import numpy as np
+import pytest
+
+from baq import workdir as wd
+from baq.experiment import protocol, protocol_report
+from baq.stats import corrections
+from configs import protocol as protocol_config
+
+ARMS = "uniform,static,minimax,measured,baq,random,oracle"
+
+
+@pytest.fixture(scope="module")
+def finished(make_tiny_config, tiny_data, tmp_path_factory):
+  """Two seeds of every arm at one budget, trained once for this file."""
+  c = make_tiny_config(**{"quant.search_steps": 3, "importance.choices": (2, 3, 4)})
+  c.protocol = protocol_config.get_config("layer,runlocal").protocol
+  c.protocol.budgets, c.protocol.arms, c.protocol.random_count = (3.0,), ARMS, 2
+  c.concurrent_runs = "1"
+  root = str(tmp_path_factory.mktemp("protocol"))
+  runs = {s: protocol.run_seed(c, root, s, tiny_data, log=lambda *_: None) for s in (0, 1)}
+  return c, root, runs
+
+
+def test_every_arm_trains_the_same_total_steps_within_the_budget(finished):
+  c, root, runs = finished
+  T = c.steps + 3
+  assert protocol.total_steps(c) == T
+  for s, rows in runs.items():
+    assert sorted(rows) == sorted(["uniform3", "uniform8", "static@3", "minimax@3",
+                                   "measured@3", "baq@3", "random@3", "oracle@3"])
+    assert wd.latest_step(wd.path(wd.seed_dir(root, s), "uniform3")) == T
+    for name, r in rows.items():
+      if name.startswith("uniform"):
+        continue
+      assert r["avg_bits"] <= 3.0 + 1e-9 and r["steps"] == T
+      for cand in r["candidates"]:
+        assert wd.latest_step(wd.path(wd.arm_dir(root, s, 3.0, r["arm"]),
+                                      cand["candidate"])) == T
+    assert rows["baq@3"]["search_steps"] == 3 and rows["static@3"]["search_steps"] == 0
+    assert rows["measured@3"]["info"]["calibration"] == "validation"
+
+
+def test_the_kept_candidate_is_the_best_on_validation_and_the_test_file_matches(finished):
+  _, root, runs = finished
+  for s, rows in runs.items():
+    for arm in ("random@3", "oracle@3"):
+      r = rows[arm]
+      val = [(x["validation"]["worst_group_accuracy"], x["validation"]["accuracy"])
+             for x in r["candidates"]]
+      assert r["selected"] == r["candidates"][int(np.argmax([v[0] * 10 + v[1] for v in val]))][
+          "candidate"] or val.count(max(val)) > 1
+      assert len(r["candidates"]) == (2 if arm == "random@3" else r["info"]["allocations"])
+    correct = np.load(wd.path(wd.arm_dir(root, s, 3.0, "static"), wd.ARM_CORRECT_FILE))
+    assert correct.mean() == pytest.approx(rows["static@3"]["test"]["accuracy"])
+
+
+def test_a_rerun_reads_every_finished_arm_back(finished, tiny_data):
+  c, root, runs = finished
+  again = protocol.run_seed(c, root, 0, tiny_data, log=lambda *_: None)
+  assert again == runs[0]
+
+
+def test_the_summary_pairs_every_arm_with_the_static_control(finished, tiny_data):
+  c, root, runs = finished
+  summary = protocol_report.summarize(c, root, runs, tiny_data["test"])
+  comparisons = summary["budgets"]["3"]["comparisons"]
+  assert {x["row"] for x in comparisons if x["against"] == "static@3"} == {
+      "minimax@3", "measured@3", "baq@3", "random@3", "oracle@3"}
+  for x in comparisons:
+    assert x["holm_p"] >= x["t_p"] or np.isnan(x["t_p"])
+  text = protocol_report.format_summary(summary)
+  assert "static@3" in text and "Holm family" in text
+
+
+def _planted(seeds, gain):
+  """Runs where arm "good" beats static and uniform by `gain` worst-group points."""
+  runs = {}
+  for s in seeds:
+    noise = 0.002 * s
+    row = lambda w, a=0.8: dict(test=dict(worst_group_accuracy=w, accuracy=a,
+                                          group_accuracy=[w, a]),
+                                validation=dict(worst_group_accuracy=w, accuracy=a),
+                                avg_bits=2.5, search_seconds=1.0, train_seconds=2.0)
+    runs[s] = {"uniform2": row(0.5), "uniform3": row(0.6 + noise), "uniform8": row(0.7),
+               "static@2.5": row(0.6 + noise), "good@2.5": row(0.6 + gain + 2 * noise),
+               "same@2.5": row(0.6 + (noise if s % 2 else -noise))}
+  return runs
+
+
+class _Test:
+  groups = np.array([0] * 300 + [1] * 700)
+  labels = np.zeros(1000)
+  num_groups = 2
+  group_names = ("a", "b")
+
+
+def test_a_planted_win_passes_holm_and_a_null_arm_does_not():
+  c = protocol_config.get_config("layer,runlocal")
+  c.protocol.budgets = (2.5,)
+  summary = protocol_report.summarize(c, "/nonexistent", _planted(range(5), 0.05), _Test())
+  comps = {(x["row"], x["against"]): x for x in summary["budgets"]["2.5"]["comparisons"]}
+  assert comps[("good@2.5", "static@2.5")]["holm_p"] < 0.05
+  assert comps[("same@2.5", "static@2.5")]["holm_p"] > 0.5
+  raw = [1.0 if np.isnan(x["t_p"]) else x["t_p"]  # no difference at all: no evidence
+         for x in summary["budgets"]["2.5"]["comparisons"]]
+  adjusted = [x["holm_p"] for x in summary["budgets"]["2.5"]["comparisons"]]
+  np.testing.assert_allclose(adjusted, corrections.holm(np.array(raw)))
+  assert summary["goal"] == ["good@2.5"]
+  # Accuracy more than a point below uniform 8-bit disqualifies the same win.
+  runs = _planted(range(5), 0.05)
+  for s in runs:
+    runs[s]["uniform8"]["test"]["accuracy"] = 0.9
+  assert protocol_report.summarize(c, "/x", runs, _Test())["goal"] == []
+
+
+def test_regimes_and_bad_arms_are_refused_with_the_valid_names():
+  with pytest.raises(ValueError, match="Valid: layer, layer_a4, channel"):
+    protocol_config.get_config("per_tensor")
+  c = protocol_config.get_config("channel_a4")
+  assert c.quant.granularity == "channel" and c.quant.act_bits == 4
+  assert c.dataset.kwargs.num_test == 80_000 and len(c.seeds) == 5
+  c.protocol.arms = "static,hessian_magic"
+  with pytest.raises(KeyError, match="hessian_magic.*static"):
+    protocol.arm_names(c)
+  assert protocol.uniform_bits([2.5, 3.0]) == [2, 3, 8]
+  assert os.path.basename(wd.arm_dir("/r", 1, 2.5, "static")) == "static"
