@@ -102,7 +102,8 @@ def make_qkx2_quants(xp, x, weights, nmax: int, rmin: float, rdelta: float, nste
     xp: numpy or jax.numpy.
     x, weights: float32 [N, n] groups and their error weights.
     nmax: the largest code; rmin, rdelta, nstep: the candidate scales
-      (rmin + rdelta * is + nmax) / (max - min), is = 0..nstep.
+      (rmin + rdelta * is + nmax) / (max - min), is = 0..nstep, min the best
+      one so far (the reference updates it inside its loop).
     use_mad: absolute (True) or squared error.
 
   Returns:
@@ -123,9 +124,9 @@ def make_qkx2_quants(xp, x, weights, nmax: int, rmin: float, rdelta: float, nste
                                for i in range(nstep + 1)], F32))
 
   def step(i, carry):
-    best, scale, mn, L = carry
-    la = xp.clip(nearest_int(xp, barrier(xp, (steps[i] / span)[:, None] * (x - lo[:, None]))),
-                 0, nmax)
+    best, scale, mn, L = carry  # the C loop grids from the best min so far
+    iscale = steps[i] / xp.where(flat, F32(1), hi - mn)
+    la = xp.clip(nearest_int(xp, barrier(xp, iscale[:, None] * (x - mn[:, None]))), 0, nmax)
     lf = la.astype(F32)
     wl = barrier(xp, weights * lf)
     sum_l, sum_l2 = seqsum(xp, wl), seqsum(xp, barrier(xp, wl * lf))
