@@ -15,8 +15,9 @@ Every 2-D tensor llama.cpp wrote is read back with gguf.GGUFReader and
 compared, byte for byte, with `ggml.quantize` of the same F32 rows in the
 type baq's `ggml.stored_type` predicts. Per type and model it prints the
 tensors compared, how many got the predicted type, how many are
-byte-identical, the differing blocks and the largest difference of the
-dequantized values.
+byte-identical, the differing blocks, the largest difference of the
+dequantized values, the relative error ||dequant(quant(W)) - W|| / ||W|| over
+those tensors and the seconds baq's numpy codec took.
 
   pip install llama-cpp-python gguf   # llama-cpp-python builds llama.cpp (minutes)
   python -m benchmarks.ggml_check [--keep=/tmp/ggml_check]
@@ -65,6 +66,7 @@ def write_random_llama(path: str, like: gguf.GGUFReader, seed: int = 0) -> None:
     w[1, :cols // 2] = 0.01  # constant blocks
     w[2] = np.abs(w[2])  # positive blocks: an affine grid's minimum above 0
     w[3] = np.round(w[3] * 400) / 400  # repeated values, ties
+    w[4] = -0.0  # negative zeros (gguf.quants and ggml differ in the sign of d)
     return w
 
   writer.add_tensor("token_embd.weight", weight(vocab, width))
@@ -99,7 +101,7 @@ def compare(src: str, dst: str) -> dict:
   """baq's bytes against llama.cpp's, per 2-D tensor of src."""
   rows = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(src).tensors if len(t.shape) == 2}
   out = dict(tensors=0, predicted=0, identical=0, blocks=0, diff_blocks=0, max_diff=0.0,
-             stored=set(), seconds=0.0)
+             stored=set(), seconds=0.0, err2=0.0, norm2=0.0)
   for t in gguf.GGUFReader(dst).tensors:
     if t.name not in rows:
       continue
@@ -124,6 +126,8 @@ def compare(src: str, dst: str) -> dict:
     out["diff_blocks"] += int((~same).sum())
     out["identical"] += bool(same.all())
     out["max_diff"] = max(out["max_diff"], float(np.abs(deq(ours) - deq(theirs)).max()))
+    out["err2"] += float(((deq(theirs).reshape(w.shape) - w.astype(np.float64)) ** 2).sum())
+    out["norm2"] += float((w.astype(np.float64) ** 2).sum())
   return out
 
 
@@ -145,7 +149,7 @@ def main():
     models["stories260K"] = STORIES
   print(f"llama-cpp-python {llama_cpp.__version__}")
   print(f"{'type':6} {'model':12} {'stored as':18} {'tensors':>7} {'predicted':>9} "
-        f"{'identical':>9} {'diff blocks':>15} {'max |deq diff|':>14} {'baq s':>6}")
+        f"{'identical':>9} {'diff blocks':>15} {'max |deq diff|':>14} {'rel err':>8} {'baq s':>6}")
   for qtype in TYPES:
     for model, src in models.items():
       dst = os.path.join(folder, f"{model}_{qtype}.gguf")
@@ -154,7 +158,7 @@ def main():
       r = compare(src, dst)
       print(f"{qtype:6} {model:12} {','.join(sorted(r['stored'])):18} {r['tensors']:7d} "
             f"{r['predicted']:9d} {r['identical']:9d} {r['diff_blocks']:7d}/{r['blocks']:<7d} "
-            f"{r['max_diff']:14.3g} {r['seconds']:6.2f}")
+            f"{r['max_diff']:14.3g} {(r['err2'] / r['norm2']) ** 0.5:8.4f} {r['seconds']:6.2f}")
 
 
 if __name__ == "__main__":

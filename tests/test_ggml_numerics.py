@@ -2,7 +2,8 @@
 
   * Legacy types (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0): bytes identical to
     gguf.quants.quantize and values to gguf.quants.dequantize, on data with
-    zeros, ties, outliers; rows that do not divide into 32 refused.
+    zeros, ties, outliers (but for the sign of a -0.0 block's scale, where
+    baq follows ggml); rows that do not divide into 32 refused.
   * k-quants (Q6_K .. Q2_K; gguf has no quantizer for them): baq's bytes
     decode through gguf.quants.dequantize to exactly baq's dequantization,
     and the codes have the reference's properties (nearest on the stored
@@ -55,6 +56,14 @@ def test_legacy_bytes_are_gguf_quants(name):
   ours = ggml.quantize(rows, name)
   ref = gguf.quants.quantize(rows, _gguf(name))
   assert ours.dtype == np.uint8 and ours.shape == ref.shape
+  if name in ("q4_0", "q5_0"):
+    # Blocks of -0.0: ggml's d = +0.0 / -8 = -0.0 (its max starts at +0.0 and stays),
+    # gguf.quants' -0.0 / -8 = +0.0. baq follows ggml (benchmarks/ggml_check.py).
+    size = ggml.TYPES[name].type_size
+    np.testing.assert_array_equal(ours[1, :8 * size].reshape(8, size)[:, :2], [[0, 0x80]] * 8)
+    np.testing.assert_array_equal(ref[1, :8 * size].reshape(8, size)[:, :2], [[0, 0]] * 8)
+    ref = ref.copy()
+    ref[1, :8 * size] = ours[1, :8 * size]
   np.testing.assert_array_equal(ours, ref)
   np.testing.assert_array_equal(ggml.dequantize(ours, name), gguf.quants.dequantize(ref, _gguf(name)))
   # ties: x / d + 0.5 exactly an integer, truncated in C and in gguf alike

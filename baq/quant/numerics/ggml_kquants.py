@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from baq.quant.numerics.ggml_search import (F32, barrier, div, first_absmax, make_q3_quants,
-                                            make_qkx2_quants, make_qx_quants, nearest_int,
-                                            seqsum, GROUP_MAX_EPS)
+from baq.quant.numerics.ggml_search import (F32, GROUP_MAX_EPS, barrier, div, first_absmax,
+                                            make_q3_quants, make_qkx2_quants, make_qx_quants,
+                                            nearest_int, seqsum)
 
 QK_K = 256  # weights per super-block
 
@@ -34,7 +34,7 @@ def _safe_inv(xp, c: float, v):
   return xp.where(v != 0, F32(c) / xp.where(v != 0, v, F32(1)), F32(0))
 
 
-def _recode(xp, g, L, d_sub, code):
+def _recode(xp, L, d_sub, code):
   """The reference's final pass: codes against the stored group scales, where not 0."""
   new = code(xp.where(d_sub != 0, d_sub, F32(1))[:, None])
   return xp.where((d_sub != 0)[:, None], new, L)
@@ -55,7 +55,7 @@ def _q2_k_codes(xp, blocks):
   dmin = div(xp, max_min, 15).astype(np.float16)
   d_sub = (d.astype(F32)[:, None] * (byte & 0xF).astype(F32)).reshape(-1)
   dm = (dmin.astype(F32)[:, None] * (byte >> 4).astype(F32)).reshape(-1)
-  L = _recode(xp, g, L, d_sub,
+  L = _recode(xp, L, d_sub,
               lambda ds: xp.clip(nearest_int(xp, (g + dm[:, None]) / ds), 0, 3))
   return {"d": d, "dmin": dmin, "sc": byte.astype(np.int32), "q": L.reshape(n, QK_K)}
 
@@ -81,7 +81,7 @@ def _q3_k_codes(xp, blocks):
   sc = xp.where(some[:, None], xp.clip(l8, -32, 31) + 32, 0)
   d = xp.where(some, _safe_inv(xp, 1, iscale), F32(0)).astype(np.float16)
   d_sub = (d.astype(F32)[:, None] * (sc - 32).astype(F32)).reshape(-1)
-  L = _recode(xp, g, L, d_sub, lambda ds: xp.clip(nearest_int(xp, g / ds), -4, 3) + 4)
+  L = _recode(xp, L, d_sub, lambda ds: xp.clip(nearest_int(xp, g / ds), -4, 3) + 4)
   return {"d": d, "sc": sc.astype(np.int32), "q": L.reshape(n, QK_K)}
 
 
@@ -111,7 +111,7 @@ def _qk_codes(nmax: int, rmin: float, nstep: int):
     dmin = div(xp, max_min, 63).astype(np.float16)
     d_sub = (d.astype(F32)[:, None] * ls.astype(F32)).reshape(-1)
     dm = (dmin.astype(F32)[:, None] * lm.astype(F32)).reshape(-1)
-    L = _recode(xp, g, L, d_sub,
+    L = _recode(xp, L, d_sub,
                 lambda ds: xp.clip(nearest_int(xp, (g + dm[:, None]) / ds), 0, nmax))
     return {"d": d, "dmin": dmin, "sc": ls.astype(np.int32), "m": lm.astype(np.int32),
             "q": L.reshape(n, QK_K)}
@@ -139,7 +139,7 @@ def _q6_k_codes(xp, blocks):
   sc = xp.minimum(nearest_int(xp, barrier(xp, iscale[:, None] * scales)), 127)
   sc = xp.where(zero[:, None], 0, ((sc + 128) & 255) - 128)  # int8_t
   d_sub = (d.astype(F32)[:, None] * sc.astype(F32)).reshape(-1)
-  L = _recode(xp, g, L, d_sub, lambda ds: xp.clip(nearest_int(xp, g / ds), -32, 31) + 32)
+  L = _recode(xp, L, d_sub, lambda ds: xp.clip(nearest_int(xp, g / ds), -32, 31) + 32)
   L = xp.where(xp.repeat(zero, 16)[:, None], 0, L)
   return {"d": d, "sc": sc.astype(np.int32), "q": L.reshape(n, QK_K)}
 

@@ -1,6 +1,6 @@
 """The scale searches of llama.cpp's k-quants (ggml-quants.c), for numpy and jax.numpy alike.
 
-Every function takes `xp` (numpy or jax.numpy) and works on a batch of
+Every function takes `xp` (numpy, or `Traced`: jax.numpy) and works on a batch of
 groups, one group a row ([N, n]), computing what the C reference computes for
 each group in float32, in its order: products and sums are rounded one
 operation at a time as ggml-base compiles them (x86-64 without FMA), the
@@ -88,9 +88,15 @@ def loop(xp, n: int, body, carry):
 
 
 def first_absmax(xp, x):
-  """(the value with the largest |x| of each group, the first one on ties; that |x|)."""
+  """(the value with the largest |x| of each group, the first one on ties; that |x|).
+
+  An all-zero group gives +0.0, as the C loop's `max = 0` (never replaced)
+  does; gguf.quants takes the first element, -0.0 in a group of negative
+  zeros, and its Q4_0/Q5_0 scale then differs from ggml's in its sign bit.
+  """
   i = xp.argmax(xp.abs(x), axis=-1)
   mx = xp.take_along_axis(x, i[..., None], axis=-1)[..., 0]
+  mx = xp.where(mx != 0, mx, F32(0))
   return mx, xp.abs(mx)
 
 
@@ -99,7 +105,7 @@ def make_qkx2_quants(xp, x, weights, nmax: int, rmin: float, rdelta: float, nste
   """make_qkx2_quants: codes, scale and -min of the best asymmetric grid of each group.
 
   Args:
-    xp: numpy or jax.numpy.
+    xp: numpy or `Traced`.
     x, weights: float32 [N, n] groups and their error weights.
     nmax: the largest code; rmin, rdelta, nstep: the candidate scales
       (rmin + rdelta * is + nmax) / (max - min), is = 0..nstep, min the best
