@@ -36,13 +36,14 @@ class Traced:
 
   XLA fuses a product into the sum it feeds (an FMA, one rounding where C
   rounds twice) and drops optimization barriers before fusing. An integer
-  xor with a zero the compiler cannot prove (x != x of the data: NaN-aware,
-  so never folded) leaves the product rounded on its own.
+  xor with a zero the compiler cannot prove (the argmax of two copies of a
+  value of the data: 0 for any value, NaN too) leaves the product rounded
+  on its own.
   """
 
   def __init__(self, like):
     first = jnp.ravel(like)[0]
-    self.zero = (first != first).astype(np.int32)
+    self.zero = jnp.argmax(jnp.stack([first, first])).astype(np.int32)
 
   def __getattr__(self, name):
     return getattr(jnp, name)
