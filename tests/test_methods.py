@@ -69,12 +69,15 @@ def test_unknown_names_list_the_valid_ones():
 
 
 def test_nominal_bits_are_the_numerics_storage_bits():
+  ggml = ["q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0"]
   assert methods.RUNTIMES.names() == NUMERICS.names() == ["dynamic_int8", "fp4", "llm_int8",
-                                                          "nf4"]
+                                                          "nf4"] + ggml
   for name in NUMERICS.names():
     numeric = NUMERICS.get(name)
     assert methods.nominal_bits(name) == numeric.storage(4096, 4096, **numeric.options())[0]
-  assert [methods.nominal_bits(n) for n in NUMERICS.names()] == [8.0, 4.0, 8.0, 4.0]
+  assert [methods.nominal_bits(n) for n in NUMERICS.names()] == [8.0, 4.0, 8.0, 4.0, 2.0, 3.0,
+                                                                 4.0, 4.0, 4.0, 5.0, 5.0, 5.0,
+                                                                 6.0, 8.0]
   assert methods.nominal_bits("fp32") == 32.0
   assert methods.nominal_bits("fair_gptq@3:a1") == 3.0
   assert methods.nominal_bits("mixed@3.5") == 3.5

@@ -1,7 +1,7 @@
 """The runtimes' quantized matmuls as post-training baselines of the main job.
 
 A name of `baq.quant.numerics` in `config.baselines` (llm_int8, nf4, fp4,
-dynamic_int8, beside uniform<B>) is the trained float model with every Dense
+dynamic_int8, llama.cpp's q8_0 ... q2_k, beside uniform<B>) is the trained float model with every Dense
 layer that `config.quant` quantizes computing as that runtime does
 (`QuantSpec.numerics`), with the options of `config.numerics_options[name]`
 (the runtime's defaults where not given). Convolutions stay float, as the
@@ -13,7 +13,7 @@ Their bits, counted as baq's own rows count theirs:
   avg_bits       over the weights `config.quant` quantizes (the kernels of
                  baq's own rows): each Dense weight at the runtime's code bits
                  (`Numeric.storage`: 4 for nf4/fp4, 8 for llm_int8 and
-                 dynamic_int8), each float convolution weight at 32.
+                 dynamic_int8, 4 for q4_k), each float convolution weight at 32.
   size_bytes     the Dense codes plus the runtime's scales and statistics
                  (nf4's float32 absmax per block, llm_int8's per output
                  channel, ...), everything else in float32.
@@ -177,4 +177,4 @@ def export_note(config: ml_collections.ConfigDict, formats) -> str:
     return ""
   return (f"[report] {', '.join(names)}: runtime baselines, not exported: config.export "
           f"({','.join(formats)}) writes baq's own quantized methods; each runtime stores "
-          "its own format (bitsandbytes', torch's).")
+          "its own format (bitsandbytes', torch's, llama.cpp's GGUF).")

@@ -33,6 +33,7 @@ from baq.quant.numerics import NUMERICS
 from baq.registry import Registry
 
 KINDS = ("float", "qat", "ptq", "search", "numerics")
+FULL_ROW = 4096  # a kernel's d_in that every numeric's block divides
 LEVELS = ("bits", "budget")  # what `@` gives: a bit-width, or an average-bit budget
 _GRAMMAR = re.compile(r"(?P<name>[A-Za-z0-9_]+)(?:@(?P<level>[^:]*))?(?::a(?P<alpha>.*))?")
 
@@ -200,8 +201,9 @@ def nominal_bits(text: str, options: Optional[dict] = None) -> float:
   method, bits, _ = parse(text)
   if method.kind == "numerics":
     numeric = NUMERICS.get(method.name)
-    # Bits per code do not depend on the kernel's shape; the scales' bits do.
-    return float(numeric.storage(1, 1, **dict(numeric.options(), **(options or {})))[0])
+    # Bits per code do not depend on the kernel's shape, once its rows fill whole
+    # blocks (a ggml type stores rows that do not in another type); the scales' bits do.
+    return float(numeric.storage(FULL_ROW, 1, **dict(numeric.options(), **(options or {})))[0])
   return 32.0 if method.kind == "float" else float(bits)
 
 

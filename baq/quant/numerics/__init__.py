@@ -15,6 +15,10 @@ its dtype and order, so results are the runtime's to float32 round-off.
     double quantization of the absmaxes, matmul in compute_dtype.
   * `dynamic_int8`: torch.ao.nn.quantized.dynamic.Linear on fbgemm: uint8
     activations from the tensor's min/max, symmetric qint8 weights.
+  * `q8_0`, `q5_1`, `q5_0`, `q4_1`, `q4_0`, `q6_k`, `q5_k`, `q4_k`, `q3_k`,
+    `q2_k` (weight-only): llama.cpp's GGUF block formats (`ggml`), blocks
+    of 32 or 256 along d_in, x @ dequant(quant(w)) in float32; rows that do
+    not divide take llama.cpp's fallback type (`ggml.stored_type`).
 
 Options are static Python values (bind them before `jax.jit`); a bad value
 raises a ValueError naming the option and its bound. `ste=True` gives the
@@ -23,7 +27,8 @@ float matmul's gradient (straight-through), the forward unchanged.
 (bits per weight code, bits of its scales and statistics), and
 `default_options()` every numeric's options at the runtime's defaults.
 
-The runtimes live one per module (`llm_int8`, `four_bit`, `dynamic_int8`);
+The runtimes live one per module (`llm_int8`, `four_bit`, `dynamic_int8`,
+`ggml` with its codecs `ggml_legacy`, `ggml_kquants`, `ggml_search`);
 this package registers them.
 """
 
@@ -41,6 +46,7 @@ from baq.quant.numerics.dynamic_int8 import (SMALL_SCALE, WEIGHT_EPS, _dynamic_i
 from baq.quant.numerics.four_bit import (BLOCKSIZES, COMPUTE_DTYPES, DYNAMIC_CODE, FP4_CODE,
                                          NESTED_BLOCKSIZE, NF4_CODE, _four_bit_dot,
                                          _four_bit_storage, _four_bit_weight)
+from baq.quant.numerics.ggml import _ggml_dot, _ggml_storage, _ggml_weight
 from baq.quant.numerics.llm_int8 import (INT8_DEQUANT, LLM_INT8_THRESHOLD, MM_DEQUANT_CONST,
                                          OUTLIER_WEIGHTS, _llm_int8_dot, _llm_int8_storage,
                                          _llm_int8_weight)
@@ -98,6 +104,11 @@ for _numeric in (
     Numeric("dynamic_int8", False, _dynamic_int8_dot, _dynamic_int8_weight,
             "torch.ao.nn.quantized.dynamic.Linear, quantized::linear_dynamic (fbgemm)",
             _dynamic_int8_storage),
+    *(Numeric(t, True, functools.partial(_ggml_dot, t), functools.partial(_ggml_weight, t),
+              f"llama.cpp ggml-quants.c quantize_row_{t}_ref / dequantize_row_{t}, "
+              f"llama-quant.cpp tensor_type_fallback", functools.partial(_ggml_storage, t))
+      for t in ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k", "q4_k", "q3_k",
+                "q2_k")),
 ):
   NUMERICS.register(_numeric.name)(_numeric)
 del _numeric
