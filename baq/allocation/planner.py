@@ -171,18 +171,35 @@ def plan(config: ml_collections.ConfigDict, apply_fn: Callable, float_params: An
     budget: the average-bit budget.
 
   Returns:
-    The plan: units, numel, integer bits (`units.find_units` order), budget,
-    avg_bits, the settings, group counts, importance reduced and per group,
-    and group_totals: each group's summed sensitivity at the bits (the
-    additive estimate of its loss increase; the minimax method's objective
-    is their max).
+    The plan (`plan_from`).
   """
+  a = analyse_for(config, apply_fn, float_params, layers, spec_for, split)
+  return plan_from(config, a, layers, budget)
+
+
+def analyse_for(config: ml_collections.ConfigDict, apply_fn: Callable, float_params: Any,
+                layers, spec_for: Callable, split) -> Analysis:
+  """`analyse` with the config's `importance` settings, on a group-balanced
+  calibration sample of `split` (`importance.calib_per_group` per group)."""
   ic = config.importance
   calib = statistics.calibration_split(split, ic.calib_per_group, config.seed)
-  a = analyse(apply_fn, float_params, layers, spec_for, calib, measure=ic.measure,
-              measure_kwargs=ic.measure_kwargs.to_dict(), choices=ic.choices,
-              batch_size=ic.batch_size, key=jax.random.key(config.seed),
-              num_probes=ic.num_probes, probe_chunk=ic.probe_chunk)
+  return analyse(apply_fn, float_params, layers, spec_for, calib, measure=ic.measure,
+                 measure_kwargs=ic.measure_kwargs.to_dict(), choices=ic.choices,
+                 batch_size=ic.batch_size, key=jax.random.key(config.seed),
+                 num_probes=ic.num_probes, probe_chunk=ic.probe_chunk)
+
+
+def plan_from(config: ml_collections.ConfigDict, a: Analysis, layers, budget: float) -> dict:
+  """The plan of an analysis at `budget` with the config's reducer and method.
+
+  Returns:
+    units, numel, integer bits (`units.find_units` order), budget, avg_bits,
+    the settings, group counts, importance reduced and per group, and
+    group_totals: each group's summed sensitivity at the bits (the additive
+    estimate of its loss increase; the minimax method's objective is their
+    max).
+  """
+  ic = config.importance
   bits = allocate(a, budget, ic.reducer, ic.reducer_kwargs.to_dict(), ic.method)
   imp, _ = a.reduced(ic.reducer, **ic.reducer_kwargs.to_dict())
   return dict(units=units.unit_names(layers), numel=a.numel.tolist(), bits=bits.tolist(),

@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 import ml_collections
 import numpy as np
 
-from baq.allocation import landscape
+from baq.allocation import landscape, planner
 from baq.experiment import job
 from baq.registry import Registry
 
@@ -93,18 +93,27 @@ class Context:
   numel: np.ndarray
   choices: tuple
   budget: float
-  _plans: dict = dataclasses.field(default_factory=dict)
+  _analyses: dict = dataclasses.field(default_factory=dict)
 
   def plan(self, split: str = "train", **importance) -> tuple[dict, float]:
-    """(`job.make_plan` with `config.importance` fields changed, its seconds), memoised."""
-    key = (split, tuple(sorted(importance.items())))
-    if key not in self._plans:
-      c = self.config.copy_and_resolve_references()
-      c.importance.update(importance)
+    """(The plan with `config.importance` fields changed, its seconds).
+
+    The analysis (the statistics an importance measure reads) is memoised
+    per split and measure, so arms that differ only in reducer or solver
+    share it; each arm's seconds count the analysis and its own solve.
+    """
+    c = self.config.copy_and_resolve_references()
+    c.importance.update(importance)
+    ic = c.importance
+    akey = (split, ic.measure, ic.calib_per_group, tuple(ic.choices), ic.num_probes)
+    t0 = time.perf_counter()
+    if akey not in self._analyses:
+      self._analyses[akey] = (job.make_analysis(c, self.float_vars, self.data[split]),
+                              time.perf_counter() - t0)
       t0 = time.perf_counter()
-      plan = job.make_plan(c, self.float_vars, self.data[split])
-      self._plans[key] = (plan, time.perf_counter() - t0)
-    return self._plans[key]
+    (analysis, layers, budget), analysed = self._analyses[akey]
+    plan = planner.plan_from(c, analysis, layers, budget)
+    return plan, analysed + time.perf_counter() - t0
 
 
 ARMS: Registry[Callable[[Context], Proposal]] = Registry("protocol arm")

@@ -159,13 +159,20 @@ def plan_units(config: ml_collections.ConfigDict, float_variables: Any, split) -
 def make_plan(config: ml_collections.ConfigDict, float_variables: Any, split) -> dict:
   """`planner.plan` of the float model at the config's budget, calibrated on `split`
   (a group-balanced sample of it: `importance.calib_per_group` per group); no I/O."""
+  analysis, layers, budget = make_analysis(config, float_variables, split)
+  return planner.plan_from(config, analysis, layers, budget)
+
+
+def make_analysis(config: ml_collections.ConfigDict, float_variables: Any, split) -> tuple:
+  """(`planner.analyse_for` of the float model on `split`, its layers, the budget)."""
   fv = as_variables(float_variables)
   layers, budget = plan_units(config, fv, split)
   fmodel = build_model(config.model.name, split.num_classes, None,
                        **config.model.kwargs.to_dict())
-  return planner.plan(config, lambda p, x: apply_model(fmodel, dict(fv, params=p), x),
-                      fv["params"], layers, get_mode(config, "fair_static").quantizer.spec_for,
-                      split, budget)
+  analysis = planner.analyse_for(config, lambda p, x: apply_model(fmodel, dict(fv, params=p), x),
+                                 fv["params"], layers,
+                                 get_mode(config, "fair_static").quantizer.spec_for, split)
+  return analysis, layers, budget
 
 
 def baseline_runs(config: ml_collections.ConfigDict, workdir: str, num_classes: int,
