@@ -29,6 +29,7 @@ setup(
         "tensorboardX>=2.6,<3",
         "grain>=0.2.18,<0.3",
         "tokenizers>=0.20,<1",
+        "gguf>=0.17,<0.20",
     ],
     extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"]},
 )
