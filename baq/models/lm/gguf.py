@@ -134,6 +134,18 @@ def read(path: str) -> Contents:
   return Contents(arch_name, cfg, state, tokenizer_from_meta(fields), fields)
 
 
+def build(contents: Contents, quant: Optional[Quantizer] = None) -> tuple[CausalLM, dict, Any, str]:
+  """The baq model of `read`'s contents: (model, variables, tokenizer or None, family name)."""
+  name = GGUF_ARCHS.get(contents.arch).family
+  params = LM_FAMILIES.get(name).to_params(contents.state_dict, contents.config)
+  model = CausalLM(contents.config, quant)
+  check_params(model, params)
+  params = jax.tree.map(jnp.asarray, params)
+  if quant is not None:
+    params = add_quant_leaves(model, params)
+  return model, {"params": params}, contents.tokenizer, name
+
+
 def load_gguf(path: str, quant: Optional[Quantizer] = None) -> tuple[CausalLM, dict, Any, str]:
   """Reads a GGUF model file into a baq model (as `hf.load` reads a folder).
 
@@ -148,23 +160,17 @@ def load_gguf(path: str, quant: Optional[Quantizer] = None) -> tuple[CausalLM, d
   Raises:
     FileNotFoundError, KeyError, ValueError: see `read`.
   """
-  contents = read(path)
-  name = GGUF_ARCHS.get(contents.arch).family
-  params = LM_FAMILIES.get(name).to_params(contents.state_dict, contents.config)
-  model = CausalLM(contents.config, quant)
-  check_params(model, params)
-  params = jax.tree.map(jnp.asarray, params)
-  if quant is not None:
-    params = add_quant_leaves(model, params)
-  return model, {"params": params}, contents.tokenizer, name
+  return build(read(path), quant)
 
 
-def _token_ids(fields: dict) -> dict[str, int]:
+def hf_config(contents: Contents) -> dict:
+  """The config.json of `read`'s contents, with the file's BOS/EOS/PAD ids."""
   keys = {"bos_token_id": gguf.Keys.Tokenizer.BOS_ID, "eos_token_id": gguf.Keys.Tokenizer.EOS_ID,
           "pad_token_id": gguf.Keys.Tokenizer.PAD_ID}
-  n = len(fields.get(gguf.Keys.Tokenizer.LIST, ()))
+  fields, n = contents.fields, len(contents.fields.get(gguf.Keys.Tokenizer.LIST, ()))
   # llama.cpp writes -1 (as uint32) for "none".
-  return {k: int(fields[v]) for k, v in keys.items() if v in fields and 0 <= fields[v] < n}
+  ids = {k: int(fields[v]) for k, v in keys.items() if v in fields and 0 <= fields[v] < n}
+  return {**GGUF_ARCHS.get(contents.arch).hf_config(contents.config), **ids}
 
 
 def gguf_to_hf(path: str, out_folder: str) -> str:
@@ -182,10 +188,9 @@ def gguf_to_hf(path: str, out_folder: str) -> str:
     FileNotFoundError, KeyError, ValueError: see `read`.
   """
   contents = read(path)
-  arch = GGUF_ARCHS.get(contents.arch)
   os.makedirs(out_folder, exist_ok=True)
   with open(os.path.join(out_folder, CONFIG), "w") as f:
-    json.dump({**arch.hf_config(contents.config), **_token_ids(contents.fields)}, f, indent=2)
+    json.dump(hf_config(contents), f, indent=2)
   save_file({k: np.ascontiguousarray(v) for k, v in contents.state_dict.items()},
             os.path.join(out_folder, WEIGHTS), metadata={"format": "pt"})
   if contents.tokenizer is not None:
