@@ -115,6 +115,12 @@ def read_shape(meta: Meta, shapes: Mapping[str, tuple]) -> dict[str, Any]:
               d_ff=int(meta(K.LLM.FEED_FORWARD_LENGTH)), max_len=int(meta(K.LLM.CONTEXT_LENGTH)))
 
 
+def f32(value: float) -> float:
+  """A float GGUF stored as float32, as the shortest decimal that float32 rounds to
+  it (9.99999974e-06 -> 1e-05): the same float32, and the config.json value."""
+  return float(str(np.float32(value)))
+
+
 def write_shape(writer, cfg: DecoderConfig) -> None:
   """The metadata `read_shape` reads (head_dim only where it is not d_model / n_heads)."""
   writer.add_context_length(cfg.max_len)

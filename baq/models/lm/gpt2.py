@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from baq.models.lm import register_family
 from baq.models.lm.config import DecoderConfig
-from baq.models.lm.gguf_arch import K, Meta, read_shape, refuse, register_arch, write_shape
+from baq.models.lm.gguf_arch import K, Meta, f32, read_shape, refuse, register_arch, write_shape
 from baq.models.lm.hf import config_value
 from baq.models.lm.keys import Key, Table, converters
 
@@ -71,7 +71,7 @@ register_family("gpt2", model_types=("gpt2",), config_from_hf=config_from_hf,
 def _gguf_config(meta: Meta, shapes: dict, tied: bool) -> DecoderConfig:
   """The `DecoderConfig` of a GGUF "gpt2" file's metadata."""
   return DecoderConfig(**read_shape(meta, shapes), norm="layernorm",
-                       norm_eps=float(meta(K.Attention.LAYERNORM_EPS)), positions="learned",
+                       norm_eps=f32(meta(K.Attention.LAYERNORM_EPS)), positions="learned",
                        mlp="gelu_tanh", attn_bias=True, out_bias=True, mlp_bias=True,
                        tie_embeddings=tied)
 

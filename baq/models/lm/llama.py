@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from baq.models.lm import register_family
 from baq.models.lm.config import DecoderConfig
-from baq.models.lm.gguf_arch import K, Meta, read_shape, refuse, register_arch, write_shape
+from baq.models.lm.gguf_arch import K, Meta, f32, read_shape, refuse, register_arch, write_shape
 from baq.models.lm.hf import config_value
 from baq.models.lm.keys import Key, Table, converters
 
@@ -121,8 +121,8 @@ def _gguf_config(meta: Meta, shapes: dict, tied: bool) -> DecoderConfig:
     raise ValueError(f"GGUF {meta.arch}.rope.scaling.type={scaling!r} is not supported; "
                      "supported: 'none'.")
   return DecoderConfig(
-      **kw, norm="rmsnorm", norm_eps=float(meta(K.Attention.LAYERNORM_RMS_EPS)),
-      positions="rope", rope_theta=float(meta(K.Rope.FREQ_BASE, 10000.0)), mlp="swiglu",
+      **kw, norm="rmsnorm", norm_eps=f32(meta(K.Attention.LAYERNORM_RMS_EPS)),
+      positions="rope", rope_theta=f32(meta(K.Rope.FREQ_BASE, 10000.0)), mlp="swiglu",
       attn_bias="blk.0.attn_q.bias" in shapes, out_bias="blk.0.attn_output.bias" in shapes,
       mlp_bias="blk.0.ffn_up.bias" in shapes, tie_embeddings=tied)
 
