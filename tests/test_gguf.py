@@ -308,3 +308,18 @@ def test_impossible_exports_write_nothing(tmp_path):
   with pytest.raises(ValueError, match="sliding_window"):
     write_gguf(path, windowed, params, family)
   assert os.listdir(out) == []
+
+
+@needs_stories
+def test_stories_config_loads_through_the_gguf_source(stories):
+  from baq.study.lm import study  # pylint: disable=import-outside-toplevel
+  from configs import lm as lm_config  # pylint: disable=import-outside-toplevel
+  c = lm_config.get_config("stories")
+  assert os.path.samefile(c.model.gguf_file, STORIES) and os.path.isfile(c.data.crows_pairs)
+  built = study.build_model(c, {}, "", 0)
+  assert built["family"] == "llama" and built["model"].config == stories[0].config
+  assert built["hf_config"]["model_type"] == "llama" and built["hf_config"]["bos_token_id"] == 1
+  assert built["tokenizer"].encode(SAMPLE).ids == stories[2].encode(SAMPLE).ids
+  c.model.source = "onnx"
+  with pytest.raises(KeyError, match="gguf, hf, train"):
+    study.check(c)
