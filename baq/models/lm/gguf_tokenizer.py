@@ -133,6 +133,11 @@ def _types(tok: Tokenizer, tokens: list[str], unk: Optional[str]) -> list[int]:
               else TokenType.BYTE if _BYTE.fullmatch(t) else TokenType.NORMAL) for t in tokens]
 
 
+def _adds_bos(spec: dict) -> bool:
+  """The post-processor is a template (what `_special` sets for add_bos_token)."""
+  return (spec.get("post_processor") or {}).get("type") == "TemplateProcessing"
+
+
 def _merge_pairs(model: dict) -> list[tuple[str, str]]:
   # tokenizers >= 0.20 saves merges as pairs, older versions as "a b" strings.
   return [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
@@ -151,7 +156,7 @@ def _write_llama(tok: Tokenizer, special: Mapping[str, Optional[int]]) -> dict:
   return {T.MODEL: "llama", T.LIST: tokens, T.SCORES: scores,
           T.TOKEN_TYPE: _types(tok, tokens, spec["model"].get("unk_token")),
           T.ADD_PREFIX: pre.get("prepend_scheme", "first") != "never",
-          T.ADD_BOS: spec.get("post_processor") is not None, **_ids(special)}
+          T.ADD_BOS: _adds_bos(spec), **_ids(special)}
 
 
 def _write_gpt2(tok: Tokenizer, special: Mapping[str, Optional[int]]) -> dict:
@@ -167,9 +172,7 @@ def _write_gpt2(tok: Tokenizer, special: Mapping[str, Optional[int]]) -> dict:
   return {T.MODEL: "gpt2", T.PRE: "gpt2" if pre == "default" else pre, T.LIST: tokens,
           T.TOKEN_TYPE: _types(tok, tokens, None),
           T.MERGES: [f"{a} {b}" for a, b in _merge_pairs(spec["model"])],
-          T.ADD_BOS: spec.get("post_processor", {}) is not None and (
-              spec.get("post_processor") or {}).get("type") == "TemplateProcessing",
-          **_ids(special)}
+          T.ADD_BOS: _adds_bos(spec), **_ids(special)}
 
 
 def _ids(special: Mapping[str, Optional[int]]) -> dict:
