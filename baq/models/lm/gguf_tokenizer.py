@@ -88,9 +88,9 @@ def _read_llama(fields: Mapping[str, Any]) -> Tokenizer:
       merges += [(-score, vocab[token[:i]], vocab[token[i:]], token[:i], token[i:])
                  for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
   merges.sort(key=lambda m: m[:3])
-  unk = fields.get(T.UNK_ID)
+  unk = fields.get(T.UNK_ID, len(tokens))  # llama.cpp writes -1 (as uint32) for none
   tok = Tokenizer(models.BPE(vocab=vocab, merges=[m[3:] for m in merges],
-                             unk_token=tokens[unk] if unk is not None else None,
+                             unk_token=tokens[unk] if unk < len(tokens) else None,
                              fuse_unk=True, byte_fallback=True))
   prefix = bool(fields.get(T.ADD_PREFIX, True))
   tok.pre_tokenizer = pre_tokenizers.Metaspace(
