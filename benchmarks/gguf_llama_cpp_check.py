@@ -46,8 +46,9 @@ def q8_overrides(path: str) -> dict:
 
 def llama_cpp_logits(path: str, ids: list[int]):
   from llama_cpp import Llama  # pylint: disable=import-outside-toplevel
+  # A float32 KV cache (type 0; llama.cpp's default is F16), so F32 files compare in F32.
   llm = Llama(model_path=path, logits_all=True, n_ctx=max(512, len(ids) + 8), n_threads=2,
-              verbose=False)
+              type_k=0, type_v=0, verbose=False)
   llm.eval(ids)
   return llm, np.array(llm.scores[:len(ids)], np.float32)
 
