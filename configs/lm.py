@@ -19,21 +19,38 @@ A local Hugging Face checkpoint and the real benchmark files instead:
     --config.data.crows_pairs=/data/crows_pairs_anonymized.csv \\
     --config.data.stereoset=/data/stereoset/dev.json \\
     --config.data.heldout=/data/wikitext2_test.txt --config.data.calibration=/data/c4_sample.txt
+
+The trained stories260K Llama (a GGUF file) on the shared real data in
+../shared/data/lm (paths resolved from the repository root):
+
+  python -m baq.study.lm --config=configs/lm.py:stories --workdir=/tmp/baq_lm_stories
 """
 
+import os
+
 import ml_collections
+
+# ../shared/data/lm beside the repository (see its README.md).
+LM_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir,
+                       "shared", "data", "lm")
+
+
+def _lm_data(name: str) -> str:
+  return os.path.normpath(os.path.join(LM_DATA, name))
 
 
 def get_config(arg=None):
   """`arg`: None for the embedded synthetic default, "hf" for a local checkpoint,
-  "tiny" for the tests' seconds-long version of the default."""
-  if arg not in (None, "hf", "tiny"):
-    raise ValueError(f"Unknown configs/lm.py argument {arg!r}. Valid: hf, tiny.")
+  "stories" for the stories260K GGUF on the shared real data, "tiny" for the
+  tests' seconds-long version of the default."""
+  if arg not in (None, "hf", "stories", "tiny"):
+    raise ValueError(f"Unknown configs/lm.py argument {arg!r}. Valid: hf, stories, tiny.")
+  real = arg in ("hf", "stories")
   c = ml_collections.ConfigDict()
   c.seeds = (0,)  # model seeds: each trains (or loads) and quantizes its own model
   c.data = ml_collections.ConfigDict()
   # "synthetic": generated and written to ROOT/data; "files": the paths below.
-  c.data.kind = "synthetic" if arg != "hf" else "files"
+  c.data.kind = "files" if real else "synthetic"
   c.data.seed = 0                 # the corpus seed (the same corpus for every model seed)
   c.data.association = 0.85       # P(stereotyped group word) in the synthetic corpus
   c.data.num_train = 20000        # synthetic training sentences
@@ -47,9 +64,11 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   # "train": a GPT-2-style model of the fields below, trained on the corpus;
-  # "hf": a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json).
-  c.model.source = "train" if arg != "hf" else "hf"
+  # "hf": a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json);
+  # "gguf": a GGUF file with its tokenizer (baq.study.lm.study.MODEL_SOURCES).
+  c.model.source = {"hf": "hf", "stories": "gguf"}.get(arg, "train")
   c.model.hf_folder = ""
+  c.model.gguf_file = ""
   c.model.d_model = 64            # multiples of 32, so GPTQ checkpoints can pack them
   c.model.n_layers = 2
   c.model.n_heads = 4
@@ -83,9 +102,15 @@ def get_config(arg=None):
   # combinations, disjoint from the evaluation sets); "stereoset" uses
   # StereoSet's intrasentence stereotype / anti-stereotype candidates, as
   # the reference calibrates (they then overlap a StereoSet evaluation).
-  c.quant.pair_source = "calibration" if arg != "hf" else "stereoset"
+  c.quant.pair_source = "stereoset" if real else "calibration"
   c.export = ""                     # "gptq": a GPTQ-format checkpoint per quantized setting
   c.bootstrap = 1000                # bootstrap replicates of every interval
+  if arg == "stories":
+    c.model.gguf_file = _lm_data("stories260K.gguf")
+    c.data.crows_pairs = _lm_data("crows_pairs_anonymized.csv")
+    c.data.heldout = _lm_data("tinystories_valid_sample.txt")
+    # StereoSet's intrasentence dev split as CSV: scored, and the Fair-GPTQ pairs.
+    c.data.stereoset = _lm_data("stereoset_intrasentence_dev.csv")
   if arg == "tiny":  # seconds on 2 CPU cores: a smoke run of every setting kind
     c.data.num_train, c.data.num_heldout = 3000, 200
     c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.d_ff = 32, 1, 2, 64

@@ -119,5 +119,5 @@ def test_bad_settings_are_refused_before_any_work():
   c.quant.numerics = "int3"
   with pytest.raises(KeyError, match="llm_int8"):
     lm_quant.settings(c)
-  with pytest.raises(ValueError, match="Valid: hf, tiny"):
+  with pytest.raises(ValueError, match="Valid: hf, stories, tiny"):
     lm_config.get_config("huge")

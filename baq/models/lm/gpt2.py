@@ -10,12 +10,15 @@ HF names (with or without the "transformer." prefix of GPT2LMHeadModel):
 wte, wpe, h.{i}.{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj},
 ln_f; the head is tied to wte unless tie_word_embeddings is false. The causal
 mask buffers attn.bias / attn.masked_bias of older checkpoints are skipped.
+
+The family also serves GGUF's "gpt2" architecture (`baq.models.lm.gguf_arch`).
 """
 
 from __future__ import annotations
 
 from baq.models.lm import register_family
 from baq.models.lm.config import DecoderConfig
+from baq.models.lm.gguf_arch import K, Meta, f32, read_shape, refuse, register_arch, write_shape
 from baq.models.lm.hf import config_value
 from baq.models.lm.keys import Key, Table, converters
 
@@ -63,3 +66,36 @@ def config_from_hf(hf: dict) -> DecoderConfig:
 
 register_family("gpt2", model_types=("gpt2",), config_from_hf=config_from_hf,
                 hf_conv1d=True, **converters(TABLE))
+
+
+def _gguf_config(meta: Meta, shapes: dict, tied: bool) -> DecoderConfig:
+  """The `DecoderConfig` of a GGUF "gpt2" file's metadata."""
+  return DecoderConfig(**read_shape(meta, shapes), norm="layernorm",
+                       norm_eps=f32(meta(K.Attention.LAYERNORM_EPS)), positions="learned",
+                       mlp="gelu_tanh", attn_bias=True, out_bias=True, mlp_bias=True,
+                       tie_embeddings=tied)
+
+
+def _gguf_meta(writer, cfg: DecoderConfig) -> None:
+  write_shape(writer, cfg)
+  writer.add_layer_norm_eps(cfg.norm_eps)
+
+
+def _hf_config(cfg: DecoderConfig) -> dict:
+  """The config.json that `config_from_hf` reads back into `cfg`."""
+  return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+          "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model, "n_layer": cfg.n_layers,
+          "n_head": cfg.n_heads, "n_inner": cfg.d_ff, "n_positions": cfg.max_len,
+          "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
+          "tie_word_embeddings": cfg.tie_embeddings}
+
+
+def _gguf_check(cfg: DecoderConfig) -> None:
+  refuse(cfg, "gpt2", norm="layernorm", positions="learned", position_offset=0, mlp="gelu_tanh",
+         attn_bias=True, out_bias=True, mlp_bias=True, n_kv_heads=cfg.n_heads,
+         head_dim=cfg.d_model // cfg.n_heads, sliding_window=None)
+
+
+register_arch("gpt2", family="gpt2", model_type="gpt2", permute_qk=False,
+              config_from_meta=_gguf_config, write_meta=_gguf_meta, hf_config=_hf_config,
+              check=_gguf_check)

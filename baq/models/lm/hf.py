@@ -219,7 +219,8 @@ def check_params(model: CausalLM, params: Mapping[str, Any]) -> None:
                      f"not in the model {extra[:8]}, missing {missing[:8]}.")
 
 
-def _add_quant_leaves(model: CausalLM, params: dict) -> dict:
+def add_quant_leaves(model: CausalLM, params: dict) -> dict:
+  """`params` with the quantizer's leaves (bit-widths, ranges) added at their init values."""
   # Running the model with `params` mutable creates only the leaves it lacks
   # (bit-widths, learned ranges), from the converted kernels.
   key = jax.random.key(0)
@@ -255,5 +256,5 @@ def load(folder: str, quant: Optional[Quantizer] = None) -> tuple[CausalLM, dict
   check_params(model, params)
   params = jax.tree.map(jnp.asarray, params)
   if quant is not None:
-    params = _add_quant_leaves(model, params)
+    params = add_quant_leaves(model, params)
   return model, {"params": params}, tokenizer, name

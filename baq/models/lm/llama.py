@@ -16,12 +16,18 @@ Rope scaling: none ("default") or Llama 3's "llama3"; others (linear,
 dynamic, yarn, ...) are refused, as is Qwen2's use_sliding_window (a window
 on only some layers), naming the field. Both the old config.json fields
 (rope_theta, rope_scaling) and transformers v5's rope_parameters are read.
+
+The family also serves GGUF's "llama" and "qwen2" architectures
+(`baq.models.lm.gguf_arch`): biases are read from which tensors the file
+has, and a rotary part narrower than the head or a rope scaling (GGUF's
+rope.scaling.type, Llama 3's rope_freqs tensor) is refused.
 """
 
 from __future__ import annotations
 
 from baq.models.lm import register_family
 from baq.models.lm.config import DecoderConfig
+from baq.models.lm.gguf_arch import K, Meta, f32, read_shape, refuse, register_arch, write_shape
 from baq.models.lm.hf import config_value
 from baq.models.lm.keys import Key, Table, converters
 
@@ -101,3 +107,56 @@ def config_from_hf(hf: dict) -> DecoderConfig:
 
 register_family("llama", model_types=("llama", "mistral", "qwen2"), config_from_hf=config_from_hf,
                 **converters(TABLE))
+
+
+def _gguf_config(meta: Meta, shapes: dict, tied: bool) -> DecoderConfig:
+  """The `DecoderConfig` of a GGUF "llama" or "qwen2" file's metadata and tensor names."""
+  kw = read_shape(meta, shapes)
+  rope_dim = int(meta(K.Rope.DIMENSION_COUNT, kw["head_dim"]))
+  if rope_dim != kw["head_dim"]:
+    raise ValueError(f"GGUF {meta.arch}.rope.dimension_count={rope_dim} (rotary on part of a "
+                     f"head) is not supported; it must equal the head width {kw['head_dim']}.")
+  scaling = meta(K.Rope.SCALING_TYPE, "none")
+  if scaling != "none":
+    raise ValueError(f"GGUF {meta.arch}.rope.scaling.type={scaling!r} is not supported; "
+                     "supported: 'none'.")
+  return DecoderConfig(
+      **kw, norm="rmsnorm", norm_eps=f32(meta(K.Attention.LAYERNORM_RMS_EPS)),
+      positions="rope", rope_theta=f32(meta(K.Rope.FREQ_BASE, 10000.0)), mlp="swiglu",
+      attn_bias="blk.0.attn_q.bias" in shapes, out_bias="blk.0.attn_output.bias" in shapes,
+      mlp_bias="blk.0.ffn_up.bias" in shapes, tie_embeddings=tied)
+
+
+def _gguf_meta(writer, cfg: DecoderConfig) -> None:
+  write_shape(writer, cfg)
+  writer.add_rope_dimension_count(cfg.head_dim)
+  writer.add_rope_freq_base(cfg.rope_theta)
+  writer.add_layer_norm_rms_eps(cfg.norm_eps)
+
+
+def _hf_config(model_type: str, cfg: DecoderConfig) -> dict:
+  """The config.json that `config_from_hf` reads back into `cfg` (no window, no scaling)."""
+  out = {"model_type": model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+         "intermediate_size": cfg.d_ff, "max_position_embeddings": cfg.max_len,
+         "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "hidden_act": "silu",
+         "mlp_bias": cfg.mlp_bias, "tie_word_embeddings": cfg.tie_embeddings}
+  if model_type == "llama":
+    out.update(architectures=["LlamaForCausalLM"], attention_bias=cfg.attn_bias)
+  else:
+    out.update(architectures=["Qwen2ForCausalLM"], use_sliding_window=False)
+  return out
+
+
+_ROPE_SWIGLU = dict(norm="rmsnorm", positions="rope", mlp="swiglu", rope_scaling=None,
+                    sliding_window=None)
+register_arch("llama", family="llama", model_type="llama", permute_qk=True,
+              config_from_meta=_gguf_config, write_meta=_gguf_meta,
+              hf_config=lambda cfg: _hf_config("llama", cfg),
+              check=lambda cfg: refuse(cfg, "llama", **_ROPE_SWIGLU, out_bias=cfg.attn_bias))
+register_arch("qwen2", family="llama", model_type="qwen2", permute_qk=False,
+              config_from_meta=_gguf_config, write_meta=_gguf_meta,
+              hf_config=lambda cfg: _hf_config("qwen2", cfg),
+              check=lambda cfg: refuse(cfg, "qwen2", **_ROPE_SWIGLU, attn_bias=True,
+                                       out_bias=False, mlp_bias=False))

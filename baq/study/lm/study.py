@@ -28,7 +28,7 @@ from baq import launch
 from baq.experiment import checks
 from baq.data.text import crows_pairs, stereoset as stereoset_data, synthetic, tokenizer as tok
 from baq.export import gptq_lm
-from baq.models.lm import LM_FAMILIES, hf
+from baq.models.lm import LM_FAMILIES, gguf, hf
 from baq.models.lm.decoder import CausalLM
 from baq.ptq import decoder as gd
 from baq.registry import Registry
@@ -103,20 +103,35 @@ def gpt2_config(config, vocab: int, special: Optional[dict] = None) -> dict:
           "activation_function": "gelu_new", "tie_word_embeddings": True}
 
 
-def build_model(config, texts: dict, seed_dir: str, seed: int) -> dict:
-  """The float model, trained on the text (resumed) or read from a folder.
+# config.model.source -> build(config, texts, seed_dir, seed) -> dict(model, params,
+# tokenizer, family, hf_config): where the float model comes from.
+MODEL_SOURCES: Registry[Callable[..., dict]] = Registry("LM study model source")
 
-  Returns:
-    dict(model, params, tokenizer, family, hf_config).
-  """
-  if config.model.source == "hf":
-    model, variables, tokenizer, family = hf.load(config.model.hf_folder)
-    if tokenizer is None:
-      raise FileNotFoundError(f"{config.model.hf_folder} has no tokenizer.json.")
-    return dict(model=model, params=variables["params"], tokenizer=tokenizer, family=family,
-                hf_config=hf.read_folder(config.model.hf_folder)[0])
-  if config.model.source != "train":
-    raise ValueError(f"Unknown model.source {config.model.source!r}. Valid: train, hf.")
+
+@MODEL_SOURCES.register("hf")
+def _hf_source(config, texts: dict, seed_dir: str, seed: int) -> dict:
+  """A Hugging Face checkpoint folder, `model.hf_folder`."""
+  model, variables, tokenizer, family = hf.load(config.model.hf_folder)
+  if tokenizer is None:
+    raise FileNotFoundError(f"{config.model.hf_folder} has no tokenizer.json.")
+  return dict(model=model, params=variables["params"], tokenizer=tokenizer, family=family,
+              hf_config=hf.read_folder(config.model.hf_folder)[0])
+
+
+@MODEL_SOURCES.register("gguf")
+def _gguf_source(config, texts: dict, seed_dir: str, seed: int) -> dict:
+  """A GGUF file, `model.gguf_file`, with the tokenizer of its metadata."""
+  contents = gguf.read(config.model.gguf_file)
+  if contents.tokenizer is None:
+    raise ValueError(f"{config.model.gguf_file} has no tokenizer metadata.")
+  model, variables, tokenizer, family = gguf.build(contents)
+  return dict(model=model, params=variables["params"], tokenizer=tokenizer, family=family,
+              hf_config=gguf.hf_config(contents))
+
+
+@MODEL_SOURCES.register("train")
+def _train_source(config, texts: dict, seed_dir: str, seed: int) -> dict:
+  """A GPT-2 of the config's size, trained on the text (resumed from its checkpoints)."""
   tokenizer = tok.word_tokenizer(texts["train"])
   ids = tok.special_ids(tokenizer)
   x, lengths = tok.encode_batch(tokenizer, texts["train"], bos_id=ids["bos"], eos_id=ids["eos"],
@@ -130,6 +145,15 @@ def build_model(config, texts: dict, seed_dir: str, seed: int) -> dict:
   params, _ = fit.train_lm(model, x, lengths, cfg, os.path.join(seed_dir, FLOAT))
   return dict(model=model, params=params, tokenizer=tokenizer, family="gpt2",
               hf_config=hf_config)
+
+
+def build_model(config, texts: dict, seed_dir: str, seed: int) -> dict:
+  """The float model from `config.model.source` (`MODEL_SOURCES`).
+
+  Returns:
+    dict(model, params, tokenizer, family, hf_config).
+  """
+  return MODEL_SOURCES.get(config.model.source)(config, texts, seed_dir, seed)
 
 
 def calibration(config, texts: dict, tokenizer, seed: int) -> lm_quant.Calibration:
@@ -278,6 +302,7 @@ def check(config) -> None:
                            "train.warmup_steps": 0, "quant.calib_sequences": 1, "bootstrap": 1,
                            "data.num_train": 1, "data.num_heldout": 1, "data.max_len": 2})
   lm_quant.settings(config)
+  MODEL_SOURCES.get(config.model.source)  # an unknown name lists the valid ones
   if config.export:
     EXPORTS.get(config.export)  # an unknown name lists the valid ones
 
