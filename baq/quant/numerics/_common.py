@@ -32,6 +32,16 @@ def _int8_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
   return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
 
 
+def _rounded(x: jax.Array) -> jax.Array:
+  """x, rounded where it stands, for a runtime that rounds a product before adding to it.
+
+  XLA's CPU compiler contracts a multiply followed by an add into one fused
+  multiply-add (one rounding) even across an optimization barrier; a select
+  between the product and NaN is an identity it does not see through.
+  """
+  return jnp.where(jnp.isnan(x), jnp.asarray(jnp.nan, x.dtype), x)
+
+
 def _ste(x: jax.Array, w: jax.Array, y: jax.Array, ste: bool) -> jax.Array:
   """y forward; the float matmul's gradient if `ste` (y + f - f is exactly y)."""
   if not ste:

@@ -26,10 +26,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from baq.quant.numerics._aten import cascade_sum, linspace
-from baq.quant.numerics._common import _F32, _choice, _kernel, _matmul, _ste
+from baq.quant.numerics._common import _F32, _choice, _kernel, _matmul, _rounded, _ste
 
 # functional.get_4bit_type("nf4"): create_normal_map(0.9677083), hardcoded there.
 NF4_CODE = np.array([
@@ -95,7 +94,9 @@ def _blockwise(flat: jax.Array, blocksize: int, kind: str) -> tuple[jax.Array, j
   if full < n:
     am = jnp.maximum(jnp.max(jnp.abs(flat[full:])), _MIN_ABSMAX)
     absmax = jnp.concatenate([absmax, am[None]])
-    scaled = jnp.concatenate([scaled, flat[full:] / am])
+    rest = flat[full:]
+    # A runtime divisor: XLA turns x / broadcast(am) into x * (1 / am).
+    scaled = jnp.concatenate([scaled, rest / (am + 0.0 * rest)])
   scaled = jnp.clip(scaled, -1.0, 1.0)
   return jnp.searchsorted(jnp.asarray(_BOUNDS[kind]), scaled, side="left"), absmax
 
@@ -145,11 +146,11 @@ def _four_bit_weight(quant_type: str, w: jax.Array, *, blocksize: int = 64,
   flat = _kernel(w).T.reshape(-1).astype(_F32)
   codes, absmax = _blockwise(flat, blocksize, quant_type)
   if double_quant:  # compress_statistics
-    offset = cascade_sum(absmax) / np.float32(absmax.shape[0])  # torch's absmax.mean()
+    total = cascade_sum(absmax)  # torch's absmax.mean(): sum, then / n at run time
+    offset = total / (np.float32(absmax.shape[0]) + 0.0 * total)
     codes2, absmax2 = _dynamic_blockwise(absmax - offset)
-    # The product is rounded before the offset is added (no fused multiply-add).
-    absmax = lax.optimization_barrier(
-        _dequant_blocks(codes2, absmax2, DYNAMIC_CODE, NESTED_BLOCKSIZE)) + offset
+    # dequantize_blockwise's product is rounded before `absmax += offset`.
+    absmax = _rounded(_dequant_blocks(codes2, absmax2, DYNAMIC_CODE, NESTED_BLOCKSIZE)) + offset
   dq = _dequant_blocks(codes, absmax, _SORTED[quant_type], blocksize)
   return dq.reshape(w.shape[1], w.shape[0]).T.astype(w.dtype)
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from baq.quant.numerics._common import (_F16, _F32, _choice, _int8_matmul, _kernel, _matmul,
-                                        _ste)
+                                        _rounded, _ste)
 
 LLM_INT8_THRESHOLD = 6.0  # transformers' llm_int8_threshold default
 OUTLIER_WEIGHTS = ("int8", "float16")  # bitsandbytes >= 0.45 / the paper's fp16 W
@@ -108,6 +108,6 @@ def _llm_int8_dot(x, w, *, threshold: float = LLM_INT8_THRESHOLD,
   if cols is not None:  # output.addmm(subA, subB): float32 accumulation, one rounding
     sub_b = w.astype(_F16) if fp16 else _dequant(cb, scb).astype(x.dtype)
     sub_a = jnp.where(cols, a if fp16 else x2, 0).astype(sub_b.dtype)
-    y = (y.astype(_F32) + _matmul(sub_a, sub_b)).astype(out_dtype)
+    y = (_rounded(y.astype(_F32)) + _matmul(sub_a, sub_b)).astype(out_dtype)
   y = y.reshape(*x.shape[:-1], w.shape[-1]).astype(x.dtype)
   return _ste(x, w, y, ste)
