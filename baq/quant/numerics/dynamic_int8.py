@@ -14,26 +14,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from baq.quant.numerics._common import _F32, _int8_matmul, _kernel, _ste
+from baq.quant.numerics._common import _F32, _int8_matmul, _kernel, _split, _ste, _two_sum
 
 SMALL_SCALE = np.float32(6.1e-5)  # ATen quantized/cpu/QuantUtils.h SMALL_SCALE_THRESHOLD
 WEIGHT_EPS = np.float32(np.finfo(np.float32).eps)  # the observers' eps
-
-
-def _two_sum(a, b):
-  """s + e == a + b exactly (Knuth); no multiplications, so no FMA contraction."""
-  s = a + b
-  bb = s - a
-  return s, (a - (s - bb)) + (b - bb)
-
-
-def _split(a):
-  """a == hi + lo, hi the top 12 significand bits: products of halves are exact."""
-  hi = lax.bitcast_convert_type(
-      lax.bitcast_convert_type(a, jnp.uint32) & np.uint32(0xFFFFF000), _F32)
-  return hi, a - hi
 
 
 def _fma_round(x, inv, zp):

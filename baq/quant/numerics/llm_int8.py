@@ -11,7 +11,9 @@ used on the CPU; torch._int_mm for the int32 product on AVX-512):
     bfloat16 inputs; the CUDA kernel's fp16 output and 6.200012e-05 differ).
   * int8_mixed_scaled_mm: the outlier columns of the input, in its own
     dtype, times the dequantized int8 weight cast to that dtype, added with
-    `addmm` (float32 accumulation, one rounding to the input's dtype).
+    `addmm`: on the CPU a float32 fused multiply-add chain over the outlier
+    columns in order, added to the int8 part, one rounding to the input's
+    dtype (`_addmm_chain`; its gradient is the float matmul's).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from baq.quant.numerics._common import (_F16, _F32, _choice, _int8_matmul, _kernel, _matmul,
-                                        _rounded, _ste)
+from baq.quant.numerics._common import (_F16, _F32, _choice, _fma, _int8_matmul, _kernel,
+                                        _matmul, _rounded, _ste)
 
 LLM_INT8_THRESHOLD = 6.0  # transformers' llm_int8_threshold default
 OUTLIER_WEIGHTS = ("int8", "float16")  # bitsandbytes >= 0.45 / the paper's fp16 W
@@ -51,6 +54,25 @@ def _llm_int8_weight(w: jax.Array) -> jax.Array:
   """Linear8bitLt's weight (Int8Params: CB, SCB of the fp16 weight), dequantized."""
   cb, scb = _vectorwise(_kernel(w).astype(_F16).astype(_F32), axis=0)
   return _dequant(cb, scb).astype(w.dtype)
+
+
+def _addmm_chain(y: jax.Array, sub_a: jax.Array, sub_b: jax.Array, cols: jax.Array):
+  """y + sub_a @ sub_b as torch.addmm on the CPU sums it: float32 forward, no gradient.
+
+  The product accumulates from 0 in column order, one fused multiply-add per
+  outlier column (MKL's sgemm; the non-outlier columns of sub_a are zero and
+  are skipped), then is added to y once. Only the outlier columns are
+  visited, so the loop is as short as their count.
+  """
+  idx = jnp.nonzero(cols, size=cols.shape[0], fill_value=0)[0]
+  a, b = sub_a.astype(_F32), sub_b.astype(_F32)
+
+  def step(i, acc):
+    k = idx[i]
+    return _fma(a[:, k][:, None], b[k][None, :], acc)
+
+  acc = lax.fori_loop(0, jnp.sum(cols), step, jnp.zeros(y.shape, _F32))
+  return lax.stop_gradient(_rounded(y.astype(_F32)) + acc)
 
 
 def _llm_int8_storage(d_in: int, d_out: int, *, outlier_weights: str = "int8",
@@ -108,6 +130,8 @@ def _llm_int8_dot(x, w, *, threshold: float = LLM_INT8_THRESHOLD,
   if cols is not None:  # output.addmm(subA, subB): float32 accumulation, one rounding
     sub_b = w.astype(_F16) if fp16 else _dequant(cb, scb).astype(x.dtype)
     sub_a = jnp.where(cols, a if fp16 else x2, 0).astype(sub_b.dtype)
-    y = (_rounded(y.astype(_F32)) + _matmul(sub_a, sub_b)).astype(out_dtype)
+    # The loop's value, with the gradient of the float matmul (m - m is exactly 0).
+    m = _matmul(sub_a, sub_b)
+    y = (_addmm_chain(y, sub_a, sub_b, cols) + (m - lax.stop_gradient(m))).astype(out_dtype)
   y = y.reshape(*x.shape[:-1], w.shape[-1]).astype(x.dtype)
   return _ste(x, w, y, ste)
