@@ -5,8 +5,9 @@ w [d_in, d_out], the Flax Dense layout) as that runtime computes it, and
 `quantize_weight(w, **options)`: the weight as the runtime stores it,
 dequantized. Integer products are exact (int8 x int8 -> int32 in
 `lax.dot_general`) and every float rounding of the runtime happens here in
-its dtype and order, so results are the runtime's bit for bit on the CPU
-(bitsandbytes 0.50, torch 2.13; `python -m benchmarks.bnb_torch_check`).
+its dtype and order, so codes, scales and outputs are the runtime's bit for bit
+on the CPU (bitsandbytes 0.50, torch 2.13; `python -m benchmarks.bnb_torch_check`),
+but for nf4/fp4's float matmul, which XLA sums in its own order.
 
   * `llm_int8`: bitsandbytes' MatMul8bitLt (Dettmers et al. 2022): int8
     codes of the fp16-cast activations, row absmax x output-channel absmax;
