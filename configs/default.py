@@ -99,7 +99,8 @@ def get_config(arg=None):
   # (baq.quant.numerics.default_options): llm_int8 threshold (outliers |x| >=
   # it; 0: none) and outlier_weights (int8 | float16); nf4/fp4 blocksize
   # (32..4096, powers of two), double_quant and compute_dtype (float16 |
-  # bfloat16 | float32); dynamic_int8 reduce_range and per_channel. E.g.
+  # bfloat16 | float32); dynamic_int8 per_channel and reduce_range (True only:
+  # 8-bit activations are CPU-dependent in fbgemm). E.g.
   # --config.numerics_options.nf4.blocksize=128.
   c.numerics_options = ml_collections.ConfigDict(numerics.default_options())
   # Formats each method is exported to (baq.experiment.deploy.EXPORTERS):

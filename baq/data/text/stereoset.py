@@ -1,4 +1,4 @@
-"""Loads StereoSet (dev.json) as arrays, candidates in a fixed label order.
+"""Loads StereoSet (dev.json, or the CSV layout) as arrays, candidates in a fixed label order.
 
 The file (Nadeem et al. 2021, github.com/moinnadeem/StereoSet, data/dev.json)
 is {"version": ..., "data": {"intrasentence": [...], "intersentence": [...]}};
@@ -26,13 +26,25 @@ What a causal LM scores (`StereoSetTask.scoring_inputs`):
                  condition on the context; it is not reproduced.)
 Mean per-token log-likelihoods are the scores to pass on: candidates differ in
 length once a subword tokenizer splits them.
+
+The CSV layout (`load_stereoset_csv`; `load_stereoset` takes a folder or a
+.csv too): stereoset_intrasentence_dev.csv and stereoset_intersentence_dev.csv
+with columns prompt, choices, bias_type, target, where `choices` is a numpy
+array of three strings as numpy prints it (['a' 'b' 'c'], possibly over
+several lines, each string a Python literal) ALWAYS in LABELS order.
+Intrasentence candidates are the prompt with every BLANK filled by the
+choice; intersentence ones are the choices, the prompt their context. The
+rows carry no ids: an example's id is "<task>-<row>" (row from 1).
 """
 
 from __future__ import annotations
 
+import ast
+import csv
 import dataclasses
 import json
 import os
+import re
 from typing import Sequence, Union
 
 import numpy as np
@@ -40,6 +52,9 @@ import numpy as np
 TASKS = ("intrasentence", "intersentence")
 LABELS = ("stereotype", "anti-stereotype", "unrelated")
 _KEYS = ("id", "target", "bias_type", "context", "sentences")
+CSV_COLUMNS = ("prompt", "choices", "bias_type", "target")
+CSV_FILES = {t: f"stereoset_{t}_dev.csv" for t in TASKS}  # names inside a CSV folder
+_LITERAL = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"", re.S)  # a Python string literal
 
 
 @dataclasses.dataclass
@@ -117,11 +132,95 @@ def _task(examples: list, task: str, path: str) -> StereoSetTask:
                        sentence_ids=np.array(sent_ids, dtype=str).reshape(shape))
 
 
-def load_stereoset(path: str, *, split: Union[str, Sequence[str]] = TASKS) -> StereoSet:
-  """Reads StereoSet's dev.json (or a file of the same layout).
+def _tasks(split) -> tuple:
+  """The requested task names, checked against TASKS."""
+  names = (split,) if isinstance(split, str) else tuple(split)
+  unknown = [n for n in names if n not in TASKS]
+  if unknown:
+    raise ValueError(f"Unknown StereoSet task(s) {', '.join(map(repr, unknown))}. "
+                     f"Valid: {', '.join(TASKS)}.")
+  return names
+
+
+def _choices(text: str, where: str) -> list:
+  """The strings of a printed numpy array of strings, in order."""
+  found = list(_LITERAL.finditer(text))
+  rest = _LITERAL.sub("", text).strip()
+  if not (rest.startswith("[") and rest.endswith("]") and not rest[1:-1].strip()):
+    raise ValueError(f"{where}: choices {text!r} is not a printed array of strings.")
+  return [ast.literal_eval(m.group(0)) for m in found]
+
+
+def _csv_task(path: str, task: str) -> StereoSetTask:
+  """One task from its CSV file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"StereoSet file not found: {path}")
+  with open(path, encoding="utf-8", newline="") as f:
+    reader = csv.DictReader(f)
+    missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+      raise ValueError(f"{path} lacks the column(s) {', '.join(missing)} (has "
+                       f"{', '.join(reader.fieldnames or []) or 'none'}).")
+    rows = list(reader)
+  cols = {k: [] for k in ("id", "target", "bias_type", "context")}
+  sents = []
+  for row_no, row in enumerate(rows, 1):
+    where = f"{path}: {task} row {row_no}"
+    choices = _choices(row["choices"], where)
+    if len(choices) != len(LABELS):
+      raise ValueError(f"{where} has {len(choices)} choices; expected {len(LABELS)} "
+                       f"({', '.join(LABELS)}).")
+    prompt = row["prompt"]
+    if task == "intrasentence":
+      if "BLANK" not in prompt:
+        raise ValueError(f"{where} has no BLANK in its prompt {prompt!r}.")
+      choices = [prompt.replace("BLANK", c) for c in choices]
+    sents.append(choices)
+    for k, v in (("id", f"{task}-{row_no}"), ("target", row["target"]),
+                 ("bias_type", row["bias_type"]), ("context", prompt)):
+      cols[k].append(v)
+  shape = (len(rows), len(LABELS))
+  ids = np.array(cols["id"], dtype=str)
+  return StereoSetTask(task, **{k: np.array(v, dtype=str) for k, v in cols.items()},
+                       sentences=np.array(sents, dtype=str).reshape(shape),
+                       sentence_ids=np.char.add(np.repeat(ids[:, None], 3, axis=1),
+                                                np.array([f"-{g}" for g in LABELS])))
+
+
+def load_stereoset_csv(path: str, *, split: Union[str, Sequence[str]] = TASKS) -> StereoSet:
+  """Reads StereoSet from the CSV layout (module docstring).
 
   Args:
-    path: the JSON file.
+    path: a folder holding CSV_FILES, or one CSV file (then `split` names
+      its single task).
+    split: a task name or several, from TASKS.
+
+  Returns:
+    A `StereoSet` (version "csv") with one `StereoSetTask` per task.
+
+  Raises:
+    FileNotFoundError: a file is missing (the message names it).
+    ValueError: an unknown task, several tasks for one file, a missing
+      column (named), a row without three choices or (intrasentence)
+      without BLANK (the row is named).
+  """
+  names = _tasks(split)
+  if os.path.isdir(path):
+    files = {n: os.path.join(path, CSV_FILES[n]) for n in names}
+  elif len(names) == 1:
+    files = {names[0]: path}
+  else:
+    raise ValueError(f"{path} is one CSV file: pass split= one of {', '.join(TASKS)}.")
+  tasks = {n: _csv_task(p, n) for n, p in files.items()}
+  bias = sorted({str(b) for t in tasks.values() for b in t.bias_type})
+  return StereoSet(version="csv", tasks=tasks, bias_types=bias)
+
+
+def load_stereoset(path: str, *, split: Union[str, Sequence[str]] = TASKS) -> StereoSet:
+  """Reads StereoSet's dev.json (or a file of the same layout), or the CSV layout.
+
+  Args:
+    path: the JSON file; a folder or a .csv file goes to `load_stereoset_csv`.
     split: a task name or several, from TASKS.
 
   Returns:
@@ -134,11 +233,9 @@ def load_stereoset(path: str, *, split: Union[str, Sequence[str]] = TASKS) -> St
       BLANK in its context, or does not have exactly one candidate of each
       gold label (each message names the example's id).
   """
-  names = (split,) if isinstance(split, str) else tuple(split)
-  unknown = [n for n in names if n not in TASKS]
-  if unknown:
-    raise ValueError(f"Unknown StereoSet task(s) {', '.join(map(repr, unknown))}. "
-                     f"Valid: {', '.join(TASKS)}.")
+  names = _tasks(split)
+  if os.path.isdir(path) or path.endswith(".csv"):
+    return load_stereoset_csv(path, split=names)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"StereoSet file not found: {path}")
   with open(path, encoding="utf-8") as f:

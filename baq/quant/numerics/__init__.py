@@ -5,16 +5,18 @@ w [d_in, d_out], the Flax Dense layout) as that runtime computes it, and
 `quantize_weight(w, **options)`: the weight as the runtime stores it,
 dequantized. Integer products are exact (int8 x int8 -> int32 in
 `lax.dot_general`) and every float rounding of the runtime happens here in
-its dtype and order, so results are the runtime's to float32 round-off.
+its dtype and order, so codes, scales and outputs are the runtime's bit for bit
+on the CPU (bitsandbytes 0.50, torch 2.13; `python -m benchmarks.bnb_torch_check`),
+but for nf4/fp4's float matmul, which XLA sums in its own order.
 
-  * `llm_int8`: bitsandbytes' MatMul8bitLt (Dettmers et al. 2022): fp16
-    activations; columns with an |x| >= threshold multiplied in fp16, the
-    rest vector-wise int8 (row absmax x output-channel absmax).
+  * `llm_int8`: bitsandbytes' MatMul8bitLt (Dettmers et al. 2022): int8
+    codes of the fp16-cast activations, row absmax x output-channel absmax;
+    columns with an |x| >= threshold multiplied in the input's dtype.
   * `nf4` / `fp4` (weight-only, QLoRA): bitsandbytes' quantize_4bit, nearest
     code per `blocksize` weights of the torch [out, in] weight, optional
     double quantization of the absmaxes, matmul in compute_dtype.
-  * `dynamic_int8`: torch.ao.nn.quantized.dynamic.Linear on fbgemm: uint8
-    activations from the tensor's min/max, symmetric qint8 weights.
+  * `dynamic_int8`: torch.ao.nn.quantized.dynamic.Linear on fbgemm: 7-bit
+    uint8 activations from the tensor's min/max, symmetric qint8 weights.
   * `q8_0`, `q5_1`, `q5_0`, `q4_1`, `q4_0`, `q6_k`, `q5_k`, `q4_k`, `q3_k`,
     `q2_k` (weight-only): llama.cpp's GGUF block formats (`ggml`), blocks
     of 32 or 256 along d_in, x @ dequant(quant(w)) in float32; rows that do

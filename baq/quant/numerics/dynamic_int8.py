@@ -1,30 +1,24 @@
-"""torch's dynamic int8 quantization of Linear layers (fbgemm) as it computes it."""
+"""torch's dynamic int8 quantization of Linear layers (fbgemm) as it computes it.
+
+Only reduce_range=True (what dynamic.Linear.forward passes) is offered. With
+8-bit activations (reduce_range=False) fbgemm's result depends on the CPU:
+its AVX2 and AVX-512 kernels without VNNI multiply with vpmaddubsw, which
+saturates each sum of two adjacent uint8 x int8 products at 16 bits, while
+VNNI CPUs accumulate exactly. 7-bit activations keep every pair sum below
+2 * 127 * 128 = 32,512 < 32,767, so the result is the exact integer product on
+every CPU, which is what baq computes.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from baq.quant.numerics._common import _F32, _int8_matmul, _kernel, _ste
+from baq.quant.numerics._common import _F32, _int8_matmul, _kernel, _split, _ste, _two_sum
 
 SMALL_SCALE = np.float32(6.1e-5)  # ATen quantized/cpu/QuantUtils.h SMALL_SCALE_THRESHOLD
 WEIGHT_EPS = np.float32(np.finfo(np.float32).eps)  # the observers' eps
-
-
-def _two_sum(a, b):
-  """s + e == a + b exactly (Knuth); no multiplications, so no FMA contraction."""
-  s = a + b
-  bb = s - a
-  return s, (a - (s - bb)) + (b - bb)
-
-
-def _split(a):
-  """a == hi + lo, hi the top 12 significand bits: products of halves are exact."""
-  hi = lax.bitcast_convert_type(
-      lax.bitcast_convert_type(a, jnp.uint32) & np.uint32(0xFFFFF000), _F32)
-  return hi, a - hi
 
 
 def _fma_round(x, inv, zp):
@@ -88,15 +82,21 @@ def _dynamic_int8_dot(x, w, *, reduce_range: bool = True, per_channel: bool = Fa
 
   Args:
     x, w: activations [..., d_in] (one scale, zero point per call) and kernel [d_in, d_out].
-    reduce_range: 7-bit activations, as dynamic.Linear.forward passes (True).
+    reduce_range: 7-bit activations, as dynamic.Linear.forward passes. Must
+      be True: 8-bit activations saturate 16-bit pair sums in fbgemm on CPUs
+      without VNNI, so no single result is torch's (see the module docstring).
     per_channel: a weight scale per output channel (per_channel_dynamic_qconfig).
     ste: straight-through gradient.
 
   Returns:
     float(acc - zp * colsum(Wq)) * (scale_x * scale_w) as x.dtype, [..., d_out].
   """
+  if reduce_range is not True:
+    raise ValueError("reduce_range must be True: with 8-bit activations (False) fbgemm "
+                     "saturates 16-bit pair sums on CPUs without AVX512-VNNI and is exact "
+                     "with it, so the result depends on the CPU; baq models the 7-bit one.")
   a = x.reshape(-1, x.shape[-1]).astype(_F32)
-  scale, zp = _act_qparams(a, 127 if reduce_range else 255)
+  scale, zp = _act_qparams(a, 127)
   qa = jnp.clip(_fma_round(a, 1.0 / scale, zp), 0, 255).astype(jnp.int32)
   qw, sw = _qint8_weight(w.astype(_F32), per_channel)
   col = jnp.sum(qw.astype(jnp.int32), axis=0)
