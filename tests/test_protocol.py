@@ -11,18 +11,18 @@ from baq.experiment import protocol, protocol_report
 from baq.stats import corrections
 from configs import protocol as protocol_config
 
-ARMS = "uniform,static,minimax,measured,baq,random,oracle"
+ARMS = "uniform,static,measured,baq,random,oracle"  # minimax: static's path, another solver
 
 
 @pytest.fixture(scope="module")
 def finished(make_tiny_config, tiny_data, tmp_path_factory):
-  """Two seeds of every arm at one budget, trained once for this file."""
+  """One seed of every arm at one budget, trained once for this file."""
   c = make_tiny_config(**{"quant.search_steps": 3, "importance.choices": (2, 3, 4)})
   c.protocol = protocol_config.get_config("layer,runlocal").protocol
   c.protocol.budgets, c.protocol.arms, c.protocol.random_count = (3.0,), ARMS, 2
   c.concurrent_runs = "1"
   root = str(tmp_path_factory.mktemp("protocol"))
-  runs = {s: protocol.run_seed(c, root, s, tiny_data, log=lambda *_: None) for s in (0, 1)}
+  runs = {0: protocol.run_seed(c, root, 0, tiny_data, log=lambda *_: None)}
   return c, root, runs
 
 
@@ -31,8 +31,8 @@ def test_every_arm_trains_the_same_total_steps_within_the_budget(finished):
   T = c.steps + 3
   assert protocol.total_steps(c) == T
   for s, rows in runs.items():
-    assert sorted(rows) == sorted(["uniform3", "uniform8", "static@3", "minimax@3",
-                                   "measured@3", "baq@3", "random@3", "oracle@3"])
+    assert sorted(rows) == sorted(["uniform3", "uniform8", "static@3", "measured@3", "baq@3",
+                                   "random@3", "oracle@3"])
     assert wd.latest_step(wd.path(wd.seed_dir(root, s), "uniform3")) == T
     for name, r in rows.items():
       if name.startswith("uniform"):
@@ -67,10 +67,11 @@ def test_a_rerun_reads_every_finished_arm_back(finished, tiny_data):
 
 def test_the_summary_pairs_every_arm_with_the_static_control(finished, tiny_data):
   c, root, runs = finished
+  runs = {0: runs[0], 1: runs[0]}  # a second seed's table, for the pairing's shape
   summary = protocol_report.summarize(c, root, runs, tiny_data["test"])
   comparisons = summary["budgets"]["3"]["comparisons"]
   assert {x["row"] for x in comparisons if x["against"] == "static@3"} == {
-      "minimax@3", "measured@3", "baq@3", "random@3", "oracle@3"}
+      "measured@3", "baq@3", "random@3", "oracle@3"}
   for x in comparisons:
     assert x["holm_p"] >= x["t_p"] or np.isnan(x["t_p"])
   text = protocol_report.format_summary(summary)
