@@ -11,7 +11,7 @@ from baq.experiment import protocol, protocol_report
 from baq.stats import corrections
 from configs import protocol as protocol_config
 
-ARMS = "uniform,static,measured,baq,random,oracle"  # minimax: static's path, another solver
+ARMS = "uniform,static,measured,baq,bilevel,random,oracle"  # minimax: static's path, another solver
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +32,20 @@ def test_every_arm_trains_the_same_total_steps_within_the_budget(finished):
   assert protocol.total_steps(c) == T
   for s, rows in runs.items():
     assert sorted(rows) == sorted(["uniform3", "uniform8", "static@3", "measured@3", "baq@3",
-                                   "random@3", "oracle@3"])
+                                   "bilevel@3", "random@3", "oracle@3"])
     assert wd.latest_step(wd.path(wd.seed_dir(root, s), "uniform3")) == T
     for name, r in rows.items():
       if name.startswith("uniform"):
         continue
       assert r["avg_bits"] <= 3.0 + 1e-9 and r["steps"] == T
+      # A search's steps count in the total: the bi-level run trains what is left.
+      left = T - r["search_steps"] if r["arm"] == "bilevel" else T
       for cand in r["candidates"]:
         assert wd.latest_step(wd.path(wd.arm_dir(root, s, 3.0, r["arm"]),
-                                      cand["candidate"])) == T
+                                      cand["candidate"])) == left
     assert rows["baq@3"]["search_steps"] == 3 and rows["static@3"]["search_steps"] == 0
+    assert rows["bilevel@3"]["search_steps"] == 3
+    assert os.path.exists(wd.path(wd.arm_dir(root, s, 3.0, "bilevel"), "bilevel_search.msgpack"))
     assert rows["measured@3"]["info"]["calibration"] == "validation"
 
 
@@ -71,7 +75,7 @@ def test_the_summary_pairs_every_arm_with_the_static_control(finished, tiny_data
   summary = protocol_report.summarize(c, root, runs, tiny_data["test"])
   comparisons = summary["budgets"]["3"]["comparisons"]
   assert {x["row"] for x in comparisons if x["against"] == "static@3"} == {
-      "measured@3", "baq@3", "random@3", "oracle@3"}
+      "measured@3", "baq@3", "bilevel@3", "random@3", "oracle@3"}
   for x in comparisons:
     assert x["holm_p"] >= x["t_p"] or np.isnan(x["t_p"])
   text = protocol_report.format_summary(summary)

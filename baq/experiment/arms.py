@@ -19,6 +19,11 @@ to decide is its own affair, but never the test split.
             (importance.measure "loss"), then the exact minimax knapsack
   baq       BAQ: bits and weights trained jointly from the static plan for
             `quant.search_steps`, projected, then `steps` more at them
+  bilevel   BAQ as a search phase (`baq.train.bilevel`): from the static plan,
+            `quant.search_steps` steps with the weights on the training split
+            and the bits on the validation split's (group-balanced) CVaR
+            loss; the learned bits solved exactly at the budget; then the
+            remaining `steps` from the search's weights at those integers
   random    `protocol.random_count` random budget-filling allocations, each
             trained the total steps; the best on validation
   oracle    every budget-filling allocation (when there are at most
@@ -38,6 +43,7 @@ import numpy as np
 
 from baq.allocation import landscape, planner
 from baq.experiment import job
+from baq.train import bilevel
 from baq.registry import Registry
 
 
@@ -54,6 +60,8 @@ class Candidate:
   name: str
   mode: str
   bits: np.ndarray
+  steps: Optional[int] = None  # None: the protocol's T; less when a search ran first
+  init_variables: Any = None  # None: the float model's
 
 
 @dataclasses.dataclass
@@ -85,6 +93,8 @@ class Context:
     numel: weights per unit.
     choices: the candidate bit-widths.
     budget: the average-bit budget.
+    scratch: a directory where an arm may keep what its search found (read
+      back on a rerun), or None.
   """
 
   config: ml_collections.ConfigDict
@@ -93,6 +103,7 @@ class Context:
   numel: np.ndarray
   choices: tuple
   budget: float
+  scratch: Optional[str] = None
   _analyses: dict = dataclasses.field(default_factory=dict)
 
   def plan(self, split: str = "train", **importance) -> tuple[dict, float]:
@@ -147,6 +158,22 @@ def _baq(ctx: Context) -> Proposal:
   plan, seconds = ctx.plan()
   return Proposal([Candidate("baq", "baq", np.asarray(plan["bits"], np.int64))], seconds,
                   search_steps=int(ctx.config.quant.search_steps or 0))
+
+
+@ARMS.register("bilevel")
+def _bilevel(ctx: Context) -> Proposal:
+  plan, seconds = ctx.plan()
+  search_steps = int(ctx.config.quant.search_steps or 0)
+  if search_steps <= 0:
+    raise ValueError("The bilevel arm needs quant.search_steps > 0 (its search's steps).")
+  found = bilevel.search(ctx.config, ctx.data, ctx.float_vars, steps=search_steps,
+                         init_bits=np.asarray(plan["bits"], np.int64), heldout="validation",
+                         path=ctx.scratch and f"{ctx.scratch}/bilevel_search.msgpack")
+  total = int(ctx.config.steps) + search_steps
+  return Proposal([Candidate("bilevel", "fair_static_qat", found["bits"],
+                             steps=total - search_steps, init_variables=found["variables"])],
+                  seconds + found["seconds"], search_steps=search_steps,
+                  info=dict(learned_bits=found["learned"].tolist()))
 
 
 @ARMS.register("random")

@@ -161,13 +161,16 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int, data: dict
       if os.path.exists(wd.path(adir, wd.ARM_RESULT_FILE)):
         rows[row] = wd.read_json(wd.path(adir, wd.ARM_RESULT_FILE))
         continue
+      ctx.scratch = adir
       proposal = arms_lib.ARMS.get(arm)(ctx)
       if proposal is None:
         log(f"[protocol] seed {seed} {row}: skipped (see baq/experiment/arms.py)")
         continue
       for cand in proposal.candidates:
+        start = float_vars if cand.init_variables is None else cand.init_variables
         jobs.append(functools.partial(_train_run, cb, wd.path(adir, cand.name), cand.mode, data,
-                                      float_vars, T, seconds, bits=cand.bits))
+                                      start, T if cand.steps is None else cand.steps, seconds,
+                                      bits=cand.bits))
       pending.append((arm, row, proposal, adir, None, cb))
 
   # Two lanes fill the two cores one small step leaves idle; results are identical.

@@ -115,3 +115,39 @@ def make_train_step(model, tx: optax.GradientTransformation, penalties: dict, la
     return new, metrics
 
   return step_fn
+
+
+def make_bilevel_step(model, tx: optax.GradientTransformation, penalties: dict, layers, *,
+                      num_groups: int, budget: float, bit_bounds: tuple[float, float]):
+  """A first-order bi-level update: the weights on a training batch, the bits on a held-out one.
+
+  Both gradients are taken at the same parameters (DARTS' first-order
+  approximation of the bi-level problem): the weight leaves step along the
+  training batch's loss, the bit-width leaves along the held-out batch's
+  (with the same penalties, so the worst-group CVaR term and the bitrate
+  constraint shape the bits on examples the weights never fit). BatchNorm
+  statistics follow the training batch; the penalties' state (the bitrate
+  multiplier) the held-out pass.
+
+  Returns:
+    step_fn(state, train_batch, heldout_batch) -> (state, metrics of the
+    training batch, with "heldout_loss").
+  """
+  loss_fn = make_loss_fn(model, penalties, layers, num_groups=num_groups, budget=budget)
+
+  def step_fn(state, train_batch, heldout_batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    args = (state["params"], state.get("batch_stats", {}))
+    gw, (_, batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(
+        *args, train_batch, key, state["penalty_state"], state["step"])
+    gb, (pen_state, _, held) = jax.grad(loss_fn, has_aux=True)(
+        *args, heldout_batch, jax.random.fold_in(key, 2), state["penalty_state"], state["step"])
+    fw, fb = tu.flatten_dict(dict(gw)), tu.flatten_dict(dict(gb))
+    grads = tu.unflatten_dict({k: fb[k] if k[-1] == BITS_LEAF else v for k, v in fw.items()})
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = _clip_bits(optax.apply_updates(state["params"], updates), *bit_bounds)
+    new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
+               penalty_state=pen_state, step=state["step"] + 1, data_position=state["step"] + 1)
+    return new, dict(metrics, heldout_loss=held["loss"])
+
+  return step_fn
