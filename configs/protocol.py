@@ -51,7 +51,7 @@ def get_config(arg=None):
   # The arms (baq.experiment.arms.ARMS), each an allocation signal feeding the
   # exact solver, or a control. Every arm trains the same total steps
   # (`steps + quant.search_steps`); a search's own steps count in that total.
-  p.arms = "uniform,static,minimax,measured,baq,random,oracle"
+  p.arms = "uniform,static,minimax,measured,baq,bilevel,random,oracle"
   p.random_count = 8  # random budget-filling allocations; the best on validation is kept
   p.oracle_limit = 16  # train every maximal allocation when there are at most this many
   p.reference = "static"  # the arm every other is paired against
