@@ -61,11 +61,12 @@ SCALE_DTYPE = "float16"
 _SIGNED = {"q4_0": (8, 0, 15), "q5_0": (16, 0, 31), "q8_0": (0, -128, 127)}
 _AFFINE = {"q4_1": 15, "q5_1": 31}  # w = d q + m, q in [0, top]
 _F16, _F32 = np.float16, np.float32
+# A row no block type divides: "f16" as llama.cpp keeps it, or "f32" (exact).
+FALLBACKS = {"f16": _F16, "f32": _F32}
 
 
 def _qtype(name: str) -> gguf.GGMLQuantizationType:
-  return gguf.GGMLQuantizationType.F16 if name == "f16" else gguf.GGMLQuantizationType[
-      name.upper()]
+  return gguf.GGMLQuantizationType[name.upper()]
 
 
 def _check_type(t: str, where: str) -> str:
@@ -132,7 +133,13 @@ def _layouts(arch: str, family, cfg, params, records, group_size) -> dict[str, d
 
 
 def _from_codes(qtype: str, c, s, z) -> tuple[Optional[dict], str]:
-  """The type's block fields holding c x s exactly, or (None, why not)."""
+  """The type's block fields of codes c and scales s, and why they are not exact.
+
+  Returns:
+    (fields, "") holding c x s exactly; (fields, why) with scales (and
+    minimums) rounded to float16, the codes kept; (None, why) when the codes
+    do not fit the type, so that the weight must be re-quantized.
+  """
   blk = lambda a: a.reshape(-1, ggml.TYPES[qtype].block)
   c, s, z = blk(c), blk(s), blk(z)
   if np.isnan(c).any():
@@ -141,10 +148,10 @@ def _from_codes(qtype: str, c, s, z) -> tuple[Optional[dict], str]:
     return None, f"{qtype} is not one scale per 32 codes; baq's grid is re-quantized"
   if np.any(s != s[:, :1]):
     return None, "scales change within a 32-value block (group size not a multiple of 32)"
-  d = s[:, 0]
+  d, note = s[:, 0], ""
   if np.any(d.astype(_F16).astype(_F32) != d):
-    return None, (f"scales are not float16-exact (quantize with scale_dtype="
-                  f"{SCALE_DTYPE!r})")
+    note = (f"scales are not float16-exact (quantize with scale_dtype={SCALE_DTYPE!r}): "
+            "the codes are kept, the scales rounded to float16")
   if qtype in _SIGNED:
     off, lo, hi = _SIGNED[qtype]
     q, m = c + off, None
@@ -154,14 +161,14 @@ def _from_codes(qtype: str, c, s, z) -> tuple[Optional[dict], str]:
     if np.any(zero != zero[:, :1]):
       return None, "zero points change within a 32-value block"
     q, m = c + zero, -zero[:, 0] * d
-    if np.any(m.astype(_F16).astype(_F32) != m):
-      return None, "the minimums -zero x scale are not float16-exact"
+    if np.any(m.astype(_F16).astype(_F32) != m) and not note:
+      note = "the minimums -zero x scale are not float16-exact: rounded to float16"
   if q.min() < lo or q.max() > hi:
     return None, f"codes span [{c.min():.0f}, {c.max():.0f}], beyond {qtype}'s range"
   fields = {"d": d.astype(_F16), "q": q.astype(np.int32)}
   if m is not None:
     fields["m"] = m.astype(_F16)
-  return fields, ""
+  return fields, note
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -170,26 +177,27 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
                         (b.astype(_F32) + _F32(0)).view(np.uint32))
 
 
-def _tensor(name: str, t: dict, qtype: str) -> tuple[np.ndarray, str, dict]:
+def _tensor(name: str, t: dict, qtype: str, fallback: str) -> tuple[np.ndarray, str, dict]:
   """(uint8 bytes, stored type, record) of one quantized tensor."""
   w = t["w"]
   stored = ggml.stored_type(qtype, w.shape[-1])
+  stored = fallback if stored == "f16" else stored
   reason = "" if stored == qtype else (
       f"rows of {w.shape[-1]} do not divide into {qtype}'s {ggml.TYPES[qtype].block}-value "
       f"blocks: stored as {stored} (llama.cpp's fallback)")
-  if stored == "f16":
-    if np.abs(w).max() > F16_MAX:
+  if stored in FALLBACKS:
+    if stored == "f16" and np.abs(w).max() > F16_MAX:
       raise ValueError(f"GGUF tensor {name!r} falls back to F16, which cannot hold its "
                        f"largest magnitude {float(np.abs(w).max()):.4g}.")
-    raw, how = np.ascontiguousarray(w.astype(_F16)).view(np.uint8), "f16"
-    back = w.astype(_F16).astype(_F32)
+    back = w.astype(FALLBACKS[stored]).astype(_F32)
+    raw, how = np.ascontiguousarray(w.astype(FALLBACKS[stored])).view(np.uint8), stored
   else:
     fields, why = _from_codes(stored, t["c"], t["s"], t["z"])
     if fields is not None:
       raw, how = ggml.TYPES[stored].pack(fields).reshape(w.shape[0], -1), "codes"
     else:
       raw, how = ggml.quantize(w, stored), "requantized"
-      reason = "; ".join(r for r in (reason, why) if r)
+    reason = "; ".join(r for r in (reason, why) if r)
     back = gguf.quants.dequantize(raw, _qtype(stored)).astype(_F32)  # the real library
   diff = np.abs(back - w)
   rec = dict(requested=qtype, type=stored, path=how, exact=_same(back, w),
@@ -213,6 +221,7 @@ def export_gguf(path: str, family: str, cfg, quantized_params: Any,
                 records: Mapping[str, Mapping[str, Any]], tokenizer: Any = None, *,
                 group_size: Optional[int] = None, bit_types: Optional[Mapping[int, str]] = None,
                 tensor_types: Optional[Mapping[str, str]] = None, strict: bool = False,
+                fallback: str = "f16",
                 arch: Optional[str] = None, dtype: str = "f32",
                 special: Optional[Mapping[str, Optional[int]]] = None,
                 verbose: bool = True) -> dict[str, Any]:
@@ -232,12 +241,14 @@ def export_gguf(path: str, family: str, cfg, quantized_params: Any,
       bit_types (as llama-quantize's --tensor-type).
     strict: refuse unless every quantized tensor is stored exactly in the
       type asked for.
+    fallback: the type of rows no block divides: "f16" (llama.cpp's) or
+      "f32" (exact).
     arch, dtype, special: as `write_gguf` (dtype: the float tensors' type).
     verbose: print one line per tensor stored otherwise than asked, or not exactly.
 
   Returns:
     {"path", "exact" (every tensor), "tensors": GGUF name -> {requested, type,
-    path ("codes", "requantized" or "f16"), exact, max_abs_diff, rel_error
+    path ("codes", "requantized", "f16" or "f32"), exact, max_abs_diff, rel_error
     (Frobenius, relative to baq's weight), layers, bits, reason}}.
 
   Raises:
@@ -245,6 +256,8 @@ def export_gguf(path: str, family: str, cfg, quantized_params: Any,
       not give the kernels, or (strict) a tensor not held exactly; nothing
       is written then.
   """
+  if fallback not in FALLBACKS:
+    raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}.")
   bit_types = {**BIT_TYPES, **(bit_types or {})}
   tensor_types = dict(tensor_types or {})
   for where, table in (("bit_types", bit_types), ("tensor_types", tensor_types)):
@@ -258,7 +271,7 @@ def export_gguf(path: str, family: str, cfg, quantized_params: Any,
   for name, t in tensors.items():
     t["bits"] = max(int(records[k]["bits"]) for k in t["layers"])
     raw, stored, report[name] = _tensor(name, t, _requested(name, t["bits"], bit_types,
-                                                            tensor_types))
+                                                            tensor_types), fallback)
     overrides[name] = (raw, _qtype(stored))
   bad = {n: r for n, r in report.items() if not r["exact"] or r["type"] != r["requested"]}
   if strict and bad:
