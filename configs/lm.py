@@ -114,8 +114,9 @@ def get_config(arg=None):
     c.model.gguf_file = _lm_data("stories260K.gguf")
     c.data.crows_pairs = _lm_data("crows_pairs_anonymized.csv")
     c.data.heldout = _lm_data("tinystories_valid_sample.txt")
-    # StereoSet's intrasentence dev split as CSV: scored, and the Fair-GPTQ pairs.
-    c.data.stereoset = _lm_data("stereoset_intrasentence_dev.csv")
+    # StereoSet's dev split as the folder of its two CSVs (one .csv file alone
+    # would need a split): both tasks scored, intrasentence gives the Fair-GPTQ pairs.
+    c.data.stereoset = os.path.normpath(LM_DATA)
   if arg == "tiny":  # seconds on 2 CPU cores: a smoke run of every setting kind
     c.data.num_train, c.data.num_heldout = 3000, 200
     c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.d_ff = 32, 1, 2, 64
