@@ -1,7 +1,8 @@
 r"""baq's quantized stories260K as block-quantized GGUF files, run by llama.cpp itself.
 
 Quantizes the stories260K Llama with the LM study's own functions
-(`configs/lm.py:stories`: its calibration text and StereoSet pairs;
+(`configs/lm.py:stories`: its calibration text and a seeded sample of its
+StereoSet pairs, `--pairs`, for Fair-GPTQ and the mixed allocation's importance;
 `baq.study.lm.quant.quantize`) at several settings, writes each with
 `baq.export.gguf_quant.export_gguf`, and runs the file in llama.cpp
 (llama-cpp-python, float32 KV cache as in gguf_llama_cpp_check.py). Printed
@@ -18,12 +19,13 @@ as an F32 file in llama.cpp, where its matmuls are float. The held-out text
 is also the calibration text here (the stories config's data.heldout).
 
   pip install llama-cpp-python   # builds llama.cpp: minutes on 2 cores
-  python benchmarks/gguf_export_check.py [--windows=8] [--tokens=256]
+  python benchmarks/gguf_export_check.py [--windows=8] [--tokens=256] [--pairs=256]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 
@@ -35,6 +37,7 @@ from baq.export.gguf_lm import write_gguf
 from baq.export.gguf_quant import export_gguf
 from baq.models.lm import LM_FAMILIES
 from baq.models.lm.gguf import load_gguf
+from baq.ptq import decoder as gd
 from baq.study.lm import quant as lm_quant, study
 from configs import lm as lm_config
 
@@ -72,6 +75,8 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--windows", type=int, default=8, help="windows of held-out tokens")
   p.add_argument("--tokens", type=int, default=256, help="tokens per window (BOS first)")
+  p.add_argument("--pairs", type=int, default=256,
+                 help="StereoSet pairs (a seeded sample) for Fair-GPTQ and the importance")
   p.add_argument("--only", default="", help="comma-separated SETTINGS names (default: all)")
   args = p.parse_args(argv)
   config = lm_config.get_config("stories")
@@ -92,6 +97,9 @@ def main(argv=None) -> None:
           f"perplexity baq {perplexity(fp, windows):.4f}, llama.cpp {perplexity(fp_cpp, windows):.4f}, "
           f"max |logit diff| {np.abs(fp - fp_cpp).max():.3g}")
     calib = study.calibration(config, texts, tok, 0)
+    keep = np.sort(np.random.default_rng(0).permutation(len(calib.pair_bias_type))[:args.pairs])
+    calib = dataclasses.replace(calib, pair_bias_type=calib.pair_bias_type[keep], pairs=tuple(
+        gd.Tokens(t.ids[keep], t.lengths[keep]) for t in calib.pairs))
     modules = list(LM_FAMILIES.get(built["family"]).hf_modules(model.config).values())
     only = [s.strip() for s in args.only.split(",") if s.strip()] or list(SETTINGS)
     for name in only:
