@@ -94,6 +94,9 @@ def get_config(arg=None):
   c.quant.mixed_alpha = 0.0         # the mixed allocation's GPTQ: 0 plain, > 0 Fair-GPTQ
   c.quant.group_size = None         # GPTQ group size (None: per output channel)
   c.quant.act_order = False
+  # GPTQ/RTN scales: "float32", "float16" (what GGUF's blocks hold exactly), or
+  # "auto": the export's (float16 for export="gguf", else float32).
+  c.quant.scale_dtype = "auto"
   c.quant.calib_sequences = 256     # calibration sequences (from the training text)
   c.quant.pair_rows = "common"      # Fair-GPTQ pair alignment (baq.ptq.decoder_group.PAIR_ROWS)
   c.quant.pair_norm = "pairs"       # Fair-GPTQ pair normaliser (baq.ptq.decoder_group.PAIR_NORMS)
@@ -103,14 +106,17 @@ def get_config(arg=None):
   # StereoSet's intrasentence stereotype / anti-stereotype candidates, as
   # the reference calibrates (they then overlap a StereoSet evaluation).
   c.quant.pair_source = "stereoset" if real else "calibration"
-  c.export = ""                     # "gptq": a GPTQ-format checkpoint per quantized setting
+  # "gptq": a GPTQ-format checkpoint per quantized setting; "gguf": a GGUF file
+  # for llama.cpp (baq.study.lm.exports)
+  c.export = ""
   c.bootstrap = 1000                # bootstrap replicates of every interval
   if arg == "stories":
     c.model.gguf_file = _lm_data("stories260K.gguf")
     c.data.crows_pairs = _lm_data("crows_pairs_anonymized.csv")
     c.data.heldout = _lm_data("tinystories_valid_sample.txt")
-    # StereoSet's intrasentence dev split as CSV: scored, and the Fair-GPTQ pairs.
-    c.data.stereoset = _lm_data("stereoset_intrasentence_dev.csv")
+    # StereoSet's dev split as the folder of its two CSVs (one .csv file alone
+    # would need a split): both tasks scored, intrasentence gives the Fair-GPTQ pairs.
+    c.data.stereoset = os.path.normpath(LM_DATA)
   if arg == "tiny":  # seconds on 2 CPU cores: a smoke run of every setting kind
     c.data.num_train, c.data.num_heldout = 3000, 200
     c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.d_ff = 32, 1, 2, 64

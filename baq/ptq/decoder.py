@@ -124,8 +124,8 @@ def quantize_decoder(model: nn.Module, variables: Any, calib: Tokens, *,
     (params, records): the float tree with quantized kernels (embeddings,
     norms and the head untouched), and per layer a dict with bits, rows, err
     (||X (W - W_q)||^2 / rows on its calibration inputs), err_rtn (the same
-    for round to nearest), seconds, and for GPTQ codes [d_in, d_out], scales,
-    loss, damp; with pairs also pair_rows and pair_err (the same over the
+    for round to nearest), seconds, codes [d_in, d_out] and scales (the
+    kernel is exactly codes x scales), and for GPTQ loss, damp; with pairs also pair_rows and pair_err (the same over the
     pair differences) on fair layers. records["_blocks"] lists each block's
     seconds.
   """

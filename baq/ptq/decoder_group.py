@@ -86,6 +86,8 @@ class Options:
     pair_norm: "pairs" or "rows".
     fair_update: "hessian" or "newton".
     batch_size: sequences per forward pass.
+    scale_dtype: "float32", or "float16" for scales that formats storing
+      fp16 scales (GGUF, GPTQ) hold exactly (`gptq.SCALE_DTYPES`).
   """
   method: str = "gptq"
   alpha: float = 0.0
@@ -99,10 +101,12 @@ class Options:
   pair_norm: str = "pairs"
   fair_update: str = "hessian"
   batch_size: int = 64
+  scale_dtype: str = "float32"
 
   def __post_init__(self):
     for field, valid in (("method", METHODS), ("pair_rows", PAIR_ROWS),
-                         ("pair_norm", PAIR_NORMS), ("fair_update", FAIR_UPDATES)):
+                         ("pair_norm", PAIR_NORMS), ("fair_update", FAIR_UPDATES),
+                         ("scale_dtype", gptq.SCALE_DTYPES)):
       if getattr(self, field) not in valid:
         raise ValueError(f"Unknown {field} {getattr(self, field)!r}. Valid: {', '.join(valid)}.")
     if not (np.isfinite(self.alpha) and self.alpha >= 0):
@@ -156,9 +160,10 @@ def _grams(run, params, h, mask, target, batch_size, h_b=None):
 
 
 def _quantize_kernel(w, bits, h, h_pair, opts: Options, name: str):
-  """One kernel: (W_q, GPTQResult or None) against h (and the weighted pair term)."""
+  """One kernel: (W_q, GPTQResult) against h (and the weighted pair term)."""
   if opts.method == "rtn":
-    return np.asarray(gptq.rtn(w, bits, opts.group_size)), None
+    r = gptq.round_to_nearest(w, bits, opts.group_size, opts.scale_dtype)
+    return np.asarray(r.weight), r
   target = h
   if h_pair is not None and opts.fair_update == "hessian":
     target = hessian.fair_hessian(h, h_pair, opts.alpha)
@@ -167,22 +172,24 @@ def _quantize_kernel(w, bits, h, h_pair, opts: Options, name: str):
     w = w - np.linalg.solve(h + damp, opts.alpha * h_pair @ w)
   r = gptq.gptq(jnp.asarray(w, jnp.float32), jnp.asarray(target, jnp.float32), bits,
                 block_size=opts.block_size, group_size=opts.group_size,
-                act_order=opts.act_order, percdamp=opts.percdamp, name=name)
+                act_order=opts.act_order, percdamp=opts.percdamp, name=name,
+                scale_dtype=opts.scale_dtype)
   return np.asarray(r.weight), r
 
 
 def _record(w, w_q, bits, opts, xtx, n, dtd, m, r, seconds):
   err = gptq.output_error(xtx, w, w_q) / n
   if opts.method != "rtn":  # with RTN, w_q is round to nearest's kernel already
-    err_rtn = gptq.output_error(xtx, w, np.asarray(gptq.rtn(w, bits, opts.group_size))) / n
+    w_rtn = gptq.rtn(w, bits, opts.group_size, opts.scale_dtype)
+    err_rtn = gptq.output_error(xtx, w, np.asarray(w_rtn)) / n
   rec = dict(bits=int(bits), rows=int(n), seconds=seconds, method=opts.method, err=err,
              err_rtn=err if opts.method == "rtn" else err_rtn)
   if dtd is not None:
     rec.update(fair=opts.alpha > 0, pair_rows=int(m),
                pair_err=gptq.output_error(dtd, w, w_q) / m)
-  if r is not None:
-    rec.update(codes=np.asarray(r.codes), scales=np.asarray(r.scales), loss=r.loss,
-               damp=r.damp)
+  rec.update(codes=np.asarray(r.codes), scales=np.asarray(r.scales))
+  if opts.method != "rtn":
+    rec.update(loss=r.loss, damp=r.damp)
   return rec
 
 

@@ -15,7 +15,9 @@ It keeps the quantized layer's response to the *difference* within a pair
 close to the float layer's. With alpha = 0 the result is bitwise GPTQ's.
 
 The grid is baq's symmetric per-output-channel absmax grid: scales and codes
-come from `baq.quant.fake_quant`. The element of largest magnitude of each
+come from `baq.quant.fake_quant`. With scale_dtype="float16" each scale is
+rounded to float16 before any code is chosen, so that formats storing fp16
+scales (GGUF's blocks, GPTQ checkpoints) hold the grid exactly. The element of largest magnitude of each
 output channel (or group) is pinned to the code +-qmax, so the channel's
 absmax, and so the scale that `fake_quant` derives from the quantized weight,
 is unchanged: fake_quant(W_q) == W_q holds exactly, and the export path packs
@@ -39,6 +41,11 @@ import numpy as np
 
 from baq.quant import fake_quant as fq
 
+SCALE_DTYPES = ("float32", "float16")
+# fp16's smallest subnormal and largest finite value: an empty channel's
+# scale stays nonzero (its codes are 0 either way) and none overflows.
+_F16_TINY, _F16_MAX = 2.0**-24, 65504.0
+
 
 class GPTQResult(NamedTuple):
   """A quantized kernel.
@@ -57,21 +64,33 @@ class GPTQResult(NamedTuple):
   damp: float
 
 
-def _scale(hi: jax.Array, bits: jax.Array) -> jax.Array:
-  """fake_quant's symmetric scale for the absmax hi (broadcast against bits)."""
+def _half(scale_dtype: str) -> bool:
+  """True for float16 scales; raises on an unknown scale_dtype (before any work)."""
+  if scale_dtype not in SCALE_DTYPES:
+    raise ValueError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, "
+                     f"got {scale_dtype!r}.")
+  return scale_dtype == "float16"
+
+
+def _scale(hi: jax.Array, bits: jax.Array, half=False) -> jax.Array:
+  """fake_quant's symmetric scale for the absmax hi (broadcast against bits),
+  rounded to float16 where `half` (a traced flag: one compilation for both)."""
   # XLA rewrites x / broadcast(q) as x * (1 / q), an ulp off; bits shaped like
   # hi (through data, so it cannot fold) keeps the true IEEE division, which is
   # what fake_quant computes for per-channel bits.
-  return fq.scale_and_zero_point(-hi, hi, bits + 0.0 * hi, True)[0]
+  s = fq.scale_and_zero_point(-hi, hi, bits + 0.0 * hi, True)[0]
+  s16 = jnp.clip(s.astype(jnp.float16).astype(jnp.float32), _F16_TINY, _F16_MAX)
+  return jnp.where(half, s16, s)
 
 
-def grid(w: jax.Array, bits: jax.Array, rows: Optional[jax.Array] = None):
+def grid(w: jax.Array, bits: jax.Array, rows: Optional[jax.Array] = None, half=False):
   """The absmax scale of each column of w and the elements pinned to +-qmax.
 
   Args:
     w: [r, d_out] weights that share one scale per output channel.
     bits: [d_out] or scalar integer bit-widths.
     rows: optional [r] bool; only these rows set the scale and get pins.
+    half: round the scales to float16 (a bool, traced or not).
 
   Returns:
     scale [1, d_out], and pin [r, d_out]: the sign of w where it holds its
@@ -80,15 +99,15 @@ def grid(w: jax.Array, bits: jax.Array, rows: Optional[jax.Array] = None):
   a = jnp.abs(w) if rows is None else jnp.where(rows[:, None], jnp.abs(w), 0.0)
   hi = jnp.max(a, axis=0, keepdims=True)
   pin = jnp.sign(w) * (a == hi)
-  return _scale(hi, bits), pin if rows is None else jnp.where(rows[:, None], pin, 0.0)
+  return _scale(hi, bits, half), pin if rows is None else jnp.where(rows[:, None], pin, 0.0)
 
 
-def _static_grid(w, bits, group):
+def _static_grid(w, bits, group, half):
   """Per-row scales [d, m] and pins, one grid per `group` rows (0: all rows)."""
   d = w.shape[0]
   seg = jnp.arange(d) // jnp.where(group > 0, group, d)
   hi = jax.ops.segment_max(jnp.abs(w), seg, num_segments=d)[seg]
-  return _scale(hi, bits), jnp.sign(w) * (jnp.abs(w) == hi)
+  return _scale(hi, bits, half), jnp.sign(w) * (jnp.abs(w) == hi)
 
 
 def _codes(w, scale, pin, bits):
@@ -121,26 +140,50 @@ def _bits(bits, m: int, mp: int) -> np.ndarray:
 
 
 @jax.jit
-def _rtn(w, bits, group):
-  scale_rows, pin = _static_grid(w, bits, group)
-  return fq.dequantize(_codes(w, scale_rows, pin, bits), scale_rows, 0.0)
+def _rtn(w, bits, group, half):
+  scale_rows, pin = _static_grid(w, bits, group, half)
+  codes = _codes(w, scale_rows, pin, bits)
+  return fq.dequantize(codes, scale_rows, 0.0), codes.astype(jnp.int32), scale_rows
 
 
-def rtn(w: jax.Array, bits, group_size: Optional[int] = None) -> jax.Array:
+def round_to_nearest(w: jax.Array, bits, group_size: Optional[int] = None,
+                     scale_dtype: str = "float32") -> GPTQResult:
+  """Round-to-nearest on GPTQ's grid, with its codes and scales.
+
+  Args:
+    w: [d_in, d_out] kernel.
+    bits: integer bit-width, scalar or one per output channel.
+    group_size: as in `gptq`.
+    scale_dtype: as in `gptq`.
+
+  Returns:
+    A GPTQResult (loss and damp NaN: no Hessian takes part).
+  """
+  half = _half(scale_dtype)
+  d, m = np.shape(w)
+  g = group_size if group_size and group_size < d else 0
+  dp, mp = _bucket(d, _ROWS), _bucket(m, _COLS)
+  out, codes, scale_rows = (np.asarray(a)[:d, :m] for a in _rtn(
+      _pad(w, dp, mp), _bits(bits, m, mp), group_size or d, half))
+  return GPTQResult(jnp.asarray(out), jnp.asarray(codes),
+                    jnp.asarray(scale_rows[::g] if g else scale_rows[0]), float("nan"),
+                    float("nan"))
+
+
+def rtn(w: jax.Array, bits, group_size: Optional[int] = None,
+        scale_dtype: str = "float32") -> jax.Array:
   """Round-to-nearest on the same grid (equals fake_quant without groups).
 
   Args:
     w: [d_in, d_out] kernel.
     bits: integer bit-width, scalar or one per output channel.
     group_size: as in `gptq`.
+    scale_dtype: as in `gptq`.
 
   Returns:
     The dequantized [d_in, d_out] kernel.
   """
-  d, m = np.shape(w)
-  dp, mp = _bucket(d, _ROWS), _bucket(m, _COLS)
-  out = _rtn(_pad(w, dp, mp), _bits(bits, m, mp), group_size or d)
-  return jnp.asarray(np.asarray(out)[:d, :m])
+  return round_to_nearest(w, bits, group_size, scale_dtype).weight
 
 
 @jax.jit
@@ -164,14 +207,14 @@ def _inverse_cholesky(h, damp):
 
 
 @jax.jit
-def _prepare(w, h, bits, d_real, percdamp, group, act_order):
+def _prepare(w, h, bits, d_real, percdamp, group, act_order, half):
   """Dead inputs, static grid, act-order permutation, and the factor of H^-1."""
   damp = percdamp * jnp.trace(h) / d_real
   dead = jnp.diag(h) == 0
   # A dead input (always zero on the calibration set) cannot change the output.
   h = h + jnp.diag(dead.astype(h.dtype))
   w = jnp.where(dead[:, None], 0.0, w)
-  scale_rows, pin = _static_grid(w, bits, group)
+  scale_rows, pin = _static_grid(w, bits, group, half)
   perm = jnp.where(act_order, jnp.argsort(-jnp.diag(h), stable=True),
                    jnp.arange(w.shape[0]))
   u = _inverse_cholesky(h[perm][:, perm], damp)
@@ -179,7 +222,7 @@ def _prepare(w, h, bits, d_real, percdamp, group, act_order):
 
 
 @functools.partial(jax.jit, static_argnames=("block",))
-def _blocks(w, hinv, scale_rows, pin_rows, bits, perm, regroup_every, *, block):
+def _blocks(w, hinv, scale_rows, pin_rows, bits, perm, regroup_every, half, *, block):
   """Column-by-column rounding with error feedback and lazy block updates.
 
   With regroup_every = g > 0 the grid of each group of g rows is taken from
@@ -196,7 +239,7 @@ def _blocks(w, hinv, scale_rows, pin_rows, bits, perm, regroup_every, *, block):
 
     def regroup(sp):
       rows = (idx >= i) & (idx < i + g)
-      s, p = grid(w1, bits, rows)
+      s, p = grid(w1, bits, rows, half)
       return jnp.where(rows[:, None], s, sp[0]), jnp.where(rows[:, None], p, sp[1])
 
     s1, p1 = jax.lax.cond((g > 0) & (i % jnp.maximum(g, 1) == 0), regroup,
@@ -230,7 +273,7 @@ def _blocks(w, hinv, scale_rows, pin_rows, bits, perm, regroup_every, *, block):
 def gptq(w: jax.Array, h: jax.Array, bits, *, block_size: int = 128,
          group_size: Optional[int] = None, act_order: bool = False,
          percdamp: float = 0.01, max_tries: int = 8,
-         name: str = "layer") -> GPTQResult:
+         name: str = "layer", scale_dtype: str = "float32") -> GPTQResult:
   """Quantizes one kernel with GPTQ against the Hessian h.
 
   Args:
@@ -247,10 +290,13 @@ def gptq(w: jax.Array, h: jax.Array, bits, *, block_size: int = 128,
       multiplied by 10 (with a warning) while Cholesky fails.
     max_tries: Cholesky attempts before raising FloatingPointError.
     name: layer name used in warnings and errors.
+    scale_dtype: "float32", or "float16" to round every scale to float16
+      before its codes are chosen (`SCALE_DTYPES`).
 
   Returns:
     A GPTQResult.
   """
+  half = _half(scale_dtype)
   d, m = np.shape(w)
   g = group_size if group_size and group_size < d else 0
   block = g * max(1, block_size // g) if g else block_size
@@ -259,7 +305,7 @@ def gptq(w: jax.Array, h: jax.Array, bits, *, block_size: int = 128,
   w_p, h_p = _pad(w, dp, mp), _pad(h, dp, dp)
   for attempt in range(max_tries):
     w_perm, scale_rows, pin, perm, u, damp = _prepare(w_p, h_p, bits, d, percdamp, g,
-                                                      act_order)
+                                                      act_order, half)
     damp = float(damp)
     if np.isfinite(np.asarray(u)).all():
       break
@@ -272,7 +318,7 @@ def gptq(w: jax.Array, h: jax.Array, bits, *, block_size: int = 128,
                   f"{damp:.3g} (percdamp {percdamp:.3g}); retrying with percdamp {new:.3g}.")
     percdamp = new
   weight, codes, scale_rows, loss = _blocks(w_perm, u, scale_rows, pin, bits, perm,
-                                            0 if act_order else g, block=block)
+                                            0 if act_order else g, half, block=block)
   scale_rows = np.asarray(scale_rows)[:d, :m]
   return GPTQResult(jnp.asarray(np.asarray(weight)[:d, :m]),
                     jnp.asarray(np.asarray(codes)[:d, :m]),

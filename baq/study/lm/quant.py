@@ -33,6 +33,7 @@ from baq.models.lm.decoder import CausalLM
 from baq.ptq import decoder as gd
 from baq.quant import methods
 from baq.quant.inject import QuantMode, QuantSpec, Quantizer
+from baq.study.lm import exports
 from baq.train import fit
 
 METHODS = methods.Choices("LM study method", ("rtn", "gptq", "fair_gptq", "mixed"),
@@ -163,7 +164,8 @@ def quantize(name: str, model, params: Any, calib: Calibration, config,
     info["avg_bits"] = float(bits)
   opts = gd.Options(method="rtn" if method.name == "rtn" else "gptq", alpha=alpha,
                     group_size=q.group_size, act_order=bool(q.act_order),
-                    pair_rows=q.pair_rows, pair_norm=q.pair_norm)
+                    pair_rows=q.pair_rows, pair_norm=q.pair_norm,
+                    scale_dtype=exports.scale_dtype(config))
   pairs = calib.pairs if alpha > 0 else None
   qparams, records = gd.quantize_decoder(model, {"params": params}, calib.tokens, bits=bits,
                                          pairs=pairs, options=opts)

@@ -18,36 +18,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from baq import launch
 from baq.experiment import checks
 from baq.data.text import crows_pairs, stereoset as stereoset_data, synthetic, tokenizer as tok
-from baq.export import gptq_lm
 from baq.models.lm import LM_FAMILIES, gguf, hf
 from baq.models.lm.decoder import CausalLM
 from baq.ptq import decoder as gd
 from baq.registry import Registry
-from baq.study.lm import evaluate as lm_eval, quant as lm_quant
+from baq.study.lm import evaluate as lm_eval, exports, quant as lm_quant
 from baq.train import fit
 from baq import workdir as wd
 
 FLOAT = "fp32"
-# config.export -> writer(folder, family, model config, float params, quantized params,
-# per-layer records, the built model's dict, config) of each quantized setting's export.
-EXPORTS: Registry[Callable[..., Any]] = Registry("LM study export format")
-
-
-@EXPORTS.register("gptq")
-def _export_gptq(out: str, family, cfg, params, qparams, records: dict, built: dict,
-                 config) -> None:
-  """A GPTQ-format checkpoint (`baq.export.gptq_lm`) in WORKDIR/seed<S>/gptq/<setting>."""
-  gptq_lm.export_gptq(out, family, cfg, params, qparams, records, built["hf_config"],
-                      group_size=config.quant.group_size, tokenizer=built["tokenizer"])
+EXPORTS = exports.EXPORTS  # config.export's formats (`baq.study.lm.exports`)
 
 
 def _read_lines(path: str, what: str) -> list[str]:
@@ -244,13 +232,10 @@ def run_seed(config, root: str, seed: int) -> dict:
     if config.export and numeric:
       info["export"] = None  # an LM export holds baq's grid, not a runtime's numerics
     elif config.export:
-      out = wd.path(seed_dir, config.export, name.replace(":", "_"))  # one folder per format
-      if launch.is_primary():  # one writer of shared files
-        if os.path.isdir(out):
-          shutil.rmtree(out)  # a partial export of an interrupted run
-        EXPORTS.get(config.export)(out, family, model.config, params, qparams, records, built,
-                                   config)
-      info["export"] = out
+      info["export"], record = exports.export(config, seed_dir, name, family, model.config,
+                                              params, qparams, records, built)
+      if record is not None:
+        info[config.export] = record
     layers = {k: {f: v for f, v in r.items() if f not in ("codes", "scales")}
               for k, r in records.items()}
     if launch.is_primary():
@@ -305,6 +290,7 @@ def check(config) -> None:
   MODEL_SOURCES.get(config.model.source)  # an unknown name lists the valid ones
   if config.export:
     EXPORTS.get(config.export)  # an unknown name lists the valid ones
+  exports.scale_dtype(config)
 
 
 def run(config, root: str) -> dict:
