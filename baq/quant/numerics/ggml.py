@@ -30,10 +30,11 @@ import functools
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from baq.quant.numerics import ggml_kquants, ggml_legacy, ggml_search
+from baq.quant.numerics import ggml_kquants, ggml_legacy
 from baq.quant.numerics._common import _F16, _F32, _kernel, _matmul, _ste
 
 
@@ -136,7 +137,7 @@ def _dequantized(qtype: str, rows: jax.Array) -> jax.Array:
   stored = stored_type(qtype, rows.shape[1])
   if stored == "f16":
     return rows.astype(_F16).astype(_F32)
-  t, xp = TYPES[stored], ggml_search.Traced(rows)
+  t, xp = TYPES[stored], jnp
   return t.dequant(xp, t.codes(xp, rows.reshape(-1, t.block))).reshape(rows.shape)
 
 

@@ -7,7 +7,7 @@ w ~ d q + m. Codes come from the float32 scale before its fp16 rounding, as
 in the C reference: q = trunc(x / d + offset + 0.5) through the reciprocal
 (Q8_0: roundf(x / d)).
 
-Each type has `codes(xp, blocks)` (xp numpy or ggml_search.Traced, blocks float32
+Each type has `codes(xp, blocks)` (xp numpy or jax.numpy, blocks float32
 [N, 32]) -> fields {"d", "m", "q"}, `pack(fields)` -> uint8 [N, type_size]
 in ggml's block layout, `unpack(data)` -> fields, and `dequant(xp, fields)`
 -> float32 [N, 32] (ggml's dequantize_row_*). Byte-identical to

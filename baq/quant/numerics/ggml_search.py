@@ -1,6 +1,6 @@
 """The scale searches of llama.cpp's k-quants (ggml-quants.c), for numpy and jax.numpy alike.
 
-Every function takes `xp` (numpy, or `Traced`: jax.numpy) and works on a batch of
+Every function takes `xp` (numpy or jax.numpy) and works on a batch of
 groups, one group a row ([N, n]), computing what the C reference computes for
 each group in float32, in its order: products and sums are rounded one
 operation at a time as ggml-base compiles them (x86-64 without FMA), the
@@ -18,9 +18,10 @@ numpy, `lax.fori_loop` on jax.numpy).
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from baq.quant.numerics._common import _rounded
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)  # ggml-quants.c: an all-zero group below this
@@ -31,30 +32,10 @@ def f32(v) -> np.float32:
   return np.float32(v)
 
 
-class Traced:
-  """jax.numpy, with an opaque zero for `barrier` (an `xp` for the functions here).
-
-  XLA fuses a product into the sum it feeds (an FMA, one rounding where C
-  rounds twice) and drops optimization barriers before fusing. An integer
-  xor with a zero the compiler cannot prove (the argmax of two copies of a
-  value of the data: 0 for any value, NaN too) leaves the product rounded
-  on its own.
-  """
-
-  def __init__(self, like):
-    first = jnp.ravel(like)[0]
-    self.zero = jnp.argmax(jnp.stack([first, first])).astype(np.int32)
-
-  def __getattr__(self, name):
-    return getattr(jnp, name)
-
-
 def barrier(xp, a):
-  """a, rounded on its own: a compiler may not fuse this product into an FMA."""
-  if xp is np:
-    return a
-  bits = lax.bitcast_convert_type(a, np.int32) ^ xp.zero
-  return lax.bitcast_convert_type(bits, a.dtype)
+  """a, rounded on its own: XLA may not fuse this product into an FMA (one rounding
+  where C rounds twice); `_common._rounded` is the select it does not see through."""
+  return a if xp is np else _rounded(a)
 
 
 def div(xp, a, c):
@@ -106,7 +87,7 @@ def make_qkx2_quants(xp, x, weights, nmax: int, rmin: float, rdelta: float, nste
   """make_qkx2_quants: codes, scale and -min of the best asymmetric grid of each group.
 
   Args:
-    xp: numpy or `Traced`.
+    xp: numpy or jax.numpy.
     x, weights: float32 [N, n] groups and their error weights.
     nmax: the largest code; rmin, rdelta, nstep: the candidate scales
       (rmin + rdelta * is + nmax) / (max - min), is = 0..nstep, min the best
