@@ -158,6 +158,12 @@ def format_summary(summary: dict) -> str:
       lines.append(f"  {c['row']:<14} - {c['against']:<12} {d.mean():+6.2f} "
                    f"[{' '.join(f'{x:+.1f}' for x in d)}]  t p={c['t_p']:.3f} "
                    f"Holm p={c.get('holm_p', float('nan')):.3f}")
+    ref = next((c["against"] for c in entry["comparisons"]
+                if not c["against"].startswith(wd.UNIFORM)), None)
+    top = entry["rows"].get(wd.uniform_name(8))
+    if ref and top:  # what any allocation at this budget could still win, at most
+      lines.append(f"  headroom: uniform8 minus {ref} worst group "
+                   f"{100 * (np.mean(top['worst']) - np.mean(entry['rows'][ref]['worst'])):+.2f}")
     for s, o in entry["oracle"].items():
       ranks = ", ".join(f"{k} {v['rank']}/{v['of']}" for k, v in o["ranks"].items())
       lines.append(f"  oracle seed {s}: best test worst {100 * o['best_test']:.2f}, selected on "
