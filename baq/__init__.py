@@ -5,9 +5,10 @@ only; the packages of one layer are independent of each other
 (tests/test_layers.py walks every import and holds this true):
 
   0  baq.registry, baq.variables,   named registries; a model's variables and
-     baq.launch, baq.stats          apply; the process setup of every entry
-                                    point; bootstrap, paired tests, McNemar
-                                    and multiple-testing corrections
+     baq.launch, baq.stats,         apply; the process setup of every entry
+     baq.progress                   point; bootstrap, paired tests, McNemar
+                                    and multiple-testing corrections; the
+                                    long drivers' progress lines
   1  baq.quant                      fake quantization, parametrizations,
                                     injection, numerics, bit units, the GPTQ
                                     solver, the method registry
@@ -34,7 +35,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 LAYERS = (
-    ("baq.registry", "baq.variables", "baq.launch", "baq.stats"),
+    ("baq.registry", "baq.variables", "baq.launch", "baq.stats", "baq.progress"),
     ("baq.quant",),
     ("baq.models", "baq.workdir"),
     ("baq.data", "baq.fairness"),

@@ -72,6 +72,7 @@ SUMMARY_FILE = "summary.json"
 VERDICTS_PLOT = "verdicts.png"
 STUDY_DATA_DIR = "data"  # the LM study's generated corpus
 RESULTS_DIR = "results"  # one JSON per setting of a seed
+ANALYSIS_DIR = "analysis"  # the LM study's layer analyses of a seed, one file per key
 SEED_REPORT_FILE = "report.json"
 ARM_RESULT_FILE = "result.json"  # the allocation protocol: one arm of a seed and budget
 ARM_CORRECT_FILE = "test_correct.npy"  # its selected run's test correctness
@@ -80,6 +81,11 @@ ARM_CORRECT_FILE = "test_correct.npy"  # its selected run's test correctness
 def result_path(seed_dir: str, setting: str) -> str:
   """A study setting's results file: SEED_DIR/results/<setting>.json (":" -> "_")."""
   return path(seed_dir, RESULTS_DIR, setting.replace(":", "_") + ".json")
+
+
+def analysis_path(seed_dir: str, digest: str) -> str:
+  """The LM study's memoised layer analysis: SEED_DIR/analysis/<digest of its inputs>.npz."""
+  return path(seed_dir, ANALYSIS_DIR, f"{digest}.npz")
 
 
 def uniform_name(bits: float) -> str:

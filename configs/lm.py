@@ -60,7 +60,13 @@ def get_config(arg=None):
   c.data.heldout = ""             # held-out text, one sentence or line per row ("files")
   c.data.calibration = ""         # calibration text ("files"; empty: the held-out text)
   c.data.calibration_pairs = ""   # CrowS-Pairs-layout pairs for calibration ("files")
+  c.data.heldout_ood = ""         # an out-of-domain perplexity text ("files"; "": none)
   c.data.max_len = 32             # tokens per sequence (longer ones are cut)
+  # How text becomes sequences (baq.study.lm.texts): "line" (a line is one
+  # sequence) or "window" (lines cut into windows of max_len tokens; the
+  # calibration sample is windows at seeded positions of the whole text).
+  c.data.text_unit = "line"
+  c.data.heldout_tokens = 0       # "window": scored tokens per perplexity text at most (0: all)
 
   c.model = ml_collections.ConfigDict()
   # "train": a GPT-2-style model of the fields below, trained on the corpus;
@@ -100,6 +106,7 @@ def get_config(arg=None):
   c.quant.calib_sequences = 256     # calibration sequences (from the training text)
   c.quant.pair_rows = "common"      # Fair-GPTQ pair alignment (baq.ptq.decoder_group.PAIR_ROWS)
   c.quant.pair_norm = "pairs"       # Fair-GPTQ pair normaliser (baq.ptq.decoder_group.PAIR_NORMS)
+  c.quant.max_pairs_per_type = 0    # pairs of each bias type Fair-GPTQ and the importance use (0: all)
   # The Fair-GPTQ pairs and the importance's pair losses: "calibration" reads
   # data.calibration_pairs (the synthetic data's pairs from training
   # combinations, disjoint from the evaluation sets); "stereoset" uses
@@ -111,12 +118,43 @@ def get_config(arg=None):
   c.export = ""
   c.bootstrap = 1000                # bootstrap replicates of every interval
   if arg == "stories":
+    # Three calibration seeds. stories260K is pre-trained and fixed: a seed
+    # draws the calibration windows (and the bootstrap's resampling), so the
+    # spread over seeds is that of the calibration sample, not of models;
+    # full precision and the runtimes' numerics (no calibration) are the
+    # same on every seed and are scored once.
+    c.seeds = (0, 1, 2)
     c.model.gguf_file = _lm_data("stories260K.gguf")
     c.data.crows_pairs = _lm_data("crows_pairs_anonymized.csv")
-    c.data.heldout = _lm_data("tinystories_valid_sample.txt")
-    # StereoSet's dev split as the folder of its two CSVs (one .csv file alone
-    # would need a split): both tasks scored, intrasentence gives the Fair-GPTQ pairs.
+    # StereoSet dev as the two CSVs of the folder (intrasentence and
+    # intersentence), both scored; the intrasentence pairs are also the
+    # Fair-GPTQ pairs and the importance's pair losses (quant.pair_source).
     c.data.stereoset = os.path.normpath(LM_DATA)
+    # Perplexity in domain (TinyStories validation stories) and out of domain
+    # (WikiText-2 test, its first 16,384 tokens), cut into windows.
+    c.data.heldout = _lm_data("tinystories_valid_sample.txt")
+    c.data.heldout_ood = _lm_data("wikitext2_test.txt")
+    c.data.heldout_tokens = 16384
+    # GPTQ's calibration text: Tiny Shakespeare, disjoint from both perplexity
+    # texts (the TinyStories sample is too small to split: 18 stories, two
+    # of them repeated).
+    c.data.calibration = _lm_data("tinyshakespeare.txt")
+    c.data.text_unit = "window"
+    # The longest sentence scored is 152 tokens (a StereoSet intersentence
+    # context and candidate; CrowS-Pairs 110): nothing is cut.
+    c.data.max_len = 160
+    c.quant.calib_sequences = 128   # windows of 159 tokens after <bos>
+    # The first 128 intrasentence pairs of each bias type (race, profession,
+    # gender, religion: 591 of 2,106): with all of them Fair-GPTQ took 150 s
+    # a setting on 2 cores.
+    c.quant.max_pairs_per_type = 128
+    # 2 bits per channel leaves a 260K-parameter model unusable; 3 and 4 bits.
+    c.quant.bits = "3,4"
+    # llama.cpp's formats too. stories260K's rows are 64 wide (172 for
+    # ffn_down): the k-quants' 256-blocks do not divide them, so q4_k takes
+    # llama.cpp's fallback (q5_0), and ffn_down, 172 wide, no 32-block
+    # divides: it stays float16 under every llama.cpp format.
+    c.quant.numerics = "llm_int8,nf4,dynamic_int8,q8_0,q5_0,q4_0,q4_1,q4_k"
   if arg == "tiny":  # seconds on 2 CPU cores: a smoke run of every setting kind
     c.data.num_train, c.data.num_heldout = 3000, 200
     c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.d_ff = 32, 1, 2, 64

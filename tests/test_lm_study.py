@@ -121,3 +121,46 @@ def test_bad_settings_are_refused_before_any_work():
     lm_quant.settings(c)
   with pytest.raises(ValueError, match="Valid: hf, stories, tiny"):
     lm_config.get_config("huge")
+
+
+def test_the_layer_analysis_is_computed_once_per_seed_and_reused(finished, monkeypatch):
+  root, c, _ = finished
+  texts = study.load_texts(c, root)
+  seed_dir = os.path.join(root, "seed0")
+  built = study.build_model(c, texts, seed_dir, 0)
+  calib = study.calibration(c, texts, built["tokenizer"], 0)
+  model, params = built["model"], built["params"]
+  calls = []
+  real = lm_quant.lm_importance.analyse
+  monkeypatch.setattr(lm_quant.lm_importance, "analyse",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  fresh = {b: lm_quant.allocation(model, params, calib, c, b, 1) for b in (3.0, 4.0)}
+  assert len(calls) == 2  # without a cache, each budget analyses again
+  tmp_dir = os.path.join(root, "memo")
+  cache = lm_quant.AnalysisCache(tmp_dir)
+  memo = {b: lm_quant.allocation(model, params, calib, c, b, 1, cache=cache)
+          for b in (3.0, 4.0, 2.5)}
+  assert len(calls) == 3 and cache.computed == 1  # one analysis for three budgets
+  assert len(os.listdir(os.path.join(tmp_dir, "analysis"))) == 1
+  for b in (3.0, 4.0):
+    assert memo[b] == fresh[b]  # the same bits and info as computed afresh
+  resumed = lm_quant.AnalysisCache(tmp_dir)  # a resumed run reads the file back
+  assert lm_quant.allocation(model, params, calib, c, 4.0, 1, cache=resumed) == fresh[4.0]
+  assert len(calls) == 3 and resumed.computed == 0
+  other = study.calibration(c, texts, built["tokenizer"], 1)  # another calibration sample
+  lm_quant.allocation(model, params, other, c, 3.0, 1, cache=resumed)
+  assert len(calls) == 4 and resumed.computed == 1  # another key: computed, not reused
+
+
+def test_the_study_prints_a_progress_line_per_setting(finished, capsys):
+  root, c, _ = finished
+  c = c.copy_and_resolve_references()
+  c.quant.budgets, c.quant.numerics, c.quant.alphas, c.export = "", "", "", ""
+  os.remove(os.path.join(root, "seed0", "results", "gptq@4.json"))  # to be computed again
+  study.run_seed(c, root, 0)
+  out = [l for l in capsys.readouterr().out.splitlines() if " of 3 (" in l]
+  assert [l.split(" (")[1].split(")")[0] for l in out] == ["fp32", "rtn@4", "gptq@4"]
+  assert out[0].startswith("[lm] seed 0: setting 1 of 3 (fp32) done in ")
+  assert "left" in out[0] and "CrowS" in out[0]
+  assert "setting 2 of 3 (rtn@4) reused" in out[1]
+  assert "done in" in out[2] and "about" not in out[2]  # the last: nothing left to estimate

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from baq import progress
 from baq.experiment import pareto, sweep
 from baq import workdir as wd
 
@@ -30,7 +31,13 @@ def finished(make_tiny_config, tmp_path_factory):
   """One seed of the tiny Pareto benchmark, trained once for this file."""
   config = make_tiny_config(**{"quant.search_steps": 3})  # BAQ searches: the control runs
   root = str(tmp_path_factory.mktemp("pareto"))
-  return config, root, {0: pareto.run_seed(config, root, 0, budgets=[3.0], uniform=[2, 4])}
+  total = pareto.runs_per_seed(config, [3.0])
+  lines = []
+  p = progress.Progress("pareto", total, unit="run", printer=lines.append, primary=True)
+  runs = {0: pareto.run_seed(config, root, 0, budgets=[3.0], uniform=[2, 4], p=p)}
+  # One progress line per experiment.run: the total counted beforehand is right.
+  assert total == 5 and len(lines) == total and "run 5 of 5 (seed 0, 3 bits, " in lines[-1]
+  return config, root, runs
 
 
 def test_one_seed_runs_every_method_at_every_budget(finished, tmp_path):

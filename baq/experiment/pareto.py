@@ -26,13 +26,13 @@ bits, mean and standard deviation over seeds.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from absl import app, flags
 import ml_collections
 import numpy as np
 
-from baq import launch
+from baq import launch, progress
 from baq.fairness import regularizers
 from baq.experiment import checks, job as experiment, sweep
 from baq import workdir as wd
@@ -76,7 +76,8 @@ def without_fairness_penalties(config: ml_collections.ConfigDict) -> ml_collecti
 
 
 def run_seed(config: ml_collections.ConfigDict, root: str, seed: int,
-             budgets: Sequence[float], uniform: Sequence[int], equal_steps: bool = True) -> dict:
+             budgets: Sequence[float], uniform: Sequence[int], equal_steps: bool = True,
+             p: Optional[progress.Progress] = None) -> dict:
   """Every run of one seed (resumed where finished); name -> test metrics.
 
   Args:
@@ -86,6 +87,7 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int,
     budgets: average-bit budgets of the allocation methods.
     uniform: bit-widths of the uniform QAT baselines.
     equal_steps: also train `equal_steps_control` at each budget and variant.
+    p: the benchmark's progress (a line per run, `runs_per_seed` of them), or None.
 
   Returns:
     Method name -> its report entry.
@@ -97,6 +99,8 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int,
   methods = {k: v for k, v in experiment.run(c, main_dir)["methods"].items()
              if not k.endswith(wd.PTQ_SUFFIX)}  # QAT against QAT; the PTQ rows are in the reports
   methods[f"fair_static{sweep.AT}{c.quant.target_bits:g}"] = methods.pop("fair_static")
+  done = (lambda label: p.done(f"seed {seed}, {label}")) if p is not None else (lambda _: None)
+  done("float and uniform QAT")
   for bits in budgets:
     for variant, suffix in VARIANTS.items():
       v = c if variant == "penalty" else without_fairness_penalties(c)
@@ -107,12 +111,21 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int,
       for mode in METHODS.split(","):
         name = wd.method_name(v, mode)
         methods[f"{name}{sweep.AT}{bits:g}{suffix}"] = report["methods"][name]
+      done(f"{bits:g} bits, {variant}")
       control = equal_steps_control(v) if equal_steps else None
       if control is not None:
         report = experiment.run(control, f"{wd.variant_dir(root, seed, bits, variant)}_{EQUAL}")
         name = wd.method_name(control, control.mode)
         methods[f"{name}-{EQUAL}{sweep.AT}{bits:g}{suffix}"] = report["methods"][name]
+        done(f"{bits:g} bits, {variant}, equal steps")
   return methods
+
+
+def runs_per_seed(config: ml_collections.ConfigDict, budgets: Sequence[float],
+                  equal_steps: bool = True) -> int:
+  """How many `experiment.run` calls `run_seed` makes (the progress lines' total)."""
+  control = equal_steps and config.quant.get("search_steps") is not None
+  return 1 + len(budgets) * len(VARIANTS) * (2 if control else 1)
 
 
 def plot(path: str, runs: dict[int, dict], seeds: Sequence[int]) -> None:
@@ -164,8 +177,10 @@ def main(argv: Sequence[str]) -> None:
   config, root = launch.start(argv, check=checks.validate)
   f = flags.FLAGS
   seeds, uniform = launch.seeds(config), [int(b) for b in f.uniform]
-  runs = {s: run_seed(config, root, s, [float(b) for b in f.budgets], uniform,
-                      f.equal_steps) for s in seeds}
+  budgets = [float(b) for b in f.budgets]
+  p = progress.Progress("pareto", len(seeds) * runs_per_seed(config, budgets, f.equal_steps),
+                        unit="run")
+  runs = {s: run_seed(config, root, s, budgets, uniform, f.equal_steps, p) for s in seeds}
   if not launch.is_primary():
     return
   print("\n" + sweep.format_summary(runs, seeds))

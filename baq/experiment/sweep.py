@@ -23,14 +23,13 @@ The printing is done by pure functions of the per-seed report dicts
 
 from __future__ import annotations
 
-import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 from absl import app, flags
 import ml_collections
 import numpy as np
 
-from baq import launch
+from baq import launch, progress
 from baq.experiment import checks, job as experiment
 from baq import workdir as wd
 from baq.train.modes import selected
@@ -145,7 +144,8 @@ def format_per_group(runs: dict[int, dict], seeds: Sequence[int],
 
 
 def run_seed(config: ml_collections.ConfigDict, root: str, seed: int,
-             extra_bits: Sequence[float]) -> tuple[dict, list]:
+             extra_bits: Sequence[float], p: Optional[progress.Progress] = None
+             ) -> tuple[dict, list]:
   """Runs (or resumes) one seed's main job and its further budgets.
 
   Args:
@@ -153,6 +153,7 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int,
     root: the sweep's directory.
     seed: the training seed.
     extra_bits: further BAQ budgets (average bits).
+    p: the sweep's progress (a line per run), or None.
 
   Returns:
     (`seed_methods` of the seed, the test split's group names).
@@ -160,10 +161,9 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int,
   c = config.copy_and_resolve_references()
   c.seed = seed
   main_dir = wd.seed_dir(root, seed)
-  t = time.time()
   main = experiment.run(c, main_dir)
-  if launch.is_primary():
-    print(f"seed {seed}: main job took {time.time() - t:.0f} s (including resumed parts)")
+  if p is not None:
+    p.done(f"seed {seed}, main job")
   extra = {}
   for bits in extra_bits:
     e = c.copy_and_resolve_references()
@@ -171,6 +171,8 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int,
     e.baselines = ""
     e.init_checkpoint = wd.float_dir(c, main_dir)
     extra[bits] = experiment.run(e, wd.budget_dir(root, seed, bits))
+    if p is not None:
+      p.done(f"seed {seed}, budget {bits:g}")
   return seed_methods(c, main, extra), list(main["group_names"])
 
 
@@ -189,8 +191,11 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   seeds = launch.seeds(config)
   runs, group_names = {}, []
+  extra = [float(b) for b in f.extra_bits]
+  # A resumed run finishes fast and counts in the estimate: it errs short.
+  p = progress.Progress("sweep", len(seeds) * (1 + len(extra)), unit="run")
   for s in seeds:
-    runs[s], group_names = run_seed(config, root, s, [float(b) for b in f.extra_bits])
+    runs[s], group_names = run_seed(config, root, s, extra, p)
   if not launch.is_primary():
     return
   baselines = wd.baseline_names(config)  # uniform<B> and runtime baselines alike

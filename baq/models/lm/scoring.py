@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from baq.models.lm.decoder import CausalLM
 
@@ -37,7 +38,8 @@ def _log_probs(model: CausalLM, variables, tokens, lengths):
 
 
 def token_log_probs(model: CausalLM, variables: Any, tokens, lengths, *,
-                    batch_size: Optional[int] = None) -> jnp.ndarray:
+                    batch_size: Optional[int] = None, bucket: Optional[int] = None
+                    ) -> jnp.ndarray:
   """log p(token_j | tokens_<j) for j >= 1, 0 on padding.
 
   Args:
@@ -46,10 +48,31 @@ def token_log_probs(model: CausalLM, variables: Any, tokens, lengths, *,
     tokens: int [b, t], right-padded.
     lengths: int [b], real tokens per row (a row of length L scores L - 1 tokens).
     batch_size: rows per forward pass; None for all at once.
+    bucket: with `batch_size`, rows are scored shortest first and each chunk
+      only as wide as its longest row, rounded up to a multiple of `bucket`
+      (at most t / bucket programs are compiled): sentences of very unequal
+      lengths padded to one width cost the longest one's compute each.
 
   Returns:
     float32 [b, t - 1]; entry j scores token j + 1.
   """
+  if bucket is not None and bucket < 1:
+    raise ValueError(f"bucket={bucket} must be >= 1.")
+  if bucket and batch_size:
+    tokens, lengths = np.asarray(tokens, np.int32), np.asarray(lengths, np.int32)
+    b, t = tokens.shape
+    out = np.zeros((b, max(t - 1, 0)), np.float32)
+    order = np.argsort(lengths, kind="stable")
+    batch_size = min(batch_size, b)
+    for i in range(0, b, batch_size):
+      rows = order[i:i + batch_size]
+      width = min(t, max(2, -(-int(lengths[rows].max()) // bucket) * bucket))
+      x = np.zeros((batch_size, width), np.int32)  # padding rows have length 0: they score 0
+      n = np.zeros(batch_size, np.int32)
+      x[:len(rows)], n[:len(rows)] = tokens[rows, :width], lengths[rows]
+      out[rows, :width - 1] = np.asarray(_log_probs(model, variables, jnp.asarray(x),
+                                                    jnp.asarray(n)))[:len(rows)]
+    return jnp.asarray(out)
   tokens, lengths = jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
   b = tokens.shape[0]
   if batch_size is None or batch_size >= b:

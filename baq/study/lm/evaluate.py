@@ -13,7 +13,14 @@ in a word or two, so lengths match closely). A StereoSet candidate scores
 its mean per-token log-probability given its prefix (empty for
 intrasentence, the context for intersentence), as the official generative
 evaluation normalises by length. Perplexity is over the held-out text's
-tokens after <bos>, <eos> included.
+tokens after <bos>, <eos> included, per held-out text (in-domain first,
+then an out-of-domain one when given); with `text_unit="window"` each line
+is cut into windows (`baq.study.lm.texts.heldout_windows`).
+
+Sentences are scored shortest first in chunks only as wide as their longest
+row (`scoring.token_log_probs(bucket=...)`): CrowS-Pairs and StereoSet
+sentences run from 10 to 150 tokens, and padding each to the longest cost
+three times the compute.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import numpy as np
 from baq.data.text import tokenizer as tok
 from baq.fairness import stereotype
 from baq.models.lm import scoring
+from baq.study.lm import texts
 
 
 @dataclasses.dataclass
@@ -36,11 +44,11 @@ class Encoded:
     crows: (ids, lengths) of sent_more rows then sent_less rows ([2n, t]).
     stereoset: task -> (ids [3m, t], lengths, prefix lengths [3m]), candidates
       row-major (example, candidate).
-    heldout: (ids, lengths) of the held-out sentences.
+    heldout: text name -> (ids, lengths) of its sequences, in-domain first.
   """
   crows: tuple
   stereoset: dict
-  heldout: tuple
+  heldout: dict
 
 
 def _ids(tokenizer, sentences, ids: dict, max_len: Optional[int]):
@@ -48,12 +56,22 @@ def _ids(tokenizer, sentences, ids: dict, max_len: Optional[int]):
                           pad_id=ids["pad"] or 0, max_len=max_len)
 
 
-def encode(crows, stereoset, heldout, tokenizer, *, max_len: Optional[int] = None) -> Encoded:
+def encode(crows, stereoset, heldout, tokenizer, *, max_len: Optional[int] = None,
+           text_unit: str = "line", heldout_tokens: int = 0) -> Encoded:
   """Encodes CrowS-Pairs (`CrowsPairs`), StereoSet (`StereoSet` or None) and held-out text.
 
   The tokenizer needs a beginning-of-sequence token (every sentence is
   scored after it): `<bos>` for baq's word tokenizer, `<|endoftext|>` for
   GPT-2's.
+
+  Args:
+    crows, stereoset: the paired sets.
+    heldout: the perplexity text's lines, or {name: lines} of several texts.
+    tokenizer: the model's.
+    max_len: tokens per sequence (longer ones are cut; None: no limit).
+    text_unit: "line" (a line is a sequence) or "window" (a line is cut into
+      windows of max_len tokens: `texts.heldout_windows`).
+    heldout_tokens: with windows, scored tokens per text at most (0: all).
   """
   ids = tok.special_ids(tokenizer)
   if ids["bos"] is None:
@@ -68,18 +86,29 @@ def encode(crows, stereoset, heldout, tokenizer, *, max_len: Optional[int] = Non
     no_eos = dict(ids, eos=None)
     _, plen = _ids(tokenizer, [p if p else "" for p in prefix.ravel()], no_eos, max_len)
     sets[name] = _ids(tokenizer, full, ids, max_len) + (plen,)
-  return Encoded(crows_ids, sets, _ids(tokenizer, heldout, ids, max_len))
+  heldout = heldout if isinstance(heldout, dict) else {"heldout": heldout}
+  if text_unit == "window":
+    if max_len is None:
+      raise ValueError("text_unit='window' needs max_len (the window).")
+    held = {k: texts.heldout_windows(tokenizer, v, max_len, heldout_tokens, ids["pad"] or 0)
+            for k, v in heldout.items()}
+  elif text_unit == "line":
+    held = {k: _ids(tokenizer, v, ids, max_len) for k, v in heldout.items()}
+  else:
+    raise ValueError(f"Unknown text_unit {text_unit!r}. Valid: {', '.join(texts.TEXT_UNITS)}.")
+  return Encoded(crows_ids, sets, held)
 
 
-def score(model, variables: Any, enc: Encoded, batch_size: int = 256) -> dict:
+def score(model, variables: Any, enc: Encoded, batch_size: int = 256, bucket: int = 32) -> dict:
   """Log-likelihoods of one model on every encoded sentence.
 
   Returns:
     dict(ll_more [n], ll_less [n], stereoset {task: [m, 3] mean per-token
-    log-probabilities}, heldout_nll [k, t-1], heldout_mask [k, t-1]).
+    log-probabilities}, heldout {text: (nll [k, t-1], mask [k, t-1])}, and
+    heldout_nll, heldout_mask: the first text's).
   """
   lp = lambda ids, lengths: np.asarray(scoring.token_log_probs(
-      model, variables, ids, lengths, batch_size=batch_size), np.float64)
+      model, variables, ids, lengths, batch_size=batch_size, bucket=bucket), np.float64)
   ids, lengths = enc.crows
   ll = lp(ids, lengths).sum(1)
   n = len(ll) // 2
@@ -90,9 +119,11 @@ def score(model, variables: Any, enc: Encoded, batch_size: int = 256) -> dict:
     cand = (col >= plen[:, None]) & (col < lengths[:, None])
     mean = (t * cand).sum(1) / np.maximum(cand.sum(1), 1)
     out["stereoset"][name] = mean.reshape(-1, 3)
-  ids, lengths = enc.heldout
-  out["heldout_nll"] = -lp(ids, lengths)
-  out["heldout_mask"] = np.arange(1, ids.shape[1])[None, :] < lengths[:, None]
+  out["heldout"] = {}
+  for name, (ids, lengths) in enc.heldout.items():
+    out["heldout"][name] = (-lp(ids, lengths),
+                            np.arange(1, ids.shape[1])[None, :] < lengths[:, None])
+  out["heldout_nll"], out["heldout_mask"] = next(iter(out["heldout"].values()))
   return out
 
 
@@ -110,13 +141,15 @@ def summarize(scores: dict, crows, stereoset, float_scores: Optional[dict] = Non
     seed: bootstrap seed.
 
   Returns:
-    dict(crows, stereoset {task: ...}, perplexity[, change]).
+    dict(crows, stereoset {task: ...}, perplexity (the first held-out text's),
+    perplexities {text: ...}[, change]).
   """
   kw = dict(num_samples=num_samples, seed=seed)
+  held = scores.get("heldout") or {"heldout": (scores["heldout_nll"], scores["heldout_mask"])}
+  ppl = {k: stereotype.perplexity(nll, mask, **kw) for k, (nll, mask) in held.items()}
   out = {"crows": stereotype.crows_pairs_score(scores["ll_more"], scores["ll_less"],
                                                crows.direction, crows.bias_type, **kw),
-         "perplexity": stereotype.perplexity(scores["heldout_nll"], scores["heldout_mask"],
-                                             **kw),
+         "perplexity": next(iter(ppl.values())), "perplexities": ppl,
          "stereoset": {}}
   for name, ll in scores["stereoset"].items():
     task = stereoset.tasks[name]

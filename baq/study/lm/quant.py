@@ -22,12 +22,15 @@ is the subset this study runs: these four by name and every method of kind
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from baq import launch, workdir as wd
 from baq.allocation import lm_importance, planner
 from baq.models.lm.decoder import CausalLM
 from baq.ptq import decoder as gd
@@ -39,6 +42,7 @@ from baq.train import fit
 METHODS = methods.Choices("LM study method", ("rtn", "gptq", "fair_gptq", "mixed"),
                           ("numerics",))
 PROJECTIONS = r"block_\d+/(attn|mlp)/.*"
+MAX_SEQUENCES = 64  # calibration sequences of the importance's LM loss
 
 
 def numeric_setting(name: str, model: CausalLM) -> tuple[CausalLM, dict]:
@@ -94,7 +98,7 @@ class Calibration:
   pair_bias_type: np.ndarray
 
 
-def group_loss_fn(model, calib: Calibration, max_sequences: int = 64):
+def group_loss_fn(model, calib: Calibration, max_sequences: int = MAX_SEQUENCES):
   """params -> [1 + bias types]: the LM loss, then each type's pair loss.
 
   A pair loss is mean softplus(ll(a) - ll(b)) over that type's pairs, a
@@ -122,24 +126,107 @@ def group_loss_fn(model, calib: Calibration, max_sequences: int = 64):
   return fn, ["lm"] + types
 
 
-def allocation(model, params, calib: Calibration, config, budget: float, n_layers: int,
-               modules=()):
-  """Per-layer bits at `budget` from the group-aware importance, and what it used.
+def _digest(*trees) -> str:
+  """A hash of arrays' shapes, dtypes and bytes (params, calibration) and of plain values."""
+  h = hashlib.sha256()
+  for tree in trees:
+    leaves, treedef = jax.tree.flatten(tree)
+    h.update(str(treedef).encode())
+    for x in leaves:
+      if isinstance(x, (str, int, float, bool)) or x is None:
+        h.update(repr(x).encode())
+      else:
+        a = np.asarray(x)
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()[:16]
 
-  Layers of one checkpoint module (`modules`: tuples of layers, e.g. GPT-2's
-  fused q/k/v) are one unit with one bit-width.
+
+class AnalysisCache:
+  """The layer analysis of one seed, computed once and reused across budgets.
+
+  The importance and sensitivity of every layer do not depend on the
+  budget: the allocator reads them at each budget. They are keyed by what
+  they do depend on (the float params, the calibration sequences and pairs,
+  the measure, the candidate bits and the group size), kept in memory, and,
+  given a seed directory, written to SEED_DIR/analysis/<key>.npz (process 0)
+  so a resumed run reads them back. A file made from other inputs has
+  another key, so it is never read for these.
+
+  Args:
+    seed_dir: where the files go; None keeps them in memory only.
+  """
+
+  def __init__(self, seed_dir: Optional[str] = None):
+    self.seed_dir = seed_dir
+    self._memo: dict[str, tuple[planner.Analysis, list]] = {}
+    self.computed = 0  # analyses computed (not read) by this cache
+
+  def get(self, key: str, compute) -> tuple[planner.Analysis, list]:
+    """(analysis, group names) of `key`: memoised, else read, else `compute()` and kept."""
+    if key in self._memo:
+      return self._memo[key]
+    file = wd.analysis_path(self.seed_dir, key) if self.seed_dir else None
+    if file and os.path.isfile(file):
+      with np.load(file, allow_pickle=False) as z:
+        a = planner.Analysis([str(u) for u in z["units"]], z["numel"],
+                             tuple(int(c) for c in z["choices"]), z["importance"],
+                             z["sensitivity"], z["group_counts"], str(z["measure"]))
+        self._memo[key] = (a, [str(g) for g in z["groups"]])
+      return self._memo[key]
+    a, groups = compute()
+    self.computed += 1
+    self._memo[key] = (a, groups)
+    if file and launch.is_primary():
+      os.makedirs(os.path.dirname(file), exist_ok=True)
+      with open(file + ".tmp", "wb") as f:  # renamed when whole: a killed run leaves no half file
+        np.savez(f, units=np.asarray(a.units), numel=a.numel, choices=np.asarray(a.choices),
+                 importance=a.importance, sensitivity=a.sensitivity,
+                 group_counts=a.group_counts, measure=np.asarray(a.measure),
+                 groups=np.asarray(groups))
+      os.replace(file + ".tmp", file)
+    return self._memo[key]
+
+
+def analysis(model, params, calib: Calibration, config, n_layers: int,
+             cache: Optional[AnalysisCache] = None) -> tuple[planner.Analysis, list]:
+  """The per-layer group-aware analysis of the float model (memoised in `cache`).
+
+  Returns:
+    (`planner.Analysis` with one unit per layer, group names).
   """
   q = config.quant
   layers = gd.quantizable_layers(params, n_layers)
-  loss, groups = group_loss_fn(model, calib)
-  analysis = lm_importance.analyse(loss, params, layers, measure=q.measure,
-                                   choices=[int(c) for c in _floats(q.choices)],
-                                   group_size=q.group_size)
-  units = lm_importance.tie(analysis, modules)
+  choices = [int(c) for c in _floats(q.choices)]
+
+  def compute():
+    loss, groups = group_loss_fn(model, calib)
+    return lm_importance.analyse(loss, params, layers, measure=q.measure, choices=choices,
+                                 group_size=q.group_size), groups
+  if cache is None:
+    return compute()
+  tokens = [calib.tokens] + list(calib.pairs or ())
+  arrays = [a for t in tokens for a in (t.ids, t.lengths)] + [calib.pair_bias_type]
+  key = _digest(params, arrays, [str(model.config), list(layers), q.measure, choices,
+                                 q.group_size, MAX_SEQUENCES])
+  return cache.get(key, compute)
+
+
+def allocation(model, params, calib: Calibration, config, budget: float, n_layers: int,
+               modules=(), cache: Optional[AnalysisCache] = None):
+  """Per-layer bits at `budget` from the group-aware importance, and what it used.
+
+  Layers of one checkpoint module (`modules`: tuples of layers, e.g. GPT-2's
+  fused q/k/v) are one unit with one bit-width. The analysis does not depend
+  on the budget: pass one `cache` for every budget of a seed.
+  """
+  q = config.quant
+  a, groups = analysis(model, params, calib, config, n_layers, cache)
+  units = lm_importance.tie(a, modules)
   unit_bits = planner.allocate(units, budget, reducer=q.reducer)
   per_layer = {l: int(b) for u, b in zip(units.units, unit_bits) for l in u.split("+")}
-  bits = np.asarray([per_layer[l] for l in layers])
-  numel = analysis.numel
+  bits = np.asarray([per_layer[l] for l in a.units])
+  numel = a.numel
   info = dict(groups=groups, bits=per_layer, units=units.units,
               avg_bits=float((numel * bits).sum() / numel.sum()))
   assert info["avg_bits"] <= budget + 1e-9, "the allocator exceeded the budget"
@@ -147,8 +234,9 @@ def allocation(model, params, calib: Calibration, config, budget: float, n_layer
 
 
 def quantize(name: str, model, params: Any, calib: Calibration, config,
-             n_layers: int, modules=()) -> tuple[Any, dict, dict]:
-  """Runs one setting; (params, per-layer records, info). `modules`: see `allocation`."""
+             n_layers: int, modules=(), cache: Optional[AnalysisCache] = None
+             ) -> tuple[Any, dict, dict]:
+  """Runs one setting; (params, per-layer records, info). `modules`, `cache`: see `allocation`."""
   method, level, alpha = METHODS.parse(name)
   if method.kind == "numerics":
     raise ValueError(f"{name} is a runtime's numerics: run `numeric_model`, no quantize.")
@@ -157,7 +245,7 @@ def quantize(name: str, model, params: Any, calib: Calibration, config,
                                            else 0.0)
   info = dict(method=method.name, alpha=alpha)
   if method.name == "mixed":
-    bits, alloc = allocation(model, params, calib, config, level, n_layers, modules)
+    bits, alloc = allocation(model, params, calib, config, level, n_layers, modules, cache)
     info.update(alloc)
   else:
     bits = int(level)

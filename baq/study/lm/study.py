@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Callable, Optional
 
 import numpy as np
 
-from baq import launch
+from baq import launch, progress
 from baq.experiment import checks
-from baq.data.text import crows_pairs, stereoset as stereoset_data, synthetic, tokenizer as tok
+from baq.data.text import tokenizer as tok
 from baq.models.lm import LM_FAMILIES, gguf, hf
 from baq.models.lm.decoder import CausalLM
-from baq.ptq import decoder as gd
 from baq.registry import Registry
-from baq.study.lm import evaluate as lm_eval, exports, quant as lm_quant
+from baq.study.lm import evaluate as lm_eval, exports, quant as lm_quant, texts as texts_
 from baq.train import fit
 from baq import workdir as wd
 
@@ -38,42 +36,8 @@ FLOAT = "fp32"
 EXPORTS = exports.EXPORTS  # config.export's formats (`baq.study.lm.exports`)
 
 
-def _read_lines(path: str, what: str) -> list[str]:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{what}: no file {path!r}.")
-  with open(path) as f:
-    return [l.strip() for l in f if l.strip()]
-
-
-def load_texts(config, root: str) -> dict:
-  """The study's text: train / calibration lines, held-out lines, the paired sets."""
-  d = config.data
-  if d.kind == "synthetic":
-    folder = wd.path(root, wd.STUDY_DATA_DIR)
-
-    def make():  # once, by process 0; the others read what it wrote
-      if not os.path.isfile(os.path.join(folder, "README")):
-        synthetic.write(folder, synthetic.generate(d.seed, association=d.association,
-                                                   num_train=d.num_train,
-                                                   num_heldout=d.num_heldout))
-    launch.primary_first(make, "baq: LM corpus written")
-    files = dict(train=os.path.join(folder, "train.txt"),
-                 heldout=os.path.join(folder, "heldout.txt"),
-                 crows=os.path.join(folder, "crows_pairs_anonymized.csv"),
-                 pairs=os.path.join(folder, "calibration_pairs.csv"),
-                 stereoset=os.path.join(folder, "dev.json"))
-  elif d.kind == "files":
-    files = dict(train=d.calibration or d.heldout, heldout=d.heldout, crows=d.crows_pairs,
-                 pairs=d.get("calibration_pairs", "") or "", stereoset=d.stereoset)
-  else:
-    raise ValueError(f"Unknown data.kind {d.kind!r}. Valid: synthetic, files.")
-  out = dict(train=_read_lines(files["train"], "training / calibration text"),
-             heldout=_read_lines(files["heldout"], "held-out text"),
-             crows=crows_pairs.load_crows_pairs(files["crows"]),
-             stereoset=(stereoset_data.load_stereoset(files["stereoset"])
-                        if files["stereoset"] else None))
-  out["pairs"] = crows_pairs.load_crows_pairs(files["pairs"]) if files["pairs"] else None
-  return out
+load_texts = texts_.load_texts  # the study's text (`baq.study.lm.texts`)
+calibration = texts_.calibration
 
 
 def gpt2_config(config, vocab: int, special: Optional[dict] = None) -> dict:
@@ -144,79 +108,86 @@ def build_model(config, texts: dict, seed_dir: str, seed: int) -> dict:
   return MODEL_SOURCES.get(config.model.source)(config, texts, seed_dir, seed)
 
 
-def calibration(config, texts: dict, tokenizer, seed: int) -> lm_quant.Calibration:
-  """The calibration sequences (a seeded sample of the training text) and pairs."""
-  ids = tok.special_ids(tokenizer)
-  kw = dict(bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"] or 0,
-            max_len=config.data.max_len)
-  rows = np.random.default_rng(seed).permutation(len(texts["train"]))
-  lines = [texts["train"][i] for i in rows[:config.quant.calib_sequences]]
-  tokens = gd.Tokens(*tok.encode_batch(tokenizer, lines, **kw))
-  source = config.quant.pair_source
-  if source == "calibration":
-    if texts["pairs"] is None:
-      raise ValueError("quant.pair_source=calibration needs data.calibration_pairs "
-                       "(a CrowS-Pairs-layout CSV).")
-    a_text, b_text = texts["pairs"].sent_more, texts["pairs"].sent_less
-    types = texts["pairs"].bias_type
-  elif source == "stereoset":
-    task = texts["stereoset"].tasks["intrasentence"]
-    a_text, b_text, types = task.sentences[:, 0], task.sentences[:, 1], task.bias_type
-  else:
-    raise ValueError(f"Unknown quant.pair_source {source!r}. Valid: calibration, stereoset.")
-  both = tok.encode_batch(tokenizer, list(a_text) + list(b_text), **kw)
-  n = len(a_text)
-  pairs = (gd.Tokens(both[0][:n], both[1][:n]), gd.Tokens(both[0][n:], both[1][n:]))
-  return lm_quant.Calibration(tokens, pairs, np.asarray(types))
-
-
-def _progress(seed: int, name: str, row: dict, t0: float) -> None:
-  """One line per finished setting (process 0): the study runs for minutes."""
-  if launch.is_primary():
-    print(f"[lm] seed {seed} {name}: CrowS {row['crows']:.2f}, perplexity {row['ppl']:.3f}, "
-          f"{row['avg_bits']:.2f} bits ({time.time() - t0:.0f} s)", flush=True)
+def _headline(row: dict) -> str:
+  ood = f" (out of domain {row['ppl_ood']:.3f})" if "ppl_ood" in row else ""
+  return (f"CrowS {row['crows']:.2f}, perplexity {row['ppl']:.3f}{ood}, "
+          f"{row['avg_bits']:.2f} bits")
 
 
 def _row(summary: dict, info: dict) -> dict:
   """The figures a table shows, from one setting's summary."""
   intra = summary["stereoset"].get("intrasentence", {}).get("overall", {})
+  inter = summary["stereoset"].get("intersentence", {}).get("overall", {})
   row = dict(crows=summary["crows"]["overall"]["metric_score"],
              ppl=summary["perplexity"]["perplexity"], ss=intra.get("ss", np.nan),
              lms=intra.get("lms", np.nan), icat=intra.get("icat", np.nan),
              avg_bits=info.get("avg_bits", 32.0), gap=summary["gap"]["mean"])
+  if inter:
+    row.update(ss_inter=inter.get("ss", np.nan), icat_inter=inter.get("icat", np.nan))
+  for text, p in summary.get("perplexities", {}).items():
+    if text != "heldout":
+      row[f"ppl_{text.removeprefix('heldout_')}"] = p["perplexity"]
   for b in summary["crows"]["per_bias_type"]:
     row[f"crows_{b}"] = summary["crows"]["per_bias_type"][b]["metric_score"]
   if "change" in summary:
     row.update(change=summary["change"]["overall"]["change"],
                p=summary["change"]["overall"]["p_value"],
+               # McNemar's discordant pairs: b left the stereotype, c took it up
+               flips_away=summary["change"]["overall"]["b"],
+               flips_to=summary["change"]["overall"]["c"],
                gap_change=summary["gap_change"]["change"],
                gap_p=summary["gap_change"]["p_wilcoxon"])
   return row
 
 
-def run_seed(config, root: str, seed: int) -> dict:
-  """Every setting of one seed (finished ones reused); setting -> table row."""
-  t0 = time.time()
+def _setup(config, root: str, seed: int, seed_dir: str, shared: dict, p) -> dict:
+  """Text, model, encoded benchmarks and the float model's scores (shared across seeds
+  when the model does not depend on the seed)."""
+  if "setup" in shared:
+    return shared["setup"]
+  texts = load_texts(config, root)
+  p.note("text read")
+  built = build_model(config, texts, seed_dir, seed)
+  p.note(f"model ready ({config.model.source})")
+  enc = lm_eval.encode(texts["crows"], texts["stereoset"], texts["heldout"], built["tokenizer"],
+                       max_len=config.data.max_len, text_unit=texts_.text_unit(config),
+                       heldout_tokens=int(config.data.get("heldout_tokens", 0) or 0))
+  out = dict(texts=texts, built=built, enc=enc,
+             fp_scores=lm_eval.score(built["model"], {"params": built["params"]}, enc))
+  if config.model.source != "train":  # a fixed pre-trained model: the same for every seed
+    shared["setup"] = out
+  return out
+
+
+def run_seed(config, root: str, seed: int, shared: Optional[dict] = None) -> dict:
+  """Every setting of one seed (finished ones reused); setting -> table row.
+
+  `shared` (one dict for every seed of a run) keeps what does not depend on
+  the seed: for a pre-trained model, its text, encodings and scores, and
+  the scores of the runtimes' numerics (no calibration).
+  """
+  shared = {} if shared is None else shared
   seed_dir = wd.seed_dir(root, seed)
   os.makedirs(wd.path(seed_dir, wd.RESULTS_DIR), exist_ok=True)
-  texts = load_texts(config, root)
-  built = build_model(config, texts, seed_dir, seed)
+  names = lm_quant.settings(config)
+  p = progress.Progress("lm", 1 + len(names), prefix=f"seed {seed}")
+  setup = _setup(config, root, seed, seed_dir, shared, p)
+  texts, built, enc, fp_scores = (setup[k] for k in ("texts", "built", "enc", "fp_scores"))
   model, params, tokenizer = built["model"], built["params"], built["tokenizer"]
   family = LM_FAMILIES.get(built["family"])
   modules = list(family.hf_modules(model.config).values()) if family.hf_modules else []
-  enc = lm_eval.encode(texts["crows"], texts["stereoset"], texts["heldout"], tokenizer,
-                       max_len=config.data.max_len)
   kw = dict(num_samples=config.bootstrap, seed=seed)
-  fp_scores = lm_eval.score(model, {"params": params}, enc)
   rows = {FLOAT: _row(lm_eval.summarize(fp_scores, texts["crows"], texts["stereoset"], **kw),
                       {})}
-  _progress(seed, FLOAT, rows[FLOAT], t0)
+  p.done(FLOAT, extra=_headline(rows[FLOAT]))
   calib = calibration(config, texts, tokenizer, seed)
-  for name in lm_quant.settings(config):
+  cache = lm_quant.AnalysisCache(seed_dir)
+  for name in names:
     path = wd.result_path(seed_dir, name)
     if os.path.exists(path):
       with open(path) as f:
         rows[name] = json.load(f)["row"]
+      p.done(name, reused=True)
       continue
     numeric = lm_quant.METHODS.parse(name)[0].kind == "numerics"
     if numeric:  # a runtime's numerics: the same params, another model
@@ -224,11 +195,14 @@ def run_seed(config, root: str, seed: int) -> dict:
     else:
       qmodel = model
       qparams, records, info = lm_quant.quantize(name, model, params, calib, config,
-                                                 model.config.n_layers, modules)
-    summary = lm_eval.summarize(lm_eval.score(qmodel, {"params": qparams}, enc),
-                                texts["crows"], texts["stereoset"], fp_scores, **kw)
+                                                 model.config.n_layers, modules, cache)
+    key = ("scores", name)  # a numeric's scores do not depend on the seed (no calibration)
+    scores = (shared[key] if numeric and key in shared
+              else lm_eval.score(qmodel, {"params": qparams}, enc))
+    if numeric and config.model.source != "train":
+      shared[key] = scores
+    summary = lm_eval.summarize(scores, texts["crows"], texts["stereoset"], fp_scores, **kw)
     rows[name] = _row(summary, info)
-    _progress(seed, name, rows[name], t0)
     if config.export and numeric:
       info["export"] = None  # an LM export holds baq's grid, not a runtime's numerics
     elif config.export:
@@ -243,40 +217,57 @@ def run_seed(config, root: str, seed: int) -> dict:
         json.dump(wd.jsonable(dict(row=rows[name], info=info, summary=summary, layers=layers)),
                   f)
       os.replace(path + ".tmp", path)
+    p.done(name, extra=_headline(rows[name]))
   if launch.is_primary():
     wd.write_json(wd.path(seed_dir, wd.SEED_REPORT_FILE), wd.jsonable(rows))
   return rows
 
 
-def format_table(runs: dict[int, dict]) -> str:
+def format_table(runs: dict[int, dict], title: str = "") -> str:
   """Mean +- std over seeds per setting.
 
   `sig` counts the seeds whose exact McNemar test of the score change rejects
-  at 0.05; `gap` is the mean stereotype gap ll(sent_more) - ll(sent_less) in
-  nats, and `gsig` the seeds whose Wilcoxon test of its change rejects.
+  at 0.05, and `flips -/+` gives McNemar's discordant pairs (mean over seeds):
+  pairs whose stereotype preference the quantized model dropped / took up;
+  `gap` is the mean stereotype gap ll(sent_more) - ll(sent_less) in nats,
+  and `gsig` the seeds whose Wilcoxon test of its change rejects. SS and
+  ICAT are StereoSet's intrasentence task (`inter`: intersentence), when
+  scored; `ppl ood` the out-of-domain text's perplexity, when given.
   """
   seeds = sorted(runs)
-  cols = ("CrowS score", "change", "sig", "gap", "gap change", "gsig", "SS", "ICAT",
-          "perplexity")
-  widths = (14, 14, 4, 15, 15, 4, 13, 13, 15)
-  head = f"{'setting':18s} {'bits':>5s}" + "".join(f" {c:>{w}s}" for c, w in zip(cols, widths))
-  lines = [f"Mean +- std over seeds {seeds} (SYNTHETIC data when data.kind=synthetic)", head]
+  first = runs[seeds[0]]
+  has = lambda key: any(key in r for r in first.values())
+  cols = [("CrowS score", 14), ("change", 14), ("sig", 4), ("flips -/+", 10), ("gap", 15),
+          ("gap change", 15), ("gsig", 4), ("SS", 13), ("ICAT", 13)]
+  cols += [("SS inter", 13)] if has("ss_inter") else []
+  cols += [("perplexity", 15)] + ([("ppl ood", 17)] if has("ppl_ood") else [])
+  head = f"{'setting':18s} {'bits':>5s}" + "".join(f" {c:>{w}s}" for c, w in cols)
+  lines = [f"Mean +- std over seeds {seeds} "
+           f"({title or 'SYNTHETIC data when data.kind=synthetic'})", head]
 
   def ms(key, name, digits=2):
     v = [runs[s][name].get(key, np.nan) for s in seeds]
     return "-" if np.isnan(v).all() else f"{np.mean(v):6.{digits}f} +- {np.std(v):4.{digits}f}"
 
   def sig(key, name):
-    if key not in runs[seeds[0]][name]:
+    if key not in first[name]:
       return "-"
     return f"{sum(runs[s][name][key] < 0.05 for s in seeds)}/{len(seeds)}"
 
-  for name in runs[seeds[0]]:
-    cells = (ms("crows", name), ms("change", name), sig("p", name), ms("gap", name, 3),
-             ms("gap_change", name, 3), sig("gap_p", name), ms("ss", name), ms("icat", name),
-             ms("ppl", name, 3))
-    lines.append(f"{name:18s} {runs[seeds[0]][name]['avg_bits']:5.2f}"
-                 + "".join(f" {c:>{w}s}" for c, w in zip(cells, widths)))
+  def flips(name):
+    if "flips_away" not in first[name]:
+      return "-"
+    return "/".join(f"{np.mean([runs[s][name][k] for s in seeds]):.0f}"
+                    for k in ("flips_away", "flips_to"))
+
+  for name in first:
+    cells = [ms("crows", name), ms("change", name), sig("p", name), flips(name),
+             ms("gap", name, 3), ms("gap_change", name, 3), sig("gap_p", name),
+             ms("ss", name), ms("icat", name)]
+    cells += [ms("ss_inter", name)] if has("ss_inter") else []
+    cells += [ms("ppl", name, 3)] + ([ms("ppl_ood", name, 3)] if has("ppl_ood") else [])
+    lines.append(f"{name:18s} {first[name]['avg_bits']:5.2f}"
+                 + "".join(f" {c:>{w}s}" for c, (_, w) in zip(cells, cols)))
   return "\n".join(lines)
 
 
@@ -285,7 +276,9 @@ def check(config) -> None:
   launch.seeds(config)
   checks.at_least(config, {"train.steps": 1, "train.batch_size": 1, "train.save_every": 1,
                            "train.warmup_steps": 0, "quant.calib_sequences": 1, "bootstrap": 1,
+                           "quant.max_pairs_per_type": 0, "data.heldout_tokens": 0,
                            "data.num_train": 1, "data.num_heldout": 1, "data.max_len": 2})
+  texts_.text_unit(config)
   lm_quant.settings(config)
   MODEL_SOURCES.get(config.model.source)  # an unknown name lists the valid ones
   if config.export:
@@ -301,8 +294,11 @@ def run(config, root: str) -> dict:
     {seed: {setting: metrics}}.
   """
   check(config)
-  runs = {s: run_seed(config, root, s) for s in launch.seeds(config)}
+  shared = {}
+  runs = {s: run_seed(config, root, s, shared) for s in launch.seeds(config)}
   if launch.is_primary():
     wd.write_json(wd.path(root, wd.SUMMARY_FILE), wd.jsonable(runs))
-    print(format_table(runs), flush=True)
+    title = ("SYNTHETIC data" if config.data.kind == "synthetic"
+             else f"data from files, model source {config.model.source}")
+    print(format_table(runs, title), flush=True)
   return runs

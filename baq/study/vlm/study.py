@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import warnings
 from typing import Optional, Sequence
 
 import flax.traverse_util as tu
 import numpy as np
 
-from baq import launch
+from baq import launch, progress
 from baq.experiment import checks
 from baq.fairness import vlm_metrics
 from baq.stats import corrections, significance as stats
@@ -127,9 +126,9 @@ def _reuse(path: str, setting: dict) -> dict:
   return res
 
 
-def _score(config, seed_dir: str, seed: int, names: Sequence[str], setting: dict) -> dict:
+def _score(config, seed_dir: str, seed: int, names: Sequence[str], setting: dict,
+           p: progress.Progress) -> dict:
   """Scores the quantizers `names` and writes results/<name>.json for each."""
-  t0 = time.time()
   b = vlm_data.prepare(config, seed_dir, seed)
   data, test, model, params = b["data"], b["test"], b["model"], b["params"]
   calib = vlm_data.calibration(b, config.quant.attribute)
@@ -141,6 +140,7 @@ def _score(config, seed_dir: str, seed: int, names: Sequence[str], setting: dict
   emb = lambda m, p: vlm_quant.embeddings(m, p, data.images[test], b["prompts"], b["queries"],
                                           b["stats"])
   fp = metrics(emb(model, params), data, test, ks)
+  p.note("data, model and full precision ready")
   about = dict(title=data.title, images=len(test),
                groups={a: names_ for a, (_, names_) in data.attributes.items()})
   out = {}
@@ -154,11 +154,10 @@ def _score(config, seed_dir: str, seed: int, names: Sequence[str], setting: dict
       res["cells"] = cells(m, fp, data, test, config, seed)
     path = wd.result_path(seed_dir, name)
     out[name] = json.loads(json.dumps(wd.jsonable(res)))  # as a reader of the file sees it
-    if launch.is_primary():  # one line per quantizer: the study runs for minutes
-      print(f"[vlm] seed {seed} {name} scored ({time.time() - t0:.0f} s)", flush=True)
     if launch.is_primary():
       wd.write_json(path + ".tmp", out[name])
       os.replace(path + ".tmp", path)
+    p.done(name)
   return out
 
 
@@ -169,10 +168,13 @@ def run_seed(config, root: str, seed: int) -> dict:
   names = [q.strip() for q in config.quantizers.split(",") if q.strip()]
   setting = _setting(config)
   paths = {n: wd.result_path(seed_dir, n) for n in names}
-  out = {n: _reuse(p, setting) for n, p in paths.items() if os.path.exists(p)}
+  out = {n: _reuse(f, setting) for n, f in paths.items() if os.path.exists(f)}
   todo = [n for n in names if n not in out]
+  p = progress.Progress("vlm", len(names), unit="quantizer", prefix=f"seed {seed}")
+  for n in out:
+    p.done(n, reused=True)
   if todo:
-    out.update(_score(config, seed_dir, seed, todo, setting))
+    out.update(_score(config, seed_dir, seed, todo, setting, p))
   out = {n: out[n] for n in names}
   if launch.is_primary():
     wd.write_json(wd.path(seed_dir, wd.SEED_REPORT_FILE), out)
