@@ -47,18 +47,31 @@ def gptqmodel_side(args) -> None:
   # act_group_aware (its default for GPTQ) refuses group_size -1; off, as in the paper.
   cfg = QuantizeConfig(bits=4, group_size=-1, desc_act=False, sym=True, damp_percent=0.01,
                        act_group_aware=False)
+  evals = torch.tensor(np.load(args.calib_file.replace("calib", "eval")), dtype=torch.long)
+
+  def ppl(m):  # in torch; baq's GPTQ reader refuses GPTQModel's packing of a d_in that is
+    # no multiple of 8 (stories260K's down_proj, 172: 22 rows, not 21.5)
+    with torch.no_grad():
+      lp = torch.cat([torch.log_softmax(m(evals[i:i + 16]).logits[:, :-1].float(), -1)
+                      .gather(-1, evals[i:i + 16, 1:, None])[..., 0]
+                      for i in range(0, len(evals), 16)])
+    return float(torch.exp(-lp.mean()))
+
+  from transformers import AutoModelForCausalLM  # pylint: disable=import-outside-toplevel
+  # The torch scoring's own check: the float model here must give baq's float perplexity.
+  float_ppl = ppl(AutoModelForCausalLM.from_pretrained(args.folder, torch_dtype=torch.float32))
   model = GPTQModel.load(args.folder, cfg, device="cpu")
   t = time.perf_counter()
   model.quantize(calib, batch_size=16)
   seconds = time.perf_counter() - t
   model.save(args.out)
-  # Perplexity here, in torch: baq's GPTQ reader refuses GPTQModel's packing of a
-  # d_in that is no multiple of 8 (stories260K's down_proj, 172: 22 rows, not 21.5).
-  evals = torch.tensor(np.load(args.calib_file.replace("calib", "eval")), dtype=torch.long)
-  with torch.no_grad():
-    lp = torch.cat([torch.log_softmax(model.model(evals[i:i + 16]).logits[:, :-1].float(), -1)
-                    .gather(-1, evals[i:i + 16, 1:, None])[..., 0] for i in range(0, len(evals), 16)])
-  print(json.dumps(dict(seconds=seconds, ppl=float(torch.exp(-lp.mean())))))
+  # Scored as saved and loaded back: after quantize() the in-memory model is GPTQModel's
+  # working copy (its layers offloaded), not the deployed one.
+  # The plain torch kernel: the CPU's fused int4 kernel refuses an N that is no
+  # multiple of 16 (stories260K's 172-wide down_proj).
+  from gptqmodel import BACKEND  # pylint: disable=import-outside-toplevel
+  quantized = GPTQModel.load(args.out, device="cpu", backend=BACKEND.GPTQ_TORCH)
+  print(json.dumps(dict(seconds=seconds, ppl=ppl(quantized.model), float_ppl=float_ppl)))
 
 
 def _windows(tokenizer, path, n, width, seed=0):
@@ -137,7 +150,8 @@ def main() -> None:
             f"perplexity float {fp:.3f}, baq {ours:.3f}")
     if other is not None:
       line += (f"; GPTQModel {other['seconds']:.1f} s ({other['seconds'] / layers:.2f} s a "
-               f"layer), perplexity {other['ppl']:.3f} (in torch)")
+               f"layer), perplexity {other['ppl']:.3f} (in torch, whose float model gives "
+               f"{other['float_ppl']:.3f})")
     print(line, flush=True)
 
 

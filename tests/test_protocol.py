@@ -134,3 +134,15 @@ def test_regimes_and_bad_arms_are_refused_with_the_valid_names():
     protocol.arm_names(c)
   assert protocol.uniform_bits([2.5, 3.0]) == [2, 3, 8]
   assert os.path.basename(wd.arm_dir("/r", 1, 2.5, "static")) == "static"
+
+
+def test_the_detectable_difference_is_what_a_t_test_finds_80_percent_of_the_time():
+  from scipy import stats as sps
+  rng = np.random.default_rng(0)
+  sd, n = 0.02, 5
+  spread = np.array([-1, -.5, 0, .5, 1])
+  d = protocol_report.detectable(spread * sd / spread.std(ddof=1))  # n seeds of sd `sd`
+  # Simulated: a true mean of `d` with this sd is found (p < 0.05) about 80 % of the time.
+  hits = np.mean([sps.ttest_1samp(rng.normal(d, sd, n), 0).pvalue < 0.05 for _ in range(4000)])
+  assert 0.74 < hits < 0.86
+  assert np.isnan(protocol_report.detectable([0.1]))

@@ -20,6 +20,7 @@ import math
 
 import ml_collections
 import numpy as np
+from scipy import stats as sps
 
 from baq import workdir as wd
 from baq.stats import corrections, significance
@@ -85,7 +86,8 @@ def summarize(config: ml_collections.ConfigDict, root: str, runs: dict, test) ->
         t = significance.across_seeds(diff)
         comparisons.append(dict(row=name, against=against, worst_diff=diff.tolist(),
                                 accuracy_diff=acc.tolist(), t_p=t["t_p"],
-                                wilcoxon_p=t["wilcoxon_p"], note=t["note"]))
+                                wilcoxon_p=t["wilcoxon_p"], note=t["note"],
+                                detectable=detectable(diff, float(config.protocol.alpha))))
         tests.append(comparisons[-1])
     out["budgets"][f"{budget:g}"] = dict(rows=rows, comparisons=comparisons,
                                          oracle=_oracle_ranks(runs, budget, seeds))
@@ -95,6 +97,18 @@ def summarize(config: ml_collections.ConfigDict, root: str, runs: dict, test) ->
   out["holm_family"] = len(tests)
   out["goal"] = _goal(out, float(config.protocol.alpha))
   return out
+
+
+def detectable(diff, alpha: float = 0.05, power: float = 0.8) -> float:
+  """The mean paired difference a two-sided t-test over these seeds would find with
+  probability `power` at level `alpha`, given their spread (before Holm):
+  (t_{1-alpha/2} + t_{power}) * sd / sqrt(n), with n - 1 degrees of freedom."""
+  d = np.asarray(diff, np.float64)
+  if d.size < 2:
+    return float("nan")
+  dof = d.size - 1
+  return float((sps.t.ppf(1 - alpha / 2, dof) + sps.t.ppf(power, dof)) * d.std(ddof=1)
+               / np.sqrt(d.size))
 
 
 def _oracle_ranks(runs: dict, budget: float, seeds) -> dict:
@@ -152,12 +166,14 @@ def format_summary(summary: dict) -> str:
                    f"{100 * r['sampling_se']:>9.2f}{r['search_seconds']:>10.1f}"
                    f"{r['train_seconds']:>9.1f}")
     lines.append("paired worst-group differences (row minus against), per seed; t-test across "
-                 "seeds, Holm over the whole table")
+                 "seeds, Holm over the whole table; detectable: the mean difference this "
+                 "spread lets the t-test find 80 % of the time")
     for c in entry["comparisons"]:
       d = 100 * np.asarray(c["worst_diff"])
       lines.append(f"  {c['row']:<14} - {c['against']:<12} {d.mean():+6.2f} "
                    f"[{' '.join(f'{x:+.1f}' for x in d)}]  t p={c['t_p']:.3f} "
-                   f"Holm p={c.get('holm_p', float('nan')):.3f}")
+                   f"Holm p={c.get('holm_p', float('nan')):.3f}  detectable "
+                   f"{100 * c['detectable']:.2f}")
     ref = next((c["against"] for c in entry["comparisons"]
                 if not c["against"].startswith(wd.UNIFORM)), None)
     top = entry["rows"].get(wd.uniform_name(8))
