@@ -127,7 +127,7 @@ def main() -> None:
       gguf.gguf_to_hf(os.path.join(LM, "stories260K.gguf"), folder)
     else:
       subprocess.run([args.torch_python, me, "--side=gptqmodel", "--make_gpt2",
-                      f"--folder={folder}"], check=True, env=env)
+                      f"--folder={folder}"], check=True, env=env, cwd=args.work)
       tokenizer.save(os.path.join(folder, "tokenizer.json"))  # ids < 512: GPT-2's vocab holds them
     model, variables, _, _ = hf.load(folder)
     t = time.perf_counter()
@@ -139,7 +139,7 @@ def main() -> None:
     out = os.path.join(args.work, f"{name}_gptqmodel")
     r = subprocess.run([args.torch_python, me, "--side=gptqmodel", f"--folder={folder}",
                         f"--out={out}", f"--calib_file={calib_file}"], env=env,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, cwd=args.work)  # its logs/ there
     if r.returncode:
       print(f"{name}: GPTQModel failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
       other = None
