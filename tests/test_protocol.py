@@ -146,3 +146,9 @@ def test_the_detectable_difference_is_what_a_t_test_finds_80_percent_of_the_time
   hits = np.mean([sps.ttest_1samp(rng.normal(d, sd, n), 0).pvalue < 0.05 for _ in range(4000)])
   assert 0.74 < hits < 0.86
   assert np.isnan(protocol_report.detectable([0.1]))
+
+
+def test_read_seed_gives_the_finished_rows_without_training(finished):
+  c, root, runs = finished
+  assert protocol.read_seed(c, root, 0) == runs[0]
+  assert protocol.read_seed(c, root, 7) == {}

@@ -208,6 +208,22 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int, data: dict
   return rows
 
 
+def read_seed(config: ml_collections.ConfigDict, root: str, seed: int) -> dict:
+  """The rows of one seed that have finished (their result.json), reading nothing else:
+  for a table of the seeds done so far while others still train."""
+  rows = {}
+  for b in (uniform_bits(config.protocol.budgets) if "uniform" in config.protocol.arms else []):
+    f = wd.path(wd.seed_dir(root, seed), wd.uniform_name(b), wd.ARM_RESULT_FILE)
+    if os.path.exists(f):
+      rows[wd.uniform_name(b)] = wd.read_json(f)
+  for budget in (float(b) for b in config.protocol.budgets):
+    for arm in arm_names(config):
+      f = wd.path(wd.arm_dir(root, seed, budget, arm), wd.ARM_RESULT_FILE)
+      if os.path.exists(f):
+        rows[f"{arm}@{budget:g}"] = wd.read_json(f)
+  return rows
+
+
 def main(argv: Sequence[str]) -> None:
   """Runs every seed, then prints the table and writes WORKDIR/summary.json."""
   config, root = launch.start(argv, check=checks.validate)
