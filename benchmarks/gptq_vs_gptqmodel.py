@@ -7,8 +7,8 @@ mean Hessian diagonal, on the same calibration windows (Tiny Shakespeare,
 128 windows of 128 tokens after <bos>, stories260K's tokenizer); it prints
 seconds per quantized layer and in all, and the perplexity on TinyStories
 windows of the float model and baq's GPTQ (scored by baq) and GPTQModel's
-quantized model (scored in torch on the same windows: baq's GPTQ reader
-refuses GPTQModel's packing of stories260K's 172-wide down_proj).
+quantized model (scored in torch on the same windows, and its saved
+checkpoint read by baq's GPTQ reader and scored by baq).
 
 GPTQModel runs in a torch environment of its own (it asks for torch>=2.14.1):
 
@@ -149,9 +149,13 @@ def main() -> None:
     line = (f"{name}: {layers} layers; baq GPTQ {baq_s:.1f} s ({baq_s / layers:.2f} s a layer), "
             f"perplexity float {fp:.3f}, baq {ours:.3f}")
     if other is not None:
+      from baq.export import gptq_lm  # pylint: disable=import-outside-toplevel
+      gm, gvars, _, _ = gptq_lm.load_gptq(out)  # GPTQModel's checkpoint, read by baq
+      other["baq_ppl"] = _ppl(gm, gvars["params"], evals)
       line += (f"; GPTQModel {other['seconds']:.1f} s ({other['seconds'] / layers:.2f} s a "
                f"layer), perplexity {other['ppl']:.3f} (in torch, whose float model gives "
-               f"{other['float_ppl']:.3f})")
+               f"{other['float_ppl']:.3f}; its checkpoint read by baq's GPTQ reader "
+               f"{other['baq_ppl']:.3f})")
     print(line, flush=True)
 
 

@@ -315,3 +315,27 @@ def test_errors(tmp_path):
     gf.read_checkpoint(str(folder))
   with pytest.raises(FileNotFoundError, match="quantize_config.json"):
     gf.read_checkpoint(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_padded_dimensions_read_as_gptqmodel_packs_them(bits):
+  """GPTQModel packs a d_in or d_out that is no multiple of 32 with a padded last word
+  (stories260K's 172): the reader takes the first codes and zero points."""
+  from baq.export.gptq_format import packing
+  rng = np.random.default_rng(bits)
+  d_in, d_out, pad = 172, 172, 192
+  codes = rng.integers(0, 2**bits, (d_in, d_out))
+  zeros = rng.integers(0, 2**bits, (1, d_out))
+  scales = rng.uniform(0.01, 0.1, (1, d_out)).astype(np.float16)
+  full = np.zeros((pad, pad), np.int64)
+  full[:d_in, :d_out] = codes
+  zfull = np.zeros((1, pad), np.int64)
+  zfull[:, :d_out] = zeros
+  p = {"qweight": packing._pack_rows(full, bits)[:packing._words(d_in, bits), :d_out],
+       "qzeros": packing._pack_cols(zfull, bits)[:, :packing._words(d_out, bits)],
+       "scales": scales, "g_idx": np.zeros(d_in, np.int32)}
+  got = gf.unpack_layer(p, bits, -1, "gptq_v2")
+  np.testing.assert_array_equal(got, (codes - zeros).astype(np.float32) * scales.astype(np.float32))
+  p["qweight"] = p["qweight"][:-1]
+  with pytest.raises(ValueError, match="does not hold d_in=172"):
+    gf.unpack_layer(p, bits, -1, "gptq_v2")

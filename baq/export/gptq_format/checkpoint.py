@@ -81,12 +81,12 @@ def _layer_arrays(name: str, p: Mapping[str, np.ndarray], qcfg: Mapping[str, Any
   if r is None:
     raise ValueError(f"layer {name} is quantized but `dynamic` excludes it (\"-:\").")
   bits = _check_bits(r["bits"], f"layer {name}: ")
-  d_in, _, n = _check_packed(name, p, bits, r["group_size"])
+  d_in, d_out, n = _check_packed(name, p, bits, r["group_size"])
   in_order = np.arange(d_in) // (d_in // n)
   g_idx = np.asarray(p.get("g_idx", in_order), np.int32)
   if not r["desc_act"] and not np.array_equal(g_idx, in_order):
     raise ValueError(f"layer {name} has an act-order g_idx but desc_act=False.")
-  if r["sym"] and np.any(_unpack_cols(p["qzeros"], bits) != 2 ** (bits - 1)):
+  if r["sym"] and np.any(_unpack_cols(p["qzeros"], bits, d_out) != 2 ** (bits - 1)):
     raise ValueError(f"layer {name}: sym=True needs every zero point = {2 ** (bits - 1)}.")
   out = {f"{name}.qweight": np.ascontiguousarray(p["qweight"], np.int32),
          f"{name}.scales": np.asarray(p["scales"], np.float16), f"{name}.g_idx": g_idx}

@@ -36,10 +36,20 @@ def _pack_rows(u: np.ndarray, bits: int) -> np.ndarray:
   return words.reshape(-1, m).astype(np.uint32).view(np.int32)
 
 
-def _unpack_rows(q: np.ndarray, bits: int) -> np.ndarray:
-  """Inverse of `_pack_rows`: int32 [n*bits/32, m] -> int64 codes [n, m]."""
+def _words(n: int, bits: int) -> int:
+  """int32 words that hold n codes of `bits` (the last one padded, as GPTQModel packs
+  a dimension that is no multiple of 32)."""
+  return -(-n * bits // WORD)
+
+
+def _unpack_rows(q: np.ndarray, bits: int, n: int | None = None) -> np.ndarray:
+  """Inverse of `_pack_rows`: int32 [words, m] -> int64 codes [n, m] (n: all the words
+  hold; a padded last word, as GPTQModel writes one, gives its first codes)."""
   m = q.shape[1]
-  words = np.asarray(q, np.int32).view(np.uint32).astype(np.uint64).reshape(-1, bits, m)
+  q = np.asarray(q, np.int32)
+  if q.shape[0] % bits:
+    q = np.concatenate([q, np.zeros((-q.shape[0] % bits, m), np.int32)])
+  words = q.view(np.uint32).astype(np.uint64).reshape(-1, bits, m)
   out = np.empty((words.shape[0], WORD, m), np.uint64)
   for j in range(WORD):
     w, off = divmod(j * bits, WORD)
@@ -47,15 +57,15 @@ def _unpack_rows(q: np.ndarray, bits: int) -> np.ndarray:
     if off + bits > WORD:
       v |= words[:, w + 1] << np.uint64(WORD - off)
     out[:, j] = v & np.uint64(2**bits - 1)
-  return out.reshape(-1, m).astype(np.int64)
+  return out.reshape(-1, m)[:n].astype(np.int64)
 
 
 def _pack_cols(z: np.ndarray, bits: int) -> np.ndarray:
   return np.ascontiguousarray(_pack_rows(np.ascontiguousarray(z.T), bits).T)
 
 
-def _unpack_cols(qz: np.ndarray, bits: int) -> np.ndarray:
-  return np.ascontiguousarray(_unpack_rows(np.ascontiguousarray(qz.T), bits).T)
+def _unpack_cols(qz: np.ndarray, bits: int, n: int | None = None) -> np.ndarray:
+  return np.ascontiguousarray(_unpack_rows(np.ascontiguousarray(qz.T), bits, n).T)
 
 
 def _ints(x: Any, what: str, hi: int, lo: int = 0) -> np.ndarray:
@@ -154,14 +164,14 @@ def _check_packed(name: str, p: Mapping[str, np.ndarray], bits: int,
   d_out = qw.shape[1]
   d_in = len(p["g_idx"]) if "g_idx" in p else qw.shape[0] * WORD // bits
   g = d_in if group_size == -1 else group_size
-  if qw.shape[0] * WORD != d_in * bits or d_in % WORD or d_out % WORD:
+  if qw.shape[0] != _words(d_in, bits):
     raise ValueError(f"layer {name}: qweight {qw.shape} does not hold d_in={d_in} rows of "
-                     f"{bits}-bit codes (expected ({d_in * bits // WORD}, {d_out}), both "
-                     f"dimensions multiples of {WORD}); set its bits through `dynamic`.")
+                     f"{bits}-bit codes (expected ({_words(d_in, bits)}, {d_out})); set its "
+                     "bits through `dynamic`.")
   if g <= 0 or d_in % g:
     raise ValueError(f"layer {name}: group_size {group_size} does not divide d_in={d_in}.")
   n = d_in // g
-  want = {"qzeros": (n, d_out * bits // WORD), "scales": (n, d_out), "bias": (d_out,)}
+  want = {"qzeros": (n, _words(d_out, bits)), "scales": (n, d_out), "bias": (d_out,)}
   for field, shape in want.items():
     if field in p and np.shape(p[field]) != shape:
       raise ValueError(f"layer {name}: {field} {np.shape(p[field])} disagrees with qweight "
@@ -181,10 +191,10 @@ def unpack_layer(packed: Mapping[str, np.ndarray], bits: int, group_size: int,
     bits, group_size: the layer's own.
     checkpoint_format: "gptq" (qzeros hold zero - 1) or "gptq_v2".
   """
-  d_in, _, _ = _check_packed("<unpack>", packed, _check_bits(bits), group_size)
+  d_in, d_out, _ = _check_packed("<unpack>", packed, _check_bits(bits), group_size)
   g = d_in if group_size == -1 else group_size
   g_idx = np.asarray(packed.get("g_idx", np.arange(d_in) // g), np.int64)
-  q = _unpack_rows(packed["qweight"], bits)
-  z = _unpack_cols(packed["qzeros"], bits) + _v1_offset(checkpoint_format)
+  q = _unpack_rows(packed["qweight"], bits, d_in)
+  z = _unpack_cols(packed["qzeros"], bits, d_out) + _v1_offset(checkpoint_format)
   s = np.asarray(packed["scales"]).astype(np.float32)
   return (q - z[g_idx]).astype(np.float32) * s[g_idx]
