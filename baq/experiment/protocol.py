@@ -33,7 +33,7 @@ from absl import app
 import ml_collections
 import numpy as np
 
-from baq import launch
+from baq import launch, progress
 from baq import workdir as wd
 from baq.allocation import projection
 from baq.experiment import arms as arms_lib, checks, job, lanes, protocol_report
@@ -228,7 +228,6 @@ def main(argv: Sequence[str]) -> None:
   """Runs every seed, then prints the table and writes WORKDIR/summary.json."""
   config, root = launch.start(argv, check=checks.validate)
   seeds = launch.seeds(config)
-  arm_names(config)
   if config.protocol.reference not in arm_names(config):
     raise ValueError(f"protocol.reference={config.protocol.reference!r} is not one of the "
                      f"arms {config.protocol.arms!r}.")
@@ -237,13 +236,10 @@ def main(argv: Sequence[str]) -> None:
     with open(wd.path(root, wd.CONFIG_FILE), "w") as f:
       f.write(config.to_json(indent=1))
   data = job.load_data(config)
-  t0, runs = time.perf_counter(), {}
-  for i, s in enumerate(seeds):
+  runs, p = {}, progress.Progress("protocol", len(seeds), unit="seed")
+  for s in seeds:
     runs[s] = run_seed(config, root, s, data)
-    done = time.perf_counter() - t0
-    if launch.is_primary():
-      print(f"[protocol] seed {s} done ({i + 1} of {len(seeds)}), {done / 60:.1f} min elapsed, "
-            f"about {done / (i + 1) * (len(seeds) - i - 1) / 60:.1f} min left", flush=True)
+    p.done(f"seed {s}")
   if launch.is_primary():
     summary = protocol_report.summarize(config, root, runs, data["test"])
     print("\n" + protocol_report.format_summary(summary))
