@@ -41,8 +41,7 @@ def test_every_arm_trains_the_same_total_steps_within_the_budget(finished):
       # A search's steps count in the total: the bi-level run trains what is left.
       left = T - r["search_steps"] if r["arm"] == "bilevel" else T
       for cand in r["candidates"]:
-        assert wd.latest_step(wd.path(wd.arm_dir(root, s, 3.0, r["arm"]),
-                                      cand["candidate"])) == left
+        assert wd.latest_step(wd.path(root, cand["run"])) == left
     assert rows["baq@3"]["search_steps"] == 3 and rows["static@3"]["search_steps"] == 0
     assert rows["bilevel@3"]["search_steps"] == 3
     assert os.path.exists(wd.path(wd.arm_dir(root, s, 3.0, "bilevel"), "bilevel_search.msgpack"))
@@ -61,6 +60,32 @@ def test_the_kept_candidate_is_the_best_on_validation_and_the_test_file_matches(
       assert len(r["candidates"]) == (2 if arm == "random@3" else r["info"]["allocations"])
     correct = np.load(wd.path(wd.arm_dir(root, s, 3.0, "static"), wd.ARM_CORRECT_FILE))
     assert correct.mean() == pytest.approx(rows["static@3"]["test"]["accuracy"])
+
+
+def test_an_allocation_two_arms_ask_for_is_trained_once_and_equals_training_it_again(
+    finished, tiny_data, tmp_path):
+  c, root, runs = finished
+  by_bits = {}
+  for name, r in runs[0].items():
+    if name.startswith("uniform") or r["arm"] in ("baq", "bilevel"):
+      continue
+    for cand in r["candidates"]:
+      by_bits.setdefault(tuple(cand["bits"]), set()).add(cand["run"])
+  assert all(len(v) == 1 for v in by_bits.values()), by_bits
+  shared = [x for x in runs[0]["oracle@3"]["candidates"] if not x["run"].endswith(
+      "oracle/" + x["candidate"])]
+  assert shared, "the oracle enumerates every allocation, so it meets static's"
+  # The premise: the same allocation trained again, elsewhere, gives the same model.
+  from baq.train.checkpoint import restore_variables
+  import jax
+  cb = c.copy_and_resolve_references()
+  cb.seed, cb.quant.target_bits = 0, 3.0
+  run = shared[0]["run"]
+  float_vars = restore_variables(wd.path(wd.seed_dir(root, 0), wd.FLOAT))
+  protocol._train_run(cb, str(tmp_path / "again"), "fair_static_qat", tiny_data, float_vars,
+                      protocol.total_steps(cb), {}, bits=np.asarray(shared[0]["bits"]))
+  a, b = restore_variables(wd.path(root, run)), restore_variables(str(tmp_path / "again"))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
 def test_a_rerun_reads_every_finished_arm_back(finished, tiny_data):

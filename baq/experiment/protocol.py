@@ -109,6 +109,21 @@ def _finish(config, run_dir: str, mode: str, splits: dict, budget, qat_bits=None
               **{k: scores(c, splits[k]) for k, c in correct.items()})
 
 
+def _run_key(cand) -> tuple | None:
+  """What makes two candidates the same run, or None when a candidate is its own.
+
+  A run at fixed integer bits from the float model for T steps depends on
+  nothing else the arm chose (same seed, data order, penalties), so when the
+  static plan, the minimax plan, a random draw and an oracle allocation
+  coincide, they share one run; training is deterministic, so sharing gives
+  what training each again would. Runs from a search's weights, or of fewer
+  steps, or BAQ's, are their own.
+  """
+  if cand.mode != "fair_static_qat" or cand.init_variables is not None or cand.steps is not None:
+    return None
+  return tuple(int(b) for b in np.asarray(cand.bits).ravel())
+
+
 def _better(a: dict, b: dict) -> bool:
   """Whether candidate a beats b on validation (worst group, then accuracy)."""
   ka = (a["validation"]["worst_group_accuracy"], a["validation"]["accuracy"])
@@ -137,6 +152,7 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int, data: dict
   float_vars = restore_variables(fp_dir)
   splits = {k: data[k] for k in ("validation", "test")}
   seconds, rows, jobs, pending = {}, {}, [], []
+  trained, finished = {}, {}  # (budget, run key) -> run dir; run dir -> its scores
   concurrent = lanes.concurrency(c.get("concurrent_runs", lanes.AUTO))
 
   for b in (uniform_bits(budgets) if "uniform" in p.arms else []):
@@ -166,12 +182,20 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int, data: dict
       if proposal is None:
         log(f"[protocol] seed {seed} {row}: skipped (see baq/experiment/arms.py)")
         continue
+      dirs = []
       for cand in proposal.candidates:
+        rdir, key = wd.path(adir, cand.name), _run_key(cand)
+        if key is not None and (budget, key) in trained:
+          dirs.append(trained[budget, key])  # the same run another arm asked for: shared
+          continue
+        if key is not None:
+          trained[budget, key] = rdir
+        dirs.append(rdir)
         start = float_vars if cand.init_variables is None else cand.init_variables
-        jobs.append(functools.partial(_train_run, cb, wd.path(adir, cand.name), cand.mode, data,
-                                      start, T if cand.steps is None else cand.steps, seconds,
+        jobs.append(functools.partial(_train_run, cb, rdir, cand.mode, data, start,
+                                      T if cand.steps is None else cand.steps, seconds,
                                       bits=cand.bits))
-      pending.append((arm, row, proposal, adir, None, cb))
+      pending.append((arm, row, (proposal, dirs), adir, None, cb))
 
   # Two lanes fill the two cores one small step leaves idle; results are identical.
   lanes.run_lanes([jobs[0::2], jobs[1::2]] if concurrent > 1 else [jobs], concurrent)
@@ -185,19 +209,20 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int, data: dict
       _write(adir, result, r["correct"]["test"])
       rows[row] = result
       continue
+    proposal, dirs = proposal
     best, tried = None, []
-    for cand in proposal.candidates:
-      r = _finish(cb, wd.path(adir, cand.name), cand.mode, splits, cb.quant.target_bits)
-      r["candidate"], r["start_bits"] = cand.name, np.asarray(cand.bits).tolist()
+    for cand, rdir in zip(proposal.candidates, dirs):
+      if rdir not in finished:
+        finished[rdir] = _finish(cb, rdir, cand.mode, splits, cb.quant.target_bits)
+      r = dict(finished[rdir], candidate=cand.name, start_bits=np.asarray(cand.bits).tolist())
       tried.append(dict(candidate=cand.name, bits=r["start_bits"], validation=r["validation"],
-                        test=r["test"]))
+                        test=r["test"], run=os.path.relpath(rdir, root)))
       if best is None or _better(r, best):
         best = r
     result = dict(arm=arm, budget=cb.quant.target_bits, steps=T, selected=best["candidate"],
                   bits=best["start_bits"], avg_bits=best["avg_bits"],
                   search_seconds=proposal.search_seconds, search_steps=proposal.search_steps,
-                  train_seconds=sum(seconds.get(wd.path(adir, x.name), 0.0)
-                                    for x in proposal.candidates),
+                  train_seconds=sum(seconds.get(d, 0.0) for d in dirs),
                   candidates=tried, validation=best["validation"], test=best["test"],
                   info=proposal.info)
     _write(adir, result, best["correct"]["test"])
