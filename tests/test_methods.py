@@ -68,6 +68,21 @@ def test_unknown_names_list_the_valid_ones():
   assert methods.of_kind("ptq") == ["fair_gptq", "gptq", "rtn"]
 
 
+def test_stored_bits_are_what_the_kernels_are_stored_in():
+  from baq.quant.numerics import ggml
+  # q4_k rows of 256 are q4_k (4 bits + 144 bytes per 256 weights: 4.5 per weight);
+  # rows of 64 fall back to q5_0 (5 + 0.5); rows of 172 stay F16.
+  assert methods.stored_bits("q4_k", [(256, 8)]) == dict(code_bits=4.0, bits_per_weight=4.5)
+  assert methods.stored_bits("q4_k", [(64, 8)]) == dict(code_bits=5.0, bits_per_weight=5.5)
+  assert methods.stored_bits("q4_k", [(172, 8)]) == dict(code_bits=16.0, bits_per_weight=16.0)
+  mix = methods.stored_bits("q4_k", [(64, 64), (172, 64)])  # numel-weighted
+  assert mix["code_bits"] == pytest.approx((5 * 64 + 16 * 172) / (64 + 172))
+  assert ggml.stored_type("q4_k", 64) == "q5_0"
+  assert methods.stored_bits("q8_0", [(4096, 4)])["bits_per_weight"] == 8.5
+  with pytest.raises(ValueError, match="numerics"):
+    methods.stored_bits("gptq@4", [(64, 64)])
+
+
 def test_nominal_bits_are_the_numerics_storage_bits():
   ggml = ["q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0"]
   assert methods.RUNTIMES.names() == NUMERICS.names() == ["dynamic_int8", "fp4", "llm_int8",
@@ -142,6 +157,12 @@ def test_a_numeric_registered_once_reaches_every_driver(new_numeric):
   lm = CausalLM(LM_FAMILIES.get("gpt2").config_from_hf(lm_study.gpt2_config(c, 16)))
   qmodel, info = lm_quant.numeric_setting(new_numeric, lm)
   assert info == dict(method=new_numeric, avg_bits=6.0)
+  # Given the params, what the projections are stored in: this model's rows
+  # are shorter than q4_k's blocks of 256, so llama.cpp stores them as q5_0.
+  params = lm.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  assert max(lm.config.d_model, lm.config.d_ff) < 256
+  _, info = lm_quant.numeric_setting("q4_k", lm, params)
+  assert info["avg_bits"] == 5.0 and info["bits_per_weight"] == 5.5
   assert qmodel.quant.rules[0][1].numerics == new_numeric
 
   # The CLIP study: a quantizer, reported at its bits.

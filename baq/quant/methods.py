@@ -29,6 +29,8 @@ import math
 import re
 from typing import Optional, Sequence, Union
 
+import numpy as np
+
 from baq.quant.numerics import NUMERICS
 from baq.registry import Registry
 
@@ -205,6 +207,37 @@ def nominal_bits(text: str, options: Optional[dict] = None) -> float:
     # blocks (a ggml type stores rows that do not in another type); the scales' bits do.
     return float(numeric.storage(FULL_ROW, 1, **dict(numeric.options(), **(options or {})))[0])
   return 32.0 if method.kind == "float" else float(bits)
+
+
+def stored_bits(text: str, shapes: Sequence[tuple[int, int]],
+                options: Optional[dict] = None) -> dict:
+  """What a runtime's numerics store for these kernels, numel-weighted.
+
+  `nominal_bits` is a type's code bits on rows that fill its blocks; a real
+  model's kernels may not (llama.cpp keeps q4_k rows of 64 as q5_0 and rows
+  of 172 in F16), so a study reports what its kernels are stored in.
+
+  Args:
+    text: a numerics setting (`parse`).
+    shapes: the [d_in, d_out] of every kernel it quantizes.
+    options: the numeric's options (its runtime's defaults where not given).
+
+  Returns:
+    {"code_bits": mean bits per weight code, "bits_per_weight": the same with
+    the scales' and statistics' bits spread over the weights}.
+  """
+  method, _, _ = parse(text)
+  if method.kind != "numerics":
+    raise ValueError(f"stored_bits reads a runtime's numerics; {text!r} is a {method.kind}.")
+  if not shapes:
+    raise ValueError("stored_bits needs at least one kernel shape.")
+  numeric = NUMERICS.get(method.name)
+  opts = dict(numeric.options(), **(options or {}))
+  n = np.asarray([d_in * d_out for d_in, d_out in shapes], np.float64)
+  st = np.asarray([numeric.storage(int(d_in), int(d_out), **opts) for d_in, d_out in shapes],
+                  np.float64)
+  return dict(code_bits=float((st[:, 0] * n).sum() / n.sum()),
+              bits_per_weight=float(((st[:, 0] * n).sum() + st[:, 1].sum()) / n.sum()))
 
 
 class Choices:

@@ -26,6 +26,7 @@ import hashlib
 import os
 from typing import Any, Optional
 
+import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,15 +46,24 @@ PROJECTIONS = r"block_\d+/(attn|mlp)/.*"
 MAX_SEQUENCES = 64  # calibration sequences of the importance's LM loss
 
 
-def numeric_setting(name: str, model: CausalLM) -> tuple[CausalLM, dict]:
+def numeric_setting(name: str, model: CausalLM, params=None) -> tuple[CausalLM, dict]:
   """A runtime's numerics on every block projection: (the LM running them, info).
 
-  The params stay the float model's; info's avg_bits is the numeric's code
-  bits (`methods.nominal_bits`, from its storage).
+  The params stay the float model's. info's avg_bits is what the projections
+  are stored in (`methods.stored_bits`: llama.cpp keeps rows that do not fill
+  a k-quant's blocks in another type), and bits_per_weight adds the scales;
+  without `params`, the numeric's nominal code bits.
   """
   methods.RUNTIMES.get(name)  # an unknown name lists the valid ones
   quant = Quantizer(rules=((PROJECTIONS, QuantSpec(numerics=name)),), mode=QuantMode.EVAL)
-  return CausalLM(model.config, quant), dict(method=name, avg_bits=methods.nominal_bits(name))
+  if params is None:
+    return CausalLM(model.config, quant), dict(method=name, avg_bits=methods.nominal_bits(name))
+  flat = tu.flatten_dict(params, sep="/")
+  shapes = [flat[f"{l}/kernel"].shape for l in gd.quantizable_layers(params,
+                                                                       model.config.n_layers)]
+  stored = methods.stored_bits(name, shapes)
+  return CausalLM(model.config, quant), dict(method=name, avg_bits=stored["code_bits"],
+                                             bits_per_weight=stored["bits_per_weight"])
 
 
 def _floats(text: str) -> list[float]:

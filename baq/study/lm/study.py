@@ -187,11 +187,13 @@ def run_seed(config, root: str, seed: int, shared: Optional[dict] = None) -> dic
     if os.path.exists(path):
       with open(path) as f:
         rows[name] = json.load(f)["row"]
+      if lm_quant.METHODS.parse(name)[0].kind == "numerics":  # what the kernels are stored in
+        rows[name]["avg_bits"] = lm_quant.numeric_setting(name, model, params)[1]["avg_bits"]
       p.done(name, reused=True)
       continue
     numeric = lm_quant.METHODS.parse(name)[0].kind == "numerics"
     if numeric:  # a runtime's numerics: the same params, another model
-      (qmodel, info), qparams, records = lm_quant.numeric_setting(name, model), params, {}
+      (qmodel, info), qparams, records = lm_quant.numeric_setting(name, model, params), params, {}
     else:
       qmodel = model
       qparams, records, info = lm_quant.quantize(name, model, params, calib, config,

@@ -265,7 +265,12 @@ def quantized(name: str, model: CLIP, params, config,
     spec = QuantSpec(numerics=method.name)
     qmodel = CLIP(model.config, Quantizer(rules=((config.quant.layers, spec),),
                                           mode=QuantMode.EVAL))
-    return qmodel, params, dict(avg_bits=methods.nominal_bits(method.name), layers=layers)
+    if not layers:  # nothing matched: the nominal bits of the type
+      return qmodel, params, dict(avg_bits=methods.nominal_bits(method.name), layers=layers)
+    flat = tu.flatten_dict(params, sep="/")
+    stored = methods.stored_bits(method.name, [flat[f"{l}/kernel"].shape for l in layers])
+    return qmodel, params, dict(avg_bits=stored["code_bits"],
+                                bits_per_weight=stored["bits_per_weight"], layers=layers)
   if method.name == "rtn":
     b = int(level)
     return model, rtn_params(params, {l: b for l in layers}), dict(avg_bits=float(b))
