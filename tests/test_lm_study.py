@@ -164,3 +164,35 @@ def test_the_study_prints_a_progress_line_per_setting(finished, capsys):
   assert "left" in out[0] and "CrowS" in out[0]
   assert "setting 2 of 3 (rtn@4) reused" in out[1]
   assert "done in" in out[2] and "about" not in out[2]  # the last: nothing left to estimate
+
+
+def test_the_importance_group_losses_are_each_sentence_scored_alone():
+  """group_loss_fn scores pairs in runs of similar length: the same numbers as
+  scoring every sentence unpadded, one at a time."""
+  from baq.ptq import decoder as gd
+  cfg = DecoderConfig(vocab_size=20, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=24)
+  model = CausalLM(cfg)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  rng = np.random.default_rng(0)
+
+  def tokens(n, lo, hi):
+    lengths = rng.integers(lo, hi, n).astype(np.int32)
+    ids = rng.integers(1, 20, (n, hi)).astype(np.int32)
+    ids[np.arange(hi)[None] >= lengths[:, None]] = 0
+    return gd.Tokens(ids, lengths)
+  a, b, calib = tokens(11, 2, 24), tokens(11, 2, 24), tokens(5, 6, 12)
+  types = np.array(["x", "y", "x", "x", "y", "z", "x", "y", "z", "z", "x"])
+  fn, groups = lm_quant.group_loss_fn(model, lm_quant.Calibration(calib, (a, b), types))
+  got = np.asarray(jax.jit(fn)(params))
+
+  def ll(ids):
+    logp = jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray(ids)[None])[0, :-1])
+    return float(np.sum(np.asarray(logp)[np.arange(len(ids) - 1), ids[1:]]))
+  pair = np.array([np.logaddexp(0.0, ll(a.ids[i, :a.lengths[i]]) - ll(b.ids[i, :b.lengths[i]]))
+                   for i in range(11)])
+  nll = [-ll(calib.ids[i, :calib.lengths[i]]) for i in range(5)]
+  want = [sum(nll) / float(np.sum(calib.lengths - 1))] + [pair[types == t].mean()
+                                                            for t in ("x", "y", "z")]
+  assert groups == ["lm", "x", "y", "z"]
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+  assert len(lm_quant._length_chunks(np.maximum(a.lengths, b.lengths))) == lm_quant.PAIR_CHUNKS

@@ -44,6 +44,7 @@ METHODS = methods.Choices("LM study method", ("rtn", "gptq", "fair_gptq", "mixed
                           ("numerics",))
 PROJECTIONS = r"block_\d+/(attn|mlp)/.*"
 MAX_SEQUENCES = 64  # calibration sequences of the importance's LM loss
+PAIR_CHUNKS = 4  # runs of similar length the importance's pair losses are scored in
 
 
 def numeric_setting(name: str, model: CausalLM, params=None) -> tuple[CausalLM, dict]:
@@ -119,7 +120,14 @@ def group_loss_fn(model, calib: Calibration, max_sequences: int = MAX_SEQUENCES)
   lengths = jnp.asarray(calib.tokens.lengths[:max_sequences])
   a, b = calib.pairs
   types = sorted(set(calib.pair_bias_type.tolist()))
-  onehot = jnp.asarray(np.stack([calib.pair_bias_type == t for t in types]), jnp.float32)
+  chunks = _length_chunks(np.maximum(a.lengths, b.lengths))
+  order = np.concatenate(chunks)
+  onehot = jnp.asarray(np.stack([calib.pair_bias_type[order] == t for t in types]), jnp.float32)
+
+  def trimmed(t: gd.Tokens, rows: np.ndarray) -> gd.Tokens:
+    width = max(int(t.lengths[rows].max()), 2)
+    return gd.Tokens(t.ids[rows, :width], t.lengths[rows])
+  pieces = [(trimmed(a, rows), trimmed(b, rows)) for rows in chunks]
 
   def seq_ll(params, t: gd.Tokens):
     logits = model.apply({"params": params}, jnp.asarray(t.ids))
@@ -130,10 +138,23 @@ def group_loss_fn(model, calib: Calibration, max_sequences: int = MAX_SEQUENCES)
 
   def fn(params):
     lm = fit.lm_loss(model.apply({"params": params}, ids), ids, lengths)
-    pair = jax.nn.softplus(seq_ll(params, a) - seq_ll(params, b))
+    pair = jnp.concatenate([jax.nn.softplus(seq_ll(params, pa) - seq_ll(params, pb))
+                            for pa, pb in pieces])
     return jnp.concatenate([lm[None], onehot @ pair / jnp.sum(onehot, 1)])
 
   return fn, ["lm"] + types
+
+
+def _length_chunks(lengths: np.ndarray, chunks: int = PAIR_CHUNKS) -> list[np.ndarray]:
+  """Row indices in `chunks` runs of similar length, shortest first.
+
+  Each run is scored at its own longest row's width instead of the whole
+  set's: sentences of a pair set vary from a few tokens to a hundred, so
+  one padded batch spends most of its work on padding (the masked sums are
+  the same either way).
+  """
+  order = np.argsort(np.asarray(lengths), kind="stable")
+  return [r for r in np.array_split(order, min(chunks, len(order))) if len(r)]
 
 
 def _digest(*trees) -> str:
