@@ -5,6 +5,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -256,10 +257,12 @@ def test_measured_rounding_deploys_the_knapsack_of_the_measured_losses(tmp_path,
   ints = np.asarray(units.gather_bits(out, setup.layers))
   calib = statistics.calibration_split(split, config.importance.calib_per_group, config.seed)
 
+  forward = jax.jit(lambda b: losses.cross_entropy(apply_model(
+      setup.eval_model, dict(params=units.scatter_bits(params, setup.layers, b),
+                             batch_stats=stats), normalize(calib.images)), calib.labels))
+
   def worst(b):  # the rounding loss, computed directly
-    logits = apply_model(setup.eval_model, dict(params=units.scatter_bits(params, setup.layers, b),
-                                                batch_stats=stats), normalize(calib.images))
-    per_ex = np.asarray(losses.cross_entropy(logits, calib.labels))
+    per_ex = np.asarray(forward(jnp.asarray(b, jnp.float32)))
     return max(per_ex[calib.groups == g].mean() for g in np.unique(calib.groups))
 
   numel = units.unit_numels(setup.layers)
