@@ -185,9 +185,15 @@ def test_the_importance_group_losses_are_each_sentence_scored_alone():
   fn, groups = lm_quant.group_loss_fn(model, lm_quant.Calibration(calib, (a, b), types))
   got = np.asarray(jax.jit(fn)(params))
 
+  # One sentence at a time, at the full width (a causal model's first n logits
+  # do not see what follows), its own n - 1 next-token log-likelihoods summed.
+  logits = jax.jit(lambda x: model.apply({"params": params}, x[None])[0])
+
   def ll(ids):
-    logp = jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray(ids)[None])[0, :-1])
-    return float(np.sum(np.asarray(logp)[np.arange(len(ids) - 1), ids[1:]]))
+    padded = np.zeros(cfg.max_len, np.int32)
+    padded[:len(ids)] = ids
+    logp = np.asarray(jax.nn.log_softmax(logits(jnp.asarray(padded))))
+    return float(np.sum(logp[np.arange(len(ids) - 1), ids[1:]]))
   pair = np.array([np.logaddexp(0.0, ll(a.ids[i, :a.lengths[i]]) - ll(b.ids[i, :b.lengths[i]]))
                    for i in range(11)])
   nll = [-ll(calib.ids[i, :calib.lengths[i]]) for i in range(5)]
