@@ -104,6 +104,8 @@ def main() -> None:
   ap.add_argument("--work", default="/tmp/gptq_vs")
   ap.add_argument("--folder"), ap.add_argument("--out"), ap.add_argument("--calib_file")
   ap.add_argument("--make_gpt2", action="store_true")
+  ap.add_argument("--grid", default="full", help="baq's GPTQ grid (gptq.GRIDS): 'full' is "
+                  "GPTQ's 2^b levels, as GPTQModel quantizes; 'restricted' baq's 2^b - 1")
   args = ap.parse_args()
   if args.side == "gptqmodel":
     return gptqmodel_side(args)
@@ -133,7 +135,8 @@ def main() -> None:
     t = time.perf_counter()
     q, records = gd.quantize_decoder(model, variables, gd.Tokens(calib, np.full(len(calib),
                                                                                calib.shape[1])),
-                                     bits=4, options=gd.Options(method="gptq", group_size=None))
+                                     bits=4, options=gd.Options(method="gptq", group_size=None,
+                                                                grid=args.grid))
     baq_s = time.perf_counter() - t
     layers = len([k for k in records if not k.startswith("_")])
     out = os.path.join(args.work, f"{name}_gptqmodel")
@@ -146,7 +149,7 @@ def main() -> None:
     else:
       other = json.loads(r.stdout.strip().splitlines()[-1])
     fp, ours = _ppl(model, variables["params"], evals), _ppl(model, q, evals)
-    line = (f"{name}: {layers} layers; baq GPTQ {baq_s:.1f} s ({baq_s / layers:.2f} s a layer), "
+    line = (f"{name}: {layers} layers; baq GPTQ ({args.grid} grid) {baq_s:.1f} s ({baq_s / layers:.2f} s a layer), "
             f"perplexity float {fp:.3f}, baq {ours:.3f}")
     if other is not None:
       from baq.export import gptq_lm  # pylint: disable=import-outside-toplevel

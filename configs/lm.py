@@ -103,6 +103,11 @@ def get_config(arg=None):
   # GPTQ/RTN scales: "float32", "float16" (what GGUF's blocks hold exactly), or
   # "auto": the export's (float16 for export="gguf", else float32).
   c.quant.scale_dtype = "auto"
+  # GPTQ/RTN's symmetric grid (baq.quant.gptq.GRIDS): "full", GPTQ's 2^b levels
+  # (scale 2 absmax / (2^b - 1), what GPTQModel writes and the GPTQ format and
+  # llama.cpp's q4_0 hold), or "restricted", baq's fake_quant grid of 2^b - 1
+  # (on stories260K 4-bit GPTQ perplexity 8.016 against 8.410; benchmarks/gptq_grids.py).
+  c.quant.grid = "full"
   c.quant.calib_sequences = 256     # calibration sequences (from the training text)
   c.quant.pair_rows = "common"      # Fair-GPTQ pair alignment (baq.ptq.decoder_group.PAIR_ROWS)
   c.quant.pair_norm = "pairs"       # Fair-GPTQ pair normaliser (baq.ptq.decoder_group.PAIR_NORMS)

@@ -97,6 +97,46 @@ def test_rtn_is_fake_quant():
                         np.asarray(_fake_quant(w, bv)))
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_full_grid_rtn_is_gptqs_grid_and_beats_the_restricted_one(bits):
+  """The full grid: scale 2 absmax / (2^b - 1), codes clip(round(w / s), -2^(b-1), 2^(b-1) - 1)."""
+  _, w, _ = _layer()
+  r = gptq.round_to_nearest(w, bits, grid="full")
+  s = 2 * np.abs(w).max(0) / (2 ** bits - 1)
+  want = np.clip(np.round(w / s), -2 ** (bits - 1), 2 ** (bits - 1) - 1)
+  np.testing.assert_array_equal(np.asarray(r.codes), want)
+  np.testing.assert_allclose(np.asarray(r.scales), s, rtol=1e-6)
+  assert np.array_equal(np.asarray(r.weight),
+                        np.asarray(r.codes, np.float32) * np.asarray(r.scales))
+  assert np.asarray(r.codes).min() == -2 ** (bits - 1)  # the level the restricted grid lacks
+  finer = np.sum((w - np.asarray(r.weight)) ** 2)
+  assert finer < np.sum((w - np.asarray(gptq.rtn(w, bits))) ** 2)
+  with pytest.raises(ValueError, match="grid must be one of restricted, full"):
+    gptq.rtn(w, bits, grid="wide")
+
+
+@pytest.mark.parametrize("grid", ["restricted", "full"])
+def test_gptq_with_a_diagonal_hessian_is_round_to_nearest(grid):
+  """Uncorrelated inputs: no error feeds back to other rows, so GPTQ rounds each
+  weight to nearest, on either grid."""
+  _, w, _ = _layer()
+  h = np.diag(np.random.default_rng(3).uniform(0.5, 2.0, D)).astype(np.float32)
+  for bits in (3, 4):
+    r = gptq.gptq(w, h, bits, percdamp=0.0, grid=grid)
+    np.testing.assert_array_equal(np.asarray(r.codes),
+                                  np.asarray(gptq.round_to_nearest(w, bits, grid=grid).codes))
+
+
+def test_full_grid_gptq_lies_on_its_grid_and_beats_rtn():
+  x, w, stats = _layer()
+  for group in (None, 32):
+    r = gptq.gptq(w, hessian.hessian(stats), 3, group_size=group, grid="full")
+    codes = np.asarray(r.codes)
+    assert codes.min() >= -4 and codes.max() <= 3 and codes.min() == -4
+    assert np.array_equal(codes.astype(np.float32) * _scale_rows(r, group), np.asarray(r.weight))
+    assert _err(x, w, r.weight) < 0.8 * _err(x, w, gptq.rtn(w, 3, group, grid="full"))
+
+
 def test_fair_with_alpha_zero_is_gptq_bitwise():
   x, w, stats = _layer()
   xa, xb = _correlated(256, D, 5), _correlated(256, D, 6)

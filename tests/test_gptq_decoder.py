@@ -1,6 +1,7 @@
 """Block-by-block GPTQ / Fair-GPTQ over a causal LM (`baq.ptq.decoder`).
 
-The Hessians are rebuilt here independently: the block's LayerNorm applied
+The decoder's grid is GPTQ's full one (`Options.grid`). The Hessians are
+rebuilt here independently: the block's LayerNorm applied
 in numpy to the embeddings (or to the previous quantized block's output),
 x x^T summed over real tokens only; GPTQ on them must give the module's
 kernels exactly.
@@ -55,7 +56,7 @@ def test_the_first_layers_are_gptq_on_the_real_tokens_inputs(lm):
   h = _hessian(x, calib.mask())
   for name in ("q_proj", "k_proj", "v_proj"):
     w = params["block_0"]["attn"][name]["kernel"]
-    want = gptq.gptq(w, jnp.asarray(h, jnp.float32), 3).weight
+    want = gptq.gptq(w, jnp.asarray(h, jnp.float32), 3, grid="full").weight
     np.testing.assert_allclose(q["block_0"]["attn"][name]["kernel"], want, atol=1e-5)
     assert rec[f"block_0/attn/{name}"]["rows"] == int(calib.lengths.sum())
   # Everything but the block projections is untouched.
@@ -71,7 +72,8 @@ def test_a_later_block_sees_the_quantized_earlier_block(lm):
   h1 = np.asarray(model.apply({"params": q}, jnp.asarray(h0), 0, method=CausalLM.run_block))
   x = _layernorm(h1, params["block_1"]["attn_norm"])
   w = params["block_1"]["attn"]["q_proj"]["kernel"]
-  want = gptq.gptq(w, jnp.asarray(_hessian(x, calib.mask()), jnp.float32), 3).weight
+  want = gptq.gptq(w, jnp.asarray(_hessian(x, calib.mask()), jnp.float32), 3,
+                   grid="full").weight
   np.testing.assert_allclose(q["block_1"]["attn"]["q_proj"]["kernel"], want, atol=1e-5)
   # The float block's output gives a different Hessian, so the test can tell.
   h1_float = np.asarray(model.apply({"params": params}, jnp.asarray(h0), 0,
@@ -116,7 +118,7 @@ def test_fair_gptq_adds_alpha_times_the_pair_difference_hessian(lm, pair_rows, p
   h = _hessian(_layernorm(_embed(model, params, calib), ln), calib.mask())
   h_fair = h + 0.5 * 2.0 * rows.T @ rows / m
   w = params["block_0"]["attn"]["v_proj"]["kernel"]
-  want = gptq.gptq(w, jnp.asarray(h_fair, jnp.float32), 3).weight
+  want = gptq.gptq(w, jnp.asarray(h_fair, jnp.float32), 3, grid="full").weight
   np.testing.assert_allclose(q["block_0"]["attn"]["v_proj"]["kernel"], want, atol=1e-5)
   assert rec["block_0/attn/v_proj"]["pair_rows"] == len(rows) and rec["block_0/attn/v_proj"]["fair"]
 
@@ -143,7 +145,8 @@ def test_the_newton_update_is_the_reference_gradient_update(lm):
   h_pair = 2.0 * rows.T @ rows / len(pa.lengths)
   w = np.asarray(params["block_0"]["attn"]["q_proj"]["kernel"], np.float64)
   w_new = w - np.linalg.solve(h + 0.01 * np.mean(np.diag(h)) * np.eye(32), 0.3 * h_pair @ w)
-  want = gptq.gptq(jnp.asarray(w_new, jnp.float32), jnp.asarray(h, jnp.float32), 4).weight
+  want = gptq.gptq(jnp.asarray(w_new, jnp.float32), jnp.asarray(h, jnp.float32), 4,
+                   grid="full").weight
   np.testing.assert_allclose(q["block_0"]["attn"]["q_proj"]["kernel"], want, atol=1e-5)
   assert "fair" not in rec["block_0/attn/k_proj"]  # only the selected layer is fair
 
@@ -159,7 +162,8 @@ def test_gptq_beats_round_to_nearest_and_rtn_is_rtn(lm):
   r, _ = gd.quantize_decoder(model, {"params": params}, calib, bits=3,
                              options=gd.Options(method="rtn"))
   w = params["block_1"]["mlp"]["down_proj"]["kernel"]
-  np.testing.assert_array_equal(r["block_1"]["mlp"]["down_proj"]["kernel"], gptq.rtn(w, 3))
+  np.testing.assert_array_equal(r["block_1"]["mlp"]["down_proj"]["kernel"],
+                                gptq.rtn(w, 3, grid="full"))
 
 
 def test_bad_input_is_refused_before_any_work(lm):

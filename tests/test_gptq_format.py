@@ -175,11 +175,13 @@ def test_hand_example_one_word():
 def test_from_symmetric_round_trip(bits):
   rng = np.random.default_rng(bits)
   qmax = 2 ** (bits - 1) - 1
-  c = rng.integers(-qmax, qmax + 1, size=(D_IN, D_OUT))
+  c = rng.integers(-qmax - 1, qmax + 1, size=(D_IN, D_OUT))  # the full grid's range
   s = rng.lognormal(-5.0, 1.5, size=(D_IN // 32, D_OUT)).astype(np.float32)
   s[0, :4] = [1e-6, 3e-7, 2e-5, 6e-5]  # float16 subnormals
   q, z = gf.from_symmetric(c, s, bits)
-  assert q.min() >= 1 and q.max() <= 2**bits - 1 and np.all(z == 2 ** (bits - 1))
+  assert q.min() == 0 and q.max() == 2**bits - 1 and np.all(z == 2 ** (bits - 1))
+  with pytest.raises(ValueError, match="symmetric codes"):
+    gf.from_symmetric(np.full((2, 2), -qmax - 2), s, bits)
   w = gf.unpack_layer(gf.pack_layer(q, s, z, bits, 32), bits, 32, "gptq_v2")
   rows = np.arange(D_IN) // 32
   s16 = s.astype(np.float16).astype(np.float32)

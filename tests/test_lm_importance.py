@@ -36,7 +36,7 @@ def test_the_measured_loss_is_each_groups_loss_with_the_layer_rounded():
   base = np.asarray(group_loss(params))
   w = params["block_0"]["mlp"]["down_proj"]["kernel"]
   p2 = jax.tree.map(lambda v: v, params)
-  p2["block_0"]["mlp"]["down_proj"]["kernel"] = gptq.rtn(w, 2)
+  p2["block_0"]["mlp"]["down_proj"]["kernel"] = gptq.rtn(w, 2, grid="full")
   np.testing.assert_allclose(a.sensitivity[:, 1, 0], np.asarray(group_loss(p2)) - base,
                              rtol=1e-5, atol=1e-6)
 
@@ -45,7 +45,7 @@ def test_grad_weight_is_the_squared_first_order_term():
   params, group_loss = _problem()
   a = lm_importance.analyse(group_loss, params, LAYERS, measure="grad_weight", choices=(3,))
   w = params["block_0"]["attn"]["q_proj"]["kernel"]
-  dw = gptq.rtn(w, 3) - w
+  dw = gptq.rtn(w, 3, grid="full") - w
   grads = jax.jacrev(lambda k: group_loss(
       {**params, "block_0": {**params["block_0"], "attn": {"q_proj": {"kernel": k}}}}))(w)
   want = np.square(np.sum(np.asarray(grads) * np.asarray(dw)[None], axis=(1, 2)))
@@ -63,7 +63,7 @@ def test_hessian_traces_approach_the_exact_trace():
                                              "mlp": {"down_proj": {"kernel": k}}}})
   h = jax.hessian(loss_k)(w)  # [G, 6, 4, 6, 4]
   trace = np.einsum("gijij->g", np.asarray(h))
-  dw = np.asarray(gptq.rtn(w, 8) - w)
+  dw = np.asarray(gptq.rtn(w, 8, grid="full") - w)
   want = 0.5 * trace / w.size * np.sum(dw ** 2)
   # The loss is quadratic in this kernel, so Rademacher probes estimate the trace
   # with the off-diagonal mass as their only noise.

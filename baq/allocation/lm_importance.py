@@ -62,7 +62,7 @@ def analyse(group_loss: GroupLoss, params: Any, layers: Sequence[str], *,
             measure: str = "hessian", choices: Sequence[int] = (2, 3, 4, 8),
             group_size: Optional[int] = None, group_counts: Optional[np.ndarray] = None,
             key: Optional[jax.Array] = None, num_probes: int = 16,
-            probe_chunk: int = 4) -> planner.Analysis:
+            probe_chunk: int = 4, grid: str = "full") -> planner.Analysis:
   """Importance and sensitivity of each layer for each group.
 
   Args:
@@ -76,6 +76,7 @@ def analyse(group_loss: GroupLoss, params: Any, layers: Sequence[str], *,
     key: PRNG key of the Hutchinson probes.
     num_probes: Hutchinson probes.
     probe_chunk: probes per chunk.
+    grid: GPTQ's grid of the deployed kernel (`gptq.GRIDS`).
 
   Returns:
     A `planner.Analysis` with one unit per layer.
@@ -96,7 +97,7 @@ def analyse(group_loss: GroupLoss, params: Any, layers: Sequence[str], *,
   imps, sens = [], []
   for l in layers:
     w = jnp.asarray(kernels[l], jnp.float32)
-    dws = [gptq.rtn(w, c, group_size) - w for c in choices]
+    dws = [gptq.rtn(w, c, group_size, grid=grid) - w for c in choices]
     i, s = importance.evaluate_measure(measure, stats[l], w, dws, False)
     imps.append(i)
     sens.append(s)

@@ -103,8 +103,8 @@ def _layer(path: str, rec: Mapping[str, Any], kernel: np.ndarray, float_kernel: 
                      f"at group_size={group_size} (expected ({n}, {d_out})).")
   rows = scales[np.arange(d_in) // g]
   codes = np.rint(np.asarray(kernel, np.float32) / rows) if codes is None else np.asarray(codes)
-  qmax = 2 ** (bits - 1) - 1
-  if (codes.shape != kernel.shape or np.abs(codes).max() > qmax
+  qmax = 2 ** (bits - 1) - 1  # the full grid's codes reach -(qmax + 1)
+  if (codes.shape != kernel.shape or codes.max() > qmax or codes.min() < -qmax - 1
       or not np.array_equal((codes.astype(np.float32) * rows).astype(kernel.dtype), kernel)):
     raise ValueError(f"layer {path}: codes x scales do not give its quantized kernel "
                      f"{kernel.shape} on the {bits}-bit grid (records of another run, or "

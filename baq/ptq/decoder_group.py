@@ -88,6 +88,8 @@ class Options:
     batch_size: sequences per forward pass.
     scale_dtype: "float32", or "float16" for scales that formats storing
       fp16 scales (GGUF, GPTQ) hold exactly (`gptq.SCALE_DTYPES`).
+    grid: "full" (GPTQ's 2^b levels, as GPTQModel and the reference quantize)
+      or "restricted" (baq's symmetric 2^b - 1, fake_quant's; `gptq.GRIDS`).
   """
   method: str = "gptq"
   alpha: float = 0.0
@@ -102,11 +104,12 @@ class Options:
   fair_update: str = "hessian"
   batch_size: int = 64
   scale_dtype: str = "float32"
+  grid: str = "full"
 
   def __post_init__(self):
     for field, valid in (("method", METHODS), ("pair_rows", PAIR_ROWS),
                          ("pair_norm", PAIR_NORMS), ("fair_update", FAIR_UPDATES),
-                         ("scale_dtype", gptq.SCALE_DTYPES)):
+                         ("scale_dtype", gptq.SCALE_DTYPES), ("grid", gptq.GRIDS)):
       if getattr(self, field) not in valid:
         raise ValueError(f"Unknown {field} {getattr(self, field)!r}. Valid: {', '.join(valid)}.")
     if not (np.isfinite(self.alpha) and self.alpha >= 0):
@@ -162,7 +165,7 @@ def _grams(run, params, h, mask, target, batch_size, h_b=None):
 def _quantize_kernel(w, bits, h, h_pair, opts: Options, name: str):
   """One kernel: (W_q, GPTQResult) against h (and the weighted pair term)."""
   if opts.method == "rtn":
-    r = gptq.round_to_nearest(w, bits, opts.group_size, opts.scale_dtype)
+    r = gptq.round_to_nearest(w, bits, opts.group_size, opts.scale_dtype, opts.grid)
     return np.asarray(r.weight), r
   target = h
   if h_pair is not None and opts.fair_update == "hessian":
@@ -173,14 +176,14 @@ def _quantize_kernel(w, bits, h, h_pair, opts: Options, name: str):
   r = gptq.gptq(jnp.asarray(w, jnp.float32), jnp.asarray(target, jnp.float32), bits,
                 block_size=opts.block_size, group_size=opts.group_size,
                 act_order=opts.act_order, percdamp=opts.percdamp, name=name,
-                scale_dtype=opts.scale_dtype)
+                scale_dtype=opts.scale_dtype, grid=opts.grid)
   return np.asarray(r.weight), r
 
 
 def _record(w, w_q, bits, opts, xtx, n, dtd, m, r, seconds):
   err = gptq.output_error(xtx, w, w_q) / n
   if opts.method != "rtn":  # with RTN, w_q is round to nearest's kernel already
-    w_rtn = gptq.rtn(w, bits, opts.group_size, opts.scale_dtype)
+    w_rtn = gptq.rtn(w, bits, opts.group_size, opts.scale_dtype, opts.grid)
     err_rtn = gptq.output_error(xtx, w, np.asarray(w_rtn)) / n
   rec = dict(bits=int(bits), rows=int(n), seconds=seconds, method=opts.method, err=err,
              err_rtn=err if opts.method == "rtn" else err_rtn)

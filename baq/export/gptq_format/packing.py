@@ -117,15 +117,16 @@ def pack_layer(codes, scales, zeros, bits: int, group_size: int,
 
 
 def from_symmetric(codes_signed, scales, bits: int) -> tuple[np.ndarray, np.ndarray]:
-  """baq's symmetric restricted grid in GPTQ terms: q = c + 2^(b-1), z = 2^(b-1).
+  """baq's symmetric grids in GPTQ terms: q = c + 2^(b-1), z = 2^(b-1).
 
-  (q - z) * s == c * s, and q >= 1 (the grid never uses GPTQ's code 0). GPTQ
+  (q - z) * s == c * s. The restricted grid never uses GPTQ's code 0; the full
+  grid (`gptq.GRIDS`, GPTQ's own) does. GPTQ
   stores s in float16, so the exported weight is c * fp16(s): for s in
   float16's normal range (>= 2^-14) |c * fp16(s) - c * s| <= |c| * 2^-11 * |s|,
   and <= |c| * 2^-25 below it (subnormal spacing 2^-24).
 
   Args:
-    codes_signed: [d_in, d_out] integers in [-(2^(b-1) - 1), 2^(b-1) - 1].
+    codes_signed: [d_in, d_out] integers in [-2^(b-1), 2^(b-1) - 1].
     scales: [n_groups, d_out] or [d_out] (per channel): only its shape is used.
     bits: 2, 3, 4 or 8.
 
@@ -133,7 +134,7 @@ def from_symmetric(codes_signed, scales, bits: int) -> tuple[np.ndarray, np.ndar
     (codes, zeros) for `pack_layer`: int64 [d_in, d_out] and [n_groups, d_out].
   """
   half = 2 ** (_check_bits(bits) - 1)
-  c = _ints(codes_signed, "symmetric codes", half - 1, -(half - 1))
+  c = _ints(codes_signed, "symmetric codes", half - 1, -half)
   return c + half, np.full(np.atleast_2d(scales).shape, half, np.int64)
 
 

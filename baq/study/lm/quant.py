@@ -35,7 +35,7 @@ from baq import launch, workdir as wd
 from baq.allocation import lm_importance, planner
 from baq.models.lm.decoder import CausalLM
 from baq.ptq import decoder as gd
-from baq.quant import methods
+from baq.quant import gptq, methods
 from baq.quant.inject import QuantMode, QuantSpec, Quantizer
 from baq.study.lm import exports
 from baq.train import fit
@@ -65,6 +65,14 @@ def numeric_setting(name: str, model: CausalLM, params=None) -> tuple[CausalLM, 
   stored = methods.stored_bits(name, shapes)
   return CausalLM(model.config, quant), dict(method=name, avg_bits=stored["code_bits"],
                                              bits_per_weight=stored["bits_per_weight"])
+
+
+def grid(config) -> str:
+  """The GPTQ/RTN grid of the config (`gptq.GRIDS`; "full" where unset)."""
+  g = str(config.quant.get("grid", "full"))
+  if g not in gptq.GRIDS:
+    raise ValueError(f"Unknown quant.grid {g!r}. Valid: {', '.join(gptq.GRIDS)}.")
+  return g
 
 
 def _floats(text: str) -> list[float]:
@@ -233,13 +241,14 @@ def analysis(model, params, calib: Calibration, config, n_layers: int,
   def compute():
     loss, groups = group_loss_fn(model, calib)
     return lm_importance.analyse(loss, params, layers, measure=q.measure, choices=choices,
-                                 group_size=q.group_size), groups
+                                 group_size=q.group_size, grid=grid(config)), groups
   if cache is None:
     return compute()
   tokens = [calib.tokens] + list(calib.pairs or ())
   arrays = [a for t in tokens for a in (t.ids, t.lengths)] + [calib.pair_bias_type]
   key = _digest(params, arrays, [str(model.config), list(layers), q.measure, choices,
-                                 q.group_size, MAX_SEQUENCES])
+                                 q.group_size, MAX_SEQUENCES]
+                 + [grid(config)])
   return cache.get(key, compute)
 
 
@@ -284,7 +293,7 @@ def quantize(name: str, model, params: Any, calib: Calibration, config,
   opts = gd.Options(method="rtn" if method.name == "rtn" else "gptq", alpha=alpha,
                     group_size=q.group_size, act_order=bool(q.act_order),
                     pair_rows=q.pair_rows, pair_norm=q.pair_norm,
-                    scale_dtype=exports.scale_dtype(config))
+                    scale_dtype=exports.scale_dtype(config), grid=grid(config))
   pairs = calib.pairs if alpha > 0 else None
   qparams, records = gd.quantize_decoder(model, {"params": params}, calib.tokens, bits=bits,
                                          pairs=pairs, options=opts)

@@ -286,6 +286,7 @@ def check(config) -> None:
   if config.export:
     EXPORTS.get(config.export)  # an unknown name lists the valid ones
   exports.scale_dtype(config)
+  lm_quant.grid(config)
 
 
 def run(config, root: str) -> dict:
