@@ -51,7 +51,12 @@ def get_config(arg=None):
   # The arms (baq.experiment.arms.ARMS), each an allocation signal feeding the
   # exact solver, or a control. Every arm trains the same total steps
   # (`steps + quant.search_steps`); a search's own steps count in that total.
-  p.arms = "uniform,static,minimax,measured,baq,bilevel,random,oracle"
+  p.arms = "uniform,static,minimax,measured,probed,baq,bilevel,random,oracle"
+  # The probed arm (baq.train.probe): QAT steps per probe, units probed one by
+  # one up to probe_max (else clusters of channels), validation examples per group.
+  p.probe_steps = 20
+  p.probe_max = 32
+  p.probe_per_group = 64
   p.random_count = 8  # random budget-filling allocations; the best on validation is kept
   p.oracle_limit = 16  # train every maximal allocation when there are at most this many
   p.reference = "static"  # the arm every other is paired against

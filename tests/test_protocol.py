@@ -11,7 +11,7 @@ from baq.experiment import protocol, protocol_report
 from baq.stats import corrections
 from configs import protocol as protocol_config
 
-ARMS = "uniform,static,measured,baq,bilevel,random,oracle"  # minimax: static's path, another solver
+ARMS = "uniform,static,measured,probed,baq,bilevel,random,oracle"  # minimax: static's path, another solver
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +20,7 @@ def finished(make_tiny_config, tiny_data, tmp_path_factory):
   c = make_tiny_config(**{"quant.search_steps": 3, "importance.choices": (2, 3, 4)})
   c.protocol = protocol_config.get_config("layer,runlocal").protocol
   c.protocol.budgets, c.protocol.arms, c.protocol.random_count = (3.0,), ARMS, 2
+  c.protocol.probe_steps, c.protocol.probe_per_group = 2, 8
   c.concurrent_runs = "1"
   root = str(tmp_path_factory.mktemp("protocol"))
   runs = {0: protocol.run_seed(c, root, 0, tiny_data, log=lambda *_: None)}
@@ -31,8 +32,8 @@ def test_every_arm_trains_the_same_total_steps_within_the_budget(finished):
   T = c.steps + 3
   assert protocol.total_steps(c) == T
   for s, rows in runs.items():
-    assert sorted(rows) == sorted(["uniform3", "uniform8", "static@3", "measured@3", "baq@3",
-                                   "bilevel@3", "random@3", "oracle@3"])
+    assert sorted(rows) == sorted(["uniform3", "uniform8", "static@3", "measured@3", "probed@3",
+                                   "baq@3", "bilevel@3", "random@3", "oracle@3"])
     assert wd.latest_step(wd.path(wd.seed_dir(root, s), "uniform3")) == T
     for name, r in rows.items():
       if name.startswith("uniform"):
@@ -46,6 +47,8 @@ def test_every_arm_trains_the_same_total_steps_within_the_budget(finished):
     assert rows["bilevel@3"]["search_steps"] == 3
     assert os.path.exists(wd.path(wd.arm_dir(root, s, 3.0, "bilevel"), "bilevel_search.msgpack"))
     assert rows["measured@3"]["info"]["calibration"] == "validation"
+    probed = rows["probed@3"]
+    assert probed["info"]["measure"] == "probed" and probed["search_seconds"] > 0
 
 
 def test_the_kept_candidate_is_the_best_on_validation_and_the_test_file_matches(finished):
@@ -100,7 +103,7 @@ def test_the_summary_pairs_every_arm_with_the_static_control(finished, tiny_data
   summary = protocol_report.summarize(c, root, runs, tiny_data["test"])
   comparisons = summary["budgets"]["3"]["comparisons"]
   assert {x["row"] for x in comparisons if x["against"] == "static@3"} == {
-      "measured@3", "baq@3", "bilevel@3", "random@3", "oracle@3"}
+      "measured@3", "probed@3", "baq@3", "bilevel@3", "random@3", "oracle@3"}
   for x in comparisons:
     assert x["holm_p"] >= x["t_p"] or np.isnan(x["t_p"])
   text = protocol_report.format_summary(summary)
@@ -158,6 +161,14 @@ def test_regimes_and_bad_arms_are_refused_with_the_valid_names():
   with pytest.raises(KeyError, match="hessian_magic.*static"):
     protocol.arm_names(c)
   assert protocol.uniform_bits([2.5, 3.0]) == [2, 3, 8]
+  c = protocol_config.get_config("layer")
+  protocol.check(c)
+  c.protocol.probe_steps = -1
+  with pytest.raises(ValueError, match="protocol.probe_steps=-1 must be an integer >= 0"):
+    protocol.check(c)
+  c.protocol.probe_steps, c.protocol.reference = 20, "probe"
+  with pytest.raises(ValueError, match="reference='probe' is not one of the arms"):
+    protocol.check(c)
   assert os.path.basename(wd.arm_dir("/r", 1, 2.5, "static")) == "static"
 
 

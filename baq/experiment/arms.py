@@ -17,6 +17,11 @@ to decide is its own affair, but never the test split.
   measured  measured sensitivity on the validation split: each unit alone
             quantized at each choice, every group's loss increase
             (importance.measure "loss"), then the exact minimax knapsack
+  probed    measured sensitivity after short QAT (`baq.train.probe`): each unit
+            (or cluster of channels) at each choice with the others at the
+            highest, `protocol.probe_steps` QAT steps, BatchNorm
+            recalibrated, every group's validation loss; the exact minimax
+            knapsack on it (the probes' steps are search cost, like an analysis)
   baq       BAQ: bits and weights trained jointly from the static plan for
             `quant.search_steps`, projected, then `steps` more at them
   bilevel   BAQ as a search phase (`baq.train.bilevel`): from the static plan,
@@ -41,9 +46,9 @@ from typing import Any, Callable, Optional
 import ml_collections
 import numpy as np
 
-from baq.allocation import landscape, planner
+from baq.allocation import landscape, minimax, planner
 from baq.experiment import job
-from baq.train import bilevel
+from baq.train import bilevel, probe
 from baq.registry import Registry
 
 
@@ -151,6 +156,23 @@ def _minimax(ctx: Context) -> Proposal:
 @ARMS.register("measured")
 def _measured(ctx: Context) -> Proposal:
   return _planned(ctx, "measured", "validation", measure="loss", method="minimax")
+
+
+@ARMS.register("probed")
+def _probed(ctx: Context) -> Proposal:
+  p = ctx.config.protocol
+  analysis, seconds = probe.measure(ctx.config, ctx.data, ctx.float_vars,
+                                    steps=int(p.probe_steps), choices=ctx.choices,
+                                    max_probes=int(p.probe_max),
+                                    per_group=int(p.probe_per_group), heldout="validation")
+  t0 = time.perf_counter()
+  bits = np.asarray(planner.allocate(analysis, ctx.budget, method="minimax"), np.int64)
+  totals = minimax.group_totals(analysis.sensitivity, bits, analysis.choices)
+  return Proposal([Candidate("probed", "fair_static_qat", bits)],
+                  seconds + time.perf_counter() - t0,
+                  info=dict(group_totals=np.asarray(totals).tolist(), measure="probed",
+                            method="minimax", calibration="validation",
+                            probe_steps=int(p.probe_steps)))
 
 
 @ARMS.register("baq")

@@ -68,6 +68,17 @@ def arm_names(config: ml_collections.ConfigDict) -> list[str]:
   return [a for a in names if a != "uniform"]
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+  """Refuses unknown arms, a missing reference and impossible counts before any work."""
+  names = arm_names(config)
+  if config.protocol.reference not in names:
+    raise ValueError(f"protocol.reference={config.protocol.reference!r} is not one of the "
+                     f"arms {config.protocol.arms!r}.")
+  checks.at_least(config, {"protocol.random_count": 1, "protocol.oracle_limit": 1,
+                           "protocol.probe_steps": 0, "protocol.probe_max": 1,
+                           "protocol.probe_per_group": 1})
+
+
 def correctness(config, mode: str, run_dir: str, splits: dict, budget: float | None,
                 qat_bits: int | None = None) -> tuple[dict, float]:
   """({split: per-example correctness}, average bits) of a finished run, as deployed."""
@@ -253,9 +264,7 @@ def main(argv: Sequence[str]) -> None:
   """Runs every seed, then prints the table and writes WORKDIR/summary.json."""
   config, root = launch.start(argv, check=checks.validate)
   seeds = launch.seeds(config)
-  if config.protocol.reference not in arm_names(config):
-    raise ValueError(f"protocol.reference={config.protocol.reference!r} is not one of the "
-                     f"arms {config.protocol.arms!r}.")
+  check(config)
   os.makedirs(root, exist_ok=True)
   if launch.is_primary():
     with open(wd.path(root, wd.CONFIG_FILE), "w") as f:
