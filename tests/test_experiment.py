@@ -250,13 +250,17 @@ def test_eval_py_export_writes_only_the_formats_asked(run, tmp_path):
 
 
 def test_export_refuses_an_unknown_format_and_an_unfinished_workdir(run, tmp_path):
+  """What eval.py calls, in this process (eval.py's own runs are the tests above)."""
+  from baq.experiment import checks, deploy  # pylint: disable=import-outside-toplevel
   _, workdir, _ = run
-  out = _eval(workdir, "--export=onnx,tflite")
-  assert out.returncode != 0
-  assert "tflite" in out.stderr and "onnx, qwix, safetensors" in out.stderr
+  with pytest.raises(Exception, match=r"tflite.*onnx, qwix, safetensors"):
+    deploy.export_formats("onnx,tflite")
   # Qwix cannot hold the main job's weight-only convolutions: refused, no file.
-  out = _eval(workdir, "--export=qwix")
-  assert out.returncode != 0 and "Conv_0: a convolution" in out.stderr
+  config = checks.load_config(workdir, None)
+  with config.unlocked():
+    config.export = "qwix"
+  with pytest.raises(ValueError, match="Conv_0: a convolution"):
+    experiment.report(config, workdir)
   assert not [f for f in os.listdir(workdir) if f.startswith("qwix_rules")]
   # A workdir whose method run stopped early: nothing is evaluated or written.
   copy = str(tmp_path / "unfinished")
@@ -266,9 +270,9 @@ def test_export_refuses_an_unknown_format_and_an_unfinished_workdir(run, tmp_pat
   for step in sorted(os.listdir(ckpts), key=lambda x: int(x) if x.isdigit() else -1)[-1:]:
     shutil.rmtree(os.path.join(ckpts, step))
   before = sorted(os.listdir(copy))
-  out = _eval(copy, "--export=onnx")
-  assert out.returncode != 0
-  assert "no finished run" in out.stderr and "baq" in out.stderr
+  config.export = "onnx"
+  with pytest.raises(Exception, match=r"(?s)no finished run.*baq|baq.*no finished run"):
+    experiment.report(config, copy)
   assert sorted(os.listdir(copy)) == before
 
 
