@@ -3,7 +3,6 @@ partition, and the measurement on the tiny model."""
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

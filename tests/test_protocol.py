@@ -11,7 +11,8 @@ from baq.experiment import protocol, protocol_report
 from baq.stats import corrections
 from configs import protocol as protocol_config
 
-ARMS = "uniform,static,measured,probed,baq,bilevel,random,oracle"  # minimax: static's path, another solver
+# minimax is static's path with another solver: left out here.
+ARMS = "uniform,static,measured,probed,baq,bilevel,random,oracle"
 
 
 @pytest.fixture(scope="module")
