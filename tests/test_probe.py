@@ -51,6 +51,13 @@ def test_probes_are_units_alone_or_clusters_within_layers():
     assert np.all(np.diff(p) == 1) and np.searchsorted(bounds, p[0], "right") == \
         np.searchsorted(bounds, p[-1], "right")
   assert 3 <= len(ps) <= 12 and ps[-1].tolist() == [48]
+  # With a score, a layer's clusters are runs of its channels in score order.
+  score = np.random.default_rng(0).permutation(49).astype(float)
+  ps = probe.probes(_layers(40, 8, 1), 12, score)
+  assert sorted(np.concatenate(ps).tolist()) == list(range(49))
+  first = sorted((p for p in ps if p.max() < 40), key=lambda p: score[p].min())
+  assert len(first) > 1  # layer 0's clusters hold disjoint ranges of the score
+  assert all(score[a].max() < score[b].min() for a, b in zip(first, first[1:]))
 
 
 @pytest.fixture(scope="module")

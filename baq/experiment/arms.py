@@ -18,7 +18,8 @@ to decide is its own affair, but never the test split.
             quantized at each choice, every group's loss increase
             (importance.measure "loss"), then the exact minimax knapsack
   probed    measured sensitivity after short QAT (`baq.train.probe`): each unit
-            (or cluster of channels) at each choice with the others at the
+            (or cluster of channels alike in the static plan's importance) at
+            each choice with the others at the
             highest, `protocol.probe_steps` QAT steps, BatchNorm
             recalibrated, every group's validation loss; the exact minimax
             knapsack on it (the probes' steps are search cost, like an analysis)
@@ -161,10 +162,18 @@ def _measured(ctx: Context) -> Proposal:
 @ARMS.register("probed")
 def _probed(ctx: Context) -> Proposal:
   p = ctx.config.protocol
+  score, planned = None, 0.0
+  if len(ctx.numel) > int(p.probe_max):
+    # Channels are clustered by the static plan's importance (its analysis is
+    # memoised and counted here too), so that a cluster holds channels alike.
+    static, planned = ctx.plan()
+    score = np.asarray(static["importance"], np.float64)
   analysis, seconds = probe.measure(ctx.config, ctx.data, ctx.float_vars,
                                     steps=int(p.probe_steps), choices=ctx.choices,
                                     max_probes=int(p.probe_max),
-                                    per_group=int(p.probe_per_group), heldout="validation")
+                                    per_group=int(p.probe_per_group), heldout="validation",
+                                    score=score)
+  seconds += planned
   t0 = time.perf_counter()
   bits = np.asarray(planner.allocate(analysis, ctx.budget, method="minimax"), np.int64)
   totals = minimax.group_totals(analysis.sensitivity, bits, analysis.choices)

@@ -4,10 +4,10 @@ The "loss" measure (`baq.allocation.importance`) quantizes one unit at a time
 in the float model and reads the loss at once. A unit's cost in the deployed
 model is what is left after training adapts to it, with the other units and
 the activations quantized too. `measure` probes that directly, as ALPS/EAGL
-probe with short fine-tunes: for every probe p (a unit, or a cluster of a
-layer's channel units when there are too many) and every candidate bit-width
-b, it starts from the float model with p's units at b and every other unit
-at the highest choice, trains `steps` steps of fair_static_qat (the
+probe with short fine-tunes: for every probe p (a unit, or, when there are
+too many, a cluster of a layer's channel units alike in a cheap importance)
+and every candidate bit-width b, it starts from the float model with p's
+units at b and every other unit at the highest choice, trains `steps` steps of fair_static_qat (the
 config's quantizer, activations included, penalties and optimizer; the same
 batches for every probe), recalibrates BatchNorm's running statistics on
 training images (`recalibrate_batchnorm`), and measures every group's mean
@@ -25,7 +25,7 @@ are thrown away; the kept run trains its full steps from the float model).
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,11 +72,17 @@ def recalibrate_batchnorm(model, variables: dict, images: jax.Array) -> dict:
   return dict(variables, batch_stats=exact)
 
 
-def probes(layers: Sequence[units.LayerUnits], max_probes: int) -> list[np.ndarray]:
-  """Unit indices of each probe: every unit alone when there are at most
-  `max_probes` units, else each layer's channel units cut into contiguous
-  clusters (a layer's clusters in proportion to its channels, at least one
-  each) so that there are at most max(max_probes, layers) probes."""
+def probes(layers: Sequence[units.LayerUnits], max_probes: int,
+           score: Optional[np.ndarray] = None) -> list[np.ndarray]:
+  """Unit indices of each probe.
+
+  Every unit alone when there are at most `max_probes` units. Else each
+  layer's channel units are cut into clusters (a layer's clusters in
+  proportion to its channels, at least one each), so that there are at most
+  max(max_probes, layers) probes: runs of channels in order of `score` (one
+  number per unit, e.g. a cheap importance, so that a cluster holds channels
+  alike), or of their index without one.
+  """
   counts = np.asarray([l.count for l in layers])
   starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
   if counts.sum() <= max_probes:
@@ -84,14 +90,17 @@ def probes(layers: Sequence[units.LayerUnits], max_probes: int) -> list[np.ndarr
   share = np.maximum(1, np.floor(max_probes * counts / counts.sum())).astype(int)
   out = []
   for start, count, k in zip(starts, counts, share):
-    out += [start + c for c in np.array_split(np.arange(count), min(k, count))]
+    idx = start + np.arange(count)
+    if score is not None:
+      idx = idx[np.argsort(np.asarray(score)[idx], kind="stable")]
+    out += [np.sort(c) for c in np.array_split(idx, min(k, count))]
   return out
 
 
 def measure(config: ml_collections.ConfigDict, data: dict, float_vars: Any, *,
             steps: int, choices: Sequence[int], max_probes: int = 32, per_group: int = 64,
-            heldout: str = "validation", recal_images: int = 512) -> tuple[planner.Analysis,
-                                                                        float]:
+            heldout: str = "validation", recal_images: int = 512,
+            score: Optional[np.ndarray] = None) -> tuple[planner.Analysis, float]:
   """The probed sensitivity of every unit at every choice (module docstring).
 
   Args:
@@ -104,6 +113,8 @@ def measure(config: ml_collections.ConfigDict, data: dict, float_vars: Any, *,
     per_group: held-out examples per group the losses are measured on.
     heldout: the split measured on (never the test split).
     recal_images: training images BatchNorm is recalibrated on.
+    score: one number per unit that orders a layer's channels into clusters
+      (`probes`); None: their index order.
 
   Returns:
     (the Analysis, its seconds).
@@ -151,7 +162,7 @@ def measure(config: ml_collections.ConfigDict, data: dict, float_vars: Any, *,
   high = np.full(len(numel), float(choices[-1]))
   base = run(high)
   sens = np.zeros((G, len(numel), len(choices)))
-  for members in probes(layers, max_probes):
+  for members in probes(layers, max_probes, score):
     share = numel[members] / numel[members].sum()
     for j, b in enumerate(choices[:-1]):
       bits = high.copy()
