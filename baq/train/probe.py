@@ -145,18 +145,23 @@ def measure(config: ml_collections.ConfigDict, data: dict, float_vars: Any, *,
   count = jax.ops.segment_sum(jnp.ones_like(labels, jnp.float32), groups, G)
 
   @jax.jit
-  def group_loss(variables):
+  def group_loss_of(variables, images, labels, groups, count):
+    # The examples are arguments, not closed-over constants: XLA would fold
+    # the first layers over them at compile time (seconds per program).
     per_ex = losses.cross_entropy(apply_model(setup.eval_model, variables, images), labels)
     return jax.ops.segment_sum(per_ex, groups, G) / jnp.maximum(count, 1.0)
+
+  group_loss = lambda variables: group_loss_of(variables, images, labels, groups, count)
+
+  recalibrate = jax.jit(lambda v, x: recalibrate_batchnorm(setup.model, v, x))
 
   def run(bits: np.ndarray) -> np.ndarray:
     state = dict(setup.state, params=units.scatter_bits(setup.state["params"], layers,
                                                         jnp.asarray(bits, jnp.float32)))
     for batch in batches:
       state, _ = step_fn(state, batch)
-    variables = recalibrate_batchnorm(
-        setup.model, {"params": state["params"], "batch_stats": state.get("batch_stats", {})},
-        recal)
+    variables = recalibrate(
+        {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, recal)
     return np.asarray(group_loss(variables), np.float64)
 
   high = np.full(len(numel), float(choices[-1]))
