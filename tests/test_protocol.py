@@ -92,6 +92,26 @@ def test_an_allocation_two_arms_ask_for_is_trained_once_and_equals_training_it_a
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
+def test_another_regime_copies_the_float_model_and_a_different_one_is_refused(
+    finished, tmp_path):
+  c, root, _ = finished
+  with open(os.path.join(root, wd.CONFIG_FILE), "w") as f:
+    f.write(c.to_json())
+  other = c.copy_and_resolve_references()
+  other.quant.granularity = "channel"  # another regime, the same float model
+  other.protocol.float_from = root
+  fp_dir = str(tmp_path / "fp32")
+  protocol._float_from(other, str(tmp_path), 0, fp_dir)
+  src = wd.path(wd.seed_dir(root, 0), wd.FLOAT)
+  assert wd.latest_step(fp_dir) == wd.latest_step(src) == c.float_steps
+  assert sorted(os.listdir(wd.path(fp_dir, "checkpoints"))) == sorted(
+      os.listdir(wd.path(src, "checkpoints")))
+  other.float_steps = c.float_steps + 1
+  with pytest.raises(ValueError, match="other float_steps"):
+    protocol._float_from(other, str(tmp_path), 0, str(tmp_path / "fp32b"))
+  assert not os.path.exists(tmp_path / "fp32b")
+
+
 def test_a_rerun_reads_every_finished_arm_back(finished, tiny_data):
   c, root, runs = finished
   again = protocol.run_seed(c, root, 0, tiny_data, log=lambda *_: None)

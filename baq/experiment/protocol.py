@@ -24,8 +24,10 @@ resumes, so the command can be stopped and rerun in pieces. Then
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
+import shutil
 import time
 from typing import Sequence
 
@@ -66,6 +68,34 @@ def arm_names(config: ml_collections.ConfigDict) -> list[str]:
     if a != "uniform":
       arms_lib.ARMS.get(a)
   return [a for a in names if a != "uniform"]
+
+
+# What a seed's float model is trained from: a workdir whose config agrees on
+# these (and the seed) holds the same float model, whatever its quantizer.
+FLOAT_INPUTS = ("dataset", "model", "float_steps", "optim", "batch_size")
+
+
+def _float_from(config: ml_collections.ConfigDict, root: str, seed: int, fp_dir: str) -> None:
+  """Copies seed's float model from `protocol.float_from` (another protocol
+  workdir) into fp_dir, when it is not there yet and that workdir's config
+  trains the same float model; refuses, naming the fields, when it does not."""
+  source_root = config.protocol.get("float_from") or ""
+  if not source_root or wd.latest_step(fp_dir) is not None:
+    return
+  with open(wd.path(source_root, wd.CONFIG_FILE)) as f:
+    theirs = json.load(f)
+  ours = json.loads(config.to_json())
+  differ = [k for k in FLOAT_INPUTS if ours.get(k) != theirs.get(k)]
+  if differ:
+    raise ValueError(f"protocol.float_from={source_root!r} trained its float models with other "
+                     f"{', '.join(differ)}; it cannot stand in for this config's.")
+  source = wd.path(wd.seed_dir(source_root, seed), wd.FLOAT)
+  if wd.latest_step(source) != int(config.float_steps):
+    raise ValueError(f"protocol.float_from: {source} holds no finished float model "
+                     f"({config.float_steps} steps).")
+  # Process 0 copies; the others, after a barrier, find it there.
+  launch.primary_first(lambda: os.path.isdir(fp_dir) or shutil.copytree(source, fp_dir),
+                       f"baq: seed {seed}'s float model copied")
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -158,6 +188,7 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int, data: dict
   budgets, names = [float(b) for b in p.budgets], arm_names(c)
   sdir = wd.seed_dir(root, seed)
   fp_dir = wd.path(sdir, wd.FLOAT)
+  _float_from(c, root, seed, fp_dir)
   train(c, fp_dir, mode="float", data=data, steps=c.float_steps, lr=c.optim.lr,
         use_penalties=False, name=f"seed{seed}/{wd.FLOAT}")
   float_vars = restore_variables(fp_dir)
