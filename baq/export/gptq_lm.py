@@ -20,7 +20,7 @@ Conventions:
     with zero 2^(b-1) (`from_symmetric`), sym=True, desc_act=False. Scales
     are float16 in the file, so a weight reads back as c * fp16(s).
   * Codes: GPTQ records carry them; RTN records do not, and they are derived
-    from the float kernel's absmax grid (`gptq.grid`, the one `gptq.rtn`
+    from the float kernel's absmax grid (`gptq_grid.grid`, the one `gptq.rtn`
     rounds to). Either way codes * scales must give the quantized kernel
     exactly. A module none of whose layers has a record stays float, and
     `dynamic` excludes it ("-:").
@@ -51,7 +51,7 @@ from baq.export.gptq_format import (ALLOWED_BITS, WORD, dynamic_overrides, from_
                                     pack_layer, read_checkpoint, write_checkpoint)
 from baq.models.lm import LM_FAMILIES, LMFamily, family_for_model_type, hf
 from baq.models.lm.decoder import CausalLM
-from baq.quant import gptq
+from baq.quant import gptq_grid
 
 _PACKED = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -79,7 +79,7 @@ def _check_config(fam: LMFamily, cfg: Any, hf_config: Mapping[str, Any]) -> None
 def _rtn_scales(w: np.ndarray, bits: int, g: int) -> np.ndarray:
   """RTN's scales [n_groups, d_out]: the float kernel's absmax grid per g rows."""
   w32 = jnp.asarray(w, jnp.float32)
-  return np.concatenate([np.asarray(gptq.grid(w32[r:r + g], bits)[0])
+  return np.concatenate([np.asarray(gptq_grid.grid(w32[r:r + g], bits)[0])
                          for r in range(0, w.shape[0], g)])
 
 

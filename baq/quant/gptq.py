@@ -14,21 +14,8 @@ rows X_a and X_b; m pairs, D = X_a - X_b), each term a mean over its own rows:
 It keeps the quantized layer's response to the *difference* within a pair
 close to the float layer's. With alpha = 0 the result is bitwise GPTQ's.
 
-The grid is symmetric per output channel (or group) from the absmax, one of
-GRIDS. "restricted" is baq's: scales and codes come from
-`baq.quant.fake_quant`, codes in [-(2^(b-1) - 1), 2^(b-1) - 1]; the element
-of largest magnitude of each output channel (or group) is pinned to the code
-+-qmax, so the channel's absmax, and so the scale that `fake_quant` derives
-from the quantized weight, is unchanged: fake_quant(W_q) == W_q holds
-exactly, and a vision model that fake-quantizes its kernels at inference
-runs a GPTQ'd kernel unmoved. The pin is one more rounding choice whose
-error GPTQ feeds back like any other. "full" is GPTQ's own (the reference
-code, GPTQModel): scale 2 absmax / (2^b - 1), codes in [-2^(b-1), 2^(b-1) - 1],
-all 2^b levels (the GPTQ format's zero point 2^(b-1), llama.cpp's q4_0); the
-language-model path uses it (`baq.ptq.decoder_group.Options.grid`). With
-scale_dtype="float16" each scale is rounded to float16 before any code is
-chosen, so that formats storing fp16 scales (GGUF's blocks, GPTQ
-checkpoints) hold the grid exactly.
+The grid (one of GRIDS: baq's "restricted" one, or GPTQ's "full" one) and
+its float16 scales are `baq.quant.gptq_grid`'s.
 
 Speed: two jitted programs (prepare + factor, then the blocks) take group size
 and act order as traced values, and kernels are zero-padded (in numpy) to shape
@@ -46,17 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from baq.quant import fake_quant as fq
+from baq.quant import gptq_grid as gg
 
-SCALE_DTYPES = ("float32", "float16")
-# "restricted": baq's symmetric grid (fake_quant's), scale = absmax / (2^(b-1) - 1),
-# codes in [-(2^(b-1) - 1), 2^(b-1) - 1], the channel's absmax pinned to +-qmax.
-# "full": GPTQ's symmetric grid (the reference code, GPTQModel; the GPTQ format's
-# zero point 2^(b-1), llama.cpp's q4_0), scale = 2 absmax / (2^b - 1), codes in
-# [-2^(b-1), 2^(b-1) - 1]: all 2^b levels, a step 2^(b-1)/(2^b - 1) x 2 finer.
-GRIDS = ("restricted", "full")
-# fp16's smallest subnormal and largest finite value: an empty channel's
-# scale stays nonzero (its codes are 0 either way) and none overflows.
-_F16_TINY, _F16_MAX = 2.0**-24, 65504.0
+# Re-exported: the choices callers validate against.
+SCALE_DTYPES, GRIDS = gg.SCALE_DTYPES, gg.GRIDS
 
 
 class GPTQResult(NamedTuple):
@@ -74,74 +54,6 @@ class GPTQResult(NamedTuple):
   scales: jax.Array
   loss: float
   damp: float
-
-
-def _half(scale_dtype: str) -> bool:
-  """True for float16 scales; raises on an unknown scale_dtype (before any work)."""
-  if scale_dtype not in SCALE_DTYPES:
-    raise ValueError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, "
-                     f"got {scale_dtype!r}.")
-  return scale_dtype == "float16"
-
-
-def _full(grid: str) -> bool:
-  """True for the full grid; raises on an unknown grid (before any work)."""
-  if grid not in GRIDS:
-    raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}.")
-  return grid == "full"
-
-
-def _scale(hi: jax.Array, bits: jax.Array, half=False, full=False) -> jax.Array:
-  """The symmetric scale for the absmax hi (broadcast against bits): fake_quant's,
-  or the full grid's 2 hi / (2^b - 1) where `full`; rounded to float16 where
-  `half` (traced flags: one compilation for every combination)."""
-  # XLA rewrites x / broadcast(q) as x * (1 / q), an ulp off; bits shaped like
-  # hi (through data, so it cannot fold) keeps the true IEEE division, which is
-  # what fake_quant computes for per-channel bits.
-  b = bits + 0.0 * hi
-  s = fq.scale_and_zero_point(-hi, hi, b, True)[0]
-  s = jnp.where(full & (hi > 0), (2.0 * hi) / (2.0 ** b - 1.0), s)
-  s16 = jnp.clip(s.astype(jnp.float16).astype(jnp.float32), _F16_TINY, _F16_MAX)
-  return jnp.where(half, s16, s)
-
-
-def grid(w: jax.Array, bits: jax.Array, rows: Optional[jax.Array] = None, half=False,
-         full=False):
-  """The absmax scale of each column of w and the elements pinned to +-qmax.
-
-  Args:
-    w: [r, d_out] weights that share one scale per output channel.
-    bits: [d_out] or scalar integer bit-widths.
-    rows: optional [r] bool; only these rows set the scale and get pins.
-    half: round the scales to float16 (a bool, traced or not).
-    full: the full grid (`GRIDS`), which pins nothing (a bool, traced or not).
-
-  Returns:
-    scale [1, d_out], and pin [r, d_out]: on the restricted grid the sign of
-    w where it holds its channel's absmax (the code there is forced to
-    +-qmax), 0 elsewhere.
-  """
-  a = jnp.abs(w) if rows is None else jnp.where(rows[:, None], jnp.abs(w), 0.0)
-  hi = jnp.max(a, axis=0, keepdims=True)
-  pin = jnp.where(full, 0.0, jnp.sign(w) * (a == hi))
-  return (_scale(hi, bits, half, full),
-          pin if rows is None else jnp.where(rows[:, None], pin, 0.0))
-
-
-def _static_grid(w, bits, group, half, full=False):
-  """Per-row scales [d, m] and pins, one grid per `group` rows (0: all rows)."""
-  d = w.shape[0]
-  seg = jnp.arange(d) // jnp.where(group > 0, group, d)
-  hi = jax.ops.segment_max(jnp.abs(w), seg, num_segments=d)[seg]
-  return (_scale(hi, bits, half, full),
-          jnp.where(full, 0.0, jnp.sign(w) * (jnp.abs(w) == hi)))
-
-
-def _codes(w, scale, pin, bits, full=False):
-  _, qmax = fq.code_range(bits, True)
-  free = fq.quantize_codes(w, scale, jnp.zeros_like(scale), bits, True)
-  wide = jnp.clip(jnp.round(w / scale), -qmax - 1.0, qmax)  # the full grid: one more level
-  return jnp.where(full, wide, jnp.where(pin != 0, pin * qmax, free))
 
 
 # Kernels are zero-padded to shape buckets (in numpy, which compiles nothing)
@@ -169,8 +81,8 @@ def _bits(bits, m: int, mp: int) -> np.ndarray:
 
 @jax.jit
 def _rtn(w, bits, group, half, full):
-  scale_rows, pin = _static_grid(w, bits, group, half, full)
-  codes = _codes(w, scale_rows, pin, bits, full)
+  scale_rows, pin = gg.static_grid(w, bits, group, half, full)
+  codes = gg.codes(w, scale_rows, pin, bits, full)
   return fq.dequantize(codes, scale_rows, 0.0), codes.astype(jnp.int32), scale_rows
 
 
@@ -188,7 +100,7 @@ def round_to_nearest(w: jax.Array, bits, group_size: Optional[int] = None,
   Returns:
     A GPTQResult (loss and damp NaN: no Hessian takes part).
   """
-  half, full = _half(scale_dtype), _full(grid)
+  half, full = gg.is_half(scale_dtype), gg.is_full(grid)
   d, m = np.shape(w)
   g = group_size if group_size and group_size < d else 0
   dp, mp = _bucket(d, _ROWS), _bucket(m, _COLS)
@@ -245,7 +157,7 @@ def _prepare(w, h, bits, d_real, percdamp, group, act_order, half, full):
   # A dead input (always zero on the calibration set) cannot change the output.
   h = h + jnp.diag(dead.astype(h.dtype))
   w = jnp.where(dead[:, None], 0.0, w)
-  scale_rows, pin = _static_grid(w, bits, group, half, full)
+  scale_rows, pin = gg.static_grid(w, bits, group, half, full)
   perm = jnp.where(act_order, jnp.argsort(-jnp.diag(h), stable=True),
                    jnp.arange(w.shape[0]))
   u = _inverse_cholesky(h[perm][:, perm], damp)
@@ -270,13 +182,13 @@ def _blocks(w, hinv, scale_rows, pin_rows, bits, perm, regroup_every, half, full
 
     def regroup(sp):
       rows = (idx >= i) & (idx < i + g)
-      s, p = grid(w1, bits, rows, half, full)
+      s, p = gg.grid(w1, bits, rows, half, full)
       return jnp.where(rows[:, None], s, sp[0]), jnp.where(rows[:, None], p, sp[1])
 
     s1, p1 = jax.lax.cond((g > 0) & (i % jnp.maximum(g, 1) == 0), regroup,
                           lambda sp: sp, (s1, p1))
     row, diag = w1[i], hinv1[i, i]
-    codes = _codes(row, s1[i], p1[i], bits, full)
+    codes = gg.codes(row, s1[i], p1[i], bits, full)
     err = (row - fq.dequantize(codes, s1[i], 0.0)) / diag
     w1 = w1 - jnp.outer(hinv1[i], err)
     return (w1, c1.at[i].set(codes), e1.at[i].set(err), s1, p1, hinv1,
@@ -329,7 +241,7 @@ def gptq(w: jax.Array, h: jax.Array, bits, *, block_size: int = 128,
   Returns:
     A GPTQResult.
   """
-  half, full = _half(scale_dtype), _full(grid)
+  half, full = gg.is_half(scale_dtype), gg.is_full(grid)
   d, m = np.shape(w)
   g = group_size if group_size and group_size < d else 0
   block = g * max(1, block_size // g) if g else block_size
