@@ -80,6 +80,26 @@ def test_a_finished_seed_is_reused_not_recomputed(finished, monkeypatch):
   assert "fair_gptq@4:a1" in table and "SYNTHETIC" in table
 
 
+def test_a_fixed_model_scores_what_sees_no_calibration_once_for_every_seed(
+    finished, tmp_path, monkeypatch):
+  """On a pre-trained model, RTN and the runtimes' numerics (no calibration)
+  give the same scores for every seed: scored once, GPTQ once per seed."""
+  root, c, _ = finished
+  texts = study.load_texts(c, root)
+  built = study.build_model(c, texts, os.path.join(root, "seed0"), 0)
+  c = c.copy_and_resolve_references()
+  c.model.source, c.export, c.seeds = "hf", "", (0, 1)  # a fixed model, as from a checkpoint
+  c.quant.bits, c.quant.alphas, c.quant.budgets, c.quant.numerics = "4", "", "", "nf4"
+  monkeypatch.setattr(study, "build_model", lambda *a: built)
+  scored = []
+  real = lm_eval.score
+  monkeypatch.setattr(lm_eval, "score", lambda m, v, e: scored.append(m) or real(m, v, e))
+  runs = study.run(c, str(tmp_path))
+  assert len(scored) == 5  # fp32, rtn@4 and nf4 once; gptq@4 for each seed
+  assert runs[0]["rtn@4"] == runs[1]["rtn@4"] and runs[0]["nf4"] == runs[1]["nf4"]
+  assert runs[0]["gptq@4"]["ppl"] != runs[1]["gptq@4"]["ppl"]  # another calibration sample
+
+
 def test_scores_are_the_models_log_likelihoods(tmp_path):
   sentences = ["the nurse said that she would be late .", "the pilot walked to the bank ."]
   t = tok.word_tokenizer(sentences)

@@ -20,7 +20,9 @@ is cut into windows (`baq.study.lm.texts.heldout_windows`).
 Sentences are scored shortest first in chunks only as wide as their longest
 row (`scoring.token_log_probs(bucket=...)`): CrowS-Pairs and StereoSet
 sentences run from 10 to 150 tokens, and padding each to the longest cost
-three times the compute.
+three times the compute. Chunks of 64 rows rounded to 8 tokens score
+stories260K's 16,000 benchmark sentences in 15 s on this CPU, against 25 s
+for 256 rows rounded to 32 (more programs compile, once per model).
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def encode(crows, stereoset, heldout, tokenizer, *, max_len: Optional[int] = Non
   return Encoded(crows_ids, sets, held)
 
 
-def score(model, variables: Any, enc: Encoded, batch_size: int = 256, bucket: int = 32) -> dict:
+def score(model, variables: Any, enc: Encoded, batch_size: int = 64, bucket: int = 8) -> dict:
   """Log-likelihoods of one model on every encoded sentence.
 
   Returns:

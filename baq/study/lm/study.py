@@ -164,7 +164,7 @@ def run_seed(config, root: str, seed: int, shared: Optional[dict] = None) -> dic
 
   `shared` (one dict for every seed of a run) keeps what does not depend on
   the seed: for a pre-trained model, its text, encodings and scores, and
-  the scores of the runtimes' numerics (no calibration).
+  the scores of the runtimes' numerics and of RTN (no calibration).
   """
   shared = {} if shared is None else shared
   seed_dir = wd.seed_dir(root, seed)
@@ -198,10 +198,14 @@ def run_seed(config, root: str, seed: int, shared: Optional[dict] = None) -> dic
       qmodel = model
       qparams, records, info = lm_quant.quantize(name, model, params, calib, config,
                                                  model.config.n_layers, modules, cache)
-    key = ("scores", name)  # a numeric's scores do not depend on the seed (no calibration)
-    scores = (shared[key] if numeric and key in shared
+    # A runtime's numerics and round to nearest see no calibration: on a fixed
+    # pre-trained model their scores are the same for every seed.
+    seed_free = ((numeric or lm_quant.METHODS.parse(name)[0].name == "rtn")
+                 and config.model.source != "train")
+    key = ("scores", name)
+    scores = (shared[key] if seed_free and key in shared
               else lm_eval.score(qmodel, {"params": qparams}, enc))
-    if numeric and config.model.source != "train":
+    if seed_free:
       shared[key] = scores
     summary = lm_eval.summarize(scores, texts["crows"], texts["stereoset"], fp_scores, **kw)
     rows[name] = _row(summary, info)
