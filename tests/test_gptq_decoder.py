@@ -16,6 +16,7 @@ from baq.models.lm.config import DecoderConfig
 from baq.models.lm.decoder import CausalLM
 from baq.quant import gptq
 from baq.ptq import decoder as gd
+from baq.ptq import decoder_group as gd_group
 
 CFG = DecoderConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=16,
                     norm="layernorm", norm_eps=1e-5, positions="learned", mlp="gelu_tanh",
@@ -89,6 +90,62 @@ def test_padding_tokens_change_nothing(lm):
   a, _ = gd.quantize_decoder(model, {"params": params}, calib, bits=3)
   b, _ = gd.quantize_decoder(model, {"params": params}, gd.Tokens(ids, calib.lengths), bits=3)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a, b)
+
+
+def test_chunks_cut_to_their_rows_width_give_the_same_statistics(lm, monkeypatch):
+  """Rows sorted by length, each chunk cut to its longest row (rounded up to the
+  bucket): the sums x x^T (and of pair differences) equal full-width chunks'.
+
+  End to end only the first block's kernels are compared: a later block's
+  inputs differ by float rounding, which can move one GPTQ code a grid step
+  and, through the error feedback, the codes after it.
+  """
+  model, params, calib = lm
+  run = gd._block_runner(model)  # pylint: disable=protected-access
+  grams = gd_group._grams  # pylint: disable=protected-access
+  block = params["block_0"]
+  h = _embed(model, params, calib)
+  full = [(s, 12) for s in gd_group.chunks(24, 5)]
+  monkeypatch.setattr(gd_group, "WIDTH_BUCKET", 2)
+  order = np.argsort(calib.lengths, kind="stable")
+  cut = gd_group.spans(calib.lengths[order], 5, 12)
+  assert len({w for _, w in cut}) > 2 and min(w for _, w in cut) < 12  # it does cut
+  for target in ("attn/q_proj", "mlp/down_proj"):
+    want = grams(run, block, h, calib.mask(), target, full)
+    got = grams(run, block, h[order], calib.mask()[order], target, cut)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5 * np.abs(want[0]).max())
+    assert got[1] == want[1] == calib.lengths.sum()
+  # The pairs' difference Gram: both sides cut to the longer one's width.
+  pa, pb = _pairs()
+  ha, hb = _embed(model, params, pa), _embed(model, params, pb)
+  m = gd_group.pair_mask(pa, pb, "padded")
+  want = grams(run, block, ha, m, "attn/v_proj", [(slice(0, 10), 12)], h_b=hb)
+  (sa, sb), rows = gd._by_length(pa, pb, 3)  # pylint: disable=protected-access
+  got = grams(run, block, _embed(model, params, sa), gd_group.pair_mask(sa, sb, "padded"),
+              "attn/v_proj", rows, h_b=_embed(model, params, sb))
+  assert min(w for _, w in rows) < 12
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5 * np.abs(want[0]).max())
+  assert got[1] == want[1]
+  # End to end, shuffled and cut: the first block, and every record's row counts.
+  opts = gd.Options(alpha=0.5, batch_size=5)
+  perm = np.random.default_rng(3).permutation(24)
+  shuffled = gd.Tokens(calib.ids[perm], calib.lengths[perm])
+  got, rec = gd.quantize_decoder(model, {"params": params}, shuffled, bits=3, pairs=(pa, pb),
+                                 options=opts)
+  monkeypatch.setattr(gd_group, "WIDTH_BUCKET", 16)
+  want, rec_want = gd.quantize_decoder(model, {"params": params}, calib, bits=3, pairs=(pa, pb),
+                                       options=opts)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5),
+               got["block_0"], want["block_0"])
+  for name, r in rec_want.items():
+    if name != "_blocks":
+      assert (rec[name]["rows"], rec[name].get("pair_rows")) == (r["rows"], r.get("pair_rows"))
+
+
+def test_spans_cover_the_rows_at_their_longest_rounded_up():
+  lengths = np.array([1, 3, 4, 9, 10, 30, 31, 33])
+  got = gd_group.spans(lengths, 3, 40, bucket=8)
+  assert got == [(slice(0, 3), 8), (slice(3, 6), 32), (slice(6, 8), 40)]
 
 
 def _pairs(seed=1, unequal=True):

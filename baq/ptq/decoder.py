@@ -16,6 +16,7 @@ channel or per group of input rows; the returned kernels equal codes x scale.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -27,7 +28,7 @@ import jax
 import numpy as np
 
 from baq.models.lm import decoder
-from baq.ptq.decoder_group import Options, Tokens, chunks, pair_mask, quantize_group
+from baq.ptq.decoder_group import Options, Tokens, chunks, pair_mask, quantize_group, spans
 
 # The order a decoder block computes its projections; layers in one tuple
 # share their input and are quantized from the same statistics.
@@ -46,12 +47,14 @@ def layer_order(block_params: Mapping[str, Any]) -> list[tuple[str, ...]]:
   return [tuple(p for p in g if p in have) for g in SEQUENTIAL if any(p in have for p in g)]
 
 
+@functools.lru_cache(maxsize=8)
 def _block_runner(model: nn.Module):
   """jit(block_params, h, target) -> block output (target None) or `target`'s input.
 
-  One program per model and target for every block (the block's params are
-  an argument); a capture pass returns only the captured input, so XLA drops
-  the rest of the block.
+  One program per model, target and input shape for every block (the
+  block's params are an argument), kept for the next quantization of the
+  same model (a study quantizes it once per setting); a capture pass returns
+  only the captured input, so XLA drops the rest of the block.
   """
 
   def run(block_params, h, target):
@@ -73,6 +76,19 @@ def _block_runner(model: nn.Module):
 def _embed(fn, variables, tokens: Tokens, batch_size: int) -> np.ndarray:
   return np.concatenate([np.asarray(fn(variables, tokens.ids[s]))
                          for s in chunks(len(tokens.ids), batch_size)])
+
+
+def _by_length(a: Tokens, b: Optional[Tokens], batch_size: int):
+  """The rows sorted by length (of the longer side, with pairs), and their `spans`.
+
+  Every statistic is a sum over rows, so their order changes only the
+  rounding; sorted, each chunk runs at its own rows' width.
+  """
+  lengths = a.lengths if b is None else np.maximum(a.lengths, b.lengths)
+  order = np.argsort(lengths, kind="stable")
+  sort = lambda t: Tokens(np.asarray(t.ids)[order], np.asarray(t.lengths)[order])
+  rows = spans(np.asarray(lengths)[order], batch_size, np.shape(a.ids)[1])
+  return (sort(a) if b is None else (sort(a), sort(b))), rows
 
 
 def _bits_lookup(bits: Union[int, Mapping[str, int]], layers: Sequence[str]):
@@ -125,8 +141,9 @@ def quantize_decoder(model: nn.Module, variables: Any, calib: Tokens, *,
     norms and the head untouched), and per layer a dict with bits, rows, err
     (||X (W - W_q)||^2 / rows on its calibration inputs), err_rtn (the same
     for round to nearest), seconds, codes [d_in, d_out] and scales (the
-    kernel is exactly codes x scales), and for GPTQ loss, damp; with pairs also pair_rows and pair_err (the same over the
-    pair differences) on fair layers. records["_blocks"] lists each block's
+    kernel is exactly codes x scales), and for GPTQ loss, damp; with pairs
+    also pair_rows and pair_err (the same over the pair differences) on fair
+    layers. records["_blocks"] lists each block's
     seconds.
   """
   if options.alpha > 0 and pairs is None:
@@ -136,6 +153,7 @@ def quantize_decoder(model: nn.Module, variables: Any, calib: Tokens, *,
                      f"to one width), got {pairs[0].ids.shape} and {pairs[1].ids.shape}.")
   params = flax.core.unfreeze(variables["params"])
   n_layers = sum(1 for k in params if re.fullmatch(r"block_\d+", k))
+  calib, rows = _by_length(calib, None, options.batch_size)
   lookup = _bits_lookup(bits, quantizable_layers(params, n_layers))
   flat = tu.flatten_dict(params, sep="/")
   bs = options.batch_size
@@ -144,22 +162,28 @@ def quantize_decoder(model: nn.Module, variables: Any, calib: Tokens, *,
   mask = calib.mask()
   pair_state = None
   if pairs is not None:
-    pair_state = (_embed(embed, {"params": params}, pairs[0], bs),
-                  _embed(embed, {"params": params}, pairs[1], bs),
-                  pair_mask(pairs[0], pairs[1], options.pair_rows))
+    (a, b), pair_rows = _by_length(*pairs, bs)
+    pair_state = (_embed(embed, {"params": params}, a, bs),
+                  _embed(embed, {"params": params}, b, bs),
+                  pair_mask(a, b, options.pair_rows), pair_rows)
   records, block_seconds = {}, []
   run = _block_runner(model)
   for i in range(n_layers):
     t0 = time.perf_counter()
     for group in layer_order(params[f"block_{i}"]):
-      records.update(quantize_group(run, flat, group, (h, mask, pair_state), options,
+      records.update(quantize_group(run, flat, group, (h, mask, rows, pair_state), options,
                                      lookup, f"block_{i}"))
     quantized = tu.unflatten_dict(flat, sep="/")[f"block_{i}"]
-    forward = lambda x: np.concatenate(  # pylint: disable=cell-var-from-loop
-        [np.asarray(run(quantized, x[s], None)) for s in chunks(len(x), bs)])
-    h = forward(h)  # the next block sees this block's quantized output
+
+    def forward(x, spans_, block=quantized):  # trailing padding stays 0: nothing reads it
+      out = np.zeros_like(x)
+      for s, w in spans_:
+        out[s, :w] = np.asarray(run(block, x[s, :w], None))
+      return out
+    h = forward(h, rows)  # the next block sees this block's quantized output
     if pair_state is not None:
-      pair_state = (forward(pair_state[0]), forward(pair_state[1]), pair_state[2])
+      pair_state = (forward(pair_state[0], pair_state[3]), forward(pair_state[1], pair_state[3]),
+                    *pair_state[2:])
     block_seconds.append(time.perf_counter() - t0)
   records["_blocks"] = dict(seconds=block_seconds)
   return tu.unflatten_dict(flat, sep="/"), records
