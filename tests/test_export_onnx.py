@@ -127,14 +127,20 @@ def _deployed(name, size, granularity, act_bits=None, symmetric=True, seed=0,
                    symmetric=symmetric, scale_method=scale_method)
   model = build_model(name, 3, Quantizer(((".*", spec),)), **kw)
   x = jax.random.normal(jax.random.key(seed), (3, size, size, 3))
-  v = dict(model.init({"params": jax.random.key(1), "quant": jax.random.key(2)}, x))
+  # jitted: eager, every initializer compiles on its own (seconds per model)
+  v = dict(jax.jit(model.init)({"params": jax.random.key(1), "quant": jax.random.key(2)}, x))
   layers = units.find_units(v["params"])
   bits = np.random.default_rng(seed).uniform(2, 8, len(units.gather_bits(v["params"], layers)))
   params = units.scatter_bits(v["params"], layers, jnp.asarray(bits, jnp.float32))
   _, deployed = projection.deploy(params, layers, 4.0, 2, 8)
   v = dict(v, params=deployed)
-  want = np.asarray(apply_model(model.clone(quant=model.quant.replace(mode=QuantMode.EVAL)), v, x))
-  return model, v, np.asarray(x), want
+  return model, v, np.asarray(x), _logits(model, v, x)
+
+
+def _logits(model, v, x):
+  """The deployed model's logits, jitted (eager, each op compiles on its own)."""
+  deploy = model.clone(quant=model.quant.replace(mode=QuantMode.EVAL))
+  return np.asarray(jax.jit(lambda v, x: apply_model(deploy, v, x))(v, x))
 
 
 def _int_types(m):
@@ -180,7 +186,7 @@ def test_activation_quantized_graph_agrees_up_to_boundary_codes(act_bits, symmet
   model, v, x, want = _deployed("small_cnn", 16, "channel", act_bits, symmetric,
                                 widths=(8, 16), hidden=16)
   x = np.asarray(jax.random.normal(jax.random.key(5), (64,) + x.shape[1:]))
-  want = np.asarray(apply_model(model.clone(quant=model.quant.replace(mode=QuantMode.EVAL)), v, x))
+  want = _logits(model, v, x)
   captured = packed.capture_codes(model, v, x[:1])
   m = onnx_export.to_onnx(model, v, captured, x)
   assert sum(n.op_type == "QuantizeLinear" for n in m.graph.node) == len(captured)
