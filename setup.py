@@ -31,6 +31,5 @@ setup(
         "tokenizers>=0.20,<1",
         "gguf>=0.17,<0.20",
     ],
-    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
-                             "filelock>=3.12,<4"]},  # the shared compilation cache's lock
+    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"]},
 )
