@@ -19,8 +19,10 @@ def _baq(name, layer_bits, granularity="channel", scale_method="absmax", size=12
                               scale_method=scale_method)) for k, b in layer_bits.items())
   model = build_model(name, 3, Quantizer(rules), **kw)
   x = jax.random.normal(jax.random.key(0), (6, size, size, 3))
-  v = dict(model.init({"params": jax.random.key(1), "quant": jax.random.key(2)}, x))
-  want = np.asarray(apply_model(model.clone(quant=model.quant.replace(mode=QuantMode.EVAL)), v, x))
+  # jitted: eager, every initializer and op compiles on its own (seconds a model)
+  v = dict(jax.jit(model.init)({"params": jax.random.key(1), "quant": jax.random.key(2)}, x))
+  deploy = model.clone(quant=model.quant.replace(mode=QuantMode.EVAL))
+  want = np.asarray(jax.jit(lambda v, x: apply_model(deploy, v, x))(v, x))
   fmodel = build_model(name, 3, None, **kw)
   fvars = dict(v, params=packed.dequantized_params(v["params"], {}))
   return packed.capture_codes(model, v, x[:1]), fmodel, fvars, x, want

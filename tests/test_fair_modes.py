@@ -96,7 +96,7 @@ def test_weighted_task_loss_is_the_group_weighted_mean():
   import optax
   model = build_model("small_cnn", 3, None, widths=(2,), hidden=0)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 8, 8, 3)), jnp.float32)
-  params = model.init(jax.random.key(0), x)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), x)["params"]  # jitted: eager is op by op
   batch = {"image": x, "label": jnp.array([0, 1, 2, 0, 1, 2]), "group": jnp.array([0, 0, 0, 0, 1, 1])}
   weights = np.array([0.5, 2.0], np.float32)
   tx = optax.sgd(0.0)
@@ -106,7 +106,7 @@ def test_weighted_task_loss_is_the_group_weighted_mean():
                rng=jax.random.key_data(jax.random.key(0)), penalty_state={})
   _, metrics = step(state, batch)
   per_ex = np.asarray(optax.softmax_cross_entropy_with_integer_labels(
-      model.apply({"params": params}, x), batch["label"]))
+      jax.jit(model.apply)({"params": params}, x), batch["label"]))
   w = weights[np.asarray(batch["group"])]
   np.testing.assert_allclose(metrics["task_loss"], (w * per_ex).sum() / w.sum(), rtol=1e-5)
 

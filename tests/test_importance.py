@@ -118,7 +118,7 @@ def test_hutchinson_diagonal_matches_the_exact_hessian_diagonal():
       k = unravel(v)
       p = {n: dict(params[n], kernel=k[n]) for n in ("Dense_0", "head")}
       return _direct_group_loss(p, split)[g]
-    hess = np.asarray(jax.hessian(loss)(flat0))
+    hess = np.asarray(jax.jit(jax.hessian(loss))(flat0))  # jitted: eager compiles op by op
     exact = np.diagonal(hess)
     est = np.asarray(jax.flatten_util.ravel_pytree(
         {n: stats[n].hess_diag[g] for n in ("Dense_0", "head")})[0])
@@ -138,7 +138,7 @@ def test_layer_traces_match_the_exact_hessian_block_traces():
     for g in range(G):
       def loss(kk, g=g, name=name):
         return _direct_group_loss(dict(params, **{name: dict(params[name], kernel=kk)}), split)[g]
-      hess = np.asarray(jax.hessian(loss)(k)).reshape(k.size, k.size)
+      hess = np.asarray(jax.jit(jax.hessian(loss))(k)).reshape(k.size, k.size)
       # Var of z^T H z over Rademacher z is 2 sum_{i != j} H_ij^2.
       sigma = np.sqrt(2 * (np.sum(hess ** 2) - np.sum(np.diag(hess) ** 2)) / 128)
       assert abs(float(stats[name].hess_trace[g]) - np.trace(hess)) <= 4 * sigma + 1e-6

@@ -56,7 +56,7 @@ def test_the_main_models_train_step_is_unchanged():
   model = cnn.SmallCNN(num_classes=3)
   x = jax.random.normal(jax.random.PRNGKey(0), (16, 16, 16, 3))
   y = jnp.arange(16) % 3
-  params = model.init(jax.random.PRNGKey(1), x)
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), x)
 
   def loss(p):
     return -jnp.mean(jax.nn.log_softmax(model.apply(p, x))[jnp.arange(16), y])

@@ -23,7 +23,8 @@ def _setup(parametrization="fracbits", granularity="channel", init_bits=4.5, rul
   model = build_model("small_cnn", 3, q, widths=(8, 16), hidden=16)
   x = jax.random.normal(jax.random.key(0), (32, 12, 12, 3))
   y = jax.random.randint(jax.random.key(1), (32,), 0, 3)
-  params = model.init({"params": jax.random.key(2), "quant": jax.random.key(3)}, x)["params"]
+  rngs = {"params": jax.random.key(2), "quant": jax.random.key(3)}
+  params = jax.jit(model.init)(rngs, x)["params"]  # jitted: eager compiles op by op
   return model, params, x, y
 
 
