@@ -74,7 +74,10 @@ def pytest_configure(config):
   file without either. The controller (or a run without xdist) makes the
   session directory; xdist workers inherit its path through the environment.
   """
-  del config
+  # pytest-xdist >= 3.6 otherwise sends the files with the most tests first,
+  # which puts the few long ones of LONGEST_FIRST (two-process runs) last.
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
   import jax  # pylint: disable=import-outside-toplevel
   if _SESSION_ENV not in os.environ:
     os.environ[_SESSION_ENV] = tempfile.mkdtemp(prefix="baq_tests_")
