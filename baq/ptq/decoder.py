@@ -91,6 +91,15 @@ def _by_length(a: Tokens, b: Optional[Tokens], batch_size: int):
   return (sort(a) if b is None else (sort(a), sort(b))), rows
 
 
+def _forward(run, block, x: np.ndarray, rows) -> np.ndarray:
+  """The block's output on x, chunk by chunk at each chunk's width (`spans`);
+  the trailing padding stays 0 (nothing reads it)."""
+  out = np.zeros_like(x)
+  for s, w in rows:
+    out[s, :w] = np.asarray(run(block, x[s, :w], None))
+  return out
+
+
 def _bits_lookup(bits: Union[int, Mapping[str, int]], layers: Sequence[str]):
   """name -> integer bits, refusing names that are not layers and bits outside 2..8."""
   if isinstance(bits, Mapping):
@@ -174,16 +183,11 @@ def quantize_decoder(model: nn.Module, variables: Any, calib: Tokens, *,
       records.update(quantize_group(run, flat, group, (h, mask, rows, pair_state), options,
                                      lookup, f"block_{i}"))
     quantized = tu.unflatten_dict(flat, sep="/")[f"block_{i}"]
-
-    def forward(x, spans_, block=quantized):  # trailing padding stays 0: nothing reads it
-      out = np.zeros_like(x)
-      for s, w in spans_:
-        out[s, :w] = np.asarray(run(block, x[s, :w], None))
-      return out
-    h = forward(h, rows)  # the next block sees this block's quantized output
+    h = _forward(run, quantized, h, rows)  # the next block sees the quantized block
     if pair_state is not None:
-      pair_state = (forward(pair_state[0], pair_state[3]), forward(pair_state[1], pair_state[3]),
-                    *pair_state[2:])
+      ha, hb, pmask, pair_rows = pair_state
+      pair_state = (_forward(run, quantized, ha, pair_rows),
+                    _forward(run, quantized, hb, pair_rows), pmask, pair_rows)
     block_seconds.append(time.perf_counter() - t0)
   records["_blocks"] = dict(seconds=block_seconds)
   return tu.unflatten_dict(flat, sep="/"), records

@@ -9,9 +9,10 @@ too many, a cluster of a layer's channel units alike in a cheap importance)
 and every candidate bit-width b, it starts from the float model with p's
 units at b and every other unit at the highest choice, trains `steps` steps
 of fair_static_qat (the config's quantizer, activations included, penalties
-and optimizer; the same batches for every probe), recalibrates BatchNorm's running statistics on
-training images (`recalibrate_batchnorm`), and measures every group's mean
-loss on a group-balanced sample of a held-out split. The sensitivity of
+and optimizer; the same batches for every probe), recalibrates BatchNorm's
+running statistics on training images (`recalibrate_batchnorm`), and
+measures every group's mean loss on a group-balanced sample of a held-out
+split. The sensitivity of
 (p, b) is that minus the same procedure's with every unit at the highest
 choice, so the highest choice costs exactly 0; a cluster's cost is shared
 among its units by weight count. The result is a `planner.Analysis`, which

@@ -191,7 +191,8 @@ def run_seed(config, root: str, seed: int, shared: Optional[dict] = None) -> dic
         rows[name]["avg_bits"] = lm_quant.numeric_setting(name, model, params)[1]["avg_bits"]
       p.done(name, reused=True)
       continue
-    numeric = lm_quant.METHODS.parse(name)[0].kind == "numerics"
+    method = lm_quant.METHODS.parse(name)[0]
+    numeric = method.kind == "numerics"
     if numeric:  # a runtime's numerics: the same params, another model
       (qmodel, info), qparams, records = lm_quant.numeric_setting(name, model, params), params, {}
     else:
@@ -200,8 +201,7 @@ def run_seed(config, root: str, seed: int, shared: Optional[dict] = None) -> dic
                                                  model.config.n_layers, modules, cache)
     # A runtime's numerics and round to nearest see no calibration: on a fixed
     # pre-trained model their scores are the same for every seed.
-    seed_free = ((numeric or lm_quant.METHODS.parse(name)[0].name == "rtn")
-                 and config.model.source != "train")
+    seed_free = (numeric or method.name == "rtn") and config.model.source != "train"
     key = ("scores", name)
     scores = (shared[key] if seed_free and key in shared
               else lm_eval.score(qmodel, {"params": qparams}, enc))
