@@ -59,7 +59,8 @@ def get_config(arg=None):
   p.probe_per_group = 64
   # Another protocol workdir whose seeds' float models this one copies instead
   # of training them again ("" trains them): the regimes share one float model
-  # per seed; refused, naming the fields, if its config trains another.
+  # per seed; refused, naming the fields, if its config trains another. A seed
+  # it has not finished trains here.
   p.float_from = ""
   p.random_count = 8  # random budget-filling allocations; the best on validation is kept
   p.oracle_limit = 16  # train every maximal allocation when there are at most this many

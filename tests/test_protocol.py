@@ -110,6 +110,10 @@ def test_another_regime_copies_the_float_model_and_a_different_one_is_refused(
   with pytest.raises(ValueError, match="other float_steps"):
     protocol._float_from(other, str(tmp_path), 0, str(tmp_path / "fp32b"))
   assert not os.path.exists(tmp_path / "fp32b")
+  said = []  # a seed the other workdir has not trained is trained here
+  other.float_steps = c.float_steps
+  protocol._float_from(other, str(tmp_path), 7, str(tmp_path / "fp32c"), said.append)
+  assert not os.path.exists(tmp_path / "fp32c") and "training it here" in said[0]
 
 
 def test_a_rerun_reads_every_finished_arm_back(finished, tiny_data):

@@ -75,10 +75,13 @@ def arm_names(config: ml_collections.ConfigDict) -> list[str]:
 FLOAT_INPUTS = ("dataset", "model", "float_steps", "optim", "batch_size")
 
 
-def _float_from(config: ml_collections.ConfigDict, root: str, seed: int, fp_dir: str) -> None:
+def _float_from(config: ml_collections.ConfigDict, root: str, seed: int, fp_dir: str,
+                log=print) -> None:
   """Copies seed's float model from `protocol.float_from` (another protocol
   workdir) into fp_dir, when it is not there yet and that workdir's config
-  trains the same float model; refuses, naming the fields, when it does not."""
+  trains the same float model; refuses, naming the fields, when it does not.
+  A seed that workdir has not finished is left to train here (the same model:
+  training is deterministic), and `log` says so."""
   source_root = config.protocol.get("float_from") or ""
   if not source_root or wd.latest_step(fp_dir) is not None:
     return
@@ -91,8 +94,9 @@ def _float_from(config: ml_collections.ConfigDict, root: str, seed: int, fp_dir:
                      f"{', '.join(differ)}; it cannot stand in for this config's.")
   source = wd.path(wd.seed_dir(source_root, seed), wd.FLOAT)
   if wd.latest_step(source) != int(config.float_steps):
-    raise ValueError(f"protocol.float_from: {source} holds no finished float model "
-                     f"({config.float_steps} steps).")
+    log(f"[protocol] seed {seed}: {source} holds no finished float model "
+        f"({config.float_steps} steps); training it here")
+    return
   # Process 0 copies; the others, after a barrier, find it there.
   launch.primary_first(lambda: os.path.isdir(fp_dir) or shutil.copytree(source, fp_dir),
                        f"baq: seed {seed}'s float model copied")
@@ -188,7 +192,7 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int, data: dict
   budgets, names = [float(b) for b in p.budgets], arm_names(c)
   sdir = wd.seed_dir(root, seed)
   fp_dir = wd.path(sdir, wd.FLOAT)
-  _float_from(c, root, seed, fp_dir)
+  _float_from(c, root, seed, fp_dir, log)
   train(c, fp_dir, mode="float", data=data, steps=c.float_steps, lr=c.optim.lr,
         use_penalties=False, name=f"seed{seed}/{wd.FLOAT}")
   float_vars = restore_variables(fp_dir)
