@@ -133,6 +133,11 @@ def test_the_summary_pairs_every_arm_with_the_static_control(finished, tiny_data
     assert x["holm_p"] >= x["t_p"] or np.isnan(x["t_p"])
   text = protocol_report.format_summary(summary)
   assert "static@3" in text and "Holm family" in text
+  by = {(x["row"], x["against"]): x for x in comparisons}
+  want = int(np.sum(np.asarray(runs[0]["measured@3"]["bits"])
+                    != np.asarray(runs[0]["static@3"]["bits"])))
+  assert by[("measured@3", "static@3")]["units_differ"] == [want, want]
+  assert by[("measured@3", "uniform3")]["units_differ"] is None  # uniform has no allocation
 
 
 def _planted(seeds, gain):

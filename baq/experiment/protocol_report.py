@@ -11,12 +11,14 @@ the table is adjusted together by Holm's method. Beside each row's spread
 over seeds stands the test split's own sampling error of the worst group,
 sqrt(p (1 - p) / n), so the two sources of variance can be told apart. Where
 the oracle arm ran (every budget-filling allocation trained), each arm's
-allocation is placed among those.
+allocation is placed among those, and each pair of allocations is told how
+many units' bits they differ in (per seed).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import ml_collections
 import numpy as np
@@ -87,7 +89,8 @@ def summarize(config: ml_collections.ConfigDict, root: str, runs: dict, test) ->
         comparisons.append(dict(row=name, against=against, worst_diff=diff.tolist(),
                                 accuracy_diff=acc.tolist(), t_p=t["t_p"],
                                 wilcoxon_p=t["wilcoxon_p"], note=t["note"],
-                                detectable=detectable(diff, float(config.protocol.alpha))))
+                                detectable=detectable(diff, float(config.protocol.alpha)),
+                                units_differ=_units_differ(runs, seeds, name, against)))
         tests.append(comparisons[-1])
     out["budgets"][f"{budget:g}"] = dict(rows=rows, comparisons=comparisons,
                                          oracle=_oracle_ranks(runs, budget, seeds))
@@ -97,6 +100,16 @@ def summarize(config: ml_collections.ConfigDict, root: str, runs: dict, test) ->
   out["holm_family"] = len(tests)
   out["goal"] = _goal(out, float(config.protocol.alpha))
   return out
+
+
+def _units_differ(runs: dict, seeds, name: str, against: str) -> Optional[list[int]]:
+  """Per seed, the units whose bits differ between two arms' allocations (None
+  where either arm has no allocation of its own, as uniform QAT)."""
+  pairs = [(runs[s][name].get("bits"), runs[s][against].get("bits")) for s in seeds]
+  if any(a is None or b is None or np.ndim(a) != 1 or np.shape(a) != np.shape(b)
+         for a, b in pairs):  # uniform QAT's "bits" is its one bit-width
+    return None
+  return [int(np.sum(np.asarray(a) != np.asarray(b))) for a, b in pairs]
 
 
 def detectable(diff, alpha: float = 0.05, power: float = 0.8) -> float:
@@ -170,10 +183,12 @@ def format_summary(summary: dict) -> str:
                  "spread lets the t-test find 80 % of the time")
     for c in entry["comparisons"]:
       d = 100 * np.asarray(c["worst_diff"])
+      differ = c.get("units_differ")
       lines.append(f"  {c['row']:<14} - {c['against']:<12} {d.mean():+6.2f} "
                    f"[{' '.join(f'{x:+.1f}' for x in d)}]  t p={c['t_p']:.3f} "
                    f"Holm p={c.get('holm_p', float('nan')):.3f}  detectable "
-                   f"{100 * c['detectable']:.2f}")
+                   f"{100 * c['detectable']:.2f}"
+                   + (f"  units differing {np.mean(differ):.1f}" if differ else ""))
     ref = next((c["against"] for c in entry["comparisons"]
                 if not c["against"].startswith(wd.UNIFORM)), None)
     top = entry["rows"].get(wd.uniform_name(8))
