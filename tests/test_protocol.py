@@ -218,3 +218,37 @@ def test_read_seed_gives_the_finished_rows_without_training(finished):
   c, root, runs = finished
   assert protocol.read_seed(c, root, 0) == runs[0]
   assert protocol.read_seed(c, root, 7) == {}
+
+
+def test_a_seeds_analysis_is_saved_once_and_read_back_by_every_budget(finished, tiny_data):
+  """The fixture's run saved the static plan's analysis in the seed's directory. A
+  Context at another budget reads it (no analysis computed: a poisoned float model
+  would change it), plans as from a fresh analysis, and so does a rerun; what the
+  analysis depends on changes its file, the budget and the solver do not."""
+  import jax
+  from baq.experiment import arms, job
+  from baq.quant import units
+  from baq.train.checkpoint import restore_variables
+  c, root, _ = finished
+  sdir = wd.seed_dir(root, 0)
+  saved = [f for f in os.listdir(sdir) if f.startswith("analysis_train_")]
+  assert len(saved) == 1
+  cb = c.copy_and_resolve_references()
+  cb.seed, cb.quant.target_bits = 0, 2.5
+  fv = restore_variables(wd.path(sdir, wd.FLOAT))
+  numel = units.unit_numels(job.plan_units(cb, fv, tiny_data["train"])[0])
+  poisoned = jax.tree.map(lambda x: x * 0 + 1, fv)  # an analysis of it would differ
+  ctx = arms.Context(cb, tiny_data, poisoned, numel, (2, 3, 4), 2.5, analysis_dir=sdir)
+  read, _ = ctx.plan()
+  fresh, _ = arms.Context(cb, tiny_data, fv, numel, (2, 3, 4), 2.5).plan()
+  assert read["bits"] == fresh["bits"] and read["importance"] == fresh["importance"]
+  assert read["target_bits"] == 2.5 and saved == [
+      f for f in os.listdir(sdir) if f.startswith("analysis_train_")]
+  assert arms.Context(cb, tiny_data, poisoned, numel, (2, 3, 4), 2.5).plan()[0][
+      "importance"] != fresh["importance"]  # the poison would have shown
+  other = cb.copy_and_resolve_references()
+  other.quant.target_bits, other.importance.method = 3.0, "minimax"
+  assert arms._analysis_key(other, "train") == arms._analysis_key(cb, "train")
+  other.importance.num_probes += 1
+  assert arms._analysis_key(other, "train") != arms._analysis_key(cb, "train")
+  assert arms._analysis_key(cb, "validation") != arms._analysis_key(cb, "train")

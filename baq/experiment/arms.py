@@ -41,9 +41,13 @@ A new arm is one function registered in ARMS.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import time
 from typing import Any, Callable, Optional
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -101,6 +105,10 @@ class Context:
     budget: the average-bit budget.
     scratch: a directory where an arm may keep what its search found (read
       back on a rerun), or None.
+    analysis_dir: a directory where `plan`'s analyses are kept (the seed's:
+      they do not depend on the budget), read back by every budget and rerun
+      instead of computed again, or None.
+    analyses: the memo of analyses, shared by a seed's budgets.
   """
 
   config: ml_collections.ConfigDict
@@ -110,27 +118,73 @@ class Context:
   choices: tuple
   budget: float
   scratch: Optional[str] = None
-  _analyses: dict = dataclasses.field(default_factory=dict)
+  analysis_dir: Optional[str] = None
+  analyses: dict = dataclasses.field(default_factory=dict)
 
   def plan(self, split: str = "train", **importance) -> tuple[dict, float]:
     """(The plan with `config.importance` fields changed, its seconds).
 
     The analysis (the statistics an importance measure reads) is memoised
-    per split and measure, so arms that differ only in reducer or solver
-    share it; each arm's seconds count the analysis and its own solve.
+    per split and everything else it is computed from but the budget and
+    the solver (`_analysis_key`), so arms that differ only in reducer or
+    solver, and every budget of a seed, share it; with `analysis_dir` it is
+    also saved and read back by later commands. Each arm's seconds count
+    the analysis (as long as it took when computed) and its own solve.
     """
     c = self.config.copy_and_resolve_references()
     c.importance.update(importance)
-    ic = c.importance
-    akey = (split, ic.measure, ic.calib_per_group, tuple(ic.choices), ic.num_probes)
+    akey = _analysis_key(c, split)
+    path = self.analysis_dir and os.path.join(self.analysis_dir, f"analysis_{akey}.npz")
+    if akey not in self.analyses and path and os.path.exists(path):
+      self.analyses[akey] = _read_analysis(path)
     t0 = time.perf_counter()
-    if akey not in self._analyses:
-      self._analyses[akey] = (job.make_analysis(c, self.float_vars, self.data[split]),
-                              time.perf_counter() - t0)
+    if akey not in self.analyses:
+      analysis, _, _ = job.make_analysis(c, self.float_vars, self.data[split])
+      self.analyses[akey] = (analysis, time.perf_counter() - t0)
+      if path and jax.process_index() == 0:  # one writer, as for every protocol file
+        _write_analysis(path, *self.analyses[akey])
       t0 = time.perf_counter()
-    (analysis, layers, budget), analysed = self._analyses[akey]
-    plan = planner.plan_from(c, analysis, layers, budget)
+    analysis, analysed = self.analyses[akey]
+    layers, _ = job.plan_units(c, self.float_vars, self.data[split])
+    plan = planner.plan_from(c, analysis, layers, self.budget)
     return plan, analysed + time.perf_counter() - t0
+
+
+# Config fields an analysis does not depend on: the budget, the solver, the protocol.
+_NOT_ANALYSED = (("quant", "target_bits"), ("quant", "target_bytes"), ("importance", "method"),
+                 ("importance", "reducer"), ("importance", "reducer_kwargs"), ("protocol",),
+                 ("seeds",))
+
+
+def _analysis_key(config: ml_collections.ConfigDict, split: str) -> str:
+  """A digest of what a seed's analysis on `split` is computed from: the whole
+  config (the seed, model, data, quantizer, importance settings) but the fields
+  of _NOT_ANALYSED."""
+  c = json.loads(config.to_json())
+  for path in _NOT_ANALYSED:
+    parent = c
+    for k in path[:-1]:
+      parent = parent.get(k, {})
+    parent.pop(path[-1], None)
+  text = json.dumps(dict(config=c, split=split), sort_keys=True)
+  return f"{split}_{c['importance']['measure']}_{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+
+
+def _write_analysis(path: str, analysis: planner.Analysis, seconds: float) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fields = {f.name: np.asarray(getattr(analysis, f.name)) for f in dataclasses.fields(analysis)}
+  tmp = f"{path}.{os.getpid()}.tmp.npz"
+  np.savez(tmp, seconds=np.float64(seconds), **fields)
+  os.replace(tmp, path)
+
+
+def _read_analysis(path: str) -> tuple[planner.Analysis, float]:
+  with np.load(path, allow_pickle=False) as f:
+    return planner.Analysis(
+        units=[str(u) for u in f["units"]], numel=f["numel"],
+        choices=tuple(int(x) for x in f["choices"]), importance=f["importance"],
+        sensitivity=f["sensitivity"], group_counts=f["group_counts"],
+        measure=str(f["measure"])), float(f["seconds"])
 
 
 ARMS: Registry[Callable[[Context], Proposal]] = Registry("protocol arm")

@@ -211,12 +211,14 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int, data: dict
                                   qat_bits=b))
     pending.append(("uniform", name, None, rdir, b, None))
 
+  analyses = {}  # the seed's analyses, shared by its budgets (and saved in sdir)
   for budget in budgets:
     cb = c.copy_and_resolve_references()
     cb.quant.target_bits, cb.quant.target_bytes = budget, None
     layers, _ = job.plan_units(cb, float_vars, data["train"])
     ctx = arms_lib.Context(cb, data, float_vars, units.unit_numels(layers),
-                           tuple(int(x) for x in cb.importance.choices), budget)
+                           tuple(int(x) for x in cb.importance.choices), budget,
+                           analysis_dir=sdir, analyses=analyses)
     for arm in names:
       adir = wd.arm_dir(root, seed, budget, arm)
       row = f"{arm}@{budget:g}"
@@ -273,7 +275,8 @@ def run_seed(config: ml_collections.ConfigDict, root: str, seed: int, data: dict
                   info=proposal.info)
     _write(adir, result, best["correct"]["test"])
     rows[row] = result
-    log(f"[protocol] seed {seed} {row}: worst group {100 * result['test']['worst_group_accuracy']:.2f}"
+    worst = 100 * result["test"]["worst_group_accuracy"]
+    log(f"[protocol] seed {seed} {row}: worst group {worst:.2f}"
         f" (validation {100 * result['validation']['worst_group_accuracy']:.2f}), "
         f"{result['avg_bits']:.3f} bits")
   return rows
