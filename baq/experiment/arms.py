@@ -41,6 +41,7 @@ A new arm is one function registered in ARMS.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -145,9 +146,13 @@ class Context:
         _write_analysis(path, *self.analyses[akey])
       t0 = time.perf_counter()
     analysis, analysed = self.analyses[akey]
-    layers, _ = job.plan_units(c, self.float_vars, self.data[split])
-    plan = planner.plan_from(c, analysis, layers, self.budget)
+    plan = planner.plan_from(c, analysis, self.layers, self.budget)
     return plan, analysed + time.perf_counter() - t0
+
+  @functools.cached_property
+  def layers(self) -> list:
+    """The quantized model's units (what an analysis is read against), built once."""
+    return job.plan_units(self.config, self.float_vars, self.data["train"])[0]
 
 
 # Config fields an analysis does not depend on: the budget, the solver, the protocol.
