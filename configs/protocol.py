@@ -67,4 +67,8 @@ def get_config(arg=None):
   p.reference = "static"  # the arm every other is paired against
   # Tests in Holm's family: the arms compared with the reference, over budgets.
   p.alpha = 0.05
+  # The paired test whose p-values Holm adjusts: "t" (the paired t-test) or
+  # "wilcoxon" (the exact signed-rank test, which one collapsed run cannot
+  # dominate; its floor is 2 / 2^seeds, so it needs about 6 seeds or more).
+  p.test = "t"
   return c

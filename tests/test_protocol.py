@@ -181,6 +181,30 @@ def test_a_planted_win_passes_holm_and_a_null_arm_does_not():
   assert protocol_report.summarize(c, "/x", runs, _Test())["goal"] == []
 
 
+def test_the_wilcoxon_family_survives_one_collapsed_baseline_run_where_the_t_test_does_not():
+  c = protocol_config.get_config("layer,runlocal")
+  c.protocol.budgets = (2.5,)
+  runs = _planted(range(10), 0.01)
+  for s in runs:  # a small, steady lead over both; uniform3 collapses on one seed
+    runs[s]["good@2.5"]["test"]["worst_group_accuracy"] += 0.001 * (s % 3)
+  runs[9]["uniform3"]["test"]["worst_group_accuracy"] = 0.3
+  by = {}
+  for test in ("t", "wilcoxon"):
+    c.protocol.test = test
+    summary = protocol_report.summarize(c, "/x", runs, _Test())
+    by[test] = {(x["row"], x["against"]): x for x in summary["budgets"]["2.5"]["comparisons"]}
+    assert summary["test"] == test
+  up = ("good@2.5", "uniform3")
+  assert by["t"][up]["holm_p"] > 0.05 and by["wilcoxon"][up]["holm_p"] < 0.05
+  raw = [x["wilcoxon_p"] for x in by["wilcoxon"].values()]
+  np.testing.assert_allclose([x["holm_p"] for x in by["wilcoxon"].values()],
+                             corrections.holm(np.array(raw)))
+  assert "exact Wilcoxon p-values" in protocol_report.format_summary(summary)
+  c.protocol.test = "mann_whitney"
+  with pytest.raises(ValueError, match="protocol.test='mann_whitney'.*Valid: t, wilcoxon"):
+    protocol.check(c)
+
+
 def test_regimes_and_bad_arms_are_refused_with_the_valid_names():
   with pytest.raises(ValueError, match="Valid: layer, layer_a4, channel"):
     protocol_config.get_config("per_tensor")

@@ -94,10 +94,12 @@ def summarize(config: ml_collections.ConfigDict, root: str, runs: dict, test) ->
         tests.append(comparisons[-1])
     out["budgets"][f"{budget:g}"] = dict(rows=rows, comparisons=comparisons,
                                          oracle=_oracle_ranks(runs, budget, seeds))
-  p = np.array([1.0 if np.isnan(c["t_p"]) else c["t_p"] for c in tests])
+  key = f"{config.protocol.get('test', 't')}_p"  # t_p or wilcoxon_p
+  p = np.array([1.0 if np.isnan(c[key]) else c[key] for c in tests])
   for c, adj in zip(tests, corrections.holm(p) if p.size else []):
     c["holm_p"] = float(adj)
   out["holm_family"] = len(tests)
+  out["test"] = "wilcoxon" if key == "wilcoxon_p" else "t"
   out["goal"] = _goal(out, float(config.protocol.alpha))
   return out
 
@@ -178,14 +180,15 @@ def format_summary(summary: dict) -> str:
                    f"{r['avg_bits']:>7.3f}{100 * np.std(r['worst'], ddof=1):>9.2f}"
                    f"{100 * r['sampling_se']:>9.2f}{r['search_seconds']:>10.1f}"
                    f"{r['train_seconds']:>9.1f}")
-    lines.append("paired worst-group differences (row minus against), per seed; t-test across "
-                 "seeds, Holm over the whole table; detectable: the mean difference this "
+    lines.append("paired worst-group differences (row minus against), per seed; paired t and "
+                 "exact Wilcoxon (W) tests across seeds, Holm over the whole table; detectable: the mean difference this "
                  "spread lets the t-test find 80 % of the time")
     for c in entry["comparisons"]:
       d = 100 * np.asarray(c["worst_diff"])
       differ = c.get("units_differ")
       lines.append(f"  {c['row']:<14} - {c['against']:<12} {d.mean():+6.2f} "
                    f"[{' '.join(f'{x:+.1f}' for x in d)}]  t p={c['t_p']:.3f} "
+                   f"W p={c['wilcoxon_p']:.3f} "
                    f"Holm p={c.get('holm_p', float('nan')):.3f}  detectable "
                    f"{100 * c['detectable']:.2f}"
                    + (f"  units differing {np.mean(differ):.1f}" if differ else ""))
@@ -199,7 +202,9 @@ def format_summary(summary: dict) -> str:
       ranks = ", ".join(f"{k} {v['rank']}/{v['of']}" for k, v in o["ranks"].items())
       lines.append(f"  oracle seed {s}: best test worst {100 * o['best_test']:.2f}, selected on "
                    f"validation {100 * o['selected_test']:.2f}; ranks by test: {ranks}")
-  lines += ["", f"Holm family: {summary['holm_family']} tests. Beats both the static "
+  lines += ["", f"Holm family: {summary['holm_family']} tests, "
+            f"{ {'t': 'paired t', 'wilcoxon': 'exact Wilcoxon'}[summary.get('test', 't')]} "
+            f"p-values. Beats both the static "
             f"allocation and uniform QAT (Holm p < 0.05, accuracy within 1 point of uniform8): "
             f"{', '.join(summary['goal']) or 'none'}"]
   return "\n".join(lines)
