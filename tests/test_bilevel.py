@@ -140,7 +140,7 @@ def test_a_unit_that_destroys_a_heldout_group_learns_the_most_bits(make_tiny_con
     assert start[0] == start[1] and learned[1] > learned[0] + 0.5, (start, learned)
     np.testing.assert_allclose(search(train), start, atol=1e-3)
     bits = projection.nearest(learned.astype(np.float64), units.unit_numels(s.layers),
-                                      s.budget, 2, 8, spend=True)
+                              s.budget, 2, 8, spend=True)
     assert bits[1] > bits[0], bits
   finally:
     models.MODELS.unregister(name)

@@ -108,10 +108,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   if config.protocol.reference not in names:
     raise ValueError(f"protocol.reference={config.protocol.reference!r} is not one of the "
                      f"arms {config.protocol.arms!r}.")
-  tests = ("t", "wilcoxon")
-  if config.protocol.get("test", "t") not in tests:
+  if config.protocol.get("test", "t") not in protocol_report.TESTS:
     raise ValueError(f"protocol.test={config.protocol.test!r} is not a paired test. "
-                     f"Valid: {', '.join(tests)}.")
+                     f"Valid: {', '.join(protocol_report.TESTS)}.")
   checks.at_least(config, {"protocol.random_count": 1, "protocol.oracle_limit": 1,
                            "protocol.probe_steps": 0, "protocol.probe_max": 1,
                            "protocol.probe_per_group": 1})

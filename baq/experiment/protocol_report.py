@@ -42,6 +42,9 @@ def _worst_index(result: dict) -> int:
   return int(np.argmin(acc))
 
 
+# The paired tests `protocol.test` may name (their p-values are Holm-adjusted), as printed.
+TESTS = {"t": "paired t", "wilcoxon": "exact Wilcoxon"}
+
 def summarize(config: ml_collections.ConfigDict, root: str, runs: dict, test) -> dict:
   """The protocol's summary (what WORKDIR/summary.json holds).
 
@@ -94,12 +97,13 @@ def summarize(config: ml_collections.ConfigDict, root: str, runs: dict, test) ->
         tests.append(comparisons[-1])
     out["budgets"][f"{budget:g}"] = dict(rows=rows, comparisons=comparisons,
                                          oracle=_oracle_ranks(runs, budget, seeds))
-  key = f"{config.protocol.get('test', 't')}_p"  # t_p or wilcoxon_p
+  test_name = config.protocol.get("test", "t")
+  key = f"{test_name}_p"  # the p-value significance.across_seeds gives: t_p or wilcoxon_p
   p = np.array([1.0 if np.isnan(c[key]) else c[key] for c in tests])
   for c, adj in zip(tests, corrections.holm(p) if p.size else []):
     c["holm_p"] = float(adj)
   out["holm_family"] = len(tests)
-  out["test"] = "wilcoxon" if key == "wilcoxon_p" else "t"
+  out["test"] = test_name
   out["goal"] = _goal(out, float(config.protocol.alpha))
   return out
 
@@ -181,8 +185,9 @@ def format_summary(summary: dict) -> str:
                    f"{100 * r['sampling_se']:>9.2f}{r['search_seconds']:>10.1f}"
                    f"{r['train_seconds']:>9.1f}")
     lines.append("paired worst-group differences (row minus against), per seed; paired t and "
-                 "exact Wilcoxon (W) tests across seeds, Holm over the whole table; detectable: the mean difference this "
-                 "spread lets the t-test find 80 % of the time")
+                 "exact Wilcoxon (W) tests across seeds, Holm over the whole table; "
+                 "detectable: the mean difference this spread lets the t-test find 80 % of "
+                 "the time")
     for c in entry["comparisons"]:
       d = 100 * np.asarray(c["worst_diff"])
       differ = c.get("units_differ")
@@ -203,8 +208,7 @@ def format_summary(summary: dict) -> str:
       lines.append(f"  oracle seed {s}: best test worst {100 * o['best_test']:.2f}, selected on "
                    f"validation {100 * o['selected_test']:.2f}; ranks by test: {ranks}")
   lines += ["", f"Holm family: {summary['holm_family']} tests, "
-            f"{ {'t': 'paired t', 'wilcoxon': 'exact Wilcoxon'}[summary.get('test', 't')]} "
-            f"p-values. Beats both the static "
+            f"{TESTS[summary.get('test', 't')]} p-values. Beats both the static "
             f"allocation and uniform QAT (Holm p < 0.05, accuracy within 1 point of uniform8): "
             f"{', '.join(summary['goal']) or 'none'}"]
   return "\n".join(lines)
